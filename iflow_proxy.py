@@ -1,0 +1,2412 @@
+#!/usr/bin/env python3
+"""iflow-proxy: a local OpenAI-compatible endpoint in front of iFlow (or any OpenAI-compatible API).
+
+One file, standard library only.  Copy it anywhere Python 3.8+ runs and:
+
+    python iflow_proxy.py login --api-key      # paste an iFlow API key (read from stdin, never argv)
+    python iflow_proxy.py serve                # http://127.0.0.1:11450/v1
+
+Point any OpenAI client at ``http://127.0.0.1:11450/v1``.  Requests are signed the way the
+official iFlow CLI signs them (HMAC-SHA256 over user-agent, session id and timestamp), sent over
+persistent keep-alive connections, and spread round-robin over every account and pooled key.
+
+Files (home: ``--home``, else ``$IFLOW_PROXY_HOME``, else ``~/.iflow-proxy``):
+
+    config.json             optional settings (see the README's config reference)
+    accounts.json           the account registry (nicknames, default, per-account settings)
+    auth/iflow-<id>.json    one credential file per account (CLIProxyAPI's field names)
+
+Security: the server binds 127.0.0.1 by default and refuses a non-loopback address unless client
+keys are configured.  Credential files are 0600 in 0700 directories, written atomically under a
+lock.  Keys and tokens are never printed or logged in full.
+"""
+
+import argparse
+import base64
+import binascii
+import dataclasses
+import email.utils
+import fnmatch
+import getpass
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
+
+__version__ = "0.1.0"
+__all__ = ["main", "Config", "load_config", "AccountRegistry", "UpstreamClient", "ProxyServer"]
+
+log = logging.getLogger("iflow_proxy")
+
+
+# ==================================================================================================
+# Constants
+# ==================================================================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11450
+DEFAULT_API_BASE = "https://apis.iflow.cn/v1"
+DEFAULT_OAUTH_BASE = "https://iflow.cn"
+DEFAULT_PLATFORM_BASE = "https://platform.iflow.cn"
+DEFAULT_USER_AGENT = "iFlow-Cli"
+DEFAULT_PROBE_MODEL = "glm-4.6"
+ROUTE_PREFIX = "/api/provider/iflow"  # what CCS users already have in ANTHROPIC_BASE_URL
+
+# The official CLI ships its model list built in; /v1/models falls back to it.
+BUILTIN_MODELS = (
+    "glm-4.6", "glm-4.7", "glm-5", "kimi-k2", "kimi-k2-0905", "kimi-k2-thinking", "kimi-k2.5",
+    "qwen3-coder-plus", "qwen3-max", "qwen3-vl-plus", "qwen3-32b", "qwen3-235b-a22b-instruct",
+    "qwen3-235b-a22b-thinking-2507", "deepseek-v3", "deepseek-v3.1", "deepseek-v3.2",
+    "deepseek-v3.2-chat", "deepseek-r1", "minimax-m2", "minimax-m2.1", "minimax-m2.5",
+    "iFlow-ROME-30BA3B",
+)
+
+# CCS's legacy names -> canonical model.  Tried as asked first ("fallback" mode), see resolve_model.
+LEGACY_ALIASES = {
+    "iflow-default": "qwen3-coder-plus",
+    "kimi-k2.5": "kimi-k2",
+    "deepseek-v3.2-chat": "deepseek-v3.2",
+    "glm-4.7": "glm-4.6",
+    "minimax-m2.5": "qwen3-coder-plus",
+}
+LEGACY_MODES = ("fallback", "always", "off")
+
+# Per-family default output limit, sent as max_new_tokens like the official CLI; first match wins.
+MODEL_OUTPUT_LIMITS = (
+    ("glm-", 32000), ("kimi-", 32768), ("minimax-", 64000), ("qwen3-coder", 64000),
+    ("deepseek-v3.2", 64000), ("deepseek-r1", 32768), ("deepseek", 8192), ("", 8192),
+)
+
+MAX_NESTING = 64            # JSON depth accepted from clients (json recursion is per level)
+HEADER_LIMIT = 100          # request headers per request
+SSE_HEAD_LIMIT = 1 << 20    # bytes we read looking for the first SSE event / a JSON error body
+
+
+# ==================================================================================================
+# Errors: one root, each class carries its HTTP status; rendered in one place (error_body)
+# ==================================================================================================
+
+class ProxyError(Exception):
+    """Root of every error the proxy reports; ``status`` is the HTTP status sent to the client."""
+
+    status = 500
+    code = "internal_error"
+    exit_code = 1           # for the CLI: 2 = bad input/usage, 1 = runtime failure
+
+    def __init__(self, message, status=None, code=None, retry_after=None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status, code, exit_code = 400, "invalid_request", 2
+
+
+class ConfigError(ProxyError):
+    """A bad flag, config file, environment variable or stored file."""
+    status, code, exit_code = 500, "config_error", 2
+
+
+class Unauthorized(ProxyError):
+    status, code = 401, "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, code = 405, "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    status, code = 413, "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status, code = 429, "rate_limited"
+
+
+class NoAccount(ProxyError):
+    status, code = 503, "no_account"
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+class UpstreamError(ProxyError):
+    """An upstream answer or failure, classified by ``kind`` (see UPSTREAM_KINDS)."""
+
+    def __init__(self, kind, message, upstream_status=None, trace_id="", retry_after=None):
+        status, code, _retry_other = UPSTREAM_KINDS[kind]
+        super().__init__(message, status=status, code=code, retry_after=retry_after)
+        self.kind = kind
+        self.upstream_status = upstream_status
+        self.trace_id = trace_id
+
+    @property
+    def retry_other_account(self):
+        return UPSTREAM_KINDS[self.kind][2]
+
+
+# kind -> (status for the client, error code, worth trying another account)
+UPSTREAM_KINDS = {
+    "concurrency":       (429, "concurrency_limit", True),    # 449: one request per account
+    "rate_limit":        (429, "rate_limit_exceeded", True),  # 429, 8211
+    "key_expired":       (503, "upstream_key_expired", True),  # 439
+    "key_blocked":       (503, "upstream_key_blocked", True),  # 434, 438, "invalid apiKey"
+    "auth":              (503, "upstream_auth_failed", True),  # 401, 403
+    "model_unsupported": (404, "model_not_found", True),       # 435
+    "context_length":    (400, "context_length_exceeded", False),  # 511, 413
+    "model_error":       (502, "upstream_model_error", True),  # 514
+    "rejected":          (502, "upstream_rejected", False),    # 406: headers/signature/reserved
+    "bad_request":       (400, "invalid_request", False),      # other 4xx
+    "transient":         (502, "upstream_unavailable", True),  # 5xx, resets
+    "timeout":           (504, "upstream_timeout", True),
+    "unreachable":       (502, "upstream_unreachable", True),  # DNS, refused, TLS
+    "malformed":         (502, "upstream_malformed", True),    # 200 without choices
+}
+
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                       403: "permission_error", 404: "invalid_request_error",
+                       405: "invalid_request_error", 413: "invalid_request_error",
+                       429: "rate_limit_error"}
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                          403: "permission_error", 404: "not_found_error",
+                          405: "invalid_request_error", 413: "request_too_large",
+                          429: "rate_limit_error", 503: "overloaded_error",
+                          529: "overloaded_error"}
+
+
+def error_body(err, api="openai"):
+    """The JSON error object for ``err`` in the client's own API format."""
+    if api == "anthropic":
+        etype = _ANTHROPIC_ERROR_TYPES.get(err.status, "api_error")
+        return {"type": "error", "error": {"type": etype, "message": err.message}}
+    etype = _OPENAI_ERROR_TYPES.get(err.status, "server_error" if err.status >= 500 else
+                                    "invalid_request_error")
+    return {"error": {"message": err.message, "type": etype, "param": None, "code": err.code}}
+
+
+def mask_secret(value):
+    """``sk-abcdef…wxyz`` -> ``sk-ab…yz``: enough to tell keys apart, never enough to use one."""
+    value = str(value or "")
+    if not value:
+        return "(none)"
+    if len(value) <= 8:
+        return value[:1] + "…"
+    return value[:5] + "…" + value[-2:]
+
+
+def fingerprint(secret):
+    """A short stable id for a secret, safe to show and to store as an identity."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+
+
+# ==================================================================================================
+# Config: flags > environment > config.json > defaults, validated into one frozen Config
+# ==================================================================================================
+
+_NUMBER = (int, float)
+
+# key: (accepted types, default, environment variable or None, description for the README)
+CONFIG_KEYS = {
+    "host": (str, DEFAULT_HOST, "IFLOW_PROXY_HOST", "address to listen on"),
+    "port": (int, DEFAULT_PORT, "IFLOW_PROXY_PORT", "port to listen on (0 = any free port)"),
+    "api_base": (str, DEFAULT_API_BASE, "IFLOW_API_BASE", "chat API base URL"),
+    "oauth_base": (str, DEFAULT_OAUTH_BASE, "IFLOW_OAUTH_BASE", "OAuth host"),
+    "platform_base": (str, DEFAULT_PLATFORM_BASE, "IFLOW_PLATFORM_BASE",
+                      "platform host (API keys from a cookie)"),
+    "proxy": (str, "", "IFLOW_PROXY_UPSTREAM_PROXY",
+              "outbound HTTP proxy URL; empty = HTTPS_PROXY/HTTP_PROXY/NO_PROXY; \"direct\" = none"),
+    "ca_file": (str, "", "IFLOW_PROXY_CA_FILE", "extra CA bundle (PEM) for upstream TLS"),
+    "client_keys": (list, [], "IFLOW_PROXY_CLIENT_KEYS",
+                    "keys clients must send (Bearer or x-api-key); comma-separated in env"),
+    "api_keys": ((list, str), [], "IFLOW_API_KEYS",
+                 "pooled iFlow API keys used without login (list or comma-separated string)"),
+    "model_aliases": (dict, {}, None, "alias -> model, applied to every request"),
+    "legacy_aliases": ((str, dict), "fallback", None,
+                       "CCS legacy names: \"fallback\", \"always\", \"off\", or {name: mode}"),
+    "extra_headers": (dict, {}, None, "headers added to every signed upstream request"),
+    "user_agent": (str, DEFAULT_USER_AGENT, None, "user-agent sent and signed"),
+    "connect_timeout": (_NUMBER, 10, None, "seconds to connect upstream"),
+    "first_byte_timeout": (_NUMBER, 300, None, "seconds to wait for upstream's first byte"),
+    "idle_timeout": (_NUMBER, 120, None, "seconds of upstream silence allowed mid-response"),
+    "max_body_bytes": (int, 50 * 1024 * 1024, None, "largest request body accepted"),
+    "models_cache_ttl": (_NUMBER, 300, None, "seconds to cache upstream /models"),
+    "probe_model": (str, DEFAULT_PROBE_MODEL, None, "model used by check and login verification"),
+    "log_level": (str, "info", "IFLOW_PROXY_LOG_LEVEL", "debug, info, warning or error"),
+    "log_file": (str, "", "IFLOW_PROXY_LOG_FILE", "also write the log to this file"),
+}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object",
+               bool: "true or false", _NUMBER: "a number", (str, dict): "a string or an object",
+               (list, str): "a list or a comma-separated string"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting, resolved once in main() and passed down; never mutated."""
+
+    home: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_base: str = DEFAULT_API_BASE
+    oauth_base: str = DEFAULT_OAUTH_BASE
+    platform_base: str = DEFAULT_PLATFORM_BASE
+    proxy: str = ""
+    ca_file: str = ""
+    client_keys: tuple = ()
+    api_keys: tuple = ()
+    model_aliases: dict = dataclasses.field(default_factory=dict)
+    legacy_aliases: object = "fallback"
+    extra_headers: dict = dataclasses.field(default_factory=dict)
+    user_agent: str = DEFAULT_USER_AGENT
+    connect_timeout: float = 10
+    first_byte_timeout: float = 300
+    idle_timeout: float = 120
+    max_body_bytes: int = 50 * 1024 * 1024
+    models_cache_ttl: float = 300
+    probe_model: str = DEFAULT_PROBE_MODEL
+    log_level: str = "info"
+    log_file: str = ""
+
+    @property
+    def config_path(self):
+        return os.path.join(self.home, "config.json")
+
+
+def default_home(env=None):
+    env = os.environ if env is None else env
+    return env.get("IFLOW_PROXY_HOME") or os.path.join(os.path.expanduser("~"), ".iflow-proxy")
+
+
+def _check_type(value, types, where, key):
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in
+                                            (types if isinstance(types, tuple) else (types,)))
+    if not ok:
+        raise ConfigError("%s: key %r must be %s, got %s" % (
+            where, key, _TYPE_NAMES.get(types, str(types)), json.dumps(value)[:60]))
+
+
+def _from_env(key, raw, types):
+    """Parse one environment variable into the config key's type."""
+    name = CONFIG_KEYS[key][2]
+    if types in (list, (list, str)):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if types in (int, _NUMBER):
+        try:
+            return int(raw) if types is int else float(raw)
+        except ValueError:
+            raise ConfigError("environment variable %s must be %s, got %r"
+                              % (name, _TYPE_NAMES[types], raw))
+    return raw
+
+
+def _validate_value(key, value, where):
+    """Checks beyond the type, shared by file, environment and flags."""
+    if key == "port" and not 0 <= value <= 65535:
+        raise ConfigError("%s: key 'port' must be between 0 and 65535, got %d" % (where, value))
+    if key in ("api_base", "oauth_base", "platform_base") and not _is_http_url(value):
+        raise ConfigError("%s: key %r must be an http:// or https:// URL, got %r"
+                          % (where, key, value))
+    if key == "proxy" and value and value != "direct":
+        if urllib.parse.urlsplit(value).scheme not in ("http", ""):
+            raise ConfigError("%s: key 'proxy' must be an http:// proxy URL (or \"direct\"), "
+                              "got %r" % (where, value))
+    if key in ("client_keys", "api_keys"):
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError("%s: key %r must be a list of non-empty strings" % (where, key))
+    if key in ("model_aliases", "extra_headers"):
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise ConfigError("%s: key %r: value for %r must be a string" % (where, key, k))
+    if key == "legacy_aliases":
+        modes = value.values() if isinstance(value, dict) else [value]
+        for mode in modes:
+            if mode not in LEGACY_MODES:
+                raise ConfigError("%s: key 'legacy_aliases' modes must be one of %s, got %r"
+                                  % (where, ", ".join(LEGACY_MODES), mode))
+    if key.endswith("_timeout") and value <= 0:
+        raise ConfigError("%s: key %r must be a positive number" % (where, key))
+    if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("%s: key 'log_level' must be debug, info, warning or error" % where)
+    if key in ("max_body_bytes", "models_cache_ttl") and value < 0:
+        raise ConfigError("%s: key %r must not be negative" % (where, key))
+
+
+def _is_http_url(value):
+    parts = urllib.parse.urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def read_config_file(path):
+    """The settings in ``config.json`` (empty when absent), validated key by key."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s" % (path, e.strerror))
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError("%s: invalid JSON: %s" % (path, e))
+    if not isinstance(data, dict):
+        raise ConfigError("%s: must hold a JSON object of settings" % path)
+    for key, value in data.items():
+        if key.startswith("_"):  # "_comment" and friends
+            continue
+        if key not in CONFIG_KEYS:
+            raise ConfigError("%s: unknown key %r (known keys: %s)"
+                              % (path, key, ", ".join(sorted(CONFIG_KEYS))))
+        _check_type(value, CONFIG_KEYS[key][0], path, key)
+        _validate_value(key, value, path)
+    return data
+
+
+def load_config(home=None, flags=None, env=None):
+    """Resolve the Config: ``flags`` (dict of set options) > ``env`` > config.json > defaults."""
+    env = os.environ if env is None else env
+    home = os.path.abspath(os.path.expanduser(home or default_home(env)))
+    values = {key: spec[1] for key, spec in CONFIG_KEYS.items()}
+    values.update((k, v) for k, v in read_config_file(os.path.join(home, "config.json")).items()
+                  if not k.startswith("_"))
+    for key, (types, _default, env_name, _doc) in CONFIG_KEYS.items():
+        if env_name and env.get(env_name, "") != "":
+            value = _from_env(key, env[env_name], types)
+            _validate_value(key, value, "environment variable %s" % env_name)
+            values[key] = value
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key in ("client_keys",):
+            value = list(values.get(key) or []) + list(value)
+        _validate_value(key, value, "option --%s" % key.replace("_", "-"))
+        values[key] = value
+    if isinstance(values["api_keys"], str):
+        values["api_keys"] = [k.strip() for k in values["api_keys"].split(",") if k.strip()]
+    values["client_keys"] = tuple(dict.fromkeys(values["client_keys"]))
+    values["api_keys"] = tuple(dict.fromkeys(values["api_keys"]))
+    values["log_level"] = values["log_level"].lower()
+    for key in ("api_base", "oauth_base", "platform_base"):
+        values[key] = values[key].rstrip("/")
+    return Config(home=home, **values)
+
+
+def is_loopback(host):
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# ==================================================================================================
+# Storage: atomic private JSON files, an inter-process lock, the account registry
+# ==================================================================================================
+
+def ensure_private_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.name == "posix":
+        os.chmod(path, 0o700)
+
+
+def atomic_write_json(path, data):
+    """Write ``data`` so that ``path`` is always either the old or the new file, mode 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    ensure_private_dir(directory)
+    payload = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_json_file(path, what="file"):
+    """The JSON object in ``path``; a clear ConfigError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ConfigError("%s: cannot read %s: %s" % (path, what, e.strerror))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError("%s: %s is not valid JSON: %s" % (path, what, e))
+    if not isinstance(data, dict):
+        raise ConfigError("%s: %s must hold a JSON object" % (path, what))
+    return data
+
+
+class FileLock:
+    """An exclusive lock shared by threads of this process and by other processes (flock)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd = None
+
+    def __enter__(self):
+        self._thread_lock.acquire()
+        if self._depth == 0:
+            try:
+                ensure_private_dir(os.path.dirname(self.path))
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                elif msvcrt is not None:  # pragma: no cover - Windows
+                    msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+            self._fd = fd
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            fd, self._fd = self._fd, None
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                elif msvcrt is not None:  # pragma: no cover - Windows
+                    os.lseek(fd, 0, 0)
+                    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            finally:
+                os.close(fd)
+        self._thread_lock.release()
+
+
+NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")
+ACCOUNT_KINDS = ("api-key", "oauth", "cookie", "pool")
+ACCOUNT_STATES = ("ok", "needs-login", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    """One upstream credential as the router sees it (a snapshot; never mutated)."""
+
+    id: str
+    nickname: str
+    kind: str
+    api_key: str
+    email: str = ""
+    base_url: str = ""          # empty: the config's api_base
+    signing: bool = True        # iFlow headers + HMAC; off for plain OpenAI-compatible APIs
+    default: bool = False
+    status: str = "ok"
+    status_reason: str = ""
+    max_concurrency: int = 1
+    priority: int = 0
+    models: tuple = ()
+    excluded_models: tuple = ()
+    expires: str = ""
+
+    def api_base(self, config):
+        return (self.base_url or config.api_base).rstrip("/")
+
+    @property
+    def usable(self):
+        return self.status == "ok" and bool(self.api_key)
+
+
+# registry entry key -> (types, default) of the per-account settings a user may edit by hand
+_ENTRY_SETTINGS = {
+    "base_url": (str, ""), "signing": (bool, True), "status": (str, "ok"),
+    "status_reason": (str, ""), "max_concurrency": (int, 1), "priority": (int, 0),
+    "models": (list, []), "excluded_models": (list, []),
+}
+
+
+def validate_nickname(nickname, taken=()):
+    if not NICKNAME_RE.match(nickname or ""):
+        raise BadRequest("nickname %r must be 1-50 letters, digits or . _ @ + - (no spaces or /)"
+                         % nickname)
+    if nickname.lower() in {t.lower() for t in taken}:
+        raise BadRequest("nickname %r is already taken" % nickname)
+    return nickname
+
+
+def unique_nickname(base, taken):
+    base = re.sub(r"[^A-Za-z0-9._@+-]", "-", base or "account").strip("-._") or "account"
+    base = base[:44]
+    if not base[0].isalnum():
+        base = "a" + base
+    lowered = {t.lower() for t in taken}
+    candidate, n = base, 1
+    while candidate.lower() in lowered:
+        n += 1
+        candidate = "%s-%d" % (base, n)
+    return candidate
+
+
+def now_rfc3339(clock=time.time):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
+
+
+class AccountRegistry:
+    """``accounts.json`` plus one credential file per account, shared with other processes.
+
+    Reads are cached: the files are re-read only when accounts.json changes (checked at most once
+    a second), and every credential write also rewrites accounts.json so that change shows.
+    """
+
+    def __init__(self, home, clock=time.monotonic):
+        self.home = home
+        self.path = os.path.join(home, "accounts.json")
+        self.auth_dir = os.path.join(home, "auth")
+        self.lock = FileLock(os.path.join(home, ".lock"))
+        self._clock = clock
+        self._cache_lock = threading.Lock()
+        self._snapshot = ()
+        self._stamp = None
+        self._checked = None
+
+    # --- reading ---------------------------------------------------------------------------
+    def read(self):
+        """The registry document, freshly read and validated."""
+        try:
+            data = read_json_file(self.path, "account registry")
+        except FileNotFoundError:
+            return {"version": 1, "revision": 0, "default": "", "accounts": []}
+        accounts = data.get("accounts")
+        if not isinstance(accounts, list):
+            raise ConfigError("%s: key 'accounts' must be a list" % self.path)
+        for i, entry in enumerate(accounts):
+            where = "%s: accounts[%d]" % (self.path, i)
+            if not isinstance(entry, dict):
+                raise ConfigError("%s must be an object" % where)
+            for key in ("id", "nickname", "kind"):
+                if not isinstance(entry.get(key), str) or not entry.get(key):
+                    raise ConfigError("%s: key %r must be a non-empty string" % (where, key))
+            if entry["kind"] not in ACCOUNT_KINDS:
+                raise ConfigError("%s: key 'kind' must be one of %s"
+                                  % (where, ", ".join(ACCOUNT_KINDS)))
+            for key, (types, _default) in _ENTRY_SETTINGS.items():
+                if key in entry:
+                    _check_type(entry[key], types, where, key)
+            if entry.get("status", "ok") not in ACCOUNT_STATES:
+                raise ConfigError("%s: key 'status' must be one of %s"
+                                  % (where, ", ".join(ACCOUNT_STATES)))
+        data.setdefault("default", "")
+        data.setdefault("revision", 0)
+        return data
+
+    def credential_path(self, entry):
+        return os.path.join(self.auth_dir, "iflow-%s.json" % entry["id"])
+
+    def read_credentials(self, entry):
+        try:
+            return read_json_file(self.credential_path(entry), "credential file")
+        except FileNotFoundError:
+            return {}
+
+    def _account(self, data, entry):
+        creds = self.read_credentials(entry)
+        settings = {key: entry.get(key, default) for key, (_t, default) in _ENTRY_SETTINGS.items()}
+        status, reason = settings.pop("status"), settings.pop("status_reason")
+        api_key = creds.get("api_key") or creds.get("apiKey") or ""
+        if not isinstance(api_key, str):
+            api_key = ""
+        if not api_key and status == "ok":
+            status, reason = "needs-login", "no API key in %s" % self.credential_path(entry)
+        return Account(
+            id=entry["id"], nickname=entry["nickname"], kind=entry["kind"], api_key=api_key,
+            email=str(creds.get("email") or entry.get("email") or ""),
+            default=entry["id"] == data.get("default"), status=status, status_reason=reason,
+            models=tuple(settings.pop("models")),
+            excluded_models=tuple(settings.pop("excluded_models")),
+            expires=str(creds.get("expired") or creds.get("expire_time") or ""), **settings)
+
+    def load_accounts(self):
+        """Every registered account, read from disk now."""
+        data = self.read()
+        return tuple(self._account(data, entry) for entry in data["accounts"])
+
+    def accounts(self):
+        """The cached snapshot; re-read when accounts.json changed (looked at ≤ once a second)."""
+        now = self._clock()
+        with self._cache_lock:
+            if self._checked is not None and now - self._checked < 1.0:
+                return self._snapshot
+            self._checked = now
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except FileNotFoundError:
+                stamp = None
+            if stamp == self._stamp and self._stamp is not None:
+                return self._snapshot
+            try:
+                self._snapshot = self.load_accounts()
+                self._stamp = stamp
+            except ConfigError as e:  # keep serving with what we had
+                log.error("%s (keeping the %d accounts loaded before)", e.message,
+                          len(self._snapshot))
+            return self._snapshot
+
+    def invalidate(self):
+        with self._cache_lock:
+            self._checked = None
+
+    # --- writing (always under the lock, re-reading first) ---------------------------------
+    def _write(self, data):
+        data["version"] = 1
+        data["revision"] = int(data.get("revision") or 0) + 1
+        atomic_write_json(self.path, data)
+        self.invalidate()
+
+    def find(self, data, nickname):
+        for entry in data["accounts"]:
+            if entry["nickname"].lower() == (nickname or "").lower():
+                return entry
+        names = ", ".join(e["nickname"] for e in data["accounts"]) or "none; run login first"
+        raise BadRequest("no account named %r (accounts: %s)" % (nickname, names))
+
+    def upsert(self, identity, kind, credentials, nickname=None, make_default=False,
+               settings=None, clock=time.time):
+        """Add an account, or update the one with the same identity; returns (entry, created)."""
+        with self.lock:
+            data = self.read()
+            entry = next((e for e in data["accounts"] if e.get("identity") == identity), None)
+            others = [e["nickname"] for e in data["accounts"] if e is not entry]
+            created = entry is None
+            if created:
+                taken_ids = {e["id"] for e in data["accounts"]}
+                new_id = secrets.token_hex(4)
+                while new_id in taken_ids:
+                    new_id = secrets.token_hex(4)
+                base = (credentials.get("email") or "").split("@")[0] or kind
+                entry = {"id": new_id, "identity": identity, "kind": kind,
+                         "nickname": nickname or unique_nickname(base, others),
+                         "created": now_rfc3339(clock)}
+                data["accounts"].append(entry)
+            if nickname:
+                entry["nickname"] = validate_nickname(nickname, others)
+            entry["kind"] = kind
+            entry["email"] = credentials.get("email", "")
+            entry.update(settings or {})
+            entry["status"], entry["status_reason"] = "ok", ""
+            creds = dict(self.read_credentials(entry)) if not created else {}
+            creds.update(credentials)
+            creds.update({"type": "iflow", "id": entry["id"], "kind": kind,
+                          "last_refresh": creds.get("last_refresh") or now_rfc3339(clock)})
+            atomic_write_json(self.credential_path(entry), creds)
+            if make_default or not data.get("default") or len(data["accounts"]) == 1:
+                data["default"] = entry["id"]
+            self._write(data)
+            return entry, created
+
+    def update_entry(self, account_id, **changes):
+        """Change registry fields of one account (status, settings) under the lock."""
+        with self.lock:
+            data = self.read()
+            for entry in data["accounts"]:
+                if entry["id"] == account_id:
+                    entry.update(changes)
+                    self._write(data)
+                    return entry
+        return None
+
+    def set_default(self, nickname):
+        with self.lock:
+            data = self.read()
+            entry = self.find(data, nickname)
+            data["default"] = entry["id"]
+            self._write(data)
+            return entry
+
+    def rename(self, old, new):
+        with self.lock:
+            data = self.read()
+            entry = self.find(data, old)
+            validate_nickname(new, [e["nickname"] for e in data["accounts"] if e is not entry])
+            entry["nickname"] = new
+            self._write(data)
+            return entry
+
+    def remove(self, nickname=None):
+        """Remove one account (or all when ``nickname`` is None) and its credential file."""
+        with self.lock:
+            data = self.read()
+            doomed = list(data["accounts"]) if nickname is None else [self.find(data, nickname)]
+            data["accounts"] = [e for e in data["accounts"] if e not in doomed]
+            if data.get("default") not in {e["id"] for e in data["accounts"]}:
+                data["default"] = data["accounts"][0]["id"] if data["accounts"] else ""
+            self._write(data)  # registry first: a crash leaves an orphan file, not a dangling entry
+            for entry in doomed:
+                try:
+                    os.unlink(self.credential_path(entry))
+                except FileNotFoundError:
+                    pass
+            return doomed
+
+
+def pool_accounts(config):
+    """The keys from config ``api_keys`` / ``IFLOW_API_KEYS`` as accounts without login."""
+    return tuple(
+        Account(id="pool-" + fingerprint(key), nickname="pool-%d" % (i + 1), kind="pool",
+                api_key=key, max_concurrency=1)
+        for i, key in enumerate(config.api_keys))
+
+
+# ==================================================================================================
+# Upstream: signing, body shaping, outbound proxies, pooled connections, error classification
+# ==================================================================================================
+
+def sign_request(api_key, user_agent, session_id, timestamp_ms):
+    """iFlow's x-iflow-signature: hex HMAC-SHA256(apiKey, "<user-agent>:<session-id>:<ts>")."""
+    message = "%s:%s:%s" % (user_agent, session_id, timestamp_ms)
+    return hmac.new(api_key.encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _derived_uuid(*parts):
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def conversation_ids(account_id, conversation_key):
+    """(session-id, conversation-id) for one client conversation on one account.
+
+    Derived, not stored: the same conversation keeps the same upstream session on an account
+    (as the CLI keeps one per session), across requests and restarts, with no table to grow.
+    """
+    key = conversation_key or secrets.token_hex(16)
+    return ("session-" + _derived_uuid("session", account_id, key),
+            _derived_uuid("conversation", account_id, key))
+
+
+def upstream_headers(account, config, session_id, conversation_id, clock=time.time):
+    """Headers for one upstream request: iFlow's signed set, or plain OpenAI-compatible ones."""
+    headers = {"Content-Type": "application/json"}
+    if account.api_key:
+        headers["Authorization"] = "Bearer " + account.api_key
+    if not account.signing:
+        headers["User-Agent"] = "iflow-proxy/" + __version__
+        return headers
+    headers.update(config.extra_headers)  # before the signed ones, which must stay exact
+    timestamp = str(int(clock() * 1000))
+    headers.update({"user-agent": config.user_agent, "session-id": session_id,
+                    "conversation-id": conversation_id, "x-iflow-timestamp": timestamp})
+    if account.api_key:
+        headers["x-iflow-signature"] = sign_request(account.api_key, config.user_agent,
+                                                    session_id, timestamp)
+    return headers
+
+
+def output_limit(model):
+    name = model.lower()
+    return next(limit for prefix, limit in MODEL_OUTPUT_LIMITS if name.startswith(prefix))
+
+
+def thinking_params(model, on, effort=None):
+    """The per-family request fields that turn thinking on or off (the official CLI's table)."""
+    name = model.lower()
+    if name.startswith("glm-5"):
+        return {"chat_template_kwargs": {"enable_thinking": on}, "enable_thinking": on,
+                "thinking": {"type": "enabled" if on else "disabled"}}
+    if name.startswith("glm-4.7"):
+        return {"chat_template_kwargs": {"enable_thinking": on}}
+    if name.startswith("glm-"):
+        return {"chat_template_kwargs": {"enable_thinking": True}} if on else {}
+    if name.startswith("deepseek"):
+        if not on:
+            return {}
+        return {"thinking_mode": True} if effort in ("low", "minimal") else \
+            {"thinking_mode": True, "reasoning": True}
+    if name.startswith("kimi-k2.5"):
+        return {"thinking": {"type": "enabled" if on else "disabled"}}
+    if "thinking" in name:
+        return {"thinking_mode": True} if on else {}
+    if name.startswith("minimax-"):
+        return {"reasoning_split": True} if on else {}
+    return {}
+
+
+def _merge_missing(target, extra):
+    """Add ``extra`` into ``target`` without overriding what the client set itself."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merged = dict(value)
+            merged.update(target[key])
+            target[key] = merged
+        elif key not in target:
+            target[key] = value
+
+
+def shape_chat_body(body, model, signing=True, thinking=None, effort=None):
+    """A copy of an OpenAI chat body shaped as the official CLI sends it.
+
+    ``thinking`` is True/False to switch thinking on/off, None to leave the model's default.
+    """
+    out = dict(body)
+    out["model"] = model
+    if out.get("stream") is True:
+        options = dict(out.get("stream_options") or {})
+        options["include_usage"] = True
+        out["stream_options"] = options
+    else:
+        out.pop("stream_options", None)
+    if "tools" in out and not out["tools"]:
+        out.pop("tools")
+        out.pop("tool_choice", None)
+    if thinking is None and isinstance(out.get("reasoning_effort"), str):
+        effort = out["reasoning_effort"]
+        thinking = effort != "none"
+    if thinking is not None and signing:
+        _merge_missing(out, thinking_params(model, thinking, effort))
+        if (thinking and model.lower().startswith("kimi-k2.5")
+                and out.get("tool_choice") not in (None, "auto", "none")):
+            out["tool_choice"] = "auto"  # kimi-k2.5 thinking accepts only auto/none
+    if signing and not any(k in out for k in ("max_tokens", "max_new_tokens",
+                                              "max_completion_tokens")):
+        out["max_new_tokens"] = output_limit(model)
+    return out
+
+
+def select_proxy(url, configured="", env=None):
+    """The outbound proxy URL for ``url``, or None (config ``proxy``, else *_PROXY/NO_PROXY)."""
+    if configured == "direct":
+        return None
+    if configured:
+        return configured
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if is_loopback(host):
+        return None  # an environment proxy can't reach our own loopback
+    env = os.environ if env is None else env
+
+    def getenv(name):
+        return env.get(name.lower()) or env.get(name.upper()) or ""
+
+    proxy = getenv("%s_proxy" % parts.scheme) or getenv("all_proxy")
+    if not proxy:
+        return None
+    for entry in getenv("no_proxy").split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        if "/" in entry:
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return None
+            except ValueError:
+                pass
+            continue
+        entry = entry.split(":")[0].lstrip("*").lstrip(".")
+        if host == entry or host.endswith("." + entry):
+            return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    return proxy
+
+
+def _proxy_auth_header(proxy_parts):
+    if not proxy_parts.username:
+        return {}
+    creds = "%s:%s" % (urllib.parse.unquote(proxy_parts.username),
+                       urllib.parse.unquote(proxy_parts.password or ""))
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per (scheme, host, port, proxy); LIFO so warm ones go first."""
+
+    def __init__(self, config, max_idle_per_host=16, env=None):
+        self.config = config
+        self.max_idle = max_idle_per_host
+        self._env = env
+        self._idle = {}
+        self._lock = threading.Lock()
+        self._ssl_context = None
+
+    def ssl_context(self):
+        if self._ssl_context is None:
+            ctx = ssl.create_default_context()
+            if self.config.ca_file:
+                ctx.load_verify_locations(self.config.ca_file)
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def route(self, url):
+        """(pool key, request target, extra headers) for ``url``."""
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = select_proxy(url, self.config.proxy, self._env)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        extra = {}
+        if proxy and parts.scheme == "http":  # plain HTTP through a proxy: absolute-form target
+            target = "http://%s:%d%s" % (parts.hostname, port, target)
+            extra = _proxy_auth_header(urllib.parse.urlsplit(proxy))
+        return (parts.scheme, parts.hostname, port, proxy), target, extra
+
+    def acquire(self, key):
+        """(connection, reused) — an idle one that is still open, else a new one."""
+        with self._lock:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if _still_open(conn):
+                    return conn, True
+                conn.close()
+        return self._connect(key), False
+
+    def release(self, key, conn):
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close_all(self):
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+    def _connect(self, key):
+        scheme, host, port, proxy = key
+        timeout = self.config.connect_timeout
+        if proxy:
+            p = urllib.parse.urlsplit(proxy)
+            addr = (p.hostname, p.port or 80)
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(*addr, timeout=timeout,
+                                                   context=self.ssl_context())
+                conn.set_tunnel(host, port, headers=_proxy_auth_header(p))
+            else:
+                conn = http.client.HTTPConnection(*addr, timeout=timeout)
+        elif scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout,
+                                               context=self.ssl_context())
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        where = "%s://%s:%d%s" % (scheme, host, port, " via proxy %s" % proxy if proxy else "")
+        try:
+            conn.connect()
+        except socket.timeout:
+            conn.close()
+            raise UpstreamError("unreachable", "timed out connecting to %s" % where)
+        except ssl.SSLError as e:
+            conn.close()
+            raise UpstreamError("unreachable", "TLS error talking to %s: %s (a corporate proxy "
+                                "may need config ca_file)" % (where, e.reason or e))
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise UpstreamError("unreachable", "cannot connect to %s: %s"
+                                % (where, getattr(e, "strerror", None) or e))
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+
+def _still_open(conn):
+    """An idle keep-alive socket that is readable has been closed (or broken) by the server."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def retry_after_seconds(value, clock=time.time):
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0, int(when.timestamp() - clock()))
+
+
+class UpstreamResponse:
+    """One upstream answer; its connection goes back to the pool only when fully read."""
+
+    def __init__(self, pool, key, conn, resp, idle_timeout):
+        self._pool, self._key, self._conn, self._resp = pool, key, conn, resp
+        self.status = resp.status
+        self.headers = resp.headers
+        self.trace_id = resp.getheader("eagleeye-traceid", "") or ""
+        self.content_type = (resp.getheader("content-type", "") or "").lower()
+        self.idle_timeout = idle_timeout
+        self.closed = False
+
+    @property
+    def is_event_stream(self):
+        return "text/event-stream" in self.content_type
+
+    def read1(self):
+        """Whatever bytes have arrived (b"" at the end); waits at most idle_timeout."""
+        try:
+            data = self._resp.read1(65536)
+        except socket.timeout:
+            self.close()
+            raise UpstreamError("timeout", "upstream sent nothing for %gs" % self.idle_timeout,
+                                trace_id=self.trace_id)
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise UpstreamError("transient", "upstream connection broke mid-response: %s"
+                                % (e.__class__.__name__,), trace_id=self.trace_id)
+        if not data:
+            self.finish()
+        return data
+
+    def read_all(self, limit=None):
+        chunks, size = [], 0
+        while True:
+            data = self.read1()
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            size += len(data)
+            if limit is not None and size > limit:
+                self.close()
+                raise UpstreamError("malformed", "upstream answer larger than %d bytes" % limit)
+
+    def finish(self):
+        """Return the connection to the pool if the response was read to its end."""
+        if self.closed:
+            return
+        self.closed = True
+        resp = self._resp
+        if not resp.isclosed() and not resp.chunked and resp.length == 0:
+            resp.close()  # read1 leaves a fully read Content-Length body "open"
+        if resp.isclosed() and not resp.will_close:
+            self._pool.release(self._key, self._conn)
+        else:
+            self._conn.close()
+
+    def close(self):
+        """Drop the connection (a half-read response must never go back to the pool)."""
+        if not self.closed:
+            self.closed = True
+            self._conn.close()
+
+
+class UpstreamClient:
+    """Sends requests upstream over pooled keep-alive connections."""
+
+    def __init__(self, config, env=None):
+        self.config = config
+        self.pool = ConnectionPool(config, env=env)
+
+    def open(self, method, url, headers, body=None):
+        """Send a request and return the UpstreamResponse once its status line arrived."""
+        key, target, extra = self.pool.route(url)
+        if extra:
+            headers = dict(headers, **extra)
+        for _ in range(2):
+            conn, reused = self.pool.acquire(key)
+            try:
+                conn.sock.settimeout(self.config.first_byte_timeout)
+                conn.request(method, target, body=body, headers=headers)
+                break
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
+                conn.close()
+                if not reused:  # a reused socket the server had closed: nothing reached it
+                    raise UpstreamError("transient", "connection lost while sending: %s" % e)
+            except socket.timeout:
+                conn.close()
+                raise UpstreamError("timeout", "timed out sending the request upstream")
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise UpstreamError("transient", "cannot send upstream: %s" % e)
+        try:
+            resp = conn.getresponse()
+        except socket.timeout:
+            conn.close()
+            raise UpstreamError("timeout", "no answer from upstream within %gs (config "
+                                "first_byte_timeout)" % self.config.first_byte_timeout)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise UpstreamError("transient", "upstream closed the connection without answering "
+                                "(%s)" % e.__class__.__name__)
+        if conn.sock is not None:
+            conn.sock.settimeout(self.config.idle_timeout)
+        return UpstreamResponse(self.pool, key, conn, resp, self.config.idle_timeout)
+
+    def close(self):
+        self.pool.close_all()
+
+
+# --- classification --------------------------------------------------------------------------
+
+def _as_code(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def business_error(payload):
+    """(code, message) of an iFlow business error object, or (None, "") for a normal answer."""
+    if not isinstance(payload, dict):
+        return None, ""
+    if isinstance(payload.get("choices"), list) or payload.get("object") == "list":
+        return None, ""
+    err = payload.get("error")
+    message = payload.get("msg") or payload.get("message") or ""
+    code = None
+    if isinstance(err, dict):
+        message = err.get("message") or message
+        code = _as_code(err.get("code")) or _as_code(err.get("status"))
+    elif isinstance(err, str):
+        message = message or err
+    for key in ("status", "error_code", "code"):
+        code = code or _as_code(payload.get(key))
+    if code in (0, 200) and err is None and payload.get("success") is not False:
+        code = None
+    if code is None and err is None and payload.get("success") is not False and not message:
+        return None, ""
+    return code, str(message)[:500]
+
+
+def kind_for(code, message=""):
+    """The UPSTREAM_KINDS entry for an HTTP status or iFlow business code."""
+    if code == 449:
+        return "concurrency"
+    if code in (429, 8211):
+        return "rate_limit"
+    if code == 439:
+        return "key_expired"
+    if code in (434, 438) or "invalidapikey" in message.lower().replace(" ", ""):
+        return "key_blocked"
+    if code == 435:
+        return "model_unsupported"
+    if code in (511, 413):
+        return "context_length"
+    if code == 514:
+        return "model_error"
+    if code == 406:
+        return "rejected"
+    if code in (401, 403):
+        return "auth"
+    if code in (408, 504):
+        return "timeout"
+    if code is not None and 500 <= code < 600:
+        return "transient"
+    if code is not None and 400 <= code < 500:
+        return "bad_request"
+    return None
+
+
+def classify_answer(http_status, raw, trace_id="", retry_after=None):
+    """Raise UpstreamError for an upstream error answer; return the parsed JSON otherwise."""
+    try:
+        payload = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    code, message = business_error(payload)
+    kind = kind_for(code, message)
+    if kind is None and http_status != 200:
+        kind = kind_for(http_status, message) or "transient"
+        code = http_status
+    if kind is None and payload is not None and code is None and message:
+        kind = "malformed"
+    if kind is None and not isinstance(payload, dict):
+        kind, message = "malformed", "not a JSON object: %r" % raw[:120]
+    if kind is None:
+        return payload
+    detail = message or (raw[:200].decode("utf-8", "replace") if raw else "empty body")
+    where = "HTTP %d" % http_status + (", code %s" % code if code != http_status else "")
+    raise UpstreamError(kind, "upstream: %s (%s)" % (detail, where), upstream_status=code,
+                        trace_id=trace_id, retry_after=retry_after)
+
+
+def check_completion(payload, trace_id=""):
+    """A non-stream answer must carry choices; anything else is malformed."""
+    if not isinstance(payload.get("choices"), list):
+        raise UpstreamError("malformed", "upstream answer has no choices", trace_id=trace_id)
+    return payload
+
+
+# --- server-sent events ----------------------------------------------------------------------
+
+class EventSplitter:
+    """Cuts a byte stream into complete SSE events (each ending in a blank line)."""
+
+    def __init__(self):
+        self._buf = b""
+
+    def feed(self, data):
+        buf = self._buf + data
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        parts = buf.split(b"\n\n")
+        self._buf = parts.pop()
+        return [p + b"\n\n" for p in parts if p.strip()]
+
+    def rest(self):
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def event_data(event):
+    """The joined ``data:`` lines of one SSE event (bytes), or None."""
+    lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None
+             for line in event.split(b"\n")]
+    lines = [line for line in lines if line is not None]
+    return b"\n".join(lines) if lines else None
+
+
+def sse(data, event=None):
+    """One SSE event as bytes; ``data`` is a JSON-able object or already-encoded bytes."""
+    if not isinstance(data, bytes):
+        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + data + b"\n\n"
+
+
+def completion_to_chunks(completion):
+    """An OpenAI chat.completion as the chunks of an equivalent stream (for a JSON answer)."""
+    base = {"id": completion.get("id") or "chatcmpl-" + secrets.token_hex(12),
+            "object": "chat.completion.chunk", "created": completion.get("created") or
+            int(time.time()), "model": completion.get("model", "")}
+    chunks = []
+    for i, choice in enumerate(completion.get("choices") or []):
+        message = choice.get("message") or {}
+        delta = {"role": message.get("role") or "assistant"}
+        for key in ("content", "reasoning_content"):
+            if message.get(key):
+                delta[key] = message[key]
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [dict(call, index=n)
+                                   for n, call in enumerate(message["tool_calls"])]
+        index = choice.get("index", i)
+        chunks.append(dict(base, choices=[{"index": index, "delta": delta,
+                                           "finish_reason": None}]))
+        chunks.append(dict(base, choices=[{"index": index, "delta": {},
+                                           "finish_reason": choice.get("finish_reason")
+                                           or "stop"}]))
+    if completion.get("usage"):
+        chunks.append(dict(base, choices=[], usage=completion["usage"]))
+    return chunks
+
+
+# ==================================================================================================
+# Routing: which accounts may serve a request, in what order, and what a failure does to them
+# ==================================================================================================
+
+_EFFORT_SUFFIX = re.compile(r"\((none|minimal|low|medium|high|xhigh|max|auto|\d+)\)$", re.I)
+_CONTEXT_SUFFIX = re.compile(r"\[1m\]$", re.I)
+
+
+def split_model_suffix(model):
+    """``glm-4.6(high)[1m]`` -> ("glm-4.6", "high"); suffixes are hints no upstream accepts."""
+    effort = None
+    while True:
+        m = _CONTEXT_SUFFIX.search(model) or _EFFORT_SUFFIX.search(model)
+        if not m:
+            return model.strip(), effort
+        if m.re is _EFFORT_SUFFIX:
+            effort = m.group(1).lower()
+        model = model[:m.start()]
+
+
+def legacy_mode(config, name):
+    modes = config.legacy_aliases
+    if isinstance(modes, dict):
+        return next((v for k, v in modes.items() if k.lower() == name.lower()), "fallback")
+    return modes
+
+
+def resolve_model(model, config):
+    """(model to send, fallback model or None, effort hint or None) for a requested name."""
+    base, effort = split_model_suffix(model)
+    for alias, target in config.model_aliases.items():  # user aliases are unconditional
+        if alias.lower() in (model.lower(), base.lower()):
+            target_base, target_effort = split_model_suffix(target)
+            return target_base, None, target_effort or effort
+    canonical = LEGACY_ALIASES.get(base.lower())
+    mode = legacy_mode(config, base) if canonical else "off"
+    if mode == "always":
+        return canonical, None, effort
+    if mode == "fallback":
+        return base, canonical, effort
+    return base, None, effort
+
+
+def model_allowed(account, model):
+    name = model.lower()
+    if account.models and not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.models):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.excluded_models)
+
+
+class Router:
+    """Orders the eligible accounts for each request (round-robin) and records account failures."""
+
+    def __init__(self, registry, config):
+        self.registry = registry
+        self.config = config
+        self._pool = pool_accounts(config)
+        self._pool_status = {}  # pool account id -> (status, reason); pool keys have no file
+        self._lock = threading.Lock()
+        self._turn = 0
+
+    def all_accounts(self):
+        pool = tuple(dataclasses.replace(a, status=self._pool_status[a.id][0],
+                                         status_reason=self._pool_status[a.id][1])
+                     if a.id in self._pool_status else a for a in self._pool)
+        return self.registry.accounts() + pool
+
+    def split_pin(self, model):
+        """``work/glm-4.6`` -> ("work", "glm-4.6") when ``work`` is an account's nickname."""
+        if "/" in model:
+            nick, rest = model.split("/", 1)
+            if any(a.nickname.lower() == nick.lower() for a in self.all_accounts()):
+                return nick, rest
+        return None, model
+
+    def candidates(self, model, pinned=None):
+        accounts = self.all_accounts()
+        if not accounts:
+            raise NoAccount("no iFlow account is set up: run `python iflow_proxy.py login "
+                            "--api-key` (or set IFLOW_API_KEYS) and retry")
+        if pinned:
+            accounts = tuple(a for a in accounts if a.nickname.lower() == pinned.lower())
+        usable = [a for a in accounts if a.usable]
+        if not usable:
+            reasons = "; ".join("%s: %s" % (a.nickname, a.status_reason or a.status)
+                                for a in accounts)
+            raise NoAccount("no usable account (%s); run `python iflow_proxy.py login`" % reasons)
+        allowed = [a for a in usable if model_allowed(a, model)]
+        if not allowed:
+            raise NotFound("model %r is not allowed on any account (see the accounts' "
+                           "models/excluded_models settings)" % model, code="model_not_found")
+        with self._lock:
+            start = self._turn % len(allowed)
+            self._turn += 1
+        return allowed[start:] + allowed[:start]
+
+    def record_failure(self, account, error):
+        """Take an account out of rotation when its key is dead; other failures are per request."""
+        if error.kind == "key_blocked":
+            self._set_status(account, "disabled", error.message)
+        elif error.kind in ("key_expired", "auth"):
+            self._set_status(account, "needs-login", error.message)
+
+    def _set_status(self, account, status, reason):
+        log.warning("account %s is now %s: %s", account.nickname, status, reason)
+        if account.kind == "pool":
+            with self._lock:
+                self._pool_status[account.id] = (status, reason)
+        else:
+            self.registry.update_entry(account.id, status=status, status_reason=reason[:300])
+
+
+# ==================================================================================================
+# HTTP server: routes, client authentication, request bodies, streaming relay
+# ==================================================================================================
+
+class ChatOpen:
+    """An upstream chat answer that is ready to relay: a JSON payload or an open SSE stream."""
+
+    def __init__(self, account, model, response=None, payload=None, raw=b"", head=(),
+                 splitter=None):
+        self.account, self.model = account, model
+        self.response, self.payload, self.raw = response, payload, raw
+        self.head, self.splitter = list(head), splitter
+        self.attempts = 0
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def parse_json_body(raw):
+    """The request's JSON object, or BadRequest saying exactly what is wrong."""
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest("request body is not valid UTF-8 (byte %d)" % e.start)
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest("request JSON is nested too deeply")
+    except ValueError as e:
+        raise BadRequest("request body is not valid JSON: %s" % e)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object, got %s" % type(body).__name__)
+    return body
+
+
+def _expect(body, key, types, what, required=False):
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise BadRequest("missing required field %r (%s)" % (key, what))
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,))):
+        raise BadRequest("field %r must be %s" % (key, what))
+    return value
+
+
+def validate_chat_request(body):
+    """Check the fields the proxy itself reads; everything else passes through to upstream."""
+    model = _expect(body, "model", str, "a model name string", required=True)
+    if not model.strip():
+        raise BadRequest("field 'model' must not be empty")
+    messages = _expect(body, "messages", list, "a list of messages", required=True)
+    if not messages:
+        raise BadRequest("field 'messages' must not be empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("messages[%d] must be an object with a string 'role'" % i)
+    _expect(body, "stream", bool, "true or false")
+    _expect(body, "stream_options", dict, "an object")
+    _expect(body, "tools", list, "a list")
+    _expect(body, "reasoning_effort", str, "a string")
+    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
+        value = _expect(body, key, int, "a positive integer")
+        if value is not None and value < 1:
+            raise BadRequest("field %r must be a positive integer" % key)
+    return body
+
+
+def openai_conversation_key(body, headers):
+    """One key per client conversation: x-session-id, else a hash of the first messages."""
+    explicit = headers.get("x-session-id")
+    if explicit:
+        return "sid:" + explicit
+    first = json.dumps(body.get("messages", [])[:2], sort_keys=True, ensure_ascii=False)
+    return "msg:" + hashlib.sha256(first.encode("utf-8")).hexdigest()
+
+
+class ModelCatalog:
+    """Upstream /models cached per base URL; the built-in list when upstream can't say."""
+
+    def __init__(self, config, upstream, router, clock=time.monotonic):
+        self.config, self.upstream, self.router, self._clock = config, upstream, router, clock
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def ids(self):
+        account = next((a for a in sorted(self.router.all_accounts(), key=lambda a: not a.default)
+                        if a.usable), None)
+        ids = list(self._fetch(account)) if account else list(BUILTIN_MODELS)
+        ids.extend(self.config.model_aliases)
+        return list(dict.fromkeys(ids))
+
+    def _fetch(self, account):
+        base = account.api_base(self.config)
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(base)
+            if cached and cached[0] > now:
+                return cached[1]
+        ttl = self.config.models_cache_ttl
+        try:
+            sid, cid = conversation_ids(account.id, "models")
+            resp = self.upstream.open("GET", base + "/models",
+                                      upstream_headers(account, self.config, sid, cid))
+            payload = classify_answer(resp.status, resp.read_all(SSE_HEAD_LIMIT), resp.trace_id)
+            ids = tuple(m["id"] for m in payload.get("data", [])
+                        if isinstance(m, dict) and isinstance(m.get("id"), str))
+            if not ids:
+                raise UpstreamError("malformed", "upstream /models listed no models")
+        except UpstreamError as e:
+            log.info("using the built-in model list: upstream /models failed: %s", e.message)
+            ids, ttl = BUILTIN_MODELS, min(ttl, 30)
+        with self._lock:
+            self._cache[base] = (now + ttl, ids)
+        return ids
+
+
+def models_response(ids, api):
+    if api == "anthropic":
+        data = [{"type": "model", "id": i, "display_name": i,
+                 "created_at": "1970-01-01T00:00:00Z"} for i in ids]
+        return {"data": data, "has_more": False, "first_id": ids[0] if ids else None,
+                "last_id": ids[-1] if ids else None}
+    return {"object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "iflow"} for i in ids]}
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """The listening proxy: owns the registry, router, upstream pool and model catalog."""
+
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 resets bursts of connecting clients
+
+    def __init__(self, config, registry=None, upstream=None, env=None, clock=time.time):
+        check_bind_safety(config)
+        self.config = config
+        self.clock = clock
+        self.registry = registry or AccountRegistry(config.home)
+        self.upstream = upstream or UpstreamClient(config, env=env)
+        self.router = Router(self.registry, config)
+        self.catalog = ModelCatalog(config, self.upstream, self.router)
+        self.started_at = time.time()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        try:
+            super().__init__((config.host.strip("[]"), config.port), ProxyHandler)
+        except OSError as e:
+            raise ProxyError("cannot listen on %s:%d: %s" % (config.host, config.port,
+                                                             e.strerror or e))
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def server_close(self):
+        super().server_close()
+        self.upstream.close()
+
+    # --- chat ------------------------------------------------------------------------------
+    def open_chat(self, body, conversation_key):
+        """Send a chat request upstream, failing over across accounts before any byte is relayed.
+
+        Returns a ChatOpen; raises the last UpstreamError (or a routing error) when nothing worked.
+        """
+        pinned, requested = self.router.split_pin(body["model"])
+        model, fallback, effort = resolve_model(requested, self.config)
+        stream = body.get("stream") is True
+        thinking = None if effort is None else effort != "none"
+        last, attempts = None, 0
+        for account in self.router.candidates(model, pinned):
+            tries = [model] + ([fallback] if fallback else [])
+            for i, name in enumerate(tries):
+                attempts += 1
+                shaped = shape_chat_body(body, name, account.signing, thinking, effort)
+                try:
+                    opened = self._attempt(account, shaped, conversation_key, stream)
+                except UpstreamError as e:
+                    e.message = "account %s: %s" % (account.nickname, e.message)
+                    log.warning("upstream error (%s, model %s): %s%s", e.kind, name, e.message,
+                                " [eagleeye-traceid %s]" % e.trace_id if e.trace_id else "")
+                    self.router.record_failure(account, e)
+                    last = e
+                    if i == 0 and fallback and e.kind in ("model_unsupported", "rejected"):
+                        log.info("model %s unavailable upstream; retrying once as %s",
+                                 name, fallback)
+                        continue
+                    break
+                opened.attempts = attempts
+                return opened
+            if not last.retry_other_account:
+                break
+        raise last
+
+    def _attempt(self, account, body, conversation_key, stream):
+        sid, cid = conversation_ids(account.id, conversation_key)
+        headers = upstream_headers(account, self.config, sid, cid, clock=self.clock)
+        raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        resp = self.upstream.open("POST", account.api_base(self.config) + "/chat/completions",
+                                  headers, raw)
+        if resp.trace_id:
+            log.debug("upstream eagleeye-traceid %s", resp.trace_id)
+        if resp.status != 200 or not (stream and resp.is_event_stream):
+            data = resp.read_all(self.config.max_body_bytes)
+            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+            payload = check_completion(classify_answer(resp.status, data, resp.trace_id,
+                                                       retry_after), resp.trace_id)
+            return ChatOpen(account, body["model"], payload=payload, raw=data)
+        splitter, head, seen = EventSplitter(), [], 0
+        while True:  # read up to the first data event: iFlow may put an error there
+            data = resp.read1()
+            seen += len(data)
+            events = splitter.feed(data) if data else [splitter.rest() + b"\n\n"]
+            head.extend(e for e in events if e.strip())
+            first = next((d for d in map(event_data, head) if d is not None), None)
+            if first is not None or not data:
+                break
+            if seen > SSE_HEAD_LIMIT:
+                resp.close()
+                raise UpstreamError("malformed", "no SSE data in the first %d bytes" % seen)
+        if first is None:
+            raise UpstreamError("malformed", "upstream ended the stream without any data",
+                                trace_id=resp.trace_id)
+        if first != b"[DONE]":
+            try:
+                classify_answer(200, first, resp.trace_id)
+            except UpstreamError:
+                resp.close()
+                raise
+        return ChatOpen(account, body["model"], response=resp, head=head, splitter=splitter)
+
+
+def check_bind_safety(config):
+    if not is_loopback(config.host) and not config.client_keys:
+        raise ConfigError("refusing to listen on %s without client keys: anyone who can reach "
+                          "it could use your accounts. Set --client-key, IFLOW_PROXY_CLIENT_KEYS "
+                          "or config client_keys, or listen on 127.0.0.1" % config.host)
+
+
+# path -> {HTTP method: (handler method name, needs a client key)}
+ROUTES = {
+    "/healthz": {"GET": ("handle_healthz", False)},
+    "/v1/models": {"GET": ("handle_models", True)},
+    "/v1/chat/completions": {"POST": ("handle_chat_completions", True)},
+}
+ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions",
+                 "/health": "/healthz"}
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection; each request is dispatched through ROUTES."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "iflow-proxy/" + __version__
+    sys_version = ""
+    timeout = 300  # idle keep-alive / slow client limit (seconds)
+
+    def setup(self):
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    # Every method goes through dispatch, so unknown ones get a JSON 405 rather than HTML 501.
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def dispatch(self):
+        self.request_id = "req_" + secrets.token_hex(8)
+        self.api = "anthropic" if self.headers.get("anthropic-version") else "openai"
+        self.started = time.monotonic()
+        self.response_status = None
+        self.first_byte = None
+        self.log_fields = {}
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith(ROUTE_PREFIX):
+            path = path[len(ROUTE_PREFIX):] or "/"
+        path = ROUTE_ALIASES.get(path, path)
+        try:
+            methods = ROUTES.get(path)
+            if methods is None:
+                raise NotFound("no such endpoint: %s %s" % (self.command, path))
+            if self.command not in methods:
+                raise MethodNotAllowed("%s is not allowed on %s (use %s)"
+                                       % (self.command, path, ", ".join(sorted(methods))))
+            name, needs_key = methods[self.command]
+            if needs_key:
+                self.check_client_key()
+            getattr(self, name)()
+        except ProxyError as e:
+            self.send_error_json(e)
+        except ClientGone:
+            log.info("%s client disconnected", self.request_id)
+        except RecursionError:
+            self.send_error_json(BadRequest("request JSON is nested too deeply"))
+        except Exception:  # a bug: answer 500, keep serving
+            log.exception("%s internal error", self.request_id)
+            self.send_error_json(ProxyError("internal error in iflow-proxy; see its log"))
+        finally:
+            self.log_access()
+
+    # --- client authentication --------------------------------------------------------------
+    def check_client_key(self):
+        keys = self.server.config.client_keys
+        if not keys:
+            return
+        presented = self.headers.get("x-api-key") or ""
+        auth = self.headers.get("Authorization") or ""
+        if not presented and auth[:7].lower() == "bearer ":
+            presented = auth[7:].strip()
+        matched = False
+        for key in keys:  # compare with every key: timing reveals nothing about which matched
+            matched |= hmac.compare_digest(presented.encode("utf-8"), key.encode("utf-8"))
+        if not matched:
+            raise Unauthorized("missing or invalid client key: send it as 'Authorization: "
+                               "Bearer <key>' or 'x-api-key: <key>'")
+
+    # --- request bodies ---------------------------------------------------------------------
+    def read_body(self):
+        limit = self.server.config.max_body_bytes
+        lengths = self.headers.get_all("Content-Length") or []
+        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        try:
+            if chunked:
+                return self._read_chunked(limit)
+            if not lengths:
+                return b""
+            if len(set(v.strip() for v in lengths)) > 1 or not lengths[0].strip().isdigit():
+                raise BadRequest("invalid Content-Length header")
+            size = int(lengths[0])
+            if size > limit:
+                raise PayloadTooLarge("request body of %d bytes exceeds the limit of %d bytes "
+                                      "(config max_body_bytes)" % (size, limit))
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise BadRequest("request body ended after %d of %d bytes" % (len(data), size))
+            return data
+        except ProxyError:
+            self.close_connection = True  # the rest of the body is unread: can't reuse
+            raise
+        except socket.timeout:
+            self.close_connection = True
+            raise BadRequest("timed out reading the request body", status=408,
+                             code="request_timeout")
+
+    def _read_chunked(self, limit):
+        parts, size = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            if not line.endswith(b"\n"):
+                raise BadRequest("malformed chunked request body")
+            try:
+                chunk = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise BadRequest("malformed chunk size in request body")
+            if chunk < 0:
+                raise BadRequest("malformed chunk size in request body")
+            if chunk == 0:
+                break
+            size += chunk
+            if size > limit:
+                raise PayloadTooLarge("request body exceeds the limit of %d bytes (config "
+                                      "max_body_bytes)" % limit)
+            data = self.rfile.read(chunk)
+            if len(data) < chunk or self.rfile.read(2) not in (b"\r\n", b"\n"):
+                raise BadRequest("truncated chunked request body")
+            parts.append(data)
+        for _ in range(HEADER_LIMIT):  # trailers up to the blank line
+            line = self.rfile.readline(8194)
+            if line in (b"\r\n", b"\n", b""):
+                return b"".join(parts)
+        raise BadRequest("too many trailer lines in chunked request body")
+
+    def read_json(self):
+        return parse_json_body(self.read_body())
+
+    # --- responses --------------------------------------------------------------------------
+    def _write(self, data):
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        try:
+            self.wfile.write(data)
+        except (OSError, ValueError):  # reset, broken pipe, timeout, closed file
+            self.close_connection = True
+            raise ClientGone()
+
+    def _head(self, status, headers):
+        self.response_status = status
+        phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ \
+            else "Unknown"
+        lines = ["HTTP/1.1 %d %s" % (status, phrase), "Server: " + self.server_version,
+                 "Date: " + self.date_time_string(), "x-request-id: " + self.request_id]
+        lines.extend("%s: %s" % (k, v) for k, v in headers.items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_bytes(self, status, body, content_type="application/json", headers=None):
+        """One complete response in a single write (no Nagle delay between head and body)."""
+        head = dict(headers or {})
+        head["Content-Type"] = content_type
+        head["Content-Length"] = str(len(body))
+        self._write(self._head(status, head) + (b"" if self.command == "HEAD" else body))
+
+    def send_json(self, status, obj, headers=None):
+        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self.send_bytes(status, body, headers=headers)
+
+    def send_error_json(self, err):
+        if self.response_status is not None:
+            return  # a response already began; the stream relay reports errors itself
+        headers = {}
+        if err.retry_after is not None:
+            headers["Retry-After"] = str(int(err.retry_after))
+        if isinstance(err, MethodNotAllowed):
+            path = ROUTE_ALIASES.get(urllib.parse.urlsplit(self.path).path)
+            headers["Allow"] = ", ".join(sorted(ROUTES.get(path, {"GET": 0})))
+        self.log_fields.setdefault("error", err.message)
+        try:
+            self.send_json(err.status, error_body(err, self.api), headers)
+        except ClientGone:
+            pass
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, oversized headers) as JSON too."""
+        self.close_connection = True
+        if not hasattr(self, "request_id"):
+            self.request_id = "req_" + secrets.token_hex(8)
+            self.api, self.response_status, self.first_byte = "openai", None, None
+            self.log_fields = {}
+        err = ProxyError(message or http.HTTPStatus(code).phrase, status=code,
+                         code="bad_http_request")
+        try:
+            self.send_json(code, error_body(err, self.api))
+        except ClientGone:
+            pass
+
+    def start_stream(self, headers=None):
+        head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+        head.update(headers or {})
+        if self.request_version == "HTTP/1.0":
+            self.close_connection = True  # no chunked encoding: the close ends the body
+        else:
+            head["Transfer-Encoding"] = "chunked"
+        self._write(self._head(200, head))
+
+    def write_chunk(self, data):
+        if data:
+            if self.request_version == "HTTP/1.0":
+                self._write(data)
+            else:
+                self._write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_stream(self):
+        if self.request_version != "HTTP/1.0":
+            self._write(b"0\r\n\r\n")
+
+    # --- logging ----------------------------------------------------------------------------
+    def log_message(self, format, *args):  # http.server's own messages
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_access(self):
+        f = self.log_fields
+        total = (time.monotonic() - self.started) * 1000
+        first = (self.first_byte - self.started) * 1000 if self.first_byte else total
+        model = f.get("model", "")
+        if f.get("model_sent") and f["model_sent"] != model:
+            model += " -> " + f["model_sent"]
+        usage = f.get("usage") or {}
+        log.info("%s %s %s %s %s model=%s account=%s attempts=%s status=%s first_byte=%.0fms "
+                 "total=%.0fms tokens=%s/%s%s", self.request_id, self.api, self.command,
+                 urllib.parse.urlsplit(self.path).path, self.client_address[0], model or "-",
+                 f.get("account", "-"), f.get("attempts", 0), self.response_status or "-",
+                 first, total, usage.get("prompt_tokens", "-"),
+                 usage.get("completion_tokens", "-"),
+                 " error=%r" % f["error"][:200] if f.get("error") else "")
+
+    # --- endpoints --------------------------------------------------------------------------
+    def handle_healthz(self):
+        self.send_json(200, {"status": "ok"})
+
+    def handle_models(self):
+        self.send_json(200, models_response(self.server.catalog.ids(), self.api))
+
+    def handle_chat_completions(self):
+        body = validate_chat_request(self.read_json())
+        self.log_fields["model"] = body["model"]
+        opened = self.server.open_chat(body, openai_conversation_key(body, self.headers))
+        self._note_opened(opened)
+        headers = {}
+        if opened.model != self.server.router.split_pin(body["model"])[1]:
+            headers["x-iflow-proxy-model"] = opened.model
+        if body.get("stream") is not True:
+            self.log_fields["usage"] = opened.payload.get("usage")
+            self.send_bytes(200, opened.raw, headers=headers)
+        elif opened.response is None:  # upstream answered a stream request with plain JSON
+            self.start_stream(headers)
+            for chunk in completion_to_chunks(opened.payload):
+                self.write_chunk(sse(chunk))
+            self.write_chunk(b"data: [DONE]\n\n")
+            self.end_stream()
+        else:
+            self.relay_openai_stream(opened, headers)
+
+    def _note_opened(self, opened):
+        self.log_fields.update(account=opened.account.nickname, attempts=opened.attempts,
+                               model_sent=opened.model)
+
+    def relay_openai_stream(self, opened, headers):
+        """Forward upstream's SSE events as they arrive; parse only what errors/usage need."""
+        resp, splitter = opened.response, opened.splitter
+        state = {"done": False}
+        self.start_stream(headers)
+        try:
+            try:
+                for event in opened.head:
+                    self._relay_openai_event(event, state)
+                while True:
+                    data = resp.read1()
+                    if not data:
+                        break
+                    for event in splitter.feed(data):
+                        self._relay_openai_event(event, state)
+                rest = splitter.rest()
+                if rest.strip():
+                    self._relay_openai_event(rest + b"\n\n", state)
+            except UpstreamError as e:
+                resp.close()
+                log.warning("%s stream failed mid-way: %s", self.request_id, e.message)
+                self.log_fields["error"] = e.message
+                self.write_chunk(sse(error_body(e, "openai")))
+            if not state["done"]:
+                self.write_chunk(b"data: [DONE]\n\n")
+            self.end_stream()
+        except ClientGone:
+            resp.close()  # stop reading upstream now; never pool a half-read connection
+            raise
+
+    def _relay_openai_event(self, event, state):
+        data = event_data(event)
+        if data == b"[DONE]":
+            state["done"] = True
+        elif data is not None and (b'"error' in data or b"network_error" in data
+                                   or b'"usage"' in data or b'"status"' in data):
+            try:
+                payload = json.loads(data.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                payload = None
+            if isinstance(payload, dict):
+                for choice in payload.get("choices") or []:
+                    if isinstance(choice, dict) and choice.get("finish_reason") == "network_error":
+                        raise UpstreamError("transient", "upstream stream ended with "
+                                            "finish_reason network_error")
+                code, message = business_error(payload)
+                if code is not None or "error" in payload:
+                    classify_answer(200, data)
+                if isinstance(payload.get("usage"), dict):
+                    self.log_fields["usage"] = payload["usage"]
+        self.write_chunk(event)
+
+
+def start_server(config, **kwargs):
+    """Start a ProxyServer in a daemon thread; returns it (call shutdown() + server_close())."""
+    server = ProxyServer(config, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="iflow-proxy",
+                              daemon=True)
+    thread.start()
+    server.thread = thread
+    return server
+
+
+# ==================================================================================================
+# CLI: argparse subcommands, one cmd_<name>(args, config) each, and main()
+# ==================================================================================================
+
+class ProbeResult:
+    """What one tiny signed request says about an account's upstream."""
+
+    def __init__(self, account, latency_ms=None, error=None, http_status=None):
+        self.account, self.latency_ms, self.error, self.http_status = \
+            account, latency_ms, error, http_status
+
+    @property
+    def reachable(self):
+        return self.error is None or self.error.kind not in ("unreachable", "timeout")
+
+    @property
+    def key_verdict(self):
+        kind = self.error.kind if self.error else None
+        if not self.reachable:
+            return "not checked"
+        return {"key_expired": "expired (439): log in again or use a fresh key",
+                "key_blocked": "blocked or invalid (434/438): this key cannot be used",
+                "auth": "rejected (HTTP %s)" % (self.error.upstream_status if self.error else ""),
+                "rejected": "unknown (request refused with 406)",
+                "transient": "unknown (upstream server error)"}.get(kind, "accepted")
+
+    @property
+    def key_ok(self):
+        return self.key_verdict == "accepted"
+
+    @property
+    def signature_verdict(self):
+        if not self.account.signing:
+            return "off (plain OpenAI-compatible upstream)"
+        kind = self.error.kind if self.error else None
+        if not self.reachable or kind in ("key_expired", "key_blocked", "auth", "transient"):
+            return "not checked"
+        return "rejected (406): check user_agent/extra_headers" if kind == "rejected" \
+            else "accepted"
+
+
+def probe_account(account, config, upstream, clock=time.monotonic):
+    """Send the smallest possible chat request with ``account`` and classify the answer."""
+    body = {"model": config.probe_model, "messages": [{"role": "user", "content": "ping"}],
+            "max_tokens": 1, "stream": False}
+    sid, cid = conversation_ids(account.id, "probe")
+    started = clock()
+    try:
+        resp = upstream.open("POST", account.api_base(config) + "/chat/completions",
+                             upstream_headers(account, config, sid, cid),
+                             json.dumps(body).encode("utf-8"))
+        latency = (clock() - started) * 1000
+        check_completion(classify_answer(resp.status, resp.read_all(SSE_HEAD_LIMIT),
+                                         resp.trace_id), resp.trace_id)
+        return ProbeResult(account, latency, None, resp.status)
+    except UpstreamError as e:
+        return ProbeResult(account, (clock() - started) * 1000, e, e.upstream_status)
+
+
+def format_probe(result, config):
+    a = result.account
+    lines = ["%s (%s, key %s) %s" % (a.nickname, a.kind, mask_secret(a.api_key),
+                                     a.api_base(config))]
+    if result.reachable:
+        lines.append("  reachable   yes (%.0f ms%s)" % (
+            result.latency_ms, ", HTTP %s" % result.http_status if result.http_status else ""))
+    else:
+        lines.append("  reachable   NO: %s" % result.error.message)
+    lines.append("  key         " + result.key_verdict)
+    lines.append("  signature   " + result.signature_verdict)
+    if result.error is None:
+        lines.append("  model       %s answered" % config.probe_model)
+    elif result.reachable:
+        lines.append("  answer      %s" % result.error.message)
+    return "\n".join(lines)
+
+
+def read_secret(prompt, stdin):
+    """A key from stdin (piped) or a hidden prompt (terminal) — never from argv."""
+    if stdin is None:
+        raise BadRequest("no key given: pipe it on stdin or run in a terminal")
+    if stdin.isatty():
+        value = getpass.getpass(prompt)
+    else:
+        value = stdin.readline(4096)
+    value = value.strip()
+    if not value:
+        raise BadRequest("no key given on stdin")
+    if any(ord(c) < 33 or ord(c) > 126 for c in value):
+        raise BadRequest("the key on stdin has spaces or non-ASCII characters; paste only the key")
+    if len(value) < 8:
+        raise BadRequest("the key on stdin is too short to be an API key")
+    return value
+
+
+def _print_table(rows, out):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+
+
+def cmd_serve(args, config):
+    server = ProxyServer(config)
+    accounts = server.router.all_accounts()
+    log.warning("iflow-proxy %s listening on %s (OpenAI base URL: %s/v1; %d account%s%s)",
+                __version__, server.url, server.url, len(accounts),
+                "" if len(accounts) == 1 else "s",
+                ", client keys required" if config.client_keys else "")
+    if not accounts:
+        log.warning("no account yet: run `python iflow_proxy.py login --api-key` in another "
+                    "shell (the server picks it up without a restart)")
+
+    def stop(signum, frame):
+        log.warning("signal %d: shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for signame in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, signame):
+            signal.signal(getattr(signal, signame), stop)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_login(args, config):
+    if not args.api_key:
+        raise BadRequest("choose how to log in: --api-key (reads the key from stdin)")
+    key = read_secret("iFlow API key (input hidden): ", args.stdin)
+    base_url = (args.base_url or "").rstrip("/")
+    if base_url and not _is_http_url(base_url):
+        raise BadRequest("--base-url must be an http:// or https:// URL, got %r" % base_url)
+    if args.nickname:
+        validate_nickname(args.nickname)
+    account = Account(id="login-" + fingerprint(key), nickname=args.nickname or "new",
+                      kind="api-key", api_key=key, base_url=base_url,
+                      signing=not args.no_signing)
+    if not args.no_verify:
+        result = probe_account(account, config, UpstreamClient(config))
+        if not result.reachable:
+            raise ProxyError("cannot verify the key: %s (use --no-verify to save it anyway)"
+                             % result.error.message)
+        if not result.key_ok:
+            raise ProxyError("upstream did not accept the key %s: %s; not saved"
+                             % (mask_secret(key), result.key_verdict))
+    registry = AccountRegistry(config.home)
+    settings = {"base_url": base_url, "signing": not args.no_signing}
+    entry, created = registry.upsert("key:" + fingerprint(key), "api-key", {"api_key": key},
+                                     nickname=args.nickname, make_default=args.default,
+                                     settings=settings)
+    default = registry.read().get("default") == entry["id"]
+    args.stdout.write("%s account %s (key %s)%s%s\n" % (
+        "added" if created else "updated", entry["nickname"], mask_secret(key),
+        ", the default" if default else "", "" if args.no_verify else ", verified"))
+    return 0
+
+
+def account_rows(config):
+    registry = AccountRegistry(config.home)
+    return list(registry.load_accounts()) + list(pool_accounts(config))
+
+
+def account_json(a, config):
+    return {"id": a.id, "nickname": a.nickname, "email": a.email, "kind": a.kind,
+            "default": a.default, "status": a.status, "status_reason": a.status_reason,
+            "key": mask_secret(a.api_key), "base_url": a.api_base(config), "signing": a.signing,
+            "expires": a.expires}
+
+
+def cmd_accounts(args, config):
+    accounts = account_rows(config)
+    if args.json:
+        json.dump([account_json(a, config) for a in accounts], args.stdout, indent=2)
+        args.stdout.write("\n")
+        return 0
+    if not accounts:
+        args.stdout.write("no accounts: run `python iflow_proxy.py login --api-key`\n")
+        return 0
+    rows = [("", "NICKNAME", "IDENTITY", "KIND", "KEY", "STATUS", "UPSTREAM")]
+    for a in accounts:
+        status = a.status + (": " + a.status_reason[:60] if a.status_reason else "")
+        upstream = "" if a.api_base(config) == config.api_base and a.signing else \
+            a.api_base(config) + ("" if a.signing else " (unsigned)")
+        rows.append(("*" if a.default else "", a.nickname, a.email or "-", a.kind,
+                     mask_secret(a.api_key), status, upstream))
+    _print_table(rows, args.stdout)
+    return 0
+
+
+def cmd_use(args, config):
+    entry = AccountRegistry(config.home).set_default(args.nickname)
+    args.stdout.write("default account: %s\n" % entry["nickname"])
+    return 0
+
+
+def cmd_rename(args, config):
+    entry = AccountRegistry(config.home).rename(args.old, args.new)
+    args.stdout.write("renamed %s to %s\n" % (args.old, entry["nickname"]))
+    return 0
+
+
+def cmd_logout(args, config):
+    registry = AccountRegistry(config.home)
+    if args.all == bool(args.nickname):
+        raise BadRequest("logout takes either a NICKNAME or --all")
+    if args.all and not args.yes:
+        count = len(registry.read()["accounts"])
+        if not args.stdin or not args.stdin.isatty():
+            raise BadRequest("logout --all removes %d account(s); add --yes to confirm" % count)
+        args.stdout.write("Remove all %d accounts and their credential files? [y/N] " % count)
+        args.stdout.flush()
+        if args.stdin.readline().strip().lower() not in ("y", "yes"):
+            args.stdout.write("nothing removed\n")
+            return 1
+    removed = registry.remove(None if args.all else args.nickname)
+    args.stdout.write("removed %s\n" % (", ".join(e["nickname"] for e in removed) or "nothing"))
+    return 0
+
+
+def cmd_check(args, config):
+    accounts = account_rows(config)
+    if args.nickname:
+        accounts = [a for a in accounts if a.nickname.lower() == args.nickname.lower()]
+        if not accounts:
+            raise BadRequest("no account named %r" % args.nickname)
+    if not accounts:
+        raise BadRequest("no accounts to check: run `python iflow_proxy.py login --api-key`")
+    upstream, failed = UpstreamClient(config), 0
+    for account in accounts:
+        if not account.api_key:
+            args.stdout.write("%s: no key stored (%s)\n" % (account.nickname,
+                                                            account.status_reason))
+            failed += 1
+            continue
+        result = probe_account(account, config, upstream)
+        failed += not (result.reachable and result.key_ok)
+        args.stdout.write(format_probe(result, config) + "\n")
+    upstream.close()
+    return 1 if failed else 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``iflow_proxy: error: ...`` and exit code 2."""
+
+    def error(self, message):
+        raise BadRequest("%s (see %s --help)" % (message, self.prog))
+
+
+def build_parser():
+    parser = _Parser(prog="iflow_proxy.py", description="Local OpenAI-compatible proxy for "
+                     "iFlow and other OpenAI-compatible APIs.")
+    parser.add_argument("--version", action="version", version="iflow-proxy " + __version__)
+    parser.add_argument("--home", help="state directory (default $IFLOW_PROXY_HOME or "
+                        "~/.iflow-proxy)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 11450)")
+    p.add_argument("--client-key", action="append", dest="client_keys", metavar="KEY",
+                   help="require this client key (repeatable)")
+    p.add_argument("--log-file", help="also write logs to this file")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("login", help="add an account")
+    p.add_argument("--api-key", action="store_true",
+                   help="store an API key read from stdin or a hidden prompt")
+    p.add_argument("--nickname", help="name for the account")
+    p.add_argument("--base-url", help="this account's own OpenAI-compatible base URL")
+    p.add_argument("--no-signing", action="store_true",
+                   help="plain OpenAI-compatible upstream: no iFlow headers or signature")
+    p.add_argument("--no-verify", action="store_true", help="store without checking upstream")
+    p.add_argument("--default", action="store_true", help="make it the default account")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("accounts", help="list accounts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_accounts)
+
+    p = sub.add_parser("use", help="set the default account")
+    p.add_argument("nickname")
+    p.set_defaults(func=cmd_use)
+
+    p = sub.add_parser("rename", help="rename an account")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.set_defaults(func=cmd_rename)
+
+    p = sub.add_parser("logout", help="remove an account (or --all)")
+    p.add_argument("nickname", nargs="?")
+    p.add_argument("--all", action="store_true", help="remove every account")
+    p.add_argument("--yes", action="store_true", help="don't ask for confirmation")
+    p.set_defaults(func=cmd_logout)
+
+    p = sub.add_parser("check", help="probe each account's upstream")
+    p.add_argument("nickname", nargs="?")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def setup_logging(config, verbose=False, quiet=False, stream=None):
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else \
+        getattr(logging, config.log_level.upper())
+    log.handlers[:] = []
+    log.propagate = False
+    log.setLevel(level)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if config.log_file:
+        ensure_private_dir(os.path.dirname(os.path.abspath(config.log_file)))
+        fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        file_handler = logging.FileHandler(config.log_file, encoding="utf-8")
+        file_handler.setFormatter(handler.formatter)
+        log.addHandler(file_handler)
+
+
+def main(argv=None, stdin=None, stdout=None, stderr=None, env=None):
+    """Run one CLI command; returns the exit code (0 ok, 1 runtime failure, 2 bad input)."""
+    stderr = stderr or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+    except BadRequest as e:
+        stderr.write("iflow_proxy: error: %s\n" % e.message)
+        return 2
+    except SystemExit as e:  # --help, --version
+        return e.code or 0
+    args.stdin = stdin if stdin is not None else sys.stdin
+    args.stdout = stdout or sys.stdout
+    flags = {key: getattr(args, key, None)
+             for key in ("host", "port", "client_keys", "log_file", "log_level")}
+    try:
+        config = load_config(args.home, flags, env)
+        setup_logging(config, args.verbose, args.quiet, stderr)
+        return args.func(args, config)
+    except ProxyError as e:
+        if args.verbose:
+            import traceback
+            traceback.print_exc(file=stderr)
+        stderr.write("iflow_proxy: error: %s\n" % e.message)
+        return e.exit_code
+    except KeyboardInterrupt:
+        stderr.write("iflow_proxy: interrupted\n")
+        return 130
+    except OSError as e:
+        if args.verbose:
+            import traceback
+            traceback.print_exc(file=stderr)
+        stderr.write("iflow_proxy: error: %s%s\n" % (e.strerror or e, ": " + e.filename
+                                                      if getattr(e, "filename", None) else ""))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

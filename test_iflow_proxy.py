@@ -1,0 +1,1261 @@
+"""Tests for iflow_proxy.py: pure parts directly, the rest over real loopback sockets.
+
+The fake upstream below *is* our iFlow: it checks the HMAC signature and headers, answers 406 to
+``Accept: text/event-stream``, puts business errors inside HTTP 200 bodies, and allows one request
+in flight per key, as the real service does.
+"""
+
+import ast
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import http.client
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import socketserver
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import iflow_proxy as ip
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEYS = ("sk-key-one-1111", "sk-key-two-2222", "sk-key-three-333")
+UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    """Poll ``predicate`` until true or the deadline passes (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for " + what)
+
+
+# ==================================================================================================
+# The fake iFlow upstream
+# ==================================================================================================
+
+class FakeIFlow(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, keys=KEYS, signing=True, tls=None):
+        super().__init__(("127.0.0.1", 0), FakeIFlowHandler)
+        self.scheme = "http"
+        if tls is not None:  # an ssl.SSLContext: serve HTTPS like the real host
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
+        self.keys = set(keys)
+        self.signing = signing          # False: a plain OpenAI-compatible provider
+        self.models = list(ip.BUILTIN_MODELS)
+        self.unavailable_models = set()  # answered with business code 435
+        self.models_endpoint = True
+        self.lock = threading.Lock()
+        self.requests = []              # (path, headers dict, body dict or None, key)
+        self.inflight = {}
+        self.connections = 0
+        self.script = {}                # key -> list of actions consumed one per request
+        self.gate = None                # threading.Event: streams pause after the first chunk
+        self.gate_timed_out = False
+        self.omit_done = False
+        self.json_for_stream = False
+        self.responder = None           # body -> dict(content, reasoning, tool_calls, usage)
+        self.hold = None                # threading.Event: every chat request waits on it
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % (self.scheme, self.server_address[1])
+
+    def chat_requests(self):
+        return [r for r in self.requests if r[0].endswith("/chat/completions")]
+
+    def push(self, key, *actions):
+        with self.lock:
+            self.script.setdefault(key, []).extend(actions)
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, obj, headers=None):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("eagleeye-traceid", "trace-" + str(len(self.server.requests)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def business(self, code, msg):
+        self.reply(200, {"status": str(code), "msg": msg, "body": None})
+
+    def key(self):
+        auth = self.headers.get("Authorization", "")
+        return auth[7:] if auth.startswith("Bearer ") else None
+
+    def check_headers(self, key):
+        """None when the request is acceptable, else an (HTTP status, body) to answer."""
+        if "text/event-stream" in (self.headers.get("Accept") or ""):
+            return 406, {"status": "406", "msg": "Not Acceptable"}
+        if key is None:
+            return 401, {"error": {"message": "missing Authorization", "type": "auth"}}
+        if not self.server.signing:
+            return None
+        ua, sid = self.headers.get("user-agent"), self.headers.get("session-id") or ""
+        ts, sig = self.headers.get("x-iflow-timestamp") or "", self.headers.get("x-iflow-signature")
+        if ua != "iFlow-Cli" or not re.match("^session-%s$" % UUID_RE, sid):
+            return 406, {"status": "406", "msg": "bad client headers"}
+        if not re.match("^%s$" % UUID_RE, self.headers.get("conversation-id") or ""):
+            return 406, {"status": "406", "msg": "bad conversation-id"}
+        if not ts.isdigit() or abs(int(ts) - time.time() * 1000) > 300000:
+            return 406, {"status": "406", "msg": "bad timestamp"}
+        expected = hmac.new(key.encode(), ("%s:%s:%s" % (ua, sid, ts)).encode(),
+                            hashlib.sha256).hexdigest()
+        if not sig or not hmac.compare_digest(sig, expected):
+            return 406, {"status": "406", "msg": "signature mismatch"}
+        return None
+
+    def do_GET(self):
+        key = self.key()
+        with self.server.lock:
+            self.server.requests.append((self.path, dict(self.headers), None, key))
+        if self.path != "/v1/models" or not self.server.models_endpoint:
+            return self.reply(404, {"error": {"message": "not found"}})
+        problem = self.check_headers(key)
+        if problem:
+            return self.reply(*problem)
+        self.reply(200, {"object": "list", "data": [{"id": m, "object": "model"}
+                                                    for m in self.server.models]})
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.loads(raw)
+        key = self.key()
+        srv = self.server
+        with srv.lock:
+            srv.requests.append((self.path, dict(self.headers), body, key))
+            action = srv.script.get(key, []).pop(0) if srv.script.get(key) else None
+        if self.path != "/v1/chat/completions":
+            return self.reply(404, {"error": {"message": "not found"}})
+        problem = self.check_headers(key)
+        if problem:
+            return self.reply(*problem)
+        if key not in srv.keys:
+            return self.business(434, "Invalid apiKey")
+        with srv.lock:
+            busy = srv.inflight.get(key, 0) > 0
+            if not busy:
+                srv.inflight[key] = 1
+        if busy:
+            return self.business(449, "please limit to single concurrent usage")
+        try:
+            if srv.hold is not None:
+                srv.hold.wait(10)
+            self.answer(body, action)
+        finally:
+            with srv.lock:
+                srv.inflight[key] = 0
+
+    def answer(self, body, action):
+        srv = self.server
+        if action is not None:
+            kind, value = action
+            if kind == "business":
+                return self.business(value, "scripted business error %s" % value)
+            if kind == "http":
+                return self.reply(value, {"error": {"message": "scripted HTTP %s" % value}},
+                                  {"Retry-After": "7"} if value == 429 else None)
+            if kind == "network_error":
+                return self.stream(body, network_error=True)
+            if kind == "close":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return None
+        if body.get("model") not in srv.models or body.get("model") in srv.unavailable_models:
+            return self.business(435, "Model not support")
+        if body.get("stream") and not srv.json_for_stream:
+            return self.stream(body)
+        self.reply(200, self.completion(body))
+
+    def content(self, body):
+        if self.server.responder:
+            return self.server.responder(body)
+        last = body["messages"][-1].get("content")
+        return {"content": "echo: %s" % (last if isinstance(last, str) else json.dumps(last))}
+
+    def completion(self, body):
+        out = self.content(body)
+        message = {"role": "assistant", "content": out.get("content", "")}
+        if out.get("reasoning"):
+            message["reasoning_content"] = out["reasoning"]
+        if out.get("tool_calls"):
+            message["tool_calls"] = out["tool_calls"]
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+                "model": body["model"], "choices": [{"index": 0, "message": message,
+                "finish_reason": out.get("finish_reason") or
+                ("tool_calls" if out.get("tool_calls") else "stop")}],
+                "usage": out.get("usage") or {"prompt_tokens": 11, "completion_tokens": 5,
+                                              "total_tokens": 16}}
+
+    def stream(self, body, network_error=False):
+        srv = self.server
+        out = self.content(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(obj):
+            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) \
+                + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+                "model": body["model"]}
+        pieces = [out["content"][i:i + 4] for i in range(0, len(out.get("content", "")), 4)]
+        deltas = [{"reasoning_content": r} for r in out.get("reasoning_chunks") or []]
+        deltas += [{"content": p} for p in pieces]
+        for call in out.get("tool_call_chunks") or []:
+            deltas.append({"tool_calls": [call]})
+        for i, delta in enumerate(deltas):
+            if i == 0:
+                delta = dict(delta, role="assistant")
+            send(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
+            if i == 0 and srv.gate is not None and not srv.gate.wait(10):
+                srv.gate_timed_out = True
+        if network_error:
+            send(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "network_error"}]))
+        else:
+            finish = out.get("finish_reason") or ("tool_calls" if out.get("tool_call_chunks")
+                                                  else "stop")
+            send(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+            send(dict(base, choices=[], usage=out.get("usage") or
+                      {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}))
+            if not srv.omit_done:
+                send(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+# ==================================================================================================
+# Fixtures and helpers
+# ==================================================================================================
+
+@pytest.fixture
+def fake():
+    server = FakeIFlow()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path):
+    return str(tmp_path / "home")
+
+
+def make_config(home, fake=None, env=None, **overrides):
+    environment = {"IFLOW_API_BASE": fake.url + "/v1"} if fake else {}
+    environment.update(env or {})
+    config = ip.load_config(home, {"port": 0}, environment)
+    return dataclasses.replace(config, **overrides)
+
+
+@contextlib.contextmanager
+def running(config, **kwargs):
+    server = ip.start_server(config, **kwargs)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def request(server, method, path, body=None, headers=None, raw=None):
+    """(status, headers, body bytes) over a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def post_json(server, path, body, headers=None):
+    status, headers, data = request(server, "POST", path, body,
+                                    dict({"Content-Type": "application/json"}, **(headers or {})))
+    return status, headers, json.loads(data)
+
+
+def sse_payloads(data):
+    events = [e for e in data.decode().split("\n\n") if e.strip()]
+    return [e.split("data: ", 1)[1] for e in events if "data: " in e]
+
+
+def add_key_account(home, key, nickname=None, **settings):
+    registry = ip.AccountRegistry(home)
+    entry, _ = registry.upsert("key:" + ip.fingerprint(key), "api-key", {"api_key": key},
+                               nickname=nickname, settings=settings)
+    return entry
+
+
+CHAT = {"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def run_cli(*argv, stdin="", env=None, home=None):
+    out, err = io.StringIO(), io.StringIO()
+    args = (["--home", home] if home else []) + list(argv)
+    code = ip.main(args, stdin=io.StringIO(stdin), stdout=out, stderr=err, env=env or {})
+    return code, out.getvalue(), err.getvalue()
+
+
+# ==================================================================================================
+# The file itself: stdlib only, Python 3.8 syntax, importable without side effects
+# ==================================================================================================
+
+STDLIB_FALLBACK = set("""argparse base64 binascii dataclasses email fnmatch getpass hashlib hmac http
+ipaddress json logging os re secrets select signal socket socketserver ssl sys tempfile threading
+time urllib uuid fcntl msvcrt traceback collections itertools functools math random shutil
+subprocess webbrowser platform errno io contextlib queue string struct zlib textwrap""".split())
+
+
+def test_only_stdlib_imports_and_python38_syntax():
+    source = open(os.path.join(HERE, "iflow_proxy.py"), encoding="utf-8").read()
+    tree = ast.parse(source, feature_version=(3, 8))
+    stdlib = getattr(sys, "stdlib_module_names", STDLIB_FALLBACK)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported and imported <= set(stdlib), imported - set(stdlib)
+    for banned in ("removeprefix(", "removesuffix(", "match ", ":= "):
+        assert banned not in source or banned == "match " and not re.search(
+            r"^\s*match \w+:", source, re.M), banned
+
+
+def test_readme_documents_every_config_key_and_both_commands():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    first_screen = "\n".join(readme.splitlines()[:15])
+    assert "python iflow_proxy.py serve" in first_screen
+    assert "python -m pytest -q" in first_screen
+    for key, (_types, _default, env, _doc) in ip.CONFIG_KEYS.items():
+        assert "| `%s` |" % key in readme, key
+        assert env is None or env in readme, env
+    for command in ip.build_parser()._subparsers._group_actions[0].choices:
+        assert "`%s" % command in readme, command
+    ci = open(os.path.join(HERE, ".ci", "run"), encoding="utf-8").read()
+    assert "\npython -m pytest -q\n" in ci
+
+
+def test_import_has_no_side_effects():
+    out = subprocess.run([sys.executable, "-c", "import iflow_proxy, logging;"
+                          "print(len(logging.getLogger('iflow_proxy').handlers))"],
+                         cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0" and out.stderr == ""
+
+
+# ==================================================================================================
+# Pure parts: signing, shaping, classification, config, proxies, models
+# ==================================================================================================
+
+def test_signature_matches_independent_hmac_vector():
+    # Vector computed with `openssl dgst -sha256 -hmac`, not with this code.
+    sig = ip.sign_request("sk-test-key-123", "iFlow-Cli",
+                          "session-1f0c2d3e-0000-4000-8000-000000000001", 1763812345678)
+    assert sig == "2c207cb09cbd1ab70962ca58750548f558f42632b9bed75d711ff9a8fa64d0d4"
+
+
+def test_upstream_headers_signed_and_plain():
+    config = ip.Config(home="/nonexistent", extra_headers={"x-client-type": "iflow-cli"})
+    account = ip.Account(id="a", nickname="a", kind="api-key", api_key="sk-abc12345")
+    sid, cid = ip.conversation_ids("a", "conv-1")
+    assert ip.conversation_ids("a", "conv-1") == (sid, cid)       # stable per conversation
+    assert ip.conversation_ids("b", "conv-1")[0] != sid           # per account
+    assert ip.conversation_ids("a", "conv-2")[0] != sid           # per conversation
+    assert re.match("^session-%s$" % UUID_RE, sid) and re.match("^%s$" % UUID_RE, cid)
+    h = ip.upstream_headers(account, config, sid, cid, clock=lambda: 1763812345.678)
+    assert h["x-iflow-timestamp"] == "1763812345678"
+    assert h["x-iflow-signature"] == ip.sign_request("sk-abc12345", "iFlow-Cli", sid,
+                                                     "1763812345678")
+    assert h["user-agent"] == "iFlow-Cli" and h["x-client-type"] == "iflow-cli"
+    assert not any(k.lower() == "accept" for k in h)
+    plain = ip.upstream_headers(dataclasses.replace(account, signing=False), config, sid, cid)
+    assert "x-iflow-signature" not in plain and "session-id" not in plain
+    assert plain["Authorization"] == "Bearer sk-abc12345"
+
+
+def test_shape_chat_body_like_the_cli():
+    body = {"model": "x", "messages": [], "stream": True, "tools": [], "tool_choice": "auto",
+            "custom_field": 1}
+    out = ip.shape_chat_body(body, "glm-4.6")
+    assert out["stream_options"] == {"include_usage": True}
+    assert "tools" not in out and "tool_choice" not in out and out["custom_field"] == 1
+    assert out["max_new_tokens"] == 32000 and body["tools"] == []  # input untouched
+    assert "max_new_tokens" not in ip.shape_chat_body(dict(body, max_tokens=5), "glm-4.6")
+    assert "max_new_tokens" not in ip.shape_chat_body(body, "glm-4.6", signing=False)
+    on = ip.shape_chat_body({"model": "x", "messages": [], "reasoning_effort": "high"}, "glm-5")
+    assert on["chat_template_kwargs"] == {"enable_thinking": True} and on["enable_thinking"]
+    assert on["thinking"] == {"type": "enabled"} and "stream_options" not in on
+    off = ip.shape_chat_body({"model": "x", "messages": [], "reasoning_effort": "none"}, "glm-4.7")
+    assert off["chat_template_kwargs"] == {"enable_thinking": False}
+    kept = ip.shape_chat_body({"model": "x", "messages": [], "chat_template_kwargs":
+                               {"enable_thinking": False, "other": 1}}, "glm-4.6", thinking=True)
+    assert kept["chat_template_kwargs"] == {"enable_thinking": False, "other": 1}
+    kimi = ip.shape_chat_body({"model": "x", "messages": [], "tool_choice": "required"},
+                              "kimi-k2.5", thinking=True)
+    assert kimi["thinking"] == {"type": "enabled"} and kimi["tool_choice"] == "auto"
+
+
+@pytest.mark.parametrize("model,on,expected", [
+    ("glm-4.6", True, {"chat_template_kwargs": {"enable_thinking": True}}),
+    ("glm-4.6", False, {}),
+    ("deepseek-v3.2", True, {"thinking_mode": True, "reasoning": True}),
+    ("kimi-k2-thinking", True, {"thinking_mode": True}),
+    ("kimi-k2.5", False, {"thinking": {"type": "disabled"}}),
+    ("minimax-m2", True, {"reasoning_split": True}),
+    ("qwen3-coder-plus", True, {}),
+])
+def test_thinking_table(model, on, expected):
+    assert ip.thinking_params(model, on) == expected
+
+
+@pytest.mark.parametrize("status,body,kind,client_status", [
+    (200, {"status": "449", "msg": "please limit to single concurrent usage", "body": None},
+     "concurrency", 429),
+    (200, {"error_code": 511, "msg": "too long"}, "context_length", 400),
+    (200, {"status": "8211", "msg": "rate"}, "rate_limit", 429),
+    (200, {"status": "439", "msg": "expired"}, "key_expired", 503),
+    (200, {"status": "438", "msg": "Access to the current AK has been blocked"}, "key_blocked",
+     503),
+    (200, {"msg": "invalid apiKey"}, "key_blocked", 503),
+    (200, {"status": "435", "msg": "Model not support"}, "model_unsupported", 404),
+    (200, {"status": "514", "msg": "model error"}, "model_error", 502),
+    (200, {"success": False, "code": "500", "message": "busy"}, "transient", 502),
+    (200, {"id": "x", "object": "chat.completion"}, None, None),
+    (406, {"status": "406", "msg": "Not Acceptable"}, "rejected", 502),
+    (429, {"error": {"message": "slow down"}}, "rate_limit", 429),
+    (401, {"error": {"message": "bad key"}}, "auth", 503),
+    (503, "<html>bad gateway</html>", "transient", 502),
+    (400, {"error": {"message": "bad field"}}, "bad_request", 400),
+])
+def test_classify_answer(status, body, kind, client_status):
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    if kind is None:  # a 200 without choices is malformed
+        with pytest.raises(ip.UpstreamError) as e:
+            ip.check_completion(ip.classify_answer(status, raw))
+        assert e.value.kind == "malformed"
+        return
+    with pytest.raises(ip.UpstreamError) as e:
+        ip.classify_answer(status, raw, trace_id="t1", retry_after=3)
+    assert (e.value.kind, e.value.status, e.value.trace_id) == (kind, client_status, "t1")
+
+
+def test_error_bodies_in_both_formats():
+    err = ip.RateLimited("slow down", retry_after=5)
+    assert ip.error_body(err) == {"error": {"message": "slow down", "type": "rate_limit_error",
+                                            "param": None, "code": "rate_limited"}}
+    assert ip.error_body(err, "anthropic") == {"type": "error", "error": {
+        "type": "rate_limit_error", "message": "slow down"}}
+    assert ip.error_body(ip.ProxyError("x", status=529), "anthropic")["error"]["type"] == \
+        "overloaded_error"
+
+
+def test_mask_secret_never_shows_the_whole_key():
+    assert ip.mask_secret("sk-abcdefghijklmnopqrstuvwxyz") == "sk-ab…yz"
+    assert ip.mask_secret("short") == "s…" and ip.mask_secret("") == "(none)"
+
+
+def test_event_splitter_and_completion_to_chunks():
+    s = ip.EventSplitter()
+    assert s.feed(b"data: {\"a\":1}\r\n\r\ndata: [DO") == [b"data: {\"a\":1}\n\n"]
+    assert s.feed(b"NE]\n\n: comment\n\n") == [b"data: [DONE]\n\n", b": comment\n\n"]
+    assert ip.event_data(b"event: x\ndata: a\ndata: b\n\n") == b"a\nb"
+    assert ip.event_data(b": ping\n\n") is None
+    chunks = ip.completion_to_chunks({"id": "c", "model": "m", "choices": [{"index": 0,
+        "message": {"role": "assistant", "content": "hi", "tool_calls": [{"id": "t", "type":
+        "function", "function": {"name": "f", "arguments": "{}"}}]}, "finish_reason":
+        "tool_calls"}], "usage": {"prompt_tokens": 1}})
+    assert chunks[0]["choices"][0]["delta"]["content"] == "hi"
+    assert chunks[0]["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
+    assert chunks[1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[2]["usage"] == {"prompt_tokens": 1} and chunks[2]["choices"] == []
+
+
+def test_resolve_model_aliases():
+    config = ip.Config(home="/x")
+    assert ip.resolve_model("glm-4.7", config) == ("glm-4.7", "glm-4.6", None)
+    assert ip.resolve_model("GLM-4.7(high)[1m]", config) == ("GLM-4.7", "glm-4.6", "high")
+    assert ip.resolve_model("glm-4.6", config) == ("glm-4.6", None, None)
+    always = dataclasses.replace(config, legacy_aliases={"iflow-default": "always"})
+    assert ip.resolve_model("iflow-default", always) == ("qwen3-coder-plus", None, None)
+    assert ip.resolve_model("glm-4.7", always) == ("glm-4.7", "glm-4.6", None)
+    off = dataclasses.replace(config, legacy_aliases="off")
+    assert ip.resolve_model("glm-4.7", off) == ("glm-4.7", None, None)
+    user = dataclasses.replace(config, model_aliases={"fast": "qwen3-coder-plus",
+                                                      "glm-4.7": "glm-5"})
+    assert ip.resolve_model("fast", user) == ("qwen3-coder-plus", None, None)
+    assert ip.resolve_model("glm-4.7", user) == ("glm-5", None, None)
+
+
+def test_select_proxy_honours_env_and_no_proxy():
+    env = {"HTTPS_PROXY": "http://proxy:3128", "no_proxy": "internal.example,.corp,10.0.0.0/8"}
+    assert ip.select_proxy("https://apis.iflow.cn/v1", "", env) == "http://proxy:3128"
+    assert ip.select_proxy("https://api.internal.example/v1", "", env) is None
+    assert ip.select_proxy("https://x.corp/v1", "", env) is None
+    assert ip.select_proxy("https://10.1.2.3/v1", "", env) is None
+    assert ip.select_proxy("http://apis.iflow.cn/v1", "", env) is None  # no HTTP_PROXY set
+    assert ip.select_proxy("https://apis.iflow.cn/v1", "direct", env) is None
+    assert ip.select_proxy("https://apis.iflow.cn/v1", "http://other:8080", {}) == \
+        "http://other:8080"
+    assert ip.select_proxy("http://127.0.0.1:9/v1", "", {"HTTP_PROXY": "http://p:1"}) is None
+    assert ip.select_proxy("http://127.0.0.1:9/v1", "http://other:8080", {}) == \
+        "http://other:8080"
+    assert ip.select_proxy("https://a.b/v1", "", {"https_proxy": "p:1", "NO_PROXY": "*"}) is None
+
+
+# --- config --------------------------------------------------------------------------------------
+
+def write_config(home, data):
+    os.makedirs(home, exist_ok=True)
+    with open(os.path.join(home, "config.json"), "w") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+
+
+def test_config_precedence_flags_env_file_defaults(home):
+    assert ip.load_config(home, env={}).port == ip.DEFAULT_PORT
+    write_config(home, {"port": 2000, "api_base": "http://file/v1", "api_keys": "a1234567,b1234567",
+                        "_comment": "ignored"})
+    c = ip.load_config(home, env={})
+    assert (c.port, c.api_base, c.api_keys) == (2000, "http://file/v1", ("a1234567", "b1234567"))
+    c = ip.load_config(home, env={"IFLOW_PROXY_PORT": "3000", "IFLOW_API_BASE": "http://env/v1/"})
+    assert (c.port, c.api_base) == (3000, "http://env/v1")
+    c = ip.load_config(home, {"port": 4000}, {"IFLOW_PROXY_PORT": "3000"})
+    assert c.port == 4000
+    c = ip.load_config(home, {"client_keys": ["flag-key"]}, {"IFLOW_PROXY_CLIENT_KEYS": "e1,e2"})
+    assert c.client_keys == ("e1", "e2", "flag-key")
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ({"port": "eleven"}, "key 'port' must be an integer"),
+    ({"port": True}, "key 'port' must be an integer"),
+    ({"api_keys": [1]}, "key 'api_keys' must be a list of non-empty strings"),
+    ({"api_base": "ftp://x"}, "http:// or https:// URL"),
+    ({"legacy_aliases": "sometimes"}, "legacy_aliases"),
+    ({"porrt": 1}, "unknown key 'porrt'"),
+    ({"proxy": "socks5://x:1"}, "http:// proxy URL"),
+])
+def test_bad_config_names_file_key_and_expectation(home, content, fragment):
+    write_config(home, content)
+    with pytest.raises(ip.ConfigError) as e:
+        ip.load_config(home, env={})
+    assert fragment in e.value.message and "config.json" in e.value.message
+
+
+def test_bad_environment_variable(home):
+    with pytest.raises(ip.ConfigError) as e:
+        ip.load_config(home, env={"IFLOW_PROXY_PORT": "many"})
+    assert "IFLOW_PROXY_PORT" in e.value.message
+
+
+def test_cli_bad_config_is_one_line_exit_2(home):
+    write_config(home, "{oops")
+    code, out, err = run_cli("accounts", home=home)
+    assert code == 2 and err.count("\n") == 1 and "config.json" in err and "Traceback" not in err
+
+
+# ==================================================================================================
+# Storage: registry, permissions, atomic writes
+# ==================================================================================================
+
+def test_registry_files_are_private_and_identity_deduplicates(home):
+    e1 = add_key_account(home, "sk-aaaaaaaaaaaa")
+    e2 = add_key_account(home, "sk-bbbbbbbbbbbb")
+    again = add_key_account(home, "sk-aaaaaaaaaaaa")
+    registry = ip.AccountRegistry(home)
+    data = registry.read()
+    assert [e["nickname"] for e in data["accounts"]] == ["api-key", "api-key-2"]
+    assert again["id"] == e1["id"] and data["default"] == e1["id"] and e2["id"] != e1["id"]
+    if os.name == "posix":
+        for path in (registry.path, registry.credential_path(e1), registry.credential_path(e2)):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        for d in (home, registry.auth_dir):
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+    creds = registry.read_credentials(e1)
+    assert creds["type"] == "iflow" and creds["api_key"] == "sk-aaaaaaaaaaaa"
+    assert not [f for f in os.listdir(registry.auth_dir) if f.endswith(".tmp")]
+
+
+def test_failed_write_leaves_old_file(home, monkeypatch):
+    path = os.path.join(home, "x.json")
+    ip.atomic_write_json(path, {"v": 1})
+
+    def boom(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ip.os, "fsync", boom)
+    with pytest.raises(OSError):
+        ip.atomic_write_json(path, {"v": 2})
+    monkeypatch.undo()
+    assert json.load(open(path)) == {"v": 1}
+    assert os.listdir(home) == ["x.json"]
+
+
+def test_registry_snapshot_rereads_only_after_change(home):
+    now = [0.0]
+    registry = ip.AccountRegistry(home, clock=lambda: now[0])
+    assert registry.accounts() == ()
+    add_key_account(home, "sk-cccccccccccc")
+    assert registry.accounts() == ()      # cached for a second
+    now[0] += 1.5
+    assert [a.nickname for a in registry.accounts()] == ["api-key"]
+
+
+def test_corrupt_registry_is_a_clear_error(home):
+    os.makedirs(home)
+    with open(os.path.join(home, "accounts.json"), "w") as f:
+        f.write('{"accounts": [{"id": "x", "nickname": "n", "kind": "weird"}]}')
+    code, out, err = run_cli("accounts", home=home)
+    assert code == 2 and "accounts.json" in err and "kind" in err
+
+
+# ==================================================================================================
+# The server over real sockets
+# ==================================================================================================
+
+def test_healthz_needs_no_key_and_reveals_nothing(home, fake):
+    with running(make_config(home, fake, client_keys=("ck-secret-1",))) as server:
+        status, _, data = request(server, "GET", "/healthz")
+        assert status == 200 and json.loads(data) == {"status": "ok"}
+        status, _, data = request(server, "GET", "/v1/models")
+        assert status == 401 and json.loads(data)["error"]["type"] == "authentication_error"
+
+
+def test_client_keys_bearer_and_x_api_key(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake, client_keys=("ck-secret-1", "ck-secret-2"))) as server:
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 401
+        assert post_json(server, "/v1/chat/completions", CHAT,
+                         {"Authorization": "Bearer wrong"})[0] == 401
+        assert post_json(server, "/v1/chat/completions", CHAT,
+                         {"Authorization": "Bearer ck-secret-2"})[0] == 200
+        assert post_json(server, "/v1/chat/completions", CHAT, {"x-api-key": "ck-secret-1"})[0] \
+            == 200
+
+
+def test_refuses_public_bind_without_client_keys(home):
+    with pytest.raises(ip.ConfigError) as e:
+        ip.ProxyServer(make_config(home, host="0.0.0.0"))
+    assert "client key" in e.value.message
+    code, _, err = run_cli("serve", "--host", "0.0.0.0", "--port", "0", home=home)
+    assert code == 2 and "refusing" in err
+
+
+def test_non_stream_signed_and_session_stable(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        for _ in range(2):
+            status, headers, body = post_json(server, "/v1/chat/completions",
+                                              dict(CHAT, extra_field={"kept": True}))
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == "echo: hi"
+            assert headers["x-request-id"].startswith("req_")
+    reqs = fake.chat_requests()
+    assert len(reqs) == 2
+    for _path, headers, sent, _key in reqs:
+        assert "Accept" not in headers or "event-stream" not in headers["Accept"]
+        assert sent["extra_field"] == {"kept": True} and sent["max_new_tokens"] == 32000
+    assert reqs[0][1]["session-id"] == reqs[1][1]["session-id"]    # same conversation
+    assert reqs[0][1]["x-iflow-timestamp"] != "" and reqs[0][1]["x-iflow-signature"]
+
+
+def test_pool_of_three_keys_round_robin(home, fake):
+    config = make_config(home, fake, env={"IFLOW_API_KEYS": ",".join(KEYS)})
+    with running(config) as server:
+        for i in range(6):
+            assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+    assert [r[3] for r in fake.chat_requests()] == list(KEYS) * 2
+
+
+def test_keepalive_pool_reuses_upstream_connection(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        for _ in range(5):
+            assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        assert fake.connections == 1
+        # The upstream closes the kept-alive socket: the next request reconnects transparently.
+        fake.push(KEYS[0], ("close", None))
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 502  # closed mid-request
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        fake.connections = 0
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        assert fake.connections == 0
+
+
+def test_stream_chunks_arrive_before_upstream_finishes(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.gate = threading.Event()
+    fake.responder = lambda body: {"content": "streamed answer here"}
+    with running(make_config(home, fake)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps(dict(CHAT, stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        first = resp.read1(65536)  # arrives while upstream is still waiting on the gate
+        assert b'"content": "stre"' in first or b'"content":"stre"' in first
+        fake.gate.set()
+        rest = resp.read()
+        conn.close()
+    assert not fake.gate_timed_out
+    payloads = sse_payloads(first + rest)
+    assert payloads[-1] == "[DONE]"
+    text = "".join(json.loads(p)["choices"][0]["delta"].get("content", "")
+                   for p in payloads[:-1] if json.loads(p)["choices"])
+    assert text == "streamed answer here"
+    sent = fake.chat_requests()[0][2]
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+def test_stream_done_appended_and_json_answer_becomes_sse(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        fake.omit_done = True
+        status, _, data = request(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
+        assert status == 200 and sse_payloads(data)[-1] == "[DONE]"
+        assert sse_payloads(data).count("[DONE]") == 1
+        fake.omit_done, fake.json_for_stream = False, True
+        status, headers, data = request(server, "POST", "/v1/chat/completions",
+                                        dict(CHAT, stream=True))
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        payloads = sse_payloads(data)
+        assert payloads[-1] == "[DONE]"
+        assert json.loads(payloads[0])["choices"][0]["delta"]["content"] == "echo: hi"
+
+
+def test_stream_network_error_becomes_error_event(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.push(KEYS[0], ("network_error", None))
+    with running(make_config(home, fake)) as server:
+        status, _, data = request(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
+        assert status == 200
+        payloads = sse_payloads(data)
+        errors = [json.loads(p) for p in payloads if p != "[DONE]" and "error" in json.loads(p)]
+        assert errors and "network_error" in errors[0]["error"]["message"]
+        assert payloads[-1] == "[DONE]"
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_stream_request_business_error_fails_over_before_first_byte(home, fake):
+    add_key_account(home, KEYS[0], nickname="one")
+    add_key_account(home, KEYS[1], nickname="two")
+    fake.push(KEYS[0], ("business", 449))
+    with running(make_config(home, fake)) as server:
+        status, _, data = request(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
+        assert status == 200 and sse_payloads(data)[-1] == "[DONE]"
+        assert [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
+        # Both accounts busy -> a real 429, never a 449 passed through.
+        fake.push(KEYS[0], ("business", 449))
+        fake.push(KEYS[1], ("business", 449))
+        status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 429 and body["error"]["code"] == "concurrency_limit"
+
+
+def test_business_and_http_errors_map_to_statuses(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        fake.push(KEYS[0], ("business", 511))
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        fake.push(KEYS[0], ("http", 429))
+        status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 429 and headers["Retry-After"] == "7"
+        fake.push(KEYS[0], ("business", 514))
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 502
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="nope-1"))
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        anth = post_json(server, "/v1/chat/completions", dict(CHAT, model="nope-1"),
+                         {"anthropic-version": "2023-06-01"})
+        assert anth[0] == 404 and anth[2]["type"] == "error"
+        assert len(fake.chat_requests()) == 5   # none of these was retried
+
+
+def test_dead_keys_leave_rotation(home, fake):
+    add_key_account(home, KEYS[0], nickname="expired")
+    add_key_account(home, "sk-not-a-valid-key", nickname="bogus")
+    add_key_account(home, KEYS[2], nickname="good")
+    fake.push(KEYS[0], ("business", 439))
+    with running(make_config(home, fake)) as server:
+        for _ in range(3):
+            assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        status = {a.nickname: a.status for a in ip.AccountRegistry(home).load_accounts()}
+        assert status == {"expired": "needs-login", "bogus": "disabled", "good": "ok"}
+        server.registry.invalidate()
+        before = len(fake.chat_requests())
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        assert [r[3] for r in fake.chat_requests()[before:]] == [KEYS[2]]
+    code, out, _ = run_cli("accounts", "--json", home=home)
+    listed = {a["nickname"]: a for a in json.loads(out)}
+    assert listed["bogus"]["status"] == "disabled" and "434" in listed["bogus"]["status_reason"]
+    assert KEYS[0] not in out and "sk-not-a-valid-key" not in out
+
+
+def test_legacy_alias_falls_back_once_and_flags_it(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.unavailable_models.add("glm-4.7")
+    with running(make_config(home, fake)) as server:
+        status, headers, body = post_json(server, "/v1/chat/completions",
+                                          dict(CHAT, model="glm-4.7"))
+        assert status == 200 and headers["x-iflow-proxy-model"] == "glm-4.6"
+        assert [r[2]["model"] for r in fake.chat_requests()] == ["glm-4.7", "glm-4.6"]
+        fake.unavailable_models.clear()
+        status, headers, _ = post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-4.7"))
+        assert status == 200 and "x-iflow-proxy-model" not in headers
+    off = make_config(home, fake, legacy_aliases="off", model_aliases={"fast": "qwen3-coder-plus"})
+    fake.unavailable_models.add("glm-4.7")
+    with running(off) as server:
+        assert post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-4.7"))[0] == 404
+        status, headers, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="fast"))
+        assert status == 200 and headers["x-iflow-proxy-model"] == "qwen3-coder-plus"
+
+
+def test_nick_prefix_pins_account(home, fake):
+    add_key_account(home, KEYS[0], nickname="home")
+    add_key_account(home, KEYS[1], nickname="work")
+    with running(make_config(home, fake)) as server:
+        for _ in range(3):
+            status, _, body = post_json(server, "/v1/chat/completions",
+                                        dict(CHAT, model="work/glm-4.6"))
+            assert status == 200
+    assert [r[3] for r in fake.chat_requests()] == [KEYS[1]] * 3
+    assert {r[2]["model"] for r in fake.chat_requests()} == {"glm-4.6"}
+
+
+def test_unsigned_openai_compatible_account(home):
+    plain = FakeIFlow(signing=False)
+    try:
+        add_key_account(home, KEYS[0], base_url=plain.url + "/v1", signing=False)
+        with running(make_config(home)) as server:  # default api_base is never contacted
+            assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        headers = plain.chat_requests()[0][1]
+        assert "x-iflow-signature" not in headers and "session-id" not in headers
+        assert "max_new_tokens" not in plain.chat_requests()[0][2]
+    finally:
+        plain.stop()
+
+
+class FakeForwardProxy(socketserver.ThreadingTCPServer):
+    """A minimal HTTP proxy: CONNECT tunnels and absolute-form requests, recording what it saw."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeForwardProxyHandler)
+        self.seen = []  # (request line, Proxy-Authorization)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def url(self):
+        return "http://user:p%%40ss@127.0.0.1:%d" % self.server_address[1]
+
+
+class FakeForwardProxyHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline().decode()
+        headers = []
+        while True:
+            h = self.rfile.readline()
+            if h in (b"\r\n", b""):
+                break
+            headers.append(h)
+        auth = next((h.split(b":", 1)[1].strip().decode() for h in headers
+                     if h.lower().startswith(b"proxy-authorization")), None)
+        self.server.seen.append((line.strip(), auth))
+        method, target, _ = line.split()
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            first = b""
+        else:
+            parts = urllib.parse.urlsplit(target)
+            upstream = socket.create_connection((parts.hostname, parts.port))
+            kept = [h for h in headers if not h.lower().startswith(b"proxy-")]
+            first = ("%s %s HTTP/1.1\r\n" % (method, parts.path)).encode() + b"".join(kept) \
+                + b"\r\n"
+        self._pipe(upstream, first)
+
+    def _pipe(self, upstream, first):
+        upstream.sendall(first)
+
+        def down():
+            try:
+                while True:
+                    data = upstream.recv(65536)
+                    if not data:
+                        break
+                    self.connection.sendall(data)
+            except OSError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_WR)
+        t = threading.Thread(target=down, daemon=True)
+        t.start()
+        try:
+            while True:
+                data = self.rfile.read1(65536)  # buffered bytes first, then the socket
+                if not data:
+                    break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_WR)
+        t.join(10)
+        upstream.close()
+
+
+def test_outbound_proxy_absolute_form_for_http(home, fake):
+    proxy = FakeForwardProxy()
+    try:
+        add_key_account(home, KEYS[0])
+        with running(make_config(home, fake, proxy=proxy.url)) as server:
+            assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        line, auth = proxy.seen[0]
+        assert line == "POST %s/v1/chat/completions HTTP/1.1" % fake.url
+        assert auth == "Basic " + base64.b64encode(b"user:p@ss").decode()
+        assert len(fake.chat_requests()) == 1  # signature survived the hop
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_outbound_proxy_connect_tunnel_to_tls_upstream(home, tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=120)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    secure, proxy = FakeIFlow(tls=tls), FakeForwardProxy()
+    try:
+        add_key_account(home, KEYS[0])
+        config = make_config(home, secure, proxy=proxy.url, ca_file=cert)
+        with running(config) as server:
+            for _ in range(3):
+                assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        assert len(proxy.seen) == 1  # one tunnel, kept alive and reused
+        assert proxy.seen[0][0].startswith("CONNECT 127.0.0.1:%d " % secure.server_address[1])
+        assert proxy.seen[0][1].startswith("Basic ")
+        # Without the CA the TLS failure is a clean, explained 502.
+        with running(make_config(home, secure, proxy="direct")) as server:
+            status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+            assert status == 502 and "ca_file" in body["error"]["message"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        secure.stop()
+
+
+def test_models_upstream_cached_with_aliases_and_builtin_fallback(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.models = ["glm-4.6", "special-model"]
+    config = make_config(home, fake, model_aliases={"fast": "glm-4.6"})
+    with running(config) as server:
+        for _ in range(2):
+            status, _, data = request(server, "GET", "/v1/models")
+            ids = [m["id"] for m in json.loads(data)["data"]]
+            assert status == 200 and ids == ["glm-4.6", "special-model", "fast"]
+        assert len([r for r in fake.requests if r[0] == "/v1/models"]) == 1
+        status, _, data = request(server, "GET", "/v1/models",
+                                  headers={"anthropic-version": "2023-06-01"})
+        body = json.loads(data)
+        assert body["data"][0]["type"] == "model" and body["has_more"] is False
+    fake.models_endpoint = False
+    with running(config) as server:
+        ids = [m["id"] for m in json.loads(request(server, "GET", "/models")[2])["data"]]
+        assert "qwen3-coder-plus" in ids and "fast" in ids
+
+
+def test_no_account_gives_503_with_instructions(home, fake):
+    with running(make_config(home, fake)) as server:
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 503 and "login" in body["error"]["message"]
+        status, _, data = request(server, "GET", "/v1/models")
+        assert status == 200 and json.loads(data)["data"]
+
+
+def test_unreachable_upstream_is_a_clean_502(home):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens here now
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, env={"IFLOW_API_BASE": "http://127.0.0.1:%d/v1" % port})) \
+            as server:
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 502 and body["error"]["code"] == "upstream_unreachable"
+
+
+def test_server_sees_accounts_added_by_cli_without_restart(home, fake):
+    with running(make_config(home, fake)) as server:
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 503
+        code, out, err = run_cli("login", "--api-key", "--nickname", "late", stdin=KEYS[0] + "\n",
+                                 env={"IFLOW_API_BASE": fake.url + "/v1"}, home=home)
+        assert code == 0, err
+        wait_for(lambda: post_json(server, "/v1/chat/completions", CHAT)[0] == 200,
+                 what="server to pick up the new account")
+        run_cli("logout", "late", home=home)
+        wait_for(lambda: post_json(server, "/v1/chat/completions", CHAT)[0] == 503,
+                 what="server to drop the removed account")
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("POST", "/v1/chat/completions", b"[1,2]", 400, "JSON object"),
+    ("POST", "/v1/chat/completions", b"", 400, "empty"),
+    ("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"x"}]}', 400,
+     "'model'"),
+    ("POST", "/v1/chat/completions", b'{"model":"glm-4.6"}', 400, "'messages'"),
+    ("POST", "/v1/chat/completions", b'{"model":"glm-4.6","messages":[]}', 400, "empty"),
+    ("POST", "/v1/chat/completions", b'{"model":5,"messages":[{"role":"user"}]}', 400, "model"),
+    ("POST", "/v1/chat/completions", b'{"model":"m","messages":["x"]}', 400, "messages[0]"),
+    ("POST", "/v1/chat/completions", b'{"model":"m","messages":[{"role":"user"}],"stream":"yes"}',
+     400, "'stream'"),
+    ("POST", "/v1/chat/completions", b'{"model":"m","messages":[{"role":"user"}],"x":NaN}', 400,
+     "NaN"),
+    ("POST", "/v1/chat/completions", b"\xff\xfe{}", 400, "UTF-8"),
+    ("POST", "/v1/chat/completions", b"[" * 100000, 400, "JSON"),
+    ("GET", "/v1/chat/completions", None, 405, "POST"),
+    ("DELETE", "/v1/models", None, 405, "GET"),
+    ("GET", "/v2/nothing", None, 404, "/v2/nothing"),
+]
+
+
+@pytest.mark.parametrize("method,path,raw,status,fragment", BAD_REQUESTS)
+def test_bad_requests_get_clear_4xx_and_server_keeps_serving(home, fake, method, path, raw,
+                                                             status, fragment):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        got, headers, data = request(server, method, path, raw=raw,
+                                     headers={"Content-Type": "application/json"})
+        body = json.loads(data)
+        assert got == status and fragment in body["error"]["message"], body
+        assert body["error"]["type"]
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+    assert len(fake.chat_requests()) == 1
+
+
+def test_oversized_and_chunked_bodies(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake, max_body_bytes=1000)) as server:
+        big = dict(CHAT, messages=[{"role": "user", "content": "x" * 2000}])
+        status, _, body = post_json(server, "/v1/chat/completions", big)
+        assert status == 413 and "max_body_bytes" in body["error"]["message"]
+        # A chunked request body is accepted.
+        with socket.create_connection(server.server_address) as s:
+            payload = json.dumps(CHAT).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                      + b"%x\r\n%s\r\n" % (10, payload[:10])
+                      + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload) - 10, payload[10:]))
+            reply = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                reply += data
+        assert reply.startswith(b"HTTP/1.1 200") and b"echo: hi" in reply
+        # A malformed request line gets JSON, not HTML.
+        with socket.create_connection(server.server_address) as s:
+            s.sendall(b"NONSENSE\r\n\r\n")
+            reply = s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 400") and b'"error"' in reply
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+# ==================================================================================================
+# CLI
+# ==================================================================================================
+
+def test_cli_login_api_key_verify_and_account_commands(home, fake):
+    env = {"IFLOW_API_BASE": fake.url + "/v1"}
+    code, out, err = run_cli("login", "--api-key", stdin=KEYS[0] + "\n", env=env, home=home)
+    assert code == 0 and "added account api-key" in out and "verified" in out, err
+    assert KEYS[0] not in out + err
+    code, out, err = run_cli("login", "--api-key", "--nickname", "work", "--default",
+                             stdin=KEYS[1], env=env, home=home)
+    assert code == 0 and "work" in out and "the default" in out
+    code, out, _ = run_cli("login", "--api-key", "--nickname", "renamed", stdin=KEYS[1], env=env,
+                           home=home)
+    assert code == 0 and "updated account renamed" in out
+    code, out, _ = run_cli("accounts", "--json", home=home)
+    listed = json.loads(out)
+    assert [(a["nickname"], a["default"], a["kind"], a["status"]) for a in listed] == \
+        [("api-key", False, "api-key", "ok"), ("renamed", True, "api-key", "ok")]
+    assert all(set(a) >= {"nickname", "email", "kind", "default", "status"} for a in listed)
+    assert KEYS[0] not in out and KEYS[1] not in out
+    assert run_cli("use", "api-key", home=home)[0] == 0
+    assert run_cli("rename", "api-key", "main", home=home)[0] == 0
+    code, out, _ = run_cli("accounts", home=home)
+    assert re.search(r"^\*\s+main\s", out, re.M) and "sk-ke…" in out and KEYS[0] not in out
+    code, _, err = run_cli("rename", "main", "renamed", home=home)
+    assert code == 2 and "already taken" in err
+    code, _, err = run_cli("rename", "main", "bad/name", home=home)
+    assert code == 2 and "nickname" in err
+    code, _, err = run_cli("use", "ghost", home=home)
+    assert code == 2 and "no account named 'ghost'" in err
+    assert run_cli("logout", "renamed", home=home)[0] == 0
+    code, _, err = run_cli("logout", "--all", home=home)
+    assert code == 2 and "--yes" in err
+    code, out, _ = run_cli("logout", "--all", "--yes", home=home)
+    assert code == 0 and "main" in out
+    assert os.listdir(os.path.join(home, "auth")) == []
+
+
+@pytest.mark.parametrize("stdin,fragment", [("", "no key"), ("sk has spaces\n", "spaces"),
+                                            ("abc\n", "too short"), ("sk-ключ-12345\n", "ASCII")])
+def test_cli_login_rejects_bad_keys_on_stdin(home, stdin, fragment):
+    code, out, err = run_cli("login", "--api-key", "--no-verify", stdin=stdin, home=home)
+    assert code == 2 and fragment in err and err.count("\n") == 1
+    assert not os.path.exists(os.path.join(home, "accounts.json"))
+
+
+def test_cli_login_refuses_key_upstream_rejects(home, fake):
+    env = {"IFLOW_API_BASE": fake.url + "/v1"}
+    code, out, err = run_cli("login", "--api-key", stdin="sk-unknown-key-99\n", env=env, home=home)
+    assert code == 1 and "not saved" in err and "sk-unknown-key-99" not in err
+    assert not os.path.exists(os.path.join(home, "accounts.json"))
+    code, out, err = run_cli("login", "--api-key", "--no-verify", stdin="sk-unknown-key-99\n",
+                             env=env, home=home)
+    assert code == 0
+
+
+def test_cli_check_reports_each_account(home, fake):
+    add_key_account(home, KEYS[0], nickname="good")
+    add_key_account(home, "sk-blocked-key-1", nickname="blocked")
+    fake.push(KEYS[0], ("business", 449))
+    env = {"IFLOW_API_BASE": fake.url + "/v1"}
+    code, out, err = run_cli("check", "good", env=env, home=home)
+    assert code == 0 and "reachable   yes" in out and "key         accepted" in out
+    code, out, err = run_cli("check", env=env, home=home)
+    assert code == 1
+    assert "blocked or invalid" in out and "signature   accepted" in out
+    assert "sk-blocked-key-1" not in out
+    code, out, _ = run_cli("check", env={"IFLOW_API_BASE": "http://127.0.0.1:1/v1"}, home=home)
+    assert code == 1 and "reachable   NO" in out
+
+
+def test_cli_usage_errors_are_one_line(home):
+    code, out, err = run_cli("frobnicate", home=home)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("iflow_proxy: error:")
+    code, out, err = run_cli("logout", home=home)
+    assert code == 2 and "NICKNAME or --all" in err
+    code, _, err = run_cli("login", home=home)
+    assert code == 2 and "--api-key" in err
+
+
+def test_cli_version_and_serve_subprocess(home, fake):
+    out = subprocess.run([sys.executable, "iflow_proxy.py", "--version"], cwd=HERE,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and ip.__version__ in out.stdout
+    add_key_account(home, KEYS[0])
+    env = dict(os.environ, IFLOW_API_BASE=fake.url + "/v1", IFLOW_PROXY_HOME=home)
+    proc = subprocess.Popen([sys.executable, "iflow_proxy.py", "serve", "--port", "0"],
+                            cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = wait_for(lambda: proc.stderr.readline(), what="banner")
+        port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", line).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ==================================================================================================
+# Real client SDKs
+# ==================================================================================================
+
+def sdk(name):
+    """Import a client SDK; skip without it locally, but fail in CI, where .ci/run installs it."""
+    try:
+        return __import__(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise AssertionError("CI must install the %s SDK (.ci/run does)" % name)
+        pytest.skip("pip install %s to run the SDK check" % name)
+
+
+def test_openai_sdk_stream_and_non_stream(home, fake):
+    openai = sdk("openai")
+    add_key_account(home, KEYS[0])
+    fake.responder = lambda body: {"content": "Hello from the fake iFlow",
+                                   "reasoning_chunks": ["thinking..."]}
+    with running(make_config(home, fake, client_keys=("ck-sdk-key",))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="ck-sdk-key", max_retries=0)
+        reply = client.chat.completions.create(model="glm-4.6",
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "Hello from the fake iFlow"
+        assert reply.usage.total_tokens == 16
+        stream = client.chat.completions.create(model="glm-4.6", stream=True,
+                                                messages=[{"role": "user", "content": "hi"}])
+        parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(parts) == "Hello from the fake iFlow"
+        models = [m.id for m in client.models.list()]
+        assert "glm-4.6" in models
+        fake.push(KEYS[0], ("business", 511))
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="glm-4.6",
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert e.value.code == "context_length_exceeded"
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
