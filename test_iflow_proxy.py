@@ -217,7 +217,17 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
         return {"content": "echo: %s" % (last if isinstance(last, str) else json.dumps(last))}
 
     def completion(self, body):
-        out = self.content(body)
+        out = dict(self.content(body))
+        if out.get("reasoning_chunks"):
+            out["reasoning"] = "".join(out["reasoning_chunks"])
+        calls = {}
+        for call in out.get("tool_call_chunks") or []:  # the same call, assembled
+            entry = calls.setdefault(call.get("index", 0), {"id": call.get("id"), "type":
+                                     "function", "function": {"name": "", "arguments": ""}})
+            entry["function"]["name"] += call.get("function", {}).get("name", "")
+            entry["function"]["arguments"] += call.get("function", {}).get("arguments", "")
+        if calls:
+            out["tool_calls"] = [calls[i] for i in sorted(calls)]
         message = {"role": "assistant", "content": out.get("content", "")}
         if out.get("reasoning"):
             message["reasoning_content"] = out["reasoning"]
@@ -1259,3 +1269,598 @@ def test_openai_sdk_stream_and_non_stream(home, fake):
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+
+
+# ==================================================================================================
+# Anthropic Messages API and Claude Code
+# ==================================================================================================
+
+FIXTURES = os.path.join(HERE, "..", "shared", "fixtures")
+
+
+def fixture(name):
+    path = os.path.join(FIXTURES, name)
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            raise AssertionError("CI runs with shared/ beside the clone; %s is missing" % path)
+        pytest.skip("recorded Claude Code requests are in ../shared/fixtures")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def parse_sse(data):
+    """[(event name, data dict)] of an Anthropic stream."""
+    out = []
+    for block in data.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        name = re.search(r"^event: (.*)$", block, re.M)
+        payload = re.search(r"^data: (.*)$", block, re.M)
+        out.append((name.group(1) if name else None, json.loads(payload.group(1))))
+    return out
+
+
+def check_anthropic_grammar(events):
+    """Assert Anthropic's stream grammar; returns the content blocks rebuilt from the deltas."""
+    names = [n for n, _ in events if n != "ping"]
+    assert names[0] == "message_start", names
+    for name, data in events:
+        assert data["type"] == name
+    if names[-1] == "error":
+        body = [n for n in names[:-1]]
+        assert "message_stop" not in body
+        names = body
+    else:
+        assert names[-2:] == ["message_delta", "message_stop"], names
+    blocks, open_index = [], None
+    for name, data in events:
+        if name == "content_block_start":
+            assert open_index is None, "blocks overlap"
+            assert data["index"] == len(blocks), "indexes must be consecutive"
+            open_index = data["index"]
+            blocks.append(dict(data["content_block"], _json=""))
+        elif name == "content_block_delta":
+            assert data["index"] == open_index
+            delta, block = data["delta"], blocks[open_index]
+            kind = {"text_delta": "text", "thinking_delta": "thinking",
+                    "input_json_delta": "tool_use"}[delta["type"]]
+            assert block["type"] == kind
+            if kind == "tool_use":
+                block["_json"] += delta["partial_json"]
+            else:
+                block[kind] += delta[kind]
+        elif name == "content_block_stop":
+            assert data["index"] == open_index
+            open_index = None
+        elif name == "message_delta":
+            assert open_index is None
+    for block in blocks:
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(block["_json"])
+        del block["_json"]
+    return blocks
+
+
+# --- pure translation ------------------------------------------------------------------------
+
+def test_map_claude_model_names():
+    assert ip.map_claude_model("claude-opus-5-5", {}) == "glm-4.6"
+    assert ip.map_claude_model("claude-sonnet-4-5-20250929[1m]", {}) == "glm-4.6"
+    assert ip.map_claude_model("claude-3-5-haiku-latest", {}) == "qwen3-coder-plus"
+    assert ip.map_claude_model("claude-haiku-4-5", {"haiku": "kimi-k2"}) == "kimi-k2"
+    assert ip.map_claude_model("kimi-k2", {"sonnet": "x"}) == "kimi-k2"
+    assert ip.map_claude_model("work/glm-4.6", {}) == "work/glm-4.6"
+
+
+def test_golden_request_translation_turn1():
+    recorded = fixture("claude-code-turn1.json")
+    body = ip.validate_anthropic_request(recorded["body"])
+    out = ip.anthropic_to_openai(body, "glm-4.6")
+    thinking, effort = ip.anthropic_thinking(body)
+    shaped = ip.shape_chat_body(out, "glm-4.6", True, thinking, effort)
+    assert {k: v for k, v in shaped.items() if k not in ("messages", "tools")} == {
+        "model": "glm-4.6", "stream": True, "max_tokens": 32000,   # 128000 clamped
+        "stream_options": {"include_usage": True},
+        "chat_template_kwargs": {"enable_thinking": True}}         # adaptive thinking -> on
+    assert [t["function"]["name"] for t in shaped["tools"]] == [t["name"] for t in body["tools"]]
+    assert shaped["tools"][4]["function"]["parameters"] == body["tools"][4]["input_schema"]
+    roles = [m["role"] for m in shaped["messages"]]
+    assert roles == ["system", "user", "system"]   # the mid-conversation system turn stays put
+    system = shaped["messages"][0]["content"]
+    assert system.startswith("You are a Claude agent") and "billing-header" not in system
+    assert "cache_control" not in json.dumps(shaped)
+    user = shaped["messages"][1]["content"]
+    assert user.startswith("<system-reminder>") and user.endswith(
+        "\n\nRead hello.txt and tell me what it says")
+    assert shaped["messages"][2]["content"] == body["messages"][1]["content"][0]["text"]
+    assert ip.anthropic_conversation_key(body, {}) == "user:2710491c-742a-4d2f-85a7-4105efc6bd47"
+    assert "output_config" not in shaped and "context_management" not in shaped
+    assert "metadata" not in shaped and "thinking" not in shaped
+
+
+def test_golden_request_translation_turn2_tool_result():
+    body = ip.validate_anthropic_request(fixture("claude-code-turn2-tool-result.json")["body"])
+    out = ip.anthropic_to_openai(body, "glm-4.6")
+    assert out["messages"][-2:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "toolu_01", "type": "function", "function": {
+                "name": "Read", "arguments": '{"file_path": "/home/dev/project/hello.txt"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_01", "content": "1\thello from the file\n2\t"}]
+    first = fixture("claude-code-turn1.json")["body"]
+    assert ip.anthropic_conversation_key(body, {}) == ip.anthropic_conversation_key(first, {})
+
+
+def test_golden_non_stream_response_for_turn2():
+    completion = {"id": "c1", "object": "chat.completion", "model": "glm-4.6", "choices": [{
+        "index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "The file says: hello from the file",
+            "reasoning_content": "The tool returned the text."}}],
+        "usage": {"prompt_tokens": 12000, "completion_tokens": 9,
+                  "prompt_tokens_details": {"cached_tokens": 11000}}}
+    message = ip.openai_to_anthropic(completion, "claude-opus-5-5")
+    assert message["id"].startswith("msg_")
+    assert {k: v for k, v in message.items() if k != "id"} == {
+        "type": "message", "role": "assistant", "model": "claude-opus-5-5",
+        "content": [{"type": "thinking", "thinking": "The tool returned the text.",
+                     "signature": ""},
+                    {"type": "text", "text": "The file says: hello from the file"}],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 1000, "output_tokens": 9, "cache_read_input_tokens": 11000}}
+
+
+def test_golden_stream_events_for_turn1_tool_call():
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "Need "}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "the file."}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Reading it."}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_Read_1",
+                     "type": "function", "function": {"name": "Read", "arguments": ""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {
+            "arguments": '{"file_path": "/home/dev/'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {
+            "arguments": 'project/hello.txt"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 11830, "completion_tokens": 30}}]
+    stream = ip.AnthropicStream("claude-opus-5-5", input_estimate=12156)
+    data = stream.start() + b"".join(stream.feed(c) for c in chunks) + stream.finish()
+    events = parse_sse(data)
+    simplified = [(n, d.get("index"), (d.get("delta") or d.get("content_block") or {}))
+                  for n, d in events[1:]]
+    assert simplified == [
+        ("content_block_start", 0, {"type": "thinking", "thinking": "", "signature": ""}),
+        ("content_block_delta", 0, {"type": "thinking_delta", "thinking": "Need "}),
+        ("content_block_delta", 0, {"type": "thinking_delta", "thinking": "the file."}),
+        ("content_block_stop", 0, {}),
+        ("content_block_start", 1, {"type": "text", "text": ""}),
+        ("content_block_delta", 1, {"type": "text_delta", "text": "Reading it."}),
+        ("content_block_stop", 1, {}),
+        ("content_block_start", 2, {"type": "tool_use", "id": "call_Read_1", "name": "Read",
+                                    "input": {}}),
+        ("content_block_delta", 2, {"type": "input_json_delta",
+                                    "partial_json": '{"file_path": "/home/dev/'}),
+        ("content_block_delta", 2, {"type": "input_json_delta",
+                                    "partial_json": 'project/hello.txt"}'}),
+        ("content_block_stop", 2, {}),
+        ("message_delta", None, {"stop_reason": "tool_use", "stop_sequence": None}),
+        ("message_stop", None, {})]
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 12156, "output_tokens": 0}
+    assert events[-2][1]["usage"] == {"input_tokens": 11830, "output_tokens": 30}
+    blocks = check_anthropic_grammar(events)
+    assert blocks[2]["input"] == {"file_path": "/home/dev/project/hello.txt"}
+
+
+def test_request_translation_details():
+    body = ip.validate_anthropic_request({
+        "model": "claude-sonnet-4", "max_tokens": 500, "stop_sequences": ["END"],
+        "temperature": 0.2, "top_k": 5, "system": "Be brief.",
+        "tool_choice": {"type": "tool", "name": "Get", "disable_parallel_tool_use": True},
+        "tools": [{"name": "Get", "input_schema": {"type": "object"}},
+                  {"type": "web_search_20250305", "name": "web_search"}],
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": "iVBORw0KGgo="}},
+                {"type": "document", "title": "notes", "source": {"type": "text",
+                                                                  "data": "doc text"}},
+                {"type": "text", "text": "what is this?", "cache_control": {"type": "x"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_AbC", "name": "Get", "input": {"q": 1}},
+                {"type": "tool_use", "id": "toolu_2", "name": "Get", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_AbC", "is_error": True,
+                 "content": [{"type": "text", "text": "boom"}]},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": [
+                    {"type": "text", "text": "chart"},
+                    {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]},
+                {"type": "text", "text": "and now?"}]}]})
+    out = ip.anthropic_to_openai(body, "glm-4.6")
+    assert "stop" not in out and "top_k" not in out and out["temperature"] == 0.2
+    assert out["max_tokens"] == 500 and out["parallel_tool_calls"] is False
+    assert out["tool_choice"] == {"type": "function", "function": {"name": "Get"}}
+    assert [t["function"]["name"] for t in out["tools"]] == ["Get"]
+    m = out["messages"]
+    assert [x["role"] for x in m] == ["system", "user", "assistant", "tool", "tool", "user"]
+    assert m[1]["content"][0] == {"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,iVBORw0KGgo="}}
+    assert m[1]["content"][1]["text"] == "Document: notes\n\ndoc text"
+    assert m[2]["reasoning_content"] == "hmm" and m[2]["content"] == "Let me check."
+    assert [c["id"] for c in m[2]["tool_calls"]] == ["toolu_AbC", "toolu_2"]
+    assert m[3] == {"role": "tool", "tool_call_id": "toolu_AbC", "content": "Error: boom"}
+    assert m[4] == {"role": "tool", "tool_call_id": "toolu_2", "content": "chart"}
+    assert m[5]["content"][1] == {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+    assert m[5]["content"][-1] == {"type": "text", "text": "and now?"}
+    for choice, expected in (("auto", "auto"), ("any", "required"), ("none", "none")):
+        assert ip.translate_tool_choice({"type": choice}) == expected
+    assert ip.anthropic_thinking({"thinking": {"type": "enabled", "budget_tokens": 0}}) == \
+        (False, None)
+    assert ip.anthropic_thinking({"thinking": {"type": "disabled"}}) == (False, None)
+    with pytest.raises(ip.BadRequest) as e:
+        ip.anthropic_to_openai({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                            "data": "JVBER"}}]}]}, "glm-4.6")
+    assert "extract its text" in e.value.message
+
+
+def test_stream_stop_sequences_and_tool_json_repair():
+    stream = ip.AnthropicStream("m", stop_sequences=["STOP!"])
+    data = stream.start()
+    for piece in ["Hello wor", "ld ST", "OP! ignored", " more"]:
+        data += stream.feed({"choices": [{"index": 0, "delta": {"content": piece}}]})
+    assert stream.done
+    data += stream.finish()
+    events = parse_sse(data)
+    blocks = check_anthropic_grammar(events)
+    assert blocks == [{"type": "text", "text": "Hello world "}]
+    assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "STOP!"}
+    message = ip.openai_to_anthropic({"choices": [{"message": {"content": "abc STOP! def"},
+                                                   "finish_reason": "stop"}]}, "m", ["STOP!"])
+    assert message["content"] == [{"type": "text", "text": "abc "}]
+    assert message["stop_reason"] == "stop_sequence"
+    # Truncated tool arguments are completed; hopeless ones become an error, never a crash.
+    stream = ip.AnthropicStream("m")
+    data = stream.start() + stream.feed({"choices": [{"delta": {"tool_calls": [{
+        "index": 0, "id": "t1", "function": {"name": "Edit", "arguments": '{"a": "x'}}]}}]})
+    data += stream.finish()
+    assert check_anthropic_grammar(parse_sse(data))[0]["input"] == {"a": "x"}
+    stream = ip.AnthropicStream("m")
+    stream.start()
+    stream.feed({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t1", "function": {
+        "name": "Edit", "arguments": '{"a": }}'}}]}}]})
+    with pytest.raises(ip.UpstreamError):
+        stream.finish()
+    assert ip.json_repair_suffix('{"a": [1, {"b": "c') == '"}]}'
+    assert ip.json_repair_suffix('{"a":') == "null}"
+    assert ip.parse_tool_arguments("", "t") == {}
+    assert ip.openai_to_anthropic({"choices": [{"message": {"tool_calls": [{"id": "x", "function":
+        {"name": "F", "arguments": "{\"k\": 1"}}]}, "finish_reason": "tool_calls"}]}, "m")[
+        "content"] == [{"type": "tool_use", "id": "x", "name": "F", "input": {"k": 1}}]
+
+
+def test_token_estimate_matches_claude_tokenizer():
+    """±15 % of a real tokenizer (Claude's, as published in anthropic-sdk-python 0.34)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        Tokenizer = None
+    wheels = [f for f in os.listdir(os.path.join(HERE, ".cache", "anthropic-0.34.2"))
+              if f.endswith(".whl")] if os.path.isdir(os.path.join(HERE, ".cache",
+                                                                   "anthropic-0.34.2")) else []
+    if Tokenizer is None or not wheels:
+        if os.environ.get("CI"):
+            raise AssertionError(".ci/run installs tokenizers and the anthropic 0.34.2 wheel")
+        pytest.skip("needs `pip install tokenizers` and the anthropic 0.34.2 wheel in .cache")
+    import zipfile
+    with zipfile.ZipFile(os.path.join(HERE, ".cache", "anthropic-0.34.2", wheels[0])) as z:
+        tokenizer = Tokenizer.from_str(z.read("anthropic/tokenizer.json").decode())
+    import argparse as _argparse
+    import http.server as _server
+    samples = {
+        "english": _server.__doc__ + _argparse.__doc__ + open(os.path.join(HERE, "LICENSE")).read(),
+        "code": open(os.path.join(HERE, "iflow_proxy.py")).read()[:30000],
+        "chinese": CHINESE_SAMPLE,
+    }
+    cjk_dir = os.path.join(os.path.dirname(os.__file__), "test", "cjkencodings")
+    for name in ("gb2312-utf8.txt", "gbk-utf8.txt", "gb18030-utf8.txt"):  # where installed
+        if os.path.exists(os.path.join(cjk_dir, name)):
+            samples[name] = open(os.path.join(cjk_dir, name), encoding="utf-8").read()
+    for name, text in samples.items():
+        real = len(tokenizer.encode(text).ids)
+        estimate = ip.estimate_tokens(text)
+        assert abs(estimate / real - 1) <= 0.15, (name, estimate, real)
+
+
+CHINESE_SAMPLE = (
+    "心流是一个面向开发者的人工智能助手平台，提供多种大语言模型的接口服务。用户可以通过命令行工具登录账号，"
+    "获取访问密钥，然后在自己的编辑器或者终端里调用模型完成编程、写作和数据分析等任务。为了保证服务稳定，"
+    "平台对每个账号同时进行的请求数量做了限制，如果超过限制，就会返回错误代码，提示用户降低并发。"
+    "本项目把这些接口包装成一个本地代理，只需要复制一个文件到服务器上，就可以让支持开放接口格式的客户端直接使用。"
+    "代理会自动签名请求、轮换密钥、在账号之间切换，并且在出现限流或者密钥过期的时候给出清楚的提示。"
+    "我们希望它足够小、足够快、足够安全，在没有网络包管理器的机器上也能运行。测试全部在本机完成，"
+    "使用一个模拟的上游服务来检查签名、请求头和错误处理，确保每一种异常输入都得到明确的回答。") * 3
+
+
+# --- over sockets ----------------------------------------------------------------------------
+
+def claude_code_responder(work_dir=None):
+    def respond(body):
+        messages = body["messages"]
+        if messages[-1]["role"] == "tool":
+            return {"content": "The file says: " + messages[-1]["content"],
+                    "reasoning_chunks": ["The tool ", "answered."]}
+        asked = json.dumps([m.get("content") for m in messages if m["role"] == "user"])
+        if body.get("tools") and "hello.txt" in asked:
+            path = os.path.join(work_dir or "/tmp", "hello.txt")
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_Read_01", "type": "function",
+                 "function": {"name": "Read", "arguments": ""}},
+                {"index": 0, "function": {"arguments": json.dumps({"file_path": path})[:10]}},
+                {"index": 0, "function": {"arguments": json.dumps({"file_path": path})[10:]}}]}
+        if "image" in asked or "describe" in asked.lower():
+            return {"content": "a red square with the word HELLO"}
+        return {"content": "Hi! How can I help?"}
+    return respond
+
+
+def test_messages_stream_over_http_with_prefix_and_beta(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.responder = claude_code_responder()
+    recorded = fixture("claude-code-turn2-tool-result.json")
+    with running(make_config(home, fake)) as server:
+        for path in ("/v1/messages?beta=true", "/api/provider/iflow/v1/messages?beta=true"):
+            headers = {k: v for k, v in recorded["headers"].items()
+                       if k.lower() not in ("host", "content-length", "accept-encoding")}
+            status, resp_headers, data = request(server, "POST", path, recorded["body"], headers)
+            assert status == 200, data
+            events = parse_sse(data)
+            blocks = check_anthropic_grammar(events)
+            assert [b["type"] for b in blocks] == ["thinking", "text"]
+            assert blocks[1]["text"] == "The file says: 1\thello from the file\n2\t"
+            assert resp_headers["x-iflow-proxy-model"] == "glm-4.6"
+    sent = [r[2] for r in fake.chat_requests()]
+    assert all(s["max_tokens"] == 32000 and s["chat_template_kwargs"] == {"enable_thinking": True}
+               for s in sent)
+    sessions = {r[1]["session-id"] for r in fake.chat_requests()}
+    assert len(sessions) == 1   # one upstream session for Claude Code's session
+
+
+def test_messages_errors_are_anthropic_shaped(home, fake):
+    add_key_account(home, KEYS[0])
+    headers = {"anthropic-version": "2023-06-01"}
+    with running(make_config(home, fake, client_keys=("ck-1",))) as server:
+        status, _, body = post_json(server, "/v1/messages", {"model": "claude-x"}, headers)
+        assert status == 401 and body == {"type": "error", "error": {
+            "type": "authentication_error", "message": body["error"]["message"]}}
+        headers["x-api-key"] = "ck-1"
+        for bad, fragment in (({"model": "claude-x"}, "'messages'"),
+                              ({"model": "c", "messages": [{"role": "bot", "content": "x"}]},
+                               "role"),
+                              ({"model": "c", "max_tokens": 0, "messages": [
+                                  {"role": "user", "content": "x"}]}, "max_tokens"),
+                              ({"model": "c", "messages": [{"role": "user", "content": [
+                                  {"type": "text"}]}]}, "text"),
+                              ({"model": "c", "messages": [{"role": "user", "content": "x"}],
+                                "tool_choice": {"type": "sometimes"}}, "tool_choice")):
+            status, _, body = post_json(server, "/v1/messages", bad, headers)
+            assert status == 400 and body["type"] == "error", body
+            assert body["error"]["type"] == "invalid_request_error"
+            assert fragment in body["error"]["message"]
+        good = {"model": "claude-sonnet-4", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "x"}], "unknown_field": {"a": 1},
+                "context_management": {"edits": []}, "output_config": {"effort": "low"}}
+        fake.push(KEYS[0], ("http", 429))
+        status, resp_headers, body = post_json(server, "/v1/messages", good, headers)
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+        assert resp_headers["Retry-After"] == "7"
+        status, _, body = post_json(server, "/v1/messages", good, headers)
+        assert status == 200 and body["content"] == [{"type": "text", "text": "echo: x"}]
+
+
+def test_messages_mid_stream_failure_is_error_event(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.push(KEYS[0], ("network_error", None))
+    with running(make_config(home, fake)) as server:
+        status, _, data = request(server, "POST", "/v1/messages", {
+            "model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "hello"}]})
+        assert status == 200
+        events = parse_sse(data)
+        check_anthropic_grammar(events)
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error"
+        assert "network_error" in events[-1][1]["error"]["message"]
+
+
+def test_messages_pings_while_upstream_is_silent(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.gate = threading.Event()
+    with running(make_config(home, fake, ping_interval=0.05)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps({
+            "model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "hello"}]}),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        received = b""
+        while b"event: ping" not in received:  # upstream is held at the gate meanwhile
+            chunk = resp.read1(65536)
+            assert chunk, "stream ended without a ping"
+            received += chunk
+        fake.gate.set()
+        received += resp.read()
+        conn.close()
+    events = parse_sse(received)
+    assert ("ping", {"type": "ping"}) in events
+    assert check_anthropic_grammar(events)[0]["text"] == "echo: hello"
+    assert not fake.gate_timed_out
+
+
+def test_images_described_for_text_models_or_rejected(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.responder = claude_code_responder()
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "iVBORw0KGgoAAAANSUhEUg=="}}
+    body = {"model": "claude-sonnet-4", "max_tokens": 50,
+            "messages": [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]}
+    with running(make_config(home, fake)) as server:
+        for _ in range(2):
+            status, _, reply = post_json(server, "/v1/messages", body)
+            assert status == 200, reply
+        vision = [r[2] for r in fake.chat_requests() if r[2]["model"] == "qwen3-vl-plus"]
+        assert len(vision) == 1   # described once, then cached
+        assert vision[0]["messages"][0]["content"][1]["type"] == "image_url"
+        main = [r[2] for r in fake.chat_requests() if r[2]["model"] == "glm-4.6"]
+        assert "a red square with the word HELLO" in main[-1]["messages"][0]["content"]
+        assert "what?" in main[-1]["messages"][0]["content"]
+        direct = dict(body, model="qwen3-vl-plus")
+        assert post_json(server, "/v1/messages", direct)[0] == 200
+        sent = fake.chat_requests()[-1][2]
+        assert sent["messages"][0]["content"][0]["type"] == "image_url"
+    with running(make_config(home, fake, describe_images=False)) as server:
+        status, _, reply = post_json(server, "/v1/messages", body)
+        assert status == 400 and "cannot see images" in reply["error"]["message"]
+
+
+def test_count_tokens_endpoint_is_local(home, fake):
+    recorded = fixture("claude-code-turn1.json")
+    with running(make_config(home, fake)) as server:   # no account needed: nothing goes upstream
+        status, _, body = post_json(server, "/v1/messages/count_tokens?beta=true",
+                                    recorded["body"])
+        assert status == 200 and set(body) == {"input_tokens"}
+        assert 11830 * 0.85 <= body["input_tokens"] <= 11830 * 1.15  # Claude's tokenizer: 11830
+        status, _, body = post_json(server, "/v1/messages/count_tokens", {"model": "x"},
+                                    {"anthropic-version": "2023-06-01"})
+        assert status == 400 and body["type"] == "error"
+    assert fake.requests == []
+
+
+def test_anthropic_sdk_stream_tools_thinking_images_count(home, fake):
+    anthropic = sdk("anthropic")
+    add_key_account(home, KEYS[0])
+    fake.responder = claude_code_responder()
+    with running(make_config(home, fake)) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+        tools = [{"name": "Read", "description": "Read a file", "input_schema": {
+            "type": "object", "properties": {"file_path": {"type": "string"}}}}]
+        messages = [{"role": "user", "content": "Read hello.txt please"}]
+        with client.messages.stream(model="claude-sonnet-4-6", max_tokens=1000, tools=tools,
+                                    messages=messages, thinking={"type": "enabled",
+                                                                 "budget_tokens": 1024}) as s:
+            first = s.get_final_message()
+        assert first.stop_reason == "tool_use"
+        call = [b for b in first.content if b.type == "tool_use"][0]
+        assert (call.id, call.name, call.input) == ("call_Read_01", "Read",
+                                                    {"file_path": "/tmp/hello.txt"})
+        messages += [{"role": "assistant", "content": first.content},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                                   "content": "hello from the file"}]}]
+        second = client.messages.create(model="claude-sonnet-4-6", max_tokens=1000, tools=tools,
+                                        messages=messages, thinking={"type": "enabled",
+                                                                     "budget_tokens": 1024})
+        assert [b.type for b in second.content] == ["thinking", "text"]
+        assert second.content[1].text == "The file says: hello from the file"
+        assert second.stop_reason == "end_turn" and second.usage.output_tokens == 5
+        sent = fake.chat_requests()[-1][2]
+        assert sent["messages"][-1] == {"role": "tool", "tool_call_id": "call_Read_01",
+                                        "content": "hello from the file"}
+        image = client.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                {"type": "text", "text": "describe it"}]}])
+        assert image.content[0].text
+        count = client.messages.count_tokens(model="claude-sonnet-4-6", messages=[
+            {"role": "user", "content": "hello world, how are you today?"}])
+        assert 5 <= count.input_tokens <= 20
+        models = client.models.list()
+        assert any(m.id == "glm-4.6" for m in models.data)
+        fake.push(KEYS[0], ("business", 511))
+        with pytest.raises(anthropic.BadRequestError):
+            client.messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                   messages=[{"role": "user", "content": "x"}])
+
+
+# --- env and claude commands, and the real Claude Code ----------------------------------------
+
+def test_env_command_for_each_shell(home):
+    code, out, _ = run_cli("env", home=home)
+    assert code == 0
+    assert "export ANTHROPIC_BASE_URL='http://127.0.0.1:11450'" in out
+    assert "export ANTHROPIC_DEFAULT_HAIKU_MODEL='qwen3-coder-plus'" in out
+    for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL",
+                 "ANTHROPIC_DEFAULT_SONNET_MODEL", "ANTHROPIC_SMALL_FAST_MODEL"):
+        assert name in out
+    if shutil.which("sh"):
+        shown = subprocess.run(["sh", "-c", out + 'printf %s "$ANTHROPIC_MODEL"'],
+                               capture_output=True, text=True, timeout=30).stdout
+        assert shown == "glm-4.6"
+    code, out, _ = run_cli("env", "--shell", "fish", "--model", "kimi-k2", home=home)
+    assert "set -gx ANTHROPIC_MODEL 'kimi-k2'" in out
+    code, out, _ = run_cli("env", "--shell", "powershell", home=home)
+    assert "$env:ANTHROPIC_BASE_URL = 'http://127.0.0.1:11450'" in out
+    write_config(home, {"client_keys": ["ck-very-secret-key"], "port": 9999})
+    code, out, _ = run_cli("env", home=home)
+    assert "ck-very-secret-key" not in out and "9999" in out
+    code, out, _ = run_cli("env", "--reveal-key", home=home)
+    assert "export ANTHROPIC_AUTH_TOKEN='ck-very-secret-key'" in out
+
+
+def test_claude_command_runs_claude_against_the_proxy(home, fake, tmp_path):
+    add_key_account(home, KEYS[0])
+    script = tmp_path / "claude"
+    script.write_text(
+        "#!%s\nimport json, os, sys, urllib.request\n"
+        "req = urllib.request.Request(os.environ['ANTHROPIC_BASE_URL'] + '/v1/messages',\n"
+        "    data=json.dumps({'model': os.environ['ANTHROPIC_MODEL'], 'max_tokens': 20,\n"
+        "    'messages': [{'role': 'user', 'content': ' '.join(sys.argv[1:])}]}).encode(),\n"
+        "    headers={'Content-Type': 'application/json', 'Authorization': 'Bearer ' +\n"
+        "             os.environ['ANTHROPIC_AUTH_TOKEN']})\n"
+        "print(json.load(urllib.request.urlopen(req))['content'][0]['text'])\n"
+        "print(os.environ['ANTHROPIC_DEFAULT_HAIKU_MODEL'])\n"
+        "sys.exit(7)\n" % sys.executable)
+    script.chmod(0o755)
+    env = dict(os.environ, IFLOW_API_BASE=fake.url + "/v1", IFLOW_PROXY_HOME=home,
+               IFLOW_PROXY_PORT="1")  # nothing runs on port 1: an in-process proxy starts
+    out = subprocess.run([sys.executable, "iflow_proxy.py", "claude", "--model", "kimi-k2",
+                          "--claude-bin", str(script), "-p", "hello", "--verbose"],
+                         cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 7, out.stderr
+    assert out.stdout.splitlines() == ["echo: -p hello --verbose", "qwen3-coder-plus"]
+    assert fake.chat_requests()[0][2]["model"] == "kimi-k2"
+    missing = subprocess.run([sys.executable, "iflow_proxy.py", "claude", "--claude-bin",
+                              str(tmp_path / "nope")], cwd=HERE, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and "npm install -g @anthropic-ai/claude-code" in \
+        missing.stderr
+
+
+def find_claude_code():
+    for candidate in (os.environ.get("IFLOW_PROXY_TEST_CLAUDE_BIN"),
+                      os.path.join(HERE, ".cache", "claude-code", "node_modules", ".bin",
+                                   "claude"),
+                      shutil.which("claude")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def test_real_claude_code_completes_a_tool_task(home, fake, tmp_path):
+    claude = find_claude_code()
+    if claude is None:
+        pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "hello.txt").write_text("hello from the file\n")
+    add_key_account(home, KEYS[0])
+    fake.responder = claude_code_responder(str(work))
+    with running(make_config(home, fake)) as server:
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"),
+               "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "sk-test",
+               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+        out = subprocess.run([claude, "-p", "Read hello.txt and tell me what it says",
+                              "--allowedTools", "Read"], cwd=str(work), env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hello from the file" in out.stdout
+    sent = [r[2] for r in fake.chat_requests()]
+    assert any(m["role"] == "tool" and "hello from the file" in m["content"]
+               for s in sent for m in s["messages"])
