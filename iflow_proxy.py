@@ -30,6 +30,7 @@ import fnmatch
 import getpass
 import hashlib
 import hmac
+import io
 import http.client
 import http.server
 import ipaddress
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -99,6 +101,7 @@ LEGACY_ALIASES = {
     "minimax-m2.5": "qwen3-coder-plus",
 }
 LEGACY_MODES = ("fallback", "always", "off")
+STRATEGIES = ("round-robin", "least-busy", "fill-first")
 
 # Claude Code asks for Claude models; each family maps to an iFlow model (config claude_models).
 CLAUDE_FAMILIES = ("opus", "sonnet", "haiku")
@@ -274,6 +277,12 @@ CONFIG_KEYS = {
     "max_body_bytes": (int, 50 * 1024 * 1024, None, "largest request body accepted"),
     "models_cache_ttl": (_NUMBER, 300, None, "seconds to cache upstream /models"),
     "probe_model": (str, DEFAULT_PROBE_MODEL, None, "model used by check and login verification"),
+    "strategy": (str, "round-robin", "IFLOW_PROXY_STRATEGY",
+                 "round-robin, least-busy or fill-first"),
+    "max_concurrency": (int, 1, None, "requests in flight per account unless it sets its own "
+                        "(0 = unlimited)"),
+    "queue_timeout": (_NUMBER, 120, None, "seconds a request waits for a free account"),
+    "max_attempts": (int, 0, None, "accounts tried per request before giving up (0 = all)"),
     "claude_models": (dict, {}, None, "Claude family (opus/sonnet/haiku) -> iFlow model"),
     "vision_model": (str, "qwen3-vl-plus", None, "model that describes images for text models"),
     "describe_images": (bool, True, None, "describe images for text-only models (else 400)"),
@@ -312,6 +321,10 @@ class Config:
     max_body_bytes: int = 50 * 1024 * 1024
     models_cache_ttl: float = 300
     probe_model: str = DEFAULT_PROBE_MODEL
+    strategy: str = "round-robin"
+    max_concurrency: int = 1
+    queue_timeout: float = 120
+    max_attempts: int = 0
     claude_models: dict = dataclasses.field(default_factory=dict)
     vision_model: str = "qwen3-vl-plus"
     describe_images: bool = True
@@ -369,6 +382,11 @@ def _validate_value(key, value, where):
         for item in value:
             if not isinstance(item, str) or not item.strip():
                 raise ConfigError("%s: key %r must be a list of non-empty strings" % (where, key))
+    if key == "strategy" and value not in STRATEGIES:
+        raise ConfigError("%s: key 'strategy' must be one of %s, got %r"
+                          % (where, ", ".join(STRATEGIES), value))
+    if key in ("max_concurrency", "max_attempts", "queue_timeout") and value < 0:
+        raise ConfigError("%s: key %r must not be negative" % (where, key))
     if key == "claude_models":
         for family in value:
             if family not in CLAUDE_FAMILIES:
@@ -577,7 +595,7 @@ class Account:
     default: bool = False
     status: str = "ok"
     status_reason: str = ""
-    max_concurrency: int = 1
+    max_concurrency: object = None  # None: the config's max_concurrency; 0 = unlimited
     priority: int = 0
     models: tuple = ()
     excluded_models: tuple = ()
@@ -594,7 +612,7 @@ class Account:
 # registry entry key -> (types, default) of the per-account settings a user may edit by hand
 _ENTRY_SETTINGS = {
     "base_url": (str, ""), "signing": (bool, True), "status": (str, "ok"),
-    "status_reason": (str, ""), "max_concurrency": (int, 1), "priority": (int, 0),
+    "status_reason": (str, ""), "max_concurrency": (int, None), "priority": (int, 0),
     "models": (list, []), "excluded_models": (list, []),
 }
 
@@ -827,7 +845,7 @@ def pool_accounts(config):
     """The keys from config ``api_keys`` / ``IFLOW_API_KEYS`` as accounts without login."""
     return tuple(
         Account(id="pool-" + fingerprint(key), nickname="pool-%d" % (i + 1), kind="pool",
-                api_key=key, max_concurrency=1)
+                api_key=key)
         for i, key in enumerate(config.api_keys))
 
 
@@ -1431,17 +1449,49 @@ def model_allowed(account, model):
     return not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.excluded_models)
 
 
-class Router:
-    """Orders the eligible accounts for each request (round-robin) and records account failures."""
+class _Ticket:
+    """A request waiting for an account; tickets are served first come, first served."""
 
-    def __init__(self, registry, config):
+    __slots__ = ("ids",)
+
+    def __init__(self, ids):
+        self.ids = ids
+
+
+# failure kind -> (cooldown key scope, seconds); rate limits back off exponentially instead
+COOLDOWNS = {
+    "concurrency": ("account", 3),          # 449: someone else is using this key right now
+    "transient": ("model", 60), "timeout": ("model", 60), "unreachable": ("model", 60),
+    "model_error": ("model", 60), "malformed": ("model", 60),
+    "model_unsupported": ("model", 600),    # 435: this account can't serve this model
+}
+MAX_BACKOFF = 1800
+
+
+class Router:
+    """Chooses an account for each request and tracks what each account is doing.
+
+    Each account serves at most ``max_concurrency`` requests at once (iFlow allows about one);
+    requests beyond that wait in one first-come-first-served queue, up to ``queue_timeout``.
+    Failures cool an (account, model) pair down; dead keys leave rotation.
+    """
+
+    def __init__(self, registry, config, clock=time.monotonic):
         self.registry = registry
         self.config = config
+        self.clock = clock
         self._pool = pool_accounts(config)
-        self._pool_status = {}  # pool account id -> (status, reason); pool keys have no file
-        self._lock = threading.Lock()
-        self._turn = 0
+        self._pool_status = {}   # pool account id -> (status, reason); pool keys have no file
+        self._cond = threading.Condition()
+        self._inflight = {}      # account id -> requests in flight
+        self._queue = []         # _Ticket, oldest first
+        self._cooldowns = {}     # (account id, model or "*") -> (until, reason)
+        self._strikes = {}       # (account id, model) -> consecutive rate-limit answers
+        self._affinity = {}      # conversation key -> account id (insertion-ordered, bounded)
+        self._cursor = 0
+        self.recent_errors = []  # newest last, bounded
 
+    # --- which accounts ----------------------------------------------------------------------
     def all_accounts(self):
         pool = tuple(dataclasses.replace(a, status=self._pool_status[a.id][0],
                                          status_reason=self._pool_status[a.id][1])
@@ -1456,7 +1506,8 @@ class Router:
                 return nick, rest
         return None, model
 
-    def candidates(self, model, pinned=None):
+    def eligible(self, model, pinned=None):
+        """Accounts that may serve ``model`` (usable, allowed, pinned), or a clear error."""
         accounts = self.all_accounts()
         if not accounts:
             raise NoAccount("no iFlow account is set up: run `python iflow_proxy.py login "
@@ -1472,13 +1523,154 @@ class Router:
         if not allowed:
             raise NotFound("model %r is not allowed on any account (see the accounts' "
                            "models/excluded_models settings)" % model, code="model_not_found")
-        with self._lock:
-            start = self._turn % len(allowed)
-            self._turn += 1
-        return allowed[start:] + allowed[:start]
+        return allowed
 
-    def record_failure(self, account, error):
-        """Take an account out of rotation when its key is dead; other failures are per request."""
+    def limit(self, account):
+        return self.config.max_concurrency if account.max_concurrency is None \
+            else account.max_concurrency
+
+    def cooling_until(self, account, model, now=None):
+        now = self.clock() if now is None else now
+        until = max(self._cooldowns.get((account.id, model), (0, ""))[0],
+                    self._cooldowns.get((account.id, "*"), (0, ""))[0])
+        return until if until > now else 0
+
+    # --- taking and giving back a slot ---------------------------------------------------
+    def acquire(self, model, pinned=None, affinity=None, exclude=(), cancelled=None):
+        """An account with a free slot for ``model`` (call release() after), or None when every
+        eligible account was excluded.  Raises RateLimited when all are cooling down or the queue
+        wait runs out, ClientGone when ``cancelled()`` turns true while waiting."""
+        deadline = time.monotonic() + self.config.queue_timeout
+        with self._cond:
+            ticket = None
+            try:
+                while True:
+                    eligible = [a for a in self.eligible(model, pinned) if a.id not in exclude]
+                    if not eligible:
+                        return None
+                    now = self.clock()
+                    ready = [a for a in eligible if not self.cooling_until(a, model, now)]
+                    if not ready:
+                        raise self.cooling_error(model, eligible, now)
+                    if ticket is None:
+                        ticket = _Ticket([a.id for a in ready])
+                        self._queue.append(ticket)
+                    ticket.ids = [a.id for a in ready]
+                    account = self._choose(ticket, ready, affinity)
+                    if account is not None:
+                        self._inflight[account.id] = self._inflight.get(account.id, 0) + 1
+                        return account
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RateLimited(
+                            "all %d account(s) for model %s stayed busy for %gs (config "
+                            "queue_timeout); add accounts or raise max_concurrency"
+                            % (len(ready), model, self.config.queue_timeout), retry_after=1)
+                    self._cond.wait(min(remaining, 0.25) if cancelled else remaining)
+                    if cancelled is not None and cancelled():
+                        raise ClientGone()
+            finally:
+                if ticket is not None:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+
+    def _choose(self, ticket, ready, affinity):
+        free = {a.id: a for a in ready
+                if not self.limit(a) or self._inflight.get(a.id, 0) < self.limit(a)}
+        for earlier in self._queue:  # waiters ahead of us get first pick of what they can use
+            if earlier is ticket:
+                break
+            taken = next((i for i in earlier.ids if i in free), None)
+            if taken is not None:
+                del free[taken]
+        candidates = [a for a in ready if a.id in free]
+        if not candidates:
+            return None
+        top = max(a.priority for a in candidates)
+        candidates = [a for a in candidates if a.priority == top]
+        preferred = self._affinity.get(affinity) if affinity else None
+        chosen = next((a for a in candidates if a.id == preferred), None)
+        if chosen is None:
+            chosen = self._by_strategy(candidates)
+            if affinity:
+                self._affinity.pop(affinity, None)
+                self._affinity[affinity] = chosen.id
+                while len(self._affinity) > 10000:
+                    self._affinity.pop(next(iter(self._affinity)))
+        return chosen
+
+    def _by_strategy(self, candidates):
+        order = [a.id for a in self.all_accounts()]
+        position = {aid: i for i, aid in enumerate(order)}
+        strategy = self.config.strategy
+        if strategy == "fill-first":
+            return min(candidates, key=lambda a: (not a.default, position.get(a.id, 0)))
+        ring = sorted(candidates, key=lambda a: (position.get(a.id, 0) - self._cursor)
+                      % max(1, len(order)))
+        if strategy == "least-busy":
+            ring.sort(key=lambda a: self._inflight.get(a.id, 0) / (self.limit(a) or 1e9))
+        chosen = ring[0]
+        self._cursor = position.get(chosen.id, 0) + 1
+        return chosen
+
+    def release(self, account):
+        with self._cond:
+            left = self._inflight.get(account.id, 0) - 1
+            if left > 0:
+                self._inflight[account.id] = left
+            else:
+                self._inflight.pop(account.id, None)
+            self._cond.notify_all()
+
+    def in_flight(self, account):
+        return self._inflight.get(account.id, 0)
+
+    def waiting(self):
+        return len(self._queue)
+
+    # --- outcomes --------------------------------------------------------------------------
+    def cooling_error(self, model, eligible, now=None):
+        """429 naming the model and when its soonest account frees up (404 if none serves it)."""
+        now = self.clock() if now is None else now
+        reasons = {self._cooldowns.get((a.id, model), (0, ""))[1] for a in eligible}
+        if reasons == {"model unsupported"}:
+            return NotFound("model %s is not available on any account (upstream answered 435)"
+                            % model, code="model_not_found")
+        soonest = min(self.cooling_until(a, model, now) or now for a in eligible)
+        wait = max(1, int(soonest - now + 0.999))
+        return RateLimited("every account for model %s is cooling down after upstream errors; "
+                           "the first frees up in %ds (%s)" % (
+                               model, wait, time.strftime("%H:%M:%S",
+                                                          time.localtime(time.time() + wait))),
+                           retry_after=wait)
+
+    def record_success(self, account, model):
+        if self._strikes:
+            with self._cond:
+                self._strikes.pop((account.id, model), None)
+
+    def record_failure(self, account, model, error):
+        """Cool the account down, or take it out of rotation, as the failure calls for."""
+        now = self.clock()
+        with self._cond:
+            self.recent_errors.append({"time": time.time(), "account": account.nickname,
+                                       "model": model, "status": error.status,
+                                       "upstream_status": error.upstream_status,
+                                       "kind": error.kind})
+            del self.recent_errors[:-50]
+            if error.kind == "rate_limit":
+                strikes = self._strikes.get((account.id, model), 0)
+                self._strikes[(account.id, model)] = strikes + 1
+                wait = error.retry_after if error.retry_after is not None else \
+                    min(2 ** strikes, MAX_BACKOFF)
+                self._cooldowns[(account.id, model)] = (now + wait, "rate limited")
+            elif error.kind in COOLDOWNS:
+                scope, wait = COOLDOWNS[error.kind]
+                if error.retry_after is not None:
+                    wait = error.retry_after
+                key = (account.id, "*" if scope == "account" else model)
+                self._cooldowns[key] = (now + wait, error.kind.replace("_", " "))
+            self._cond.notify_all()
         if error.kind == "key_blocked":
             self._set_status(account, "disabled", error.message)
         elif error.kind in ("key_expired", "auth"):
@@ -1487,10 +1679,117 @@ class Router:
     def _set_status(self, account, status, reason):
         log.warning("account %s is now %s: %s", account.nickname, status, reason)
         if account.kind == "pool":
-            with self._lock:
+            with self._cond:
                 self._pool_status[account.id] = (status, reason)
         else:
             self.registry.update_entry(account.id, status=status, status_reason=reason[:300])
+
+    def state(self, account):
+        """healthy / busy / cooling / needs-login / disabled, and active cooldowns."""
+        now = self.clock()
+        cooldowns = [{"model": model, "remaining_s": round(until - now, 1), "reason": reason}
+                     for (aid, model), (until, reason) in list(self._cooldowns.items())
+                     if aid == account.id and until > now]
+        if account.status != "ok" or not account.api_key:
+            state = account.status
+        elif any(c["model"] == "*" for c in cooldowns):
+            state = "cooling"
+        elif self.limit(account) and self.in_flight(account) >= self.limit(account):
+            state = "busy"
+        else:
+            state = "cooling" if cooldowns else "healthy"
+        return state, cooldowns
+
+
+def _new_tally():
+    return {"requests": 0, "failures": {}, "input_tokens": 0, "output_tokens": 0,
+            "reasoning_tokens": 0, "latency_ms": 0.0}
+
+
+class UsageBook:
+    """Requests, failures by status, tokens and latency per account and model, per day.
+
+    Kept in memory, saved atomically to ``usage.json`` now and then and at shutdown, and read
+    back at start, so figures survive restarts.  Days older than ``keep_days`` are dropped.
+    """
+
+    def __init__(self, path, clock=time.time, keep_days=31):
+        self.path, self.clock, self.keep_days = path, clock, keep_days
+        self._lock = threading.Lock()
+        self._days = {}   # "YYYY-MM-DD" -> {"account|model": tally}
+        self._dirty = False
+        try:
+            data = read_json_file(path, "usage file")
+            if isinstance(data.get("days"), dict):
+                self._days = {d: v for d, v in data["days"].items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            pass
+        except ConfigError as e:  # a damaged usage file must not stop the proxy
+            log.error("%s; starting usage figures afresh", e.message)
+
+    def today(self):
+        return time.strftime("%Y-%m-%d", time.localtime(self.clock()))
+
+    def record(self, account, model, status, usage, latency_ms):
+        """One finished attempt: ``status`` 200 counts as a success, anything else a failure."""
+        usage = usage if isinstance(usage, dict) else {}
+        details = usage.get("completion_tokens_details")
+        reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+        with self._lock:
+            day = self._days.setdefault(self.today(), {})
+            tally = day.setdefault("%s|%s" % (account, model), _new_tally())
+            tally["requests"] += 1
+            if status != 200:
+                key = str(status)
+                tally["failures"][key] = tally["failures"].get(key, 0) + 1
+            for field, value in (("input_tokens", usage.get("prompt_tokens")),
+                                 ("output_tokens", usage.get("completion_tokens")),
+                                 ("reasoning_tokens", reasoning)):
+                if isinstance(value, int) and not isinstance(value, bool):
+                    tally[field] += value
+            tally["latency_ms"] += round(latency_ms, 1)
+            self._dirty = True
+
+    def summary(self, day=None):
+        """{"today": {...}, "total": {...}} with per-account/model rows and overall sums."""
+        with self._lock:
+            days = json.loads(json.dumps(self._days))
+        def fold(rows):
+            total = _new_tally()
+            for tally in rows.values():
+                for key in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
+                            "latency_ms"):
+                    total[key] += tally.get(key, 0)
+                for status, n in tally.get("failures", {}).items():
+                    total["failures"][status] = total["failures"].get(status, 0) + n
+            return total
+        today = days.get(day or self.today(), {})
+        everything = {}
+        for rows in days.values():
+            for key, tally in rows.items():
+                merged = everything.setdefault(key, _new_tally())
+                for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
+                          "latency_ms"):
+                    merged[k] += tally.get(k, 0)
+                for status, n in tally.get("failures", {}).items():
+                    merged["failures"][status] = merged["failures"].get(status, 0) + n
+        def rows(table):
+            return [dict(tally, account=key.split("|", 1)[0], model=key.split("|", 1)[1])
+                    for key, tally in sorted(table.items())]
+        return {"today": {"rows": rows(today), "sum": fold(today)},
+                "total": {"rows": rows(everything), "sum": fold(everything),
+                          "since": min(days) if days else None}}
+
+    def save(self):
+        with self._lock:
+            if not self._dirty:
+                return
+            cutoff = time.strftime("%Y-%m-%d", time.localtime(self.clock() -
+                                                              self.keep_days * 86400))
+            self._days = {d: v for d, v in self._days.items() if d >= cutoff}
+            data = {"version": 1, "days": self._days}
+            self._dirty = False
+            atomic_write_json(self.path, data)
 
 
 # ==================================================================================================
@@ -2157,7 +2456,11 @@ def count_request_tokens(body):
 # ==================================================================================================
 
 class ChatOpen:
-    """An upstream chat answer that is ready to relay: a JSON payload or an open SSE stream."""
+    """An upstream chat answer that is ready to relay: a JSON payload or an open SSE stream.
+
+    It holds the account's slot until close(): at once for a JSON answer (already read), after
+    the relay for a stream.
+    """
 
     def __init__(self, account, model, response=None, payload=None, raw=b"", head=(),
                  splitter=None):
@@ -2165,6 +2468,20 @@ class ChatOpen:
         self.response, self.payload, self.raw = response, payload, raw
         self.head, self.splitter = list(head), splitter
         self.attempts = 0
+        self._router = None
+
+    def hold(self, router, account):
+        self._router = router
+        if self.response is None:  # nothing left to read upstream: free the slot now
+            self.close()
+
+    def close(self):
+        """Drop an unfinished upstream response and give the account slot back (idempotent)."""
+        if self.response is not None:
+            self.response.close()
+        router, self._router = self._router, None
+        if router is not None:
+            router.release(self.account)
 
 
 def _reject_constant(name):
@@ -2289,15 +2606,18 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # socketserver's 5 resets bursts of connecting clients
 
-    def __init__(self, config, registry=None, upstream=None, env=None, clock=time.time):
+    def __init__(self, config, registry=None, upstream=None, env=None, clock=time.time,
+                 router_clock=time.monotonic):
         check_bind_safety(config)
         self.config = config
         self.clock = clock
         self.registry = registry or AccountRegistry(config.home)
         self.upstream = upstream or UpstreamClient(config, env=env)
-        self.router = Router(self.registry, config)
+        self.router = Router(self.registry, config, clock=router_clock)
+        self.usage = UsageBook(os.path.join(config.home, "usage.json"))
         self.catalog = ModelCatalog(config, self.upstream, self.router)
         self.started_at = time.time()
+        self._stopping = threading.Event()
         self._vision_cache = {}  # sha256 of image -> description (insertion-ordered, bounded)
         self._vision_lock = threading.Lock()
         if ":" in config.host:
@@ -2316,6 +2636,58 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self.upstream.close()
+        self.save_state()
+
+    def save_state(self):
+        try:
+            self.usage.save()
+        except OSError as e:
+            log.error("cannot save usage figures to %s: %s", self.usage.path, e)
+
+    def start_background(self, every=60.0):
+        """Save usage figures every ``every`` seconds until the server shuts down."""
+        def loop():
+            while not self._stopping.wait(every):
+                self.save_state()
+        threading.Thread(target=loop, name="usage-saver", daemon=True).start()
+
+    def shutdown(self):
+        self._stopping.set()
+        super().shutdown()
+
+    # --- status ----------------------------------------------------------------------------
+    def status(self):
+        """Everything /status, the dashboard and `status` show; never a secret."""
+        usage = self.usage.summary()
+        today = {}
+        for row in usage["today"]["rows"]:
+            mine = today.setdefault(row["account"], {"requests": 0, "failures": 0,
+                                                     "input_tokens": 0, "output_tokens": 0})
+            mine["requests"] += row["requests"]
+            mine["failures"] += sum(row["failures"].values())
+            mine["input_tokens"] += row["input_tokens"]
+            mine["output_tokens"] += row["output_tokens"]
+        accounts = []
+        for a in self.router.all_accounts():
+            state, cooldowns = self.router.state(a)
+            accounts.append({
+                "nickname": a.nickname, "kind": a.kind, "email": a.email,
+                "key": mask_secret(a.api_key), "default": a.default, "state": state,
+                "status_reason": a.status_reason, "in_flight": self.router.in_flight(a),
+                "max_concurrency": self.router.limit(a), "priority": a.priority,
+                "upstream": a.api_base(self.config), "signing": a.signing,
+                "cooldowns": cooldowns, "key_expires": a.expires or None,
+                "refresh": self.refresh_state(a),
+                "today": today.get(a.nickname, {"requests": 0, "failures": 0,
+                                                "input_tokens": 0, "output_tokens": 0})})
+        return {"version": __version__, "uptime_s": int(time.time() - self.started_at),
+                "listen": self.url, "strategy": self.config.strategy,
+                "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
+                "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
+
+    def refresh_state(self, account):
+        """How the account's credentials are kept fresh (API keys need nothing)."""
+        return None
 
     # --- chat ------------------------------------------------------------------------------
     def resolve(self, requested):
@@ -2323,38 +2695,69 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         pinned, name = self.router.split_pin(requested)
         return (pinned,) + resolve_model(name, self.config)
 
-    def open_chat(self, body, conversation_key, thinking=None, effort=None):
+    def open_chat(self, body, conversation_key, thinking=None, effort=None, cancelled=None):
         """Send a chat request upstream, failing over across accounts before any byte is relayed.
 
-        Returns a ChatOpen; raises the last UpstreamError (or a routing error) when nothing worked.
+        Returns a ChatOpen holding an account slot (call its close()); raises the last
+        UpstreamError, or a routing error, when nothing worked.
         """
         pinned, model, fallback, suffix_effort = self.resolve(body["model"])
         stream = body.get("stream") is True
         if suffix_effort is not None:  # an explicit model suffix wins
             effort, thinking = suffix_effort, suffix_effort != "none"
-        last, attempts = None, 0
-        for account in self.router.candidates(model, pinned):
-            tries = [model] + ([fallback] if fallback else [])
-            for i, name in enumerate(tries):
-                attempts += 1
-                shaped = shape_chat_body(body, name, account.signing, thinking, effort)
-                try:
-                    opened = self._attempt(account, shaped, conversation_key, stream)
-                except UpstreamError as e:
-                    e.message = "account %s: %s" % (account.nickname, e.message)
-                    log.warning("upstream error (%s, model %s): %s%s", e.kind, name, e.message,
-                                " [eagleeye-traceid %s]" % e.trace_id if e.trace_id else "")
-                    self.router.record_failure(account, e)
-                    last = e
-                    if i == 0 and fallback and e.kind in ("model_unsupported", "rejected"):
-                        log.info("model %s unavailable upstream; retrying once as %s",
-                                 name, fallback)
-                        continue
-                    break
-                opened.attempts = attempts
-                return opened
+        last, attempts, tried = None, 0, set()
+        limit = self.config.max_attempts or None
+        while limit is None or len(tried) < limit:
+            try:
+                account = self.router.acquire(model, pinned, conversation_key, tried, cancelled)
+            except (RateLimited, NotFound):
+                if not fallback:
+                    raise
+                log.info("model %s is cooling down on every account; using %s", model, fallback)
+                model, fallback, tried = fallback, None, set()
+                continue
+            if account is None:
+                break
+            tried.add(account.id)
+            try:
+                tries = [model] + ([fallback] if fallback else [])
+                for i, name in enumerate(tries):
+                    attempts += 1
+                    shaped = shape_chat_body(body, name, account.signing, thinking, effort)
+                    started = time.monotonic()
+                    try:
+                        opened = self._attempt(account, shaped, conversation_key, stream)
+                    except UpstreamError as e:
+                        e.message = "account %s: %s" % (account.nickname, e.message)
+                        log.warning("upstream error (%s, model %s): %s%s", e.kind, name,
+                                    e.message, " [eagleeye-traceid %s]" % e.trace_id
+                                    if e.trace_id else "")
+                        self.router.record_failure(account, name, e)
+                        self.usage.record(account.nickname, name, e.upstream_status or e.status,
+                                          None, (time.monotonic() - started) * 1000)
+                        last = e
+                        if i == 0 and fallback and e.kind in ("model_unsupported", "rejected"):
+                            log.info("model %s unavailable upstream; retrying once as %s",
+                                     name, fallback)
+                            continue
+                        break
+                    self.router.record_success(account, name)
+                    opened.attempts = attempts
+                    opened.hold(self.router, account)
+                    account = None  # the slot now belongs to `opened`
+                    return opened
+            finally:
+                if account is not None:
+                    self.router.release(account)
             if not last.retry_other_account:
                 break
+        if last is None:
+            raise NoAccount("no account left to try for model %s" % model)
+        if last.status == 429:  # every account said "later": say when the soonest frees up
+            eligible = self.router.eligible(model, pinned)
+            now = self.router.clock()
+            if all(self.router.cooling_until(a, model, now) for a in eligible):
+                raise self.router.cooling_error(model, eligible, now)
         raise last
 
     def describe_images(self, body, conversation_key):
@@ -2388,6 +2791,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             {"role": "user", "content": [{"type": "text", "text": prompt},
                                          {"type": "image_url", "image_url": {"url": url}}]}]}
         opened = self.open_chat(request, conversation_key)
+        opened.close()
         message = ((opened.payload.get("choices") or [{}])[0] or {}).get("message") or {}
         text = message.get("content")
         if not isinstance(text, str) or not text.strip():
@@ -2445,6 +2849,8 @@ def check_bind_safety(config):
 # path -> {HTTP method: (handler method name, needs a client key)}
 ROUTES = {
     "/healthz": {"GET": ("handle_healthz", False)},
+    "/": {"GET": ("handle_dashboard", False), "HEAD": ("handle_dashboard", False)},
+    "/status": {"GET": ("handle_status", True)},
     "/v1/models": {"GET": ("handle_models", True)},
     "/v1/chat/completions": {"POST": ("handle_chat_completions", True)},
     "/v1/messages": {"POST": ("handle_messages", True)},
@@ -2509,6 +2915,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(ProxyError("internal error in iflow-proxy; see its log"))
         finally:
             self.log_access()
+
+    def client_gone(self):
+        """True once the client has closed its connection (checked while a request waits)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     # --- client authentication --------------------------------------------------------------
     def check_client_key(self):
@@ -2680,6 +3094,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if f.get("model_sent") and f["model_sent"] != model:
             model += " -> " + f["model_sent"]
         usage = f.get("usage") or {}
+        if f.get("account") and self.response_status == 200 and not f.get("error"):
+            self.server.usage.record(f["account"], f.get("model_sent") or model, 200, usage,
+                                     total)
+        elif f.get("account") and f.get("error"):  # failed after the stream began
+            self.server.usage.record(f["account"], f.get("model_sent") or model, 502, usage,
+                                     total)
         log.info("%s %s %s %s %s model=%s account=%s attempts=%s status=%s first_byte=%.0fms "
                  "total=%.0fms tokens=%s/%s%s", self.request_id, self.api, self.command,
                  urllib.parse.urlsplit(self.path).path, self.client_address[0], model or "-",
@@ -2692,13 +3112,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_healthz(self):
         self.send_json(200, {"status": "ok"})
 
+    def handle_status(self):
+        self.send_json(200, self.server.status())
+
+    def handle_dashboard(self):
+        """A static page; its script fetches /status with the key kept in the browser."""
+        self.send_bytes(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                        {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                         "Content-Security-Policy": "default-src 'none'; script-src "
+                         "'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"})
+
     def handle_models(self):
         self.send_json(200, models_response(self.server.catalog.ids(), self.api))
 
     def handle_chat_completions(self):
         body = validate_chat_request(self.read_json())
         self.log_fields["model"] = body["model"]
-        opened = self.server.open_chat(body, openai_conversation_key(body, self.headers))
+        opened = self.server.open_chat(body, openai_conversation_key(body, self.headers),
+                                       cancelled=self.client_gone)
+        try:
+            self._relay_openai(body, opened)
+        finally:
+            opened.close()
+
+    def _relay_openai(self, body, opened):
         self._note_opened(opened)
         headers = {}
         if opened.model != self.server.router.split_pin(body["model"])[1]:
@@ -2739,7 +3176,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.server.describe_images(body, conversation)
         thinking, effort = anthropic_thinking(request)
         estimate = count_request_tokens(request)
-        opened = self.server.open_chat(body, conversation, thinking=thinking, effort=effort)
+        opened = self.server.open_chat(body, conversation, thinking=thinking, effort=effort,
+                                       cancelled=self.client_gone)
+        try:
+            self._relay_anthropic(request, body, opened, estimate)
+        finally:
+            opened.close()
+
+    def _relay_anthropic(self, request, body, opened, estimate):
+        asked = request["model"]
         self._note_opened(opened)
         stops = request.get("stop_sequences") or ()
         headers = {"x-iflow-proxy-model": opened.model}
@@ -2902,6 +3347,95 @@ class Heartbeat:
                         return
 
 
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>iflow-proxy</title>
+<style>
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;
+color:#1d2329}
+header{background:#1d2329;color:#fff;padding:10px 16px}header h1{font-size:17px;margin:0}
+header p{margin:2px 0 0;color:#b9c2cc;font-size:12px}
+main{padding:12px;max-width:1100px;margin:auto}
+section{background:#fff;border:1px solid #dde2e7;border-radius:8px;margin:0 0 12px;padding:10px 12px}
+h2{font-size:15px;margin:0 0 8px}.wrap{overflow-x:auto}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;
+border-bottom:1px solid #edf0f3;white-space:nowrap}th{font-size:12px;color:#5b6772}
+.badge{display:inline-block;border-radius:10px;padding:1px 8px;font-size:12px;color:#fff}
+.healthy{background:#2e8540}.busy{background:#2f6fb3}.cooling{background:#c77800}
+.needs-login,.disabled{background:#b3261e}.muted{color:#6b7781;font-size:12px}
+form{display:flex;gap:8px;flex-wrap:wrap}input{flex:1;min-width:180px;padding:6px}
+#login{display:none}
+</style></head><body>
+<header><h1>iflow-proxy</h1><p id="summary">loading…</p></header>
+<main>
+<section id="login"><h2>Client key</h2><form id="keyform"><input id="key" type="password"
+ autocomplete="off" placeholder="client key"><button>Show status</button></form>
+<p class="muted">Kept in this browser tab only; never sent in a URL.</p></section>
+<section><h2>Accounts</h2><div class="wrap"><table id="accounts"><thead><tr><th>Account</th>
+<th>State</th><th>Kind</th><th>Key</th><th>In flight</th><th>Cooldown</th><th>Key expires</th>
+<th>Today</th></tr></thead><tbody></tbody></table></div></section>
+<section><h2>Today's usage</h2><div class="wrap"><table id="usage"><thead><tr><th>Account</th>
+<th>Model</th><th>Requests</th><th>Failures</th><th>Input tokens</th><th>Output tokens</th>
+<th>Avg latency</th></tr></thead><tbody></tbody></table></div></section>
+<section><h2>Recent errors</h2><div class="wrap"><table id="errors"><thead><tr><th>Time</th>
+<th>Account</th><th>Model</th><th>Status</th><th>Kind</th></tr></thead><tbody></tbody></table>
+</div></section>
+</main>
+<script>
+"use strict";
+var fragment = new URLSearchParams(location.hash.slice(1));
+var key = fragment.get("key") || sessionStorage.getItem("iflowProxyKey") || "";
+if (fragment.get("key")) { sessionStorage.setItem("iflowProxyKey", key);
+  history.replaceState(null, "", location.pathname); }
+function cell(row, text, cls) { var td = document.createElement("td");
+  if (cls) { var b = document.createElement("span"); b.className = "badge " + cls;
+    b.textContent = text; td.appendChild(b); } else { td.textContent = text; }
+  row.appendChild(td); }
+function fill(id, rows, empty) { var body = document.querySelector("#" + id + " tbody");
+  body.textContent = ""; rows.forEach(function (cells) { var tr = document.createElement("tr");
+    cells.forEach(function (c) { Array.isArray(c) ? cell(tr, c[0], c[1]) : cell(tr, c); });
+    body.appendChild(tr); });
+  if (!rows.length) { var tr = document.createElement("tr"); cell(tr, empty);
+    body.appendChild(tr); } }
+function duration(s) { var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60);
+  return h ? h + "h " + m + "m" : m ? m + "m " + (s % 60) + "s" : s + "s"; }
+function render(s) {
+  document.getElementById("login").style.display = "none";
+  var t = s.usage.today.sum;
+  document.getElementById("summary").textContent = "v" + s.version + " · " + s.listen +
+    " · up " + duration(s.uptime_s) + " · " + s.strategy + " · " + s.waiting + " waiting · today " +
+    t.requests + " requests, " + t.input_tokens + "/" + t.output_tokens + " tokens";
+  fill("accounts", s.accounts.map(function (a) {
+    var cool = a.cooldowns.map(function (c) { return (c.model === "*" ? "all" : c.model) + " " +
+      Math.ceil(c.remaining_s) + "s"; }).join(", ");
+    return [a.nickname + (a["default"] ? " (default)" : ""), [a.state, a.state], a.kind, a.key,
+      a.in_flight + "/" + (a.max_concurrency || "∞"), cool || a.status_reason || "–",
+      a.key_expires || "–", a.today.requests + " req, " + a.today.failures + " failed"]; }),
+    "no accounts: run python iflow_proxy.py login");
+  fill("usage", s.usage.today.rows.map(function (r) { return [r.account, r.model, r.requests,
+    Object.keys(r.failures).map(function (k) { return k + "×" + r.failures[k]; }).join(" ") || 0,
+    r.input_tokens, r.output_tokens, r.requests ? Math.round(r.latency_ms / r.requests) + " ms"
+    : "–"]; }), "no requests today");
+  fill("errors", s.recent_errors.map(function (e) { return [new Date(e.time * 1000)
+    .toLocaleTimeString(), e.account, e.model, e.upstream_status || e.status, e.kind]; }),
+    "none");
+}
+function load() {
+  fetch("status", {headers: key ? {"Authorization": "Bearer " + key} : {}})
+    .then(function (r) { if (r.status === 401) { document.getElementById("login").style.display =
+      "block"; document.getElementById("summary").textContent = "client key required"; return; }
+      return r.json().then(render); })
+    .catch(function (e) { document.getElementById("summary").textContent = "proxy unreachable"; });
+}
+document.getElementById("keyform").addEventListener("submit", function (ev) {
+  ev.preventDefault(); key = document.getElementById("key").value;
+  sessionStorage.setItem("iflowProxyKey", key); load(); });
+load(); setInterval(load, 5000);
+</script></body></html>
+"""
+
+
 def start_server(config, **kwargs):
     """Start a ProxyServer in a daemon thread; returns it (call shutdown() + server_close())."""
     server = ProxyServer(config, **kwargs)
@@ -3031,6 +3565,7 @@ def cmd_serve(args, config):
     for signame in ("SIGINT", "SIGTERM"):
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), stop)
+    server.start_background()
     try:
         server.serve_forever()
     finally:
@@ -3240,6 +3775,85 @@ def cmd_claude(args, config):
             server.server_close()
 
 
+def fetch_status(config, timeout=2.0):
+    """/status of a proxy running on this config's port, or None when none answers."""
+    req = urllib.request.Request(_local_url(config) + "/status",
+                                 headers={"Authorization": "Bearer " + _client_token(config)})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            if not resp.headers.get("Server", "").startswith("iflow-proxy/"):
+                return None
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            raise ProxyError("the running proxy at %s wants a client key this config doesn't "
+                             "have" % _local_url(config))
+        return None
+    except (OSError, ValueError):
+        return None
+
+
+def offline_status(config):
+    """The status we can tell from files alone (no server running)."""
+    usage = UsageBook(os.path.join(config.home, "usage.json"))
+    summary = usage.summary()
+    today = {}
+    for row in summary["today"]["rows"]:
+        mine = today.setdefault(row["account"], {"requests": 0, "failures": 0})
+        mine["requests"] += row["requests"]
+        mine["failures"] += sum(row["failures"].values())
+    accounts = [dict(account_json(a, config), state=a.status, in_flight=0, cooldowns=[],
+                     key_expires=a.expires or None,
+                     today=today.get(a.nickname, {"requests": 0, "failures": 0}))
+                for a in account_rows(config)]
+    return {"version": __version__, "listen": None, "accounts": accounts, "usage": summary,
+            "recent_errors": []}
+
+
+def format_status(status):
+    lines = []
+    if status.get("listen"):
+        lines.append("iflow-proxy %s at %s, up %ds, strategy %s, %d waiting" % (
+            status["version"], status["listen"], status["uptime_s"], status["strategy"],
+            status["waiting"]))
+    else:
+        lines.append("iflow-proxy is not running here; from the files in its home:")
+    rows = [("", "NICKNAME", "KIND", "KEY", "STATE", "IN-FLIGHT", "COOLDOWN", "TODAY")]
+    for a in status["accounts"]:
+        cooldown = ", ".join("%s %ds" % ("all" if c["model"] == "*" else c["model"],
+                                         c["remaining_s"]) for c in a["cooldowns"])
+        rows.append(("*" if a["default"] else "", a["nickname"], a["kind"], a["key"],
+                     a["state"] + (": " + a["status_reason"][:40] if a.get("status_reason")
+                                   and a["state"] != "ok" else ""),
+                     str(a["in_flight"]), cooldown or "-", "%d req, %d failed" % (
+                         a["today"]["requests"], a["today"]["failures"])))
+    out = io.StringIO()
+    if len(rows) > 1:
+        _print_table(rows, out)
+    else:
+        out.write("no accounts\n")
+    lines.append(out.getvalue().rstrip("\n"))
+    today = status["usage"]["today"]["sum"]
+    lines.append("today: %d requests, %d failures, %d input / %d output tokens" % (
+        today["requests"], sum(today["failures"].values()), today["input_tokens"],
+        today["output_tokens"]))
+    for e in status.get("recent_errors", [])[:5]:
+        lines.append("  error %s %s %s: %s (%s)" % (
+            time.strftime("%H:%M:%S", time.localtime(e["time"])), e["account"], e["model"],
+            e.get("upstream_status") or e["status"], e["kind"]))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_status(args, config):
+    status = fetch_status(config) or offline_status(config)
+    if args.json:
+        json.dump(status, args.stdout, indent=2)
+        args.stdout.write("\n")
+    else:
+        args.stdout.write(format_status(status))
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``iflow_proxy: error: ...`` and exit code 2."""
 
@@ -3311,6 +3925,10 @@ def build_parser():
     p.add_argument("claude_args", nargs="*", metavar="CLAUDE_ARG",
                    help="arguments for claude (everything after this command's own options)")
     p.set_defaults(func=cmd_claude)
+
+    p = sub.add_parser("status", help="show accounts, cooldowns and usage")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", help="probe each account's upstream")
     p.add_argument("nickname", nargs="?")

@@ -200,6 +200,10 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
                                   {"Retry-After": "7"} if value == 429 else None)
             if kind == "network_error":
                 return self.stream(body, network_error=True)
+            if kind == "stall":  # answer only once the test sets this event
+                value.wait(30)
+                action = None
+                return self.answer(body, None)
             if kind == "close":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -290,6 +294,24 @@ def fake():
     server = FakeIFlow()
     yield server
     server.stop()
+
+
+class FakeClock:
+    """An injectable monotonic clock for cooldowns: tests move time instead of sleeping."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
 
 
 @pytest.fixture
@@ -717,23 +739,28 @@ def test_non_stream_signed_and_session_stable(home, fake):
     assert reqs[0][1]["x-iflow-timestamp"] != "" and reqs[0][1]["x-iflow-signature"]
 
 
+def conversation(i):
+    return dict(CHAT, messages=[{"role": "user", "content": "conversation %d" % i}])
+
+
 def test_pool_of_three_keys_round_robin(home, fake):
     config = make_config(home, fake, env={"IFLOW_API_KEYS": ",".join(KEYS)})
     with running(config) as server:
         for i in range(6):
-            assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+            assert post_json(server, "/v1/chat/completions", conversation(i))[0] == 200
     assert [r[3] for r in fake.chat_requests()] == list(KEYS) * 2
 
 
-def test_keepalive_pool_reuses_upstream_connection(home, fake):
+def test_keepalive_pool_reuses_upstream_connection(home, fake, clock):
     add_key_account(home, KEYS[0])
-    with running(make_config(home, fake)) as server:
+    with running(make_config(home, fake), router_clock=clock) as server:
         for _ in range(5):
             assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
         assert fake.connections == 1
         # The upstream closes the kept-alive socket: the next request reconnects transparently.
         fake.push(KEYS[0], ("close", None))
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 502  # closed mid-request
+        clock.advance(61)  # the failure cooled the account for 60 s
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
         fake.connections = 0
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
@@ -803,30 +830,33 @@ def test_stream_request_business_error_fails_over_before_first_byte(home, fake):
         status, _, data = request(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
         assert status == 200 and sse_payloads(data)[-1] == "[DONE]"
         assert [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
-        # Both accounts busy -> a real 429, never a 449 passed through.
-        fake.push(KEYS[0], ("business", 449))
+        # Both accounts busy upstream -> a real 429 with Retry-After, never a 449 passed through.
         fake.push(KEYS[1], ("business", 449))
         status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
-        assert status == 429 and body["error"]["code"] == "concurrency_limit"
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert "glm-4.6" in body["error"]["message"] and "449" not in str(status)
 
 
-def test_business_and_http_errors_map_to_statuses(home, fake):
+def test_business_and_http_errors_map_to_statuses(home, fake, clock):
     add_key_account(home, KEYS[0])
-    with running(make_config(home, fake)) as server:
+    with running(make_config(home, fake), router_clock=clock) as server:
         fake.push(KEYS[0], ("business", 511))
         status, _, body = post_json(server, "/v1/chat/completions", CHAT)
         assert status == 400 and body["error"]["code"] == "context_length_exceeded"
         fake.push(KEYS[0], ("http", 429))
         status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
         assert status == 429 and headers["Retry-After"] == "7"
+        clock.advance(8)
         fake.push(KEYS[0], ("business", 514))
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 502
+        clock.advance(61)
         status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="nope-1"))
         assert status == 404 and body["error"]["code"] == "model_not_found"
         anth = post_json(server, "/v1/chat/completions", dict(CHAT, model="nope-1"),
                          {"anthropic-version": "2023-06-01"})
         assert anth[0] == 404 and anth[2]["type"] == "error"
-        assert len(fake.chat_requests()) == 5   # none of these was retried
+        # None was retried, and the second nope-1 was answered from the 435 already seen.
+        assert len(fake.chat_requests()) == 4
 
 
 def test_dead_keys_leave_rotation(home, fake):
@@ -849,15 +879,20 @@ def test_dead_keys_leave_rotation(home, fake):
     assert KEYS[0] not in out and "sk-not-a-valid-key" not in out
 
 
-def test_legacy_alias_falls_back_once_and_flags_it(home, fake):
+def test_legacy_alias_falls_back_once_and_flags_it(home, fake, clock):
     add_key_account(home, KEYS[0])
     fake.unavailable_models.add("glm-4.7")
-    with running(make_config(home, fake)) as server:
+    with running(make_config(home, fake), router_clock=clock) as server:
         status, headers, body = post_json(server, "/v1/chat/completions",
                                           dict(CHAT, model="glm-4.7"))
         assert status == 200 and headers["x-iflow-proxy-model"] == "glm-4.6"
         assert [r[2]["model"] for r in fake.chat_requests()] == ["glm-4.7", "glm-4.6"]
+        # glm-4.7 now cools on this account: the next request goes straight to glm-4.6.
+        status, headers, _ = post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-4.7"))
+        assert status == 200 and headers["x-iflow-proxy-model"] == "glm-4.6"
+        assert fake.chat_requests()[-1][2]["model"] == "glm-4.6"
         fake.unavailable_models.clear()
+        clock.advance(601)
         status, headers, _ = post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-4.7"))
         assert status == 200 and "x-iflow-proxy-model" not in headers
     off = make_config(home, fake, legacy_aliases="off", model_aliases={"fast": "qwen3-coder-plus"})
@@ -1625,10 +1660,10 @@ def test_messages_stream_over_http_with_prefix_and_beta(home, fake):
     assert len(sessions) == 1   # one upstream session for Claude Code's session
 
 
-def test_messages_errors_are_anthropic_shaped(home, fake):
+def test_messages_errors_are_anthropic_shaped(home, fake, clock):
     add_key_account(home, KEYS[0])
     headers = {"anthropic-version": "2023-06-01"}
-    with running(make_config(home, fake, client_keys=("ck-1",))) as server:
+    with running(make_config(home, fake, client_keys=("ck-1",)), router_clock=clock) as server:
         status, _, body = post_json(server, "/v1/messages", {"model": "claude-x"}, headers)
         assert status == 401 and body == {"type": "error", "error": {
             "type": "authentication_error", "message": body["error"]["message"]}}
@@ -1653,6 +1688,7 @@ def test_messages_errors_are_anthropic_shaped(home, fake):
         status, resp_headers, body = post_json(server, "/v1/messages", good, headers)
         assert status == 429 and body["error"]["type"] == "rate_limit_error"
         assert resp_headers["Retry-After"] == "7"
+        clock.advance(8)
         status, _, body = post_json(server, "/v1/messages", good, headers)
         assert status == 200 and body["content"] == [{"type": "text", "text": "echo: x"}]
 
@@ -1864,3 +1900,277 @@ def test_real_claude_code_completes_a_tool_task(home, fake, tmp_path):
     sent = [r[2] for r in fake.chat_requests()]
     assert any(m["role"] == "tool" and "hello from the file" in m["content"]
                for s in sent for m in s["messages"])
+
+
+# ==================================================================================================
+# Routing, resilience, usage, status
+# ==================================================================================================
+
+def in_thread(fn, *args):
+    """Run fn(*args) in a thread; returns (thread, result list)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def content_of(upstream_request):
+    return upstream_request[2]["messages"][-1]["content"]
+
+
+def test_one_request_per_account_fifo_queue_and_timeout(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.hold = threading.Event()
+    with running(make_config(home, fake, queue_timeout=30)) as server:
+        first = in_thread(post_json, server, "/v1/chat/completions", conversation(1))
+        wait_for(lambda: len(fake.chat_requests()) == 1, what="first request upstream")
+        second = in_thread(post_json, server, "/v1/chat/completions", conversation(2))
+        wait_for(lambda: server.router.waiting() == 1, what="second request queued")
+        third = in_thread(post_json, server, "/v1/chat/completions", conversation(3))
+        wait_for(lambda: server.router.waiting() == 2, what="third request queued")
+        assert len(fake.chat_requests()) == 1     # nothing sent while the account is busy
+        fake.hold.set()
+        for thread, result in (first, second, third):
+            thread.join(30)
+            assert result[0][0] == 200
+        assert [content_of(r) for r in fake.chat_requests()] == \
+            ["conversation 1", "conversation 2", "conversation 3"]   # first come, first served
+    fake.hold = threading.Event()
+    with running(make_config(home, fake, queue_timeout=0.2)) as server:
+        first = in_thread(post_json, server, "/v1/chat/completions", conversation(1))
+        wait_for(lambda: server.router.in_flight(server.router.all_accounts()[0]) == 1,
+                 what="account busy")
+        status, headers, body = post_json(server, "/v1/chat/completions", conversation(2))
+        assert status == 429 and headers["Retry-After"] and "queue_timeout" in \
+            body["error"]["message"]
+        fake.hold.set()
+        first[0].join(30)
+
+
+def test_client_that_disconnects_while_queued_leaves_the_queue(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.hold = threading.Event()
+    with running(make_config(home, fake)) as server:
+        first = in_thread(post_json, server, "/v1/chat/completions", conversation(1))
+        wait_for(lambda: len(fake.chat_requests()) == 1, what="first request upstream")
+        sock = socket.create_connection(server.server_address)
+        payload = json.dumps(conversation(2)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        wait_for(lambda: server.router.waiting() == 1, what="queued")
+        sock.close()
+        wait_for(lambda: server.router.waiting() == 0, what="the queue to drop the gone client")
+        fake.hold.set()
+        first[0].join(30)
+        assert post_json(server, "/v1/chat/completions", conversation(3))[0] == 200
+    assert [content_of(r) for r in fake.chat_requests()] == ["conversation 1", "conversation 3"]
+
+
+def test_strategies_priority_and_affinity(home, fake):
+    for key, nick in zip(KEYS, ("a", "b", "c")):
+        add_key_account(home, key, nickname=nick)
+    ip.AccountRegistry(home).set_default("b")
+    with running(make_config(home, fake, strategy="fill-first")) as server:
+        for i in range(4):
+            assert post_json(server, "/v1/chat/completions", conversation(i))[0] == 200
+        assert [r[3] for r in fake.chat_requests()] == [KEYS[1]] * 4   # the default, filled
+        fake.hold = threading.Event()
+        busy = in_thread(post_json, server, "/v1/chat/completions", conversation(10))
+        wait_for(lambda: len(fake.chat_requests()) == 5, what="default busy")
+        other = in_thread(post_json, server, "/v1/chat/completions", conversation(11))
+        wait_for(lambda: len(fake.chat_requests()) == 6, what="spill to the next account")
+        assert fake.chat_requests()[-1][3] == KEYS[0]
+        fake.hold.set()
+        busy[0].join(30), other[0].join(30)
+    fake.requests.clear()
+    fake.hold = None
+    with running(make_config(home, fake)) as server:   # round-robin with affinity
+        for i in range(3):
+            assert post_json(server, "/v1/chat/completions", conversation(i))[0] == 200
+        assert [r[3] for r in fake.chat_requests()] == list(KEYS)
+        for _ in range(3):   # the same conversation keeps its account (and upstream session)
+            assert post_json(server, "/v1/chat/completions", conversation(1))[0] == 200
+        assert [r[3] for r in fake.chat_requests()[3:]] == [KEYS[1]] * 3
+        assert len({r[1]["session-id"] for r in fake.chat_requests()[3:]}) == 1
+        body = {"model": "claude-sonnet-4", "max_tokens": 10, "metadata": {"user_id": "u-42"},
+                "messages": [{"role": "user", "content": "turn 1"}]}
+        post_json(server, "/v1/messages", body)
+        body["messages"] += [{"role": "assistant", "content": "ok"},
+                             {"role": "user", "content": "turn 2"}]
+        post_json(server, "/v1/messages", body)
+        assert fake.chat_requests()[-1][3] == fake.chat_requests()[-2][3]
+    ip.AccountRegistry(home).update_entry(
+        ip.AccountRegistry(home).read()["accounts"][2]["id"], priority=5)
+    fake.requests.clear()
+    with running(make_config(home, fake, strategy="least-busy")) as server:
+        for i in range(3):
+            assert post_json(server, "/v1/chat/completions", conversation(i))[0] == 200
+        assert [r[3] for r in fake.chat_requests()] == [KEYS[2]] * 3   # highest priority first
+
+
+def test_failover_before_first_byte_and_cooldowns_with_clock(home, fake, clock):
+    add_key_account(home, KEYS[0], nickname="a")
+    add_key_account(home, KEYS[1], nickname="b")
+    with running(make_config(home, fake), router_clock=clock) as server:
+        fake.push(KEYS[0], ("http", 429))      # Retry-After: 7
+        status, _, _ = post_json(server, "/v1/chat/completions", conversation(1))
+        assert status == 200 and [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
+        for i in range(3):   # a is skipped while it cools
+            assert post_json(server, "/v1/chat/completions", conversation(10 + i))[0] == 200
+        assert [r[3] for r in fake.chat_requests()[2:]] == [KEYS[1]] * 3
+        clock.advance(7.5)  # a's Retry-After has passed: it is back in rotation
+        for i in range(2):
+            assert post_json(server, "/v1/chat/completions", conversation(20 + i))[0] == 200
+        assert sorted(r[3] for r in fake.chat_requests()[-2:]) == [KEYS[0], KEYS[1]]
+        # 8211 without Retry-After backs off 1 s, 2 s, 4 s ...; success resets it.
+        a = server.router.all_accounts()[0]
+        for expected in (1, 2, 4):
+            fake.push(KEYS[0], ("business", 8211))
+            status, _, _ = post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))
+            assert status == 429
+            assert server.router.cooling_until(a, "glm-4.6") - clock() == expected
+            clock.advance(expected)
+        assert post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))[0] == 200
+        fake.push(KEYS[0], ("business", 8211))
+        post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))
+        assert server.router.cooling_until(a, "glm-4.6") - clock() == 1
+        clock.advance(1)
+        # 5xx cools the pair 60 s; 449 cools the account a few seconds.
+        fake.push(KEYS[0], ("http", 503))
+        assert post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))[0] == 502
+        assert server.router.cooling_until(a, "glm-4.6") - clock() == 60
+        assert not server.router.cooling_until(a, "kimi-k2")
+        clock.advance(60)
+        fake.push(KEYS[0], ("business", 449))
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="a/kimi-k2"))
+        assert status == 429 and server.router.cooling_until(a, "qwen3-max") - clock() == 3
+
+
+def test_all_cooling_gives_429_with_retry_after_in_both_formats(home, fake, clock):
+    add_key_account(home, KEYS[0])
+    add_key_account(home, KEYS[1])
+    with running(make_config(home, fake), router_clock=clock) as server:
+        fake.push(KEYS[0], ("http", 503))
+        fake.push(KEYS[1], ("http", 503))
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 502  # the real failure
+        clock.advance(20)
+        before = len(fake.chat_requests())
+        status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 429 and headers["Retry-After"] == "40"
+        assert "glm-4.6" in body["error"]["message"] and "40s" in body["error"]["message"]
+        assert body["error"]["type"] == "rate_limit_error"
+        status, headers, body = post_json(server, "/v1/messages", {
+            "model": "glm-4.6", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        assert status == 429 and headers["Retry-After"] == "40"
+        assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+        assert len(fake.chat_requests()) == before    # answered without calling upstream
+        clock.advance(41)
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_upstream_timeout_fails_over(home, fake):
+    add_key_account(home, KEYS[0])
+    add_key_account(home, KEYS[1])
+    release = threading.Event()
+    fake.push(KEYS[0], ("stall", release))
+    try:
+        with running(make_config(home, fake, first_byte_timeout=0.3)) as server:
+            status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
+            assert status == 200
+            assert [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
+            assert server.router.recent_errors[-1]["kind"] == "timeout"
+    finally:
+        release.set()
+
+
+def test_usage_status_and_dashboard(home, fake, tmp_path):
+    add_key_account(home, KEYS[0], nickname="work")
+    add_key_account(home, KEYS[1], nickname="home")
+    log_stream = io.StringIO()
+    config = make_config(home, fake, client_keys=("ck-status-key",))
+    headers = {"x-api-key": "ck-status-key"}
+    with running(config) as server:
+        ip.setup_logging(config, stream=log_stream)
+        for i in range(3):
+            status, resp_headers, _ = post_json(server, "/v1/chat/completions", conversation(i),
+                                                headers)
+            assert status == 200
+        fake.push(KEYS[1], ("http", 429))
+        post_json(server, "/v1/chat/completions", conversation(7), headers)
+        status, _, data = request(server, "GET", "/status")
+        assert status == 401
+        status, _, data = request(server, "GET", "/status", headers=headers)
+        info = json.loads(data)
+        assert status == 200 and info["version"] == ip.__version__ and info["listen"] == server.url
+        by_nick = {a["nickname"]: a for a in info["accounts"]}
+        assert by_nick["work"]["default"] and by_nick["work"]["state"] == "healthy"
+        assert by_nick["home"]["state"] == "cooling" and by_nick["home"]["cooldowns"]
+        assert info["usage"]["today"]["sum"]["requests"] == 5
+        assert info["usage"]["today"]["sum"]["failures"] == {"429": 1}
+        assert info["usage"]["today"]["sum"]["input_tokens"] == 44
+        assert info["recent_errors"][0]["upstream_status"] == 429
+        for secret in KEYS[:2] + ("ck-status-key",):
+            assert secret not in data.decode()
+        status, page_headers, page = request(server, "GET", "/")
+        assert status == 200 and page_headers["Content-Type"].startswith("text/html")
+        assert b"ck-status-key" not in page and b"<script>" in page
+        line = [l for l in log_stream.getvalue().splitlines() if resp_headers["x-request-id"] in l]
+        assert line and "openai POST /v1/chat/completions" in line[0]
+        assert "model=glm-4.6" in line[0] and "account=" in line[0] and "status=200" in line[0]
+        assert "attempts=1" in line[0] and "first_byte=" in line[0] and "tokens=11/5" in line[0]
+        # `status` from the running server ...
+        env = {"IFLOW_PROXY_PORT": str(server.server_address[1]),
+               "IFLOW_PROXY_CLIENT_KEYS": "ck-status-key"}
+        code, out, err = run_cli("status", env=env, home=home)
+        assert code == 0 and "at %s" % server.url in out and "cooling" in out
+        assert "today: 5 requests, 1 failures" in out and KEYS[0] not in out
+    # ... and from files once it stopped: usage.json survived.
+    code, out, _ = run_cli("status", env={"IFLOW_PROXY_PORT": "1"}, home=home)
+    assert code == 0 and "not running" in out and "today: 5 requests, 1 failures" in out
+    assert stat.S_IMODE(os.stat(os.path.join(home, "usage.json")).st_mode) == 0o600
+    with running(make_config(home, fake)) as server:
+        assert server.status()["usage"]["total"]["sum"]["requests"] == 5
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_dashboard_renders_in_headless_chromium(home, fake, tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    add_key_account(home, KEYS[0], nickname="work")
+    add_key_account(home, KEYS[1], nickname="home")
+    with running(make_config(home, fake, client_keys=("ck-dash",))) as server:
+        post_json(server, "/v1/chat/completions", CHAT, {"x-api-key": "ck-dash"})
+        fake.push(KEYS[1], ("http", 429))
+        post_json(server, "/v1/chat/completions", conversation(5), {"x-api-key": "ck-dash"})
+        args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--user-data-dir=" + str(tmp_path / "profile"),
+                "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000"]
+        url = server.url + "/#key=ck-dash"
+        shot = tmp_path / "dashboard.png"
+        run = subprocess.run(args + ["--window-size=412,915", "--screenshot=" + str(shot), url],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and shot.stat().st_size > 5000
+        dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True,
+                             timeout=120)
+        console = [l for l in dom.stderr.splitlines() + run.stderr.splitlines()
+                   if ":CONSOLE" in l]
+        assert console == []
+        accounts = dom.stdout[dom.stdout.index('id="accounts"'):dom.stdout.index("Today's")]
+        assert "work (default)" in accounts and "home" in accounts
+        assert 'badge healthy' in accounts and 'badge cooling' in accounts
+        assert "ck-dash" not in dom.stdout and KEYS[0] not in dom.stdout
+        # Without the key the page asks for it instead of showing anything.
+        locked = subprocess.run(args + ["--dump-dom", server.url + "/"], capture_output=True,
+                                text=True, timeout=120)
+        assert "client key required" in locked.stdout and "work (default)" not in locked.stdout
+        if os.environ.get("IFLOW_PROXY_KEEP_SCREENSHOT"):
+            shutil.copy(str(shot), os.environ["IFLOW_PROXY_KEEP_SCREENSHOT"])
