@@ -24,6 +24,7 @@ lock.  Keys and tokens are never printed or logged in full.
 import argparse
 import base64
 import binascii
+import calendar
 import dataclasses
 import email.utils
 import fnmatch
@@ -37,6 +38,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import select
@@ -54,6 +56,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import webbrowser
 
 try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
     import fcntl
@@ -81,6 +84,9 @@ DEFAULT_OAUTH_BASE = "https://iflow.cn"
 DEFAULT_PLATFORM_BASE = "https://platform.iflow.cn"
 DEFAULT_USER_AGENT = "iFlow-Cli"
 DEFAULT_PROBE_MODEL = "glm-4.6"
+# The official CLI's public OAuth client (it ships in the npm package; not a secret of ours).
+OAUTH_CLIENT_ID = "10009311001"
+OAUTH_CLIENT_SECRET = "4Z3YjXycVsQvyGF1etiNlIBB4RsqSDtW"
 ROUTE_PREFIX = "/api/provider/iflow"  # what CCS users already have in ANTHROPIC_BASE_URL
 
 # The official CLI ships its model list built in; /v1/models falls back to it.
@@ -277,6 +283,14 @@ CONFIG_KEYS = {
     "max_body_bytes": (int, 50 * 1024 * 1024, None, "largest request body accepted"),
     "models_cache_ttl": (_NUMBER, 300, None, "seconds to cache upstream /models"),
     "probe_model": (str, DEFAULT_PROBE_MODEL, None, "model used by check and login verification"),
+    "oauth_client_id": (str, OAUTH_CLIENT_ID, None, "OAuth client id"),
+    "oauth_client_secret": (str, OAUTH_CLIENT_SECRET, None, "OAuth client secret"),
+    "device_endpoint": (str, "", "IFLOW_DEVICE_ENDPOINT",
+                        "RFC 8628 device authorization URL (iFlow has none)"),
+    "callback_port": (int, 11451, None, "local port of the OAuth callback listener"),
+    "login_timeout": (_NUMBER, 300, None, "seconds to wait for a browser or device login"),
+    "refresh_lead": (_NUMBER, 86400, None, "refresh OAuth tokens this many seconds before expiry "
+                     "(at most half their lifetime)"),
     "strategy": (str, "round-robin", "IFLOW_PROXY_STRATEGY",
                  "round-robin, least-busy or fill-first"),
     "max_concurrency": (int, 1, None, "requests in flight per account unless it sets its own "
@@ -321,6 +335,12 @@ class Config:
     max_body_bytes: int = 50 * 1024 * 1024
     models_cache_ttl: float = 300
     probe_model: str = DEFAULT_PROBE_MODEL
+    oauth_client_id: str = OAUTH_CLIENT_ID
+    oauth_client_secret: str = OAUTH_CLIENT_SECRET
+    device_endpoint: str = ""
+    callback_port: int = 11451
+    login_timeout: float = 300
+    refresh_lead: float = 86400
     strategy: str = "round-robin"
     max_concurrency: int = 1
     queue_timeout: float = 120
@@ -367,8 +387,10 @@ def _from_env(key, raw, types):
 
 def _validate_value(key, value, where):
     """Checks beyond the type, shared by file, environment and flags."""
-    if key == "port" and not 0 <= value <= 65535:
-        raise ConfigError("%s: key 'port' must be between 0 and 65535, got %d" % (where, value))
+    if key in ("port", "callback_port") and not 0 <= value <= 65535:
+        raise ConfigError("%s: key %r must be between 0 and 65535, got %d" % (where, key, value))
+    if key == "device_endpoint" and value and not _is_http_url(value):
+        raise ConfigError("%s: key 'device_endpoint' must be an http:// or https:// URL" % where)
     if key in ("api_base", "oauth_base", "platform_base") and not _is_http_url(value):
         raise ConfigError("%s: key %r must be an http:// or https:// URL, got %r"
                           % (where, key, value))
@@ -404,7 +426,7 @@ def _validate_value(key, value, where):
             if mode not in LEGACY_MODES:
                 raise ConfigError("%s: key 'legacy_aliases' modes must be one of %s, got %r"
                                   % (where, ", ".join(LEGACY_MODES), mode))
-    if (key.endswith("_timeout") or key == "ping_interval") and value <= 0:
+    if (key.endswith("_timeout") or key in ("ping_interval", "refresh_lead")) and value <= 0:
         raise ConfigError("%s: key %r must be a positive number" % (where, key))
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("%s: key 'log_level' must be debug, info, warning or error" % where)
@@ -600,6 +622,7 @@ class Account:
     models: tuple = ()
     excluded_models: tuple = ()
     expires: str = ""
+    refresh_error: str = ""
 
     def api_base(self, config):
         return (self.base_url or config.api_base).rstrip("/")
@@ -711,6 +734,7 @@ class AccountRegistry:
             status, reason = "needs-login", "no API key in %s" % self.credential_path(entry)
         return Account(
             id=entry["id"], nickname=entry["nickname"], kind=entry["kind"], api_key=api_key,
+            refresh_error=str(entry.get("refresh_error") or ""),
             email=str(creds.get("email") or entry.get("email") or ""),
             default=entry["id"] == data.get("default"), status=status, status_reason=reason,
             models=tuple(settings.pop("models")),
@@ -775,7 +799,7 @@ class AccountRegistry:
                 new_id = secrets.token_hex(4)
                 while new_id in taken_ids:
                     new_id = secrets.token_hex(4)
-                base = (credentials.get("email") or "").split("@")[0] or kind
+                base = nickname_base(credentials, kind)
                 entry = {"id": new_id, "identity": identity, "kind": kind,
                          "nickname": nickname or unique_nickname(base, others),
                          "created": now_rfc3339(clock)}
@@ -785,7 +809,7 @@ class AccountRegistry:
             entry["kind"] = kind
             entry["email"] = credentials.get("email", "")
             entry.update(settings or {})
-            entry["status"], entry["status_reason"] = "ok", ""
+            entry["status"], entry["status_reason"], entry["refresh_error"] = "ok", "", ""
             creds = dict(self.read_credentials(entry)) if not created else {}
             creds.update(credentials)
             creds.update({"type": "iflow", "id": entry["id"], "kind": kind,
@@ -847,6 +871,635 @@ def pool_accounts(config):
         Account(id="pool-" + fingerprint(key), nickname="pool-%d" % (i + 1), kind="pool",
                 api_key=key)
         for i, key in enumerate(config.api_keys))
+
+
+# ==================================================================================================
+# Auth: OAuth (browser, code display, paste, device code), cookie keys, refresh, import
+# ==================================================================================================
+
+class LoginError(ProxyError):
+    """A login, refresh or platform call that did not work; ``permanent`` = log in again."""
+
+    code = "login_failed"
+
+    def __init__(self, message, permanent=False, exit_code=1):
+        super().__init__(message)
+        self.permanent = permanent
+        self.exit_code = exit_code
+
+
+def http_json(method, url, config, headers=None, form=None, body=None, timeout=30, env=None):
+    """(HTTP status, parsed JSON or None) of one OAuth/platform call (proxy and CA honoured)."""
+    headers = dict(headers or {})
+    data = None
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode("utf-8")
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    elif body is not None:
+        data = json.dumps(body).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    headers.setdefault("Accept", "application/json")
+    headers.setdefault("User-Agent", "iflow-proxy/" + __version__)
+    proxy = select_proxy(url, config.proxy, env)
+    context = ssl.create_default_context()
+    if config.ca_file:
+        context.load_verify_locations(config.ca_file)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}),
+        urllib.request.HTTPSHandler(context=context))
+    where = urllib.parse.urlsplit(url).netloc
+    try:
+        with opener.open(urllib.request.Request(url, data=data, headers=headers, method=method),
+                         timeout=timeout) as resp:
+            status, raw = resp.status, resp.read(SSE_HEAD_LIMIT)
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read(SSE_HEAD_LIMIT)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UpstreamError("unreachable", "cannot reach %s: %s" % (where, reason))
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    return status, payload
+
+
+def pkce_pair():
+    """(verifier, S256 challenge); sent even where unsupported, where it is harmless."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def authorize_url(config, redirect, state, challenge):
+    """iFlow's authorize URL (the redirect parameter is named ``redirect``)."""
+    query = urllib.parse.urlencode({
+        "loginMethod": "phone", "type": "phone", "redirect": redirect, "state": state,
+        "client_id": config.oauth_client_id, "code_challenge": challenge,
+        "code_challenge_method": "S256"})
+    return config.oauth_base + "/oauth?" + query
+
+
+def code_display_uri(config):
+    return config.oauth_base + "/oauth/code-display"
+
+
+def _client_auth(config):
+    pair = "%s:%s" % (config.oauth_client_id, config.oauth_client_secret)
+    return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+
+
+def _token_answer(status, payload, what):
+    """The token response, or LoginError: permanent for invalid_grant, soft otherwise."""
+    if isinstance(payload, dict) and isinstance(payload.get("access_token"), str) \
+            and payload["access_token"]:
+        return payload
+    payload = payload if isinstance(payload, dict) else {}
+    error = payload.get("error") or ""
+    message = payload.get("error_description") or payload.get("message") or error or \
+        "HTTP %d" % status
+    if error in ("invalid_grant", "invalid_token", "unauthorized_client"):
+        raise LoginError("%s refused (%s): log in again" % (what, message), permanent=True)
+    raise LoginError("%s failed: %s" % (what, message))
+
+
+def token_request(config, form, what, env=None):
+    form = dict(form, client_id=config.oauth_client_id,
+                client_secret=config.oauth_client_secret)
+    status, payload = http_json("POST", config.oauth_base + "/oauth/token", config,
+                                headers=_client_auth(config), form=form, env=env)
+    return status, payload
+
+
+def exchange_code(config, code, redirect_uri, verifier, env=None):
+    status, payload = token_request(config, {"grant_type": "authorization_code", "code": code,
+                                             "redirect_uri": redirect_uri,
+                                             "code_verifier": verifier}, "code exchange", env)
+    return _token_answer(status, payload, "code exchange")
+
+
+def refresh_tokens(config, refresh_token, env=None):
+    status, payload = token_request(config, {"grant_type": "refresh_token",
+                                             "refresh_token": refresh_token}, "token refresh", env)
+    return _token_answer(status, payload, "token refresh")
+
+
+def fetch_user_info(config, access_token, sleep=time.sleep, env=None):
+    """iFlow's user info: the apiKey that signs and authorises chat, email, phone."""
+    url = config.oauth_base + "/api/oauth/getUserInfo?" + urllib.parse.urlencode(
+        {"accessToken": access_token})
+    problem = "no answer"
+    for attempt in range(3):  # as the CLI does: 3 tries, 1/2/3 s apart
+        if attempt:
+            sleep(attempt)
+        try:
+            status, payload = http_json("GET", url, config, env=env)
+        except UpstreamError as e:
+            problem = e.message
+            continue
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("apiKey"), str) and data["apiKey"]:
+            return data
+        problem = (payload or {}).get("message") or "HTTP %d without an apiKey" % status \
+            if isinstance(payload, dict) or payload is None else "unexpected answer"
+    raise LoginError("cannot read the account's API key from user info: %s" % problem)
+
+
+def rfc3339(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def parse_time(value):
+    """Epoch seconds of an RFC 3339 string, an epoch number (s or ms), or iFlow's
+    "2026-03-01 12:00" (China time); None when unknown."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value / 1000.0 if value > 1e11 else float(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    for fmt, offset in (("%Y-%m-%d %H:%M:%S", 8), ("%Y-%m-%d %H:%M", 8)):
+        try:
+            return calendar.timegm(time.strptime(text, fmt)) - offset * 3600
+        except ValueError:
+            pass
+    match = re.match(r"^(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?$", text)
+    if not match:
+        return None
+    epoch = calendar.timegm(time.strptime(match.group(1) + " " + match.group(2),
+                                          "%Y-%m-%d %H:%M:%S"))
+    zone = match.group(4) or "Z"
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        epoch -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return float(epoch)
+
+
+def oauth_credentials(tokens, info, clock=time.time):
+    """A credential file's fields (CLIProxyAPI's names) from a token response and user info."""
+    now = clock()
+    lifetime = tokens.get("expires_in")
+    lifetime = lifetime if isinstance(lifetime, (int, float)) and lifetime > 0 else 86400
+    return {"access_token": tokens["access_token"],
+            "refresh_token": tokens.get("refresh_token") or "",
+            "expired": rfc3339(now + lifetime), "last_refresh": rfc3339(now),
+            "token_type": tokens.get("token_type") or "Bearer", "scope": tokens.get("scope") or "",
+            "api_key": info["apiKey"], "email": info.get("email") or "",
+            "phone": info.get("phone") or "", "user_id": str(info.get("userId") or ""),
+            "user_name": info.get("userName") or ""}
+
+
+def identity_of(kind, creds):
+    """Who an account is: email, else phone, else the key's name or fingerprint."""
+    if creds.get("email"):
+        return "email:" + creds["email"].lower()
+    if creds.get("phone"):
+        return "phone:" + creds["phone"]
+    if creds.get("key_name"):
+        return "keyname:" + creds["key_name"]
+    return "key:" + fingerprint(creds.get("api_key") or "")
+
+
+def nickname_base(creds, kind):
+    if creds.get("email"):
+        return creds["email"].split("@")[0]
+    if creds.get("phone"):
+        return "phone-" + creds["phone"][-4:]
+    return kind
+
+
+def is_headless(env=None):
+    env = os.environ if env is None else env
+    if env.get("SSH_CONNECTION") or env.get("SSH_TTY"):
+        return True
+    return sys.platform.startswith("linux") and not (env.get("DISPLAY") or
+                                                     env.get("WAYLAND_DISPLAY"))
+
+
+_PAGE = ("<!doctype html><meta charset=utf-8><title>iflow-proxy login</title><body style='"
+         "font-family:sans-serif;margin:3em'><h2>%s</h2><p>%s</p></body>")
+
+
+class CallbackListener:
+    """A one-shot OAuth redirect listener on 127.0.0.1: checks ``state``, takes one code."""
+
+    def __init__(self, port, state, events):
+        listener = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                parts = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(parts.query))
+                if parts.path != "/oauth2callback":
+                    return self._page(404, "Not found", "This is iflow-proxy's login listener.")
+                if listener.done:
+                    return self._page(409, "Already used", "This login link was already used; "
+                                      "run the login command again if you need to.")
+                if not hmac.compare_digest(query.get("state", ""), listener.state):
+                    return self._page(400, "Login rejected", "The state parameter does not "
+                                      "match this login attempt.")
+                if query.get("error"):
+                    listener.done = True
+                    events.put(("error", "the login was refused: %s" % query["error"]))
+                    return self._page(400, "Login failed", "iFlow said: %s" % query["error"])
+                if not query.get("code"):
+                    return self._page(400, "Login failed", "The callback carried no code.")
+                listener.done = True
+                events.put(("code", query["code"], listener.redirect_uri))
+                return self._page(200, "Logged in", "You can close this tab and return to the "
+                                  "terminal.")
+
+            def _page(self, status, title, text):
+                body = (_PAGE % (title, text)).encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.state, self.done = state, False
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        except OSError as e:
+            raise LoginError("callback port %d is busy (%s): use --callback-port N, or log in "
+                             "with --no-browser (code display / paste)" % (port, e.strerror))
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.redirect_uri = "http://localhost:%d/oauth2callback" % self.port
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.1,),
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _read_pasted(stdin, state, redirect_uri, display_uri, events):
+    """Read a pasted code (code display) or a pasted callback URL from the terminal."""
+    line = stdin.readline(8192) if stdin is not None else ""
+    line = line.strip()
+    if not line:
+        events.put(("error", "no code was entered"))
+    elif line.startswith(("http://", "https://")):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(line).query))
+        if not hmac.compare_digest(query.get("state", ""), state):
+            events.put(("error", "the pasted URL's state does not match this login attempt"))
+        elif query.get("error"):
+            events.put(("error", "the login was refused: %s" % query["error"]))
+        elif not query.get("code") or redirect_uri is None:
+            events.put(("error", "the pasted URL carries no code"))
+        else:
+            events.put(("code", query["code"], redirect_uri))
+    else:
+        events.put(("code", line, display_uri))
+
+
+def login_oauth(config, out, stdin, browser=True, open_browser=None, env=None,
+                sleep=time.sleep, clock=time.time):
+    """Browser OAuth with a local callback, or (headless) code display / pasted callback URL.
+
+    Returns the credential fields for the new account.
+    """
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(24)
+    headless = not browser or is_headless(env)
+    events = queue.Queue()
+    listener = None
+    try:
+        listener = CallbackListener(config.callback_port, state, events)
+    except LoginError as e:
+        if not headless:
+            raise
+        out.write("(no local callback: %s)\n" % e.message)
+    try:
+        if not headless:
+            url = authorize_url(config, listener.redirect_uri, state, challenge)
+            out.write("Log in to iFlow in your browser. If it does not open, visit:\n  %s\n"
+                      % url)
+            out.flush()
+            (open_browser or webbrowser.open)(url)
+        else:
+            url = authorize_url(config, code_display_uri(config), state, challenge)
+            out.write("Open this URL on any device, log in, and type the code it shows:\n  %s\n"
+                      % url)
+            if listener is not None:
+                local = authorize_url(config, listener.redirect_uri, state, challenge)
+                out.write("Or forward the callback port over SSH (ssh -L %d:127.0.0.1:%d "
+                          "<this host>) and open\n  %s\nthen let it finish here, or paste the "
+                          "address the browser ends on.\n" % (listener.port, listener.port,
+                                                               local))
+            out.write("Code (or callback URL): ")
+            out.flush()
+            threading.Thread(target=_read_pasted, daemon=True, args=(
+                stdin, state, listener.redirect_uri if listener else None,
+                code_display_uri(config), events)).start()
+        try:
+            event = events.get(timeout=config.login_timeout)
+        except queue.Empty:
+            raise LoginError("timed out after %gs waiting for the login" % config.login_timeout)
+    finally:
+        if listener is not None:
+            listener.close()
+    if event[0] == "error":
+        raise LoginError(event[1])
+    _kind, code, redirect_uri = event
+    tokens = exchange_code(config, code, redirect_uri, verifier, env)
+    info = fetch_user_info(config, tokens["access_token"], sleep, env)
+    return oauth_credentials(tokens, info, clock)
+
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+def login_device(config, out, sleep=time.sleep, clock=time.monotonic, env=None):
+    """RFC 8628 device authorization: show the code, poll until approved, denied or expired."""
+    if not config.device_endpoint:
+        raise LoginError("no device-code endpoint is configured (iFlow never published one): "
+                         "set device_endpoint for a gateway that has one, or use `login "
+                         "--no-browser` for iFlow's code-display flow", exit_code=2)
+    verifier, challenge = pkce_pair()
+    status, payload = http_json("POST", config.device_endpoint, config, env=env, form={
+        "client_id": config.oauth_client_id, "scope": "openid",
+        "code_challenge": challenge, "code_challenge_method": "S256"})
+    payload = payload if isinstance(payload, dict) else {}
+    if status != 200 or not all(isinstance(payload.get(k), str) and payload[k]
+                                for k in ("device_code", "user_code", "verification_uri")):
+        raise LoginError("the device endpoint did not start a login (HTTP %d: %s)" % (
+            status, payload.get("error_description") or payload.get("error") or "no codes"))
+    interval = payload.get("interval") if isinstance(payload.get("interval"), int) else 5
+    expires_in = payload.get("expires_in") if isinstance(payload.get("expires_in"), int) \
+        else 600
+    out.write("To log in, open %s and enter the code:\n\n    %s\n\n" % (
+        payload["verification_uri"], payload["user_code"]))
+    if payload.get("verification_uri_complete"):
+        out.write("(or open %s)\n" % payload["verification_uri_complete"])
+    out.write("Waiting for approval (Ctrl-C to stop)...\n")
+    out.flush()
+    deadline = clock() + expires_in
+    expired = LoginError("Device code expired before authorization; run `python "
+                         "iflow_proxy.py login --device` again")
+    while True:
+        if clock() + interval > deadline:
+            raise expired
+        sleep(interval)
+        status, answer = token_request(config, {"grant_type": DEVICE_GRANT,
+                                                "device_code": payload["device_code"],
+                                                "code_verifier": verifier}, "device login", env)
+        if isinstance(answer, dict) and answer.get("access_token"):
+            break
+        error = (answer or {}).get("error") if isinstance(answer, dict) else None
+        if error == "authorization_pending":
+            continue
+        if error == "slow_down":
+            interval += 5
+            continue
+        if error == "access_denied":
+            raise LoginError("the login was denied on the verification page")
+        if error == "expired_token":
+            raise expired
+        raise LoginError("device login failed: %s" % (error or "HTTP %d" % status))
+    tokens = answer
+    try:
+        info = fetch_user_info(config, tokens["access_token"], sleep, env)
+    except LoginError:  # gateways without iFlow's user info: the access token is the key
+        info = {"apiKey": tokens["access_token"]}
+    return oauth_credentials(tokens, info)
+
+
+def platform_api_key(config, cookie, env=None):
+    """Get and rotate the platform API key for a browser cookie holding BXAuth."""
+    if "BXAuth=" not in cookie:
+        raise LoginError("the cookie must contain BXAuth=… (copy it from platform.iflow.cn in "
+                         "your browser)", exit_code=2)
+    url = config.platform_base + "/api/openapi/apikey"
+    headers = {"Cookie": cookie if cookie.rstrip().endswith(";") else cookie.strip() + ";"}
+    status, payload = http_json("GET", url, config, headers=headers, env=env)
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not (isinstance(payload, dict) and payload.get("success") and isinstance(data, dict)
+            and isinstance(data.get("name"), str)):
+        raise LoginError("the platform did not accept the cookie (HTTP %d: %s); log in to the "
+                         "platform in a browser and copy a fresh cookie" % (
+                             status, (payload or {}).get("message") if isinstance(payload, dict)
+                             else "no JSON"), permanent=True)
+    status, payload = http_json("POST", url, config, env=env, body={"name": data["name"]},
+                                headers=dict(headers, Origin=config.platform_base,
+                                             Referer=config.platform_base + "/"))
+    fresh = payload.get("data") if isinstance(payload, dict) else None
+    if not (isinstance(fresh, dict) and isinstance(fresh.get("apiKey"), str) and
+            fresh["apiKey"]):
+        raise LoginError("the platform did not rotate the API key (HTTP %d)" % status)
+    expires = parse_time(fresh.get("expireTime")) or time.time() + 7 * 86400
+    return {"cookie": cookie.strip(), "api_key": fresh["apiKey"], "key_name": data["name"],
+            "expire_time": fresh.get("expireTime") or "", "expired": rfc3339(expires),
+            "last_refresh": rfc3339(time.time())}
+
+
+def refresh_due(kind, creds, config):
+    """Epoch when an account's credentials should be renewed, or None (nothing to renew)."""
+    expires = parse_time(creds.get("expired"))
+    if expires is None:
+        return None
+    if kind == "oauth" and creds.get("refresh_token"):
+        last = parse_time(creds.get("last_refresh"))
+        lifetime = expires - last if last is not None and expires > last \
+            else config.refresh_lead * 2
+        return expires - min(config.refresh_lead, lifetime / 2)
+    if kind == "cookie" and creds.get("cookie"):
+        return expires - 48 * 3600
+    return None
+
+
+class Refresher:
+    """Renews OAuth tokens and cookie-issued keys before they expire, and on demand.
+
+    A refresh holds the registry's file lock and re-reads the credential file first, so two
+    processes never refresh one account at once nor lose a rotated refresh token.
+    """
+
+    def __init__(self, registry, config, clock=time.time, env=None):
+        self.registry, self.config, self.clock, self.env = registry, config, clock, env
+        self._backoff = {}       # account id -> (next try epoch, delay seconds)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def state(self, account):
+        """What /status shows about an account's renewal."""
+        entry = {"id": account.id}
+        creds = self.registry.read_credentials(entry) if account.kind in ("oauth",
+                                                                          "cookie") else {}
+        due = refresh_due(account.kind, creds, self.config)
+        if due is None:
+            return None
+        backoff = self._backoff.get(account.id)
+        return {"next_refresh": rfc3339(max(due, backoff[0] if backoff else due)),
+                "last_refresh": creds.get("last_refresh") or None,
+                "error": account.refresh_error or None}
+
+    def refresh(self, account_id, force=False):
+        """Renew one account now if due (or ``force``); True when new credentials were stored."""
+        with self.registry.lock:
+            data = self.registry.read()
+            entry = next((e for e in data["accounts"] if e["id"] == account_id), None)
+            if entry is None or entry["kind"] not in ("oauth", "cookie"):
+                return False
+            creds = self.registry.read_credentials(entry)
+            due = refresh_due(entry["kind"], creds, self.config)
+            if due is None or (not force and self.clock() < due):
+                return False  # nothing to renew, or another process just did
+            try:
+                if entry["kind"] == "oauth":
+                    tokens = refresh_tokens(self.config, creds["refresh_token"], self.env)
+                    if not tokens.get("refresh_token"):
+                        tokens["refresh_token"] = creds["refresh_token"]
+                    info = fetch_user_info(self.config, tokens["access_token"], env=self.env)
+                    fresh = oauth_credentials(tokens, info, self.clock)
+                else:
+                    fresh = platform_api_key(self.config, creds["cookie"], self.env)
+            except (LoginError, UpstreamError) as e:
+                return self._failed(data, entry, e)
+            creds.update({k: v for k, v in fresh.items() if v or k not in creds})
+            atomic_write_json(self.registry.credential_path(entry), creds)
+            entry.update(status="ok", status_reason="", refresh_error="")
+            self.registry._write(data)
+        self._backoff.pop(account_id, None)
+        log.info("renewed the credentials of account %s (key %s)", entry["nickname"],
+                 mask_secret(creds.get("api_key")))
+        return True
+
+    def _failed(self, data, entry, error):
+        permanent = isinstance(error, LoginError) and error.permanent
+        _next, delay = self._backoff.get(entry["id"], (0, 30))
+        delay = min(delay * 2, 1800)
+        self._backoff[entry["id"]] = (self.clock() + delay, delay)
+        entry["refresh_error"] = error.message[:300]
+        if permanent:
+            entry["status"], entry["status_reason"] = "needs-login", error.message[:300]
+        self.registry._write(data)
+        log.warning("cannot renew account %s: %s%s", entry["nickname"], error.message,
+                    "" if permanent else "; keeping the old credentials, retrying in %ds" % delay)
+        return False
+
+    def next_due(self):
+        """(epoch, account id) of the next renewal, or (None, None)."""
+        best = (None, None)
+        for account in self.registry.accounts():
+            if account.kind not in ("oauth", "cookie") or account.status == "disabled":
+                continue
+            due = refresh_due(account.kind, self.registry.read_credentials({"id": account.id}),
+                              self.config)
+            if due is None:
+                continue
+            due = max(due, self._backoff.get(account.id, (0, 0))[0])
+            if best[0] is None or due < best[0]:
+                best = (due, account.id)
+        return best
+
+    def run(self):
+        """The background loop: sleep until the next renewal is due (or something changes)."""
+        while not self._stop.is_set():
+            due, account_id = self.next_due()
+            now = self.clock()
+            if due is not None and due <= now:
+                self.refresh(account_id)
+                continue
+            wait = 300.0 if due is None else min(300.0, due - now)  # 300 s: notice new files
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def wake(self):
+        self._wake.set()
+
+    def start(self):
+        threading.Thread(target=self.run, name="refresher", daemon=True).start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+
+
+def _home_path(env, *parts):
+    return os.path.join(env.get("HOME") or os.path.expanduser("~"), *parts)
+
+
+def _creds_from_file(data):
+    """Our credential fields from any of the known formats (ours, CLIProxyAPI/CCS, the CLI)."""
+    creds = {
+        "access_token": data.get("access_token") or data.get("oauth_access_token") or "",
+        "refresh_token": data.get("refresh_token") or data.get("oauth_refresh_token") or "",
+        "api_key": data.get("api_key") or data.get("apiKey") or "",
+        "email": data.get("email") or "", "phone": data.get("phone") or "",
+        "cookie": data.get("cookie") or "",
+        "expired": data.get("expired") or (rfc3339(parse_time(data["expiry_date"]))
+                                           if parse_time(data.get("expiry_date")) else "")
+        or data.get("oauth_expires_at") or "",
+        "last_refresh": data.get("last_refresh") or "",
+        "token_type": data.get("token_type") or "", "scope": data.get("scope") or "",
+    }
+    creds = {k: v for k, v in creds.items() if isinstance(v, str) and v}
+    kind = "oauth" if creds.get("refresh_token") else "cookie" if creds.get("cookie") \
+        else "api-key"
+    return kind, creds
+
+
+def find_importable(env=None):
+    """[(source, path, kind, creds, nickname)] for every credential other tools left here."""
+    env = os.environ if env is None else env
+    found = []
+
+    def add(source, path, data, nickname=None, base_url=""):
+        kind, creds = _creds_from_file(data)
+        if creds.get("api_key") or creds.get("refresh_token") or creds.get("cookie"):
+            found.append((source, path, kind, creds, nickname, base_url))
+
+    iflow_home = env.get("IFLOW_HOME") or _home_path(env, ".iflow")
+    oauth_key = None
+    path = os.path.join(iflow_home, "oauth_creds.json")
+    if os.path.exists(path):
+        data = _read_import(path)
+        if data:
+            add("iflow-cli", path, data)
+            oauth_key = data.get("apiKey")
+    path = os.path.join(iflow_home, "settings.json")
+    if os.path.exists(path):
+        data = _read_import(path)
+        if data and data.get("apiKey") and data.get("apiKey") != oauth_key and \
+                data.get("selectedAuthType") != "oauth-iflow":
+            base = data.get("baseUrl") if isinstance(data.get("baseUrl"), str) else ""
+            add("iflow-cli", path, {"api_key": data["apiKey"]},
+                base_url="" if base.rstrip("/") == DEFAULT_API_BASE else base.rstrip("/"))
+    ccs_dir = _home_path(env, ".ccs", "cliproxy")
+    nicknames = {}
+    registry = _read_import(os.path.join(ccs_dir, "accounts.json")) \
+        if os.path.exists(os.path.join(ccs_dir, "accounts.json")) else None
+    if registry:
+        accounts = ((registry.get("providers") or {}).get("iflow") or {}).get("accounts") or {}
+        for email, info in accounts.items() if isinstance(accounts, dict) else []:
+            if isinstance(info, dict) and info.get("tokenFile"):
+                nicknames[os.path.basename(info["tokenFile"])] = info.get("nickname")
+    for source, folder in (("ccs", os.path.join(ccs_dir, "auth")),
+                           ("cliproxyapi", _home_path(env, ".cli-proxy-api"))):
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.startswith("iflow-") and name.endswith(".json"):
+                    data = _read_import(os.path.join(folder, name))
+                    if data and data.get("type", "iflow") == "iflow":
+                        add(source, os.path.join(folder, name), data, nicknames.get(name))
+    return found
+
+
+def _read_import(path):
+    try:
+        return read_json_file(path, "credential file")
+    except (ConfigError, FileNotFoundError) as e:
+        log.warning("skipping %s: %s", path, getattr(e, "message", e))
+        return None
 
 
 # ==================================================================================================
@@ -2615,6 +3268,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.upstream = upstream or UpstreamClient(config, env=env)
         self.router = Router(self.registry, config, clock=router_clock)
         self.usage = UsageBook(os.path.join(config.home, "usage.json"))
+        self.refresher = Refresher(self.registry, config, env=env)
         self.catalog = ModelCatalog(config, self.upstream, self.router)
         self.started_at = time.time()
         self._stopping = threading.Event()
@@ -2650,9 +3304,11 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             while not self._stopping.wait(every):
                 self.save_state()
         threading.Thread(target=loop, name="usage-saver", daemon=True).start()
+        self.refresher.start()
 
     def shutdown(self):
         self._stopping.set()
+        self.refresher.stop()
         super().shutdown()
 
     # --- status ----------------------------------------------------------------------------
@@ -2687,7 +3343,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def refresh_state(self, account):
         """How the account's credentials are kept fresh (API keys need nothing)."""
-        return None
+        return self.refresher.state(account)
 
     # --- chat ------------------------------------------------------------------------------
     def resolve(self, requested):
@@ -2721,7 +3377,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             tried.add(account.id)
             try:
                 tries = [model] + ([fallback] if fallback else [])
-                for i, name in enumerate(tries):
+                renewed = False
+                i = 0
+                while i < len(tries):
+                    name = tries[i]
                     attempts += 1
                     shaped = shape_chat_body(body, name, account.signing, thinking, effort)
                     started = time.monotonic()
@@ -2732,13 +3391,21 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                         log.warning("upstream error (%s, model %s): %s%s", e.kind, name,
                                     e.message, " [eagleeye-traceid %s]" % e.trace_id
                                     if e.trace_id else "")
-                        self.router.record_failure(account, name, e)
                         self.usage.record(account.nickname, name, e.upstream_status or e.status,
                                           None, (time.monotonic() - started) * 1000)
                         last = e
+                        if e.kind in ("key_expired", "auth") and not renewed and \
+                                account.kind in ("oauth", "cookie"):
+                            renewed = True
+                            fresh = self._renew(account)
+                            if fresh is not None:  # same account, new key: retry once
+                                account = fresh
+                                continue
+                        self.router.record_failure(account, name, e)
                         if i == 0 and fallback and e.kind in ("model_unsupported", "rejected"):
                             log.info("model %s unavailable upstream; retrying once as %s",
                                      name, fallback)
+                            i += 1
                             continue
                         break
                     self.router.record_success(account, name)
@@ -2759,6 +3426,16 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             if all(self.router.cooling_until(a, model, now) for a in eligible):
                 raise self.router.cooling_error(model, eligible, now)
         raise last
+
+    def _renew(self, account):
+        """Refresh an account's credentials at once; its new snapshot, or None."""
+        log.info("account %s: key rejected upstream; renewing its credentials now",
+                 account.nickname)
+        if not self.refresher.refresh(account.id, force=True):
+            return None
+        self.registry.invalidate()
+        return next((a for a in self.registry.load_accounts() if a.id == account.id
+                     and a.usable), None)
 
     def describe_images(self, body, conversation_key):
         """Replace each image in an OpenAI body with a vision model's description (cached)."""
@@ -3573,35 +4250,138 @@ def cmd_serve(args, config):
     return 0
 
 
+def read_cookie(stdin):
+    """A browser cookie string from stdin (piped) or a hidden prompt."""
+    if stdin is None:
+        raise BadRequest("no cookie given: pipe it on stdin or run in a terminal")
+    value = getpass.getpass("Cookie from platform.iflow.cn (input hidden): ") \
+        if stdin.isatty() else stdin.readline(65536)
+    value = value.strip()
+    if "BXAuth=" not in value:
+        raise BadRequest("the cookie must contain BXAuth=… (copy the Cookie header of "
+                         "platform.iflow.cn from your browser's developer tools)")
+    return value
+
+
 def cmd_login(args, config):
-    if not args.api_key:
-        raise BadRequest("choose how to log in: --api-key (reads the key from stdin)")
+    modes = [flag for flag in ("api_key", "device", "cookie") if getattr(args, flag)]
+    if len(modes) > 1:
+        raise BadRequest("choose one of --api-key, --device, --cookie")
+    if args.nickname:
+        validate_nickname(args.nickname)
+    if args.callback_port is not None:
+        config = dataclasses.replace(config, callback_port=args.callback_port)
+    settings = {}
+    if args.api_key:
+        kind, creds, settings = "api-key", login_api_key(args, config), \
+            {"base_url": (args.base_url or "").rstrip("/"), "signing": not args.no_signing}
+    elif args.cookie:
+        kind, creds = "cookie", platform_api_key(config, read_cookie(args.stdin))
+    elif args.device:
+        kind, creds = "oauth", login_device(config, args.stdout)
+    else:
+        kind, creds = "oauth", login_oauth(config, args.stdout, args.stdin,
+                                           browser=not args.no_browser)
+    registry = AccountRegistry(config.home)
+    entry, created = registry.upsert(identity_of(kind, creds), kind, creds,
+                                     nickname=args.nickname, make_default=args.default,
+                                     settings=settings)
+    default = registry.read().get("default") == entry["id"]
+    who = creds.get("email") or creds.get("phone") or creds.get("key_name") or ""
+    args.stdout.write("%s account %s%s (%s, key %s)%s%s\n" % (
+        "added" if created else "updated", entry["nickname"], " <%s>" % who if who else "",
+        kind, mask_secret(creds.get("api_key")), ", the default" if default else "",
+        ", verified" if kind == "api-key" and not args.no_verify else ""))
+    return 0
+
+
+def login_api_key(args, config):
     key = read_secret("iFlow API key (input hidden): ", args.stdin)
     base_url = (args.base_url or "").rstrip("/")
     if base_url and not _is_http_url(base_url):
         raise BadRequest("--base-url must be an http:// or https:// URL, got %r" % base_url)
-    if args.nickname:
-        validate_nickname(args.nickname)
     account = Account(id="login-" + fingerprint(key), nickname=args.nickname or "new",
                       kind="api-key", api_key=key, base_url=base_url,
                       signing=not args.no_signing)
     if not args.no_verify:
-        result = probe_account(account, config, UpstreamClient(config))
+        upstream = UpstreamClient(config)
+        result = probe_account(account, config, upstream)
+        upstream.close()
         if not result.reachable:
             raise ProxyError("cannot verify the key: %s (use --no-verify to save it anyway)"
                              % result.error.message)
         if not result.key_ok:
             raise ProxyError("upstream did not accept the key %s: %s; not saved"
                              % (mask_secret(key), result.key_verdict))
+    return {"api_key": key}
+
+
+def cmd_refresh(args, config):
     registry = AccountRegistry(config.home)
-    settings = {"base_url": base_url, "signing": not args.no_signing}
-    entry, created = registry.upsert("key:" + fingerprint(key), "api-key", {"api_key": key},
-                                     nickname=args.nickname, make_default=args.default,
-                                     settings=settings)
-    default = registry.read().get("default") == entry["id"]
-    args.stdout.write("%s account %s (key %s)%s%s\n" % (
-        "added" if created else "updated", entry["nickname"], mask_secret(key),
-        ", the default" if default else "", "" if args.no_verify else ", verified"))
+    refresher = Refresher(registry, config)
+    accounts = [a for a in registry.load_accounts() if a.kind in ("oauth", "cookie")]
+    if args.nickname:
+        accounts = [a for a in accounts if a.nickname.lower() == args.nickname.lower()]
+        if not accounts:
+            raise BadRequest("no OAuth or cookie account named %r" % args.nickname)
+    failed = 0
+    for account in accounts:
+        renewed = refresher.refresh(account.id, force=args.force)
+        after = next(a for a in registry.load_accounts() if a.id == account.id)
+        if renewed:
+            args.stdout.write("%s: renewed (key %s, valid until %s)\n" % (
+                after.nickname, mask_secret(after.api_key), after.expires))
+        elif after.refresh_error and after.refresh_error != account.refresh_error or \
+                after.status != "ok":
+            failed += 1
+            args.stdout.write("%s: NOT renewed: %s\n" % (after.nickname, after.refresh_error or
+                                                          after.status_reason))
+        else:
+            args.stdout.write("%s: still fresh (valid until %s)\n" % (after.nickname,
+                                                                       after.expires))
+    if not accounts:
+        args.stdout.write("no OAuth or cookie accounts to renew\n")
+    return 1 if failed else 0
+
+
+def cmd_import(args, config):
+    if args.file:
+        data = read_json_file(os.path.abspath(args.file), "credential file") \
+            if os.path.exists(args.file) else None
+        if data is None:
+            raise BadRequest("no such file: %s" % args.file)
+        kind, creds = _creds_from_file(data)
+        if not (creds.get("api_key") or creds.get("refresh_token") or creds.get("cookie")):
+            raise BadRequest("%s holds no api_key, refresh_token or cookie" % args.file)
+        found = [("file", args.file, kind, creds, None, "")]
+    else:
+        found = find_importable(args.env)
+    registry = AccountRegistry(config.home)
+    known = {e.get("identity"): e["nickname"] for e in registry.read()["accounts"]}
+    if not found:
+        args.stdout.write("nothing to import: no credentials of the iFlow CLI, CCS or "
+                          "CLIProxyAPI found\n")
+        return 0
+    for source, path, kind, creds, nickname, base_url in found:
+        identity = identity_of(kind, creds)
+        who = creds.get("email") or creds.get("phone") or "key " + mask_secret(
+            creds.get("api_key"))
+        if identity in known:
+            args.stdout.write("skip    %-11s %s (%s): already here as %s\n" % (
+                source, path, who, known[identity]))
+            continue
+        if args.dry_run:
+            args.stdout.write("would   %-11s %s (%s, %s)\n" % (source, path, who, kind))
+            known[identity] = "(this run)"
+            continue
+        taken = [e["nickname"] for e in registry.read()["accounts"]]
+        nick = nickname if nickname and NICKNAME_RE.match(nickname) and \
+            nickname.lower() not in {t.lower() for t in taken} else None
+        entry, _created = registry.upsert(identity, kind, creds, nickname=nick,
+                                          settings={"base_url": base_url} if base_url else None)
+        known[identity] = entry["nickname"]
+        args.stdout.write("import  %-11s %s (%s, %s) as %s\n" % (source, path, who, kind,
+                                                                 entry["nickname"]))
     return 0
 
 
@@ -3614,7 +4394,7 @@ def account_json(a, config):
     return {"id": a.id, "nickname": a.nickname, "email": a.email, "kind": a.kind,
             "default": a.default, "status": a.status, "status_reason": a.status_reason,
             "key": mask_secret(a.api_key), "base_url": a.api_base(config), "signing": a.signing,
-            "expires": a.expires}
+            "expires": a.expires, "refresh_error": a.refresh_error}
 
 
 def cmd_accounts(args, config):
@@ -3628,7 +4408,8 @@ def cmd_accounts(args, config):
         return 0
     rows = [("", "NICKNAME", "IDENTITY", "KIND", "KEY", "STATUS", "UPSTREAM")]
     for a in accounts:
-        status = a.status + (": " + a.status_reason[:60] if a.status_reason else "")
+        status = a.status + (": " + a.status_reason[:60] if a.status_reason else "") + \
+            (" (renewal failing: %s)" % a.refresh_error[:60] if a.refresh_error else "")
         upstream = "" if a.api_base(config) == config.api_base and a.signing else \
             a.api_base(config) + ("" if a.signing else " (unsigned)")
         rows.append(("*" if a.default else "", a.nickname, a.email or "-", a.kind,
@@ -3882,9 +4663,16 @@ def build_parser():
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("login", help="add an account")
+    p = sub.add_parser("login", help="add an account (browser OAuth by default)")
     p.add_argument("--api-key", action="store_true",
                    help="store an API key read from stdin or a hidden prompt")
+    p.add_argument("--no-browser", action="store_true",
+                   help="headless: iFlow's code-display flow, or paste the callback URL")
+    p.add_argument("--device", action="store_true", help="RFC 8628 device-code login")
+    p.add_argument("--cookie", action="store_true",
+                   help="get a platform API key with a browser cookie (BXAuth) from stdin")
+    p.add_argument("--callback-port", type=int, metavar="N",
+                   help="port of the local OAuth callback (default 11451)")
     p.add_argument("--nickname", help="name for the account")
     p.add_argument("--base-url", help="this account's own OpenAI-compatible base URL")
     p.add_argument("--no-signing", action="store_true",
@@ -3925,6 +4713,16 @@ def build_parser():
     p.add_argument("claude_args", nargs="*", metavar="CLAUDE_ARG",
                    help="arguments for claude (everything after this command's own options)")
     p.set_defaults(func=cmd_claude)
+
+    p = sub.add_parser("refresh", help="renew OAuth tokens and cookie keys that are due")
+    p.add_argument("nickname", nargs="?")
+    p.add_argument("--force", action="store_true", help="renew even if not due yet")
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("import", help="import credentials of the iFlow CLI, CCS, CLIProxyAPI")
+    p.add_argument("file", nargs="?", help="one credential file to import")
+    p.add_argument("--dry-run", action="store_true", help="show what would be imported")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("status", help="show accounts, cooldowns and usage")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -3992,6 +4790,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None):
         return e.code or 0
     args.stdin = stdin if stdin is not None else sys.stdin
     args.stdout = stdout or sys.stdout
+    args.env = os.environ if env is None else env
     flags = {key: getattr(args, key, None)
              for key in ("host", "port", "client_keys", "log_file", "log_level")}
     try:

@@ -16,6 +16,7 @@ import http.server
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import socket
@@ -26,7 +27,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -1239,8 +1242,8 @@ def test_cli_usage_errors_are_one_line(home):
     assert code == 2 and err.count("\n") == 1 and err.startswith("iflow_proxy: error:")
     code, out, err = run_cli("logout", home=home)
     assert code == 2 and "NICKNAME or --all" in err
-    code, _, err = run_cli("login", home=home)
-    assert code == 2 and "--api-key" in err
+    code, _, err = run_cli("login", "--api-key", "--cookie", home=home)
+    assert code == 2 and "choose one of" in err
 
 
 def test_cli_version_and_serve_subprocess(home, fake):
@@ -2174,3 +2177,536 @@ def test_dashboard_renders_in_headless_chromium(home, fake, tmp_path):
         assert "client key required" in locked.stdout and "work (default)" not in locked.stdout
         if os.environ.get("IFLOW_PROXY_KEEP_SCREENSHOT"):
             shutil.copy(str(shot), os.environ["IFLOW_PROXY_KEEP_SCREENSHOT"])
+
+
+# ==================================================================================================
+# Login flows and the credential lifecycle, against a fake iFlow OAuth + platform server
+# ==================================================================================================
+
+class FakeOAuth(http.server.ThreadingHTTPServer):
+    """iflow.cn's OAuth endpoints, user info, a device endpoint, and the platform key API.
+
+    Tokens rotate on refresh (the old refresh token stops working) and every token's user info
+    yields a new apiKey, which is added to the fake upstream's accepted keys.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream=None, expires_in=3600):
+        super().__init__(("127.0.0.1", 0), FakeOAuthHandler)
+        self.upstream, self.expires_in = upstream, expires_in
+        self.lock = threading.Lock()
+        self.codes = {}            # code -> (redirect, challenge)
+        self.access = {}           # access token -> apiKey
+        self.refresh_valid = set()
+        self.generation = 0
+        self.refresh_calls = 0
+        self.refresh_script = []   # "soft" / "invalid" answers consumed by refresh grants
+        self.device_script = []    # answers to device-code polls, then approval
+        self.device_polls = []
+        self.platform_keys = 0
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+    def issue(self):
+        """A fresh token pair whose user info gives a fresh apiKey."""
+        self.generation += 1
+        access, refresh = "at-%d-secret" % self.generation, "rt-%d-secret" % self.generation
+        key = "sk-oauth-%d-abcdef" % self.generation
+        self.access[access] = key
+        self.refresh_valid.add(refresh)
+        if self.upstream is not None:
+            self.upstream.keys.add(key)
+        return {"access_token": access, "refresh_token": refresh, "expires_in": self.expires_in,
+                "token_type": "bearer", "scope": "read"}
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class FakeOAuthHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send(self, status, obj, headers=None, html=False):
+        body = obj.encode() if html else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html" if html else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        srv = self.server
+        parts = urllib.parse.urlsplit(self.path)
+        q = dict(urllib.parse.parse_qsl(parts.query))
+        if parts.path == "/oauth":
+            assert q["client_id"] == ip.OAUTH_CLIENT_ID and q["state"] and q["type"] == "phone"
+            code = "code-%s" % secrets_hex()
+            with srv.lock:
+                srv.codes[code] = (q["redirect"], q["code_challenge"])
+            if q["redirect"].endswith("/oauth/code-display"):
+                return self.send(200, "<p>Your code: <b id=code>%s</b></p>" % code, html=True)
+            target = q["redirect"] + "?" + urllib.parse.urlencode({"code": code,
+                                                                   "state": q["state"]})
+            return self.send(302, {}, {"Location": target})
+        if parts.path == "/api/oauth/getUserInfo":
+            key = srv.access.get(q.get("accessToken"))
+            if not key:
+                return self.send(200, {"success": False, "message": "invalid token"})
+            return self.send(200, {"success": True, "data": {
+                "apiKey": key, "email": "john@example.com", "phone": "13800001234",
+                "userId": 7, "userName": "john"}})
+        if parts.path == "/api/openapi/apikey":
+            return self.platform(None)
+        self.send(404, {"error": "not found"})
+
+    def do_POST(self):
+        srv = self.server
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.path == "/api/openapi/apikey":
+            return self.platform(json.loads(raw))
+        form = dict(urllib.parse.parse_qsl(raw.decode()))
+        if parts.path == "/oauth/device":
+            assert form["client_id"] == ip.OAUTH_CLIENT_ID and form["code_challenge"]
+            return self.send(200, {"device_code": "dev-123", "user_code": "WDJB-MJHT",
+                                   "verification_uri": srv.url + "/activate",
+                                   "verification_uri_complete": srv.url + "/activate?c=WDJB",
+                                   "expires_in": 600, "interval": 5})
+        if parts.path != "/oauth/token":
+            return self.send(404, {"error": "not found"})
+        basic = base64.b64encode(("%s:%s" % (ip.OAUTH_CLIENT_ID, ip.OAUTH_CLIENT_SECRET))
+                                 .encode()).decode()
+        if self.headers.get("Authorization") != "Basic " + basic or \
+                form.get("client_secret") != ip.OAUTH_CLIENT_SECRET:
+            return self.send(401, {"error": "invalid_client"})
+        grant = form.get("grant_type")
+        with srv.lock:
+            if grant == "authorization_code":
+                redirect, challenge = srv.codes.pop(form.get("code"), (None, None))
+                verifier = form.get("code_verifier", "")
+                expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()) \
+                    .decode().rstrip("=")
+                if redirect is None or redirect != form.get("redirect_uri") or \
+                        expected != challenge:
+                    return self.send(400, {"error": "invalid_grant"})
+                return self.send(200, srv.issue())
+            if grant == "refresh_token":
+                srv.refresh_calls += 1
+                answer = srv.refresh_script.pop(0) if srv.refresh_script else None
+                if answer == "soft":
+                    return self.send(200, {"success": False, "code": "500",
+                                           "message": "server busy"})
+                if answer == "invalid" or form.get("refresh_token") not in srv.refresh_valid:
+                    return self.send(400, {"error": "invalid_grant"})
+                srv.refresh_valid.discard(form["refresh_token"])
+                return self.send(200, srv.issue())
+            if grant == ip.DEVICE_GRANT:
+                srv.device_polls.append(form.get("device_code"))
+                answer = srv.device_script.pop(0) if srv.device_script else "approve"
+                if answer == "approve":
+                    return self.send(200, srv.issue())
+                return self.send(400, {"error": answer})
+        self.send(400, {"error": "unsupported_grant_type"})
+
+    def platform(self, body):
+        srv = self.server
+        if "BXAuth=good" not in (self.headers.get("Cookie") or ""):
+            return self.send(200, {"success": False, "message": "not logged in"})
+        with srv.lock:
+            if body is not None:
+                assert body == {"name": "my-key"} and self.headers.get("Origin")
+                srv.platform_keys += 1
+            key = "sk-plat-%d-abcdef" % srv.platform_keys
+        if srv_upstream(srv):
+            srv.upstream.keys.add(key)
+        self.send(200, {"success": True, "data": {
+            "name": "my-key", "apiKey": key, "apiKeyMask": key[:5] + "***",
+            "expireTime": "2030-01-0%d 12:00" % (srv.platform_keys + 1), "hasExpired": False}})
+
+
+def srv_upstream(srv):
+    return srv.upstream is not None
+
+
+def secrets_hex():
+    return os.urandom(6).hex()
+
+
+@pytest.fixture
+def oauth(fake):
+    server = FakeOAuth(upstream=fake)
+    yield server
+    server.stop()
+
+
+def oauth_config(home, fake, oauth, **overrides):
+    overrides.setdefault("callback_port", 0)
+    return make_config(home, fake, env={"IFLOW_OAUTH_BASE": oauth.url,
+                                        "IFLOW_PLATFORM_BASE": oauth.url}, **overrides)
+
+
+class LineFeeder:
+    """A stdin whose next line the test supplies later (readline blocks until then)."""
+
+    def __init__(self):
+        self.lines = queue.Queue()
+
+    def readline(self, *limit):
+        return self.lines.get(timeout=30)
+
+    def isatty(self):
+        return False
+
+
+def printed_urls(out):
+    return re.findall(r"https?://\S+", out.getvalue())
+
+
+def follow(url):
+    """What a browser does: open the URL and follow redirects (to our callback)."""
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.status, resp.read().decode()
+
+
+def test_browser_oauth_flow_end_to_end(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    out, opened = io.StringIO(), []
+
+    def browser(url):
+        opened.append(url)
+        threading.Thread(target=lambda: opened.append(follow(url)), daemon=True).start()
+    creds = ip.login_oauth(config, out, None, browser=True, open_browser=browser,
+                           env={"DISPLAY": ":0"})
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(opened[0]).query))
+    assert query["redirect"].startswith("http://localhost:") and \
+        query["redirect"].endswith("/oauth2callback")
+    assert query["code_challenge_method"] == "S256" and len(query["state"]) >= 20
+    assert opened[0] in out.getvalue()
+    wait_for(lambda: len(opened) == 2, what="browser page")
+    assert opened[1][0] == 200 and "Logged in" in opened[1][1]
+    assert creds["api_key"] == "sk-oauth-1-abcdef" and creds["email"] == "john@example.com"
+    assert creds["refresh_token"] == "rt-1-secret" and creds["expired"] > creds["last_refresh"]
+    assert "at-1-secret" not in out.getvalue() and "sk-oauth-1" not in out.getvalue()
+
+
+def test_callback_rejects_wrong_state_error_and_reuse(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    out, seen = io.StringIO(), []
+
+    def browser(url):
+        def go():
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+            callback = query["redirect"]
+            for bad in ("?code=x&state=wrong", "?state=" + query["state"], "?code=x"):
+                try:
+                    follow(callback + bad)
+                except urllib.error.HTTPError as e:
+                    seen.append((e.code, e.read().decode()))
+            seen.append(follow(url))
+            try:
+                follow(url.replace("state=", "x="))  # a second callback after success
+            except (urllib.error.HTTPError, urllib.error.URLError, OSError) as e:
+                seen.append(getattr(e, "code", "closed"))
+        threading.Thread(target=go, daemon=True).start()
+    creds = ip.login_oauth(config, out, None, open_browser=browser, env={"DISPLAY": ":0"})
+    assert creds["api_key"].startswith("sk-oauth-")
+    assert [s[0] for s in seen[:3]] == [400, 400, 400]
+    assert "state parameter does not match" in seen[0][1] and "no code" in seen[1][1]
+    wait_for(lambda: len(seen) == 5, what="second callback")
+    assert seen[4] == "closed"   # the one-shot listener is gone after the login
+    events = queue.Queue()
+    listener = ip.CallbackListener(0, "the-state", events)
+    try:
+        ok = listener.redirect_uri + "?code=c1&state=the-state"
+        assert follow(ok)[0] == 200
+        with pytest.raises(urllib.error.HTTPError) as again:
+            follow(ok)
+        assert again.value.code == 409
+        assert events.get_nowait() == ("code", "c1", listener.redirect_uri)
+        assert events.empty()
+    finally:
+        listener.close()
+
+    def refuse(url):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        threading.Thread(target=lambda: pytest.raises(Exception, follow, query["redirect"] +
+                         "?error=access_denied&state=" + query["state"]), daemon=True).start()
+    with pytest.raises(ip.LoginError) as e:
+        ip.login_oauth(config, io.StringIO(), None, open_browser=refuse, env={"DISPLAY": ":0"})
+    assert "access_denied" in e.value.message
+
+
+def test_callback_port_busy_is_a_clear_error(home, fake, oauth):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        config = oauth_config(home, fake, oauth, callback_port=blocker.getsockname()[1])
+        with pytest.raises(ip.LoginError) as e:
+            ip.login_oauth(config, io.StringIO(), None, open_browser=lambda u: None,
+                           env={"DISPLAY": ":0"})
+        assert "--callback-port" in e.value.message and "--no-browser" in e.value.message
+    finally:
+        blocker.close()
+
+
+def test_headless_code_display_flow(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    out, stdin = io.StringIO(), LineFeeder()
+    worker, result = in_thread(lambda: ip.login_oauth(config, out, stdin, env={
+        "SSH_CONNECTION": "10.0.0.1 22 10.0.0.2 50000"}))
+    url = wait_for(lambda: [u for u in printed_urls(out) if "code-display" in u],
+                   what="code-display URL")[0]
+    assert "ssh -L" in out.getvalue()
+    status, page = follow(url)              # the user logs in on another device ...
+    code = re.search(r"<b id=code>(.*?)</b>", page).group(1)
+    stdin.lines.put(code + "\n")            # ... and types the code shown
+    worker.join(30)
+    assert result and result[0]["api_key"].startswith("sk-oauth-")
+
+
+def test_headless_paste_callback_url_flow(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    out, stdin = io.StringIO(), LineFeeder()
+    worker, result = in_thread(lambda: ip.login_oauth(config, out, stdin, browser=False,
+                                                      env={"DISPLAY": ":0"}))
+    url = wait_for(lambda: [u for u in printed_urls(out) if "localhost" in u and
+                            "code-display" not in u], what="localhost URL")[0]
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None
+    try:  # a browser on another machine: the redirect to localhost can't load there
+        urllib.request.build_opener(NoRedirect).open(url, timeout=30)
+    except urllib.error.HTTPError as e:
+        final = e.headers["Location"]
+    assert "/oauth2callback?code=" in final
+    stdin.lines.put(final + "\n")
+    worker.join(30)
+    assert result and result[0]["email"] == "john@example.com"
+    out2, stdin2 = io.StringIO(), LineFeeder()
+    worker, result = in_thread(lambda: pytest.raises(ip.LoginError, ip.login_oauth, config, out2,
+                                                     stdin2, browser=False, env={}))
+    wait_for(lambda: printed_urls(out2), what="URL")
+    stdin2.lines.put(final.replace("state=", "state=forged") + "\n")
+    worker.join(30)
+    assert "state" in result[0].value.message
+
+
+class FakeTime:
+    """sleep() that advances clock() instead of waiting."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.parametrize("script,outcome", [
+    (["authorization_pending", "slow_down", "authorization_pending"], "approved"),
+    (["authorization_pending", "access_denied"], "denied"),
+    (["authorization_pending", "expired_token"], "expired"),
+    (["authorization_pending"] * 200, "expired"),   # the code's lifetime runs out
+])
+def test_device_flow(home, fake, oauth, script, outcome):
+    oauth.device_script = list(script)
+    config = oauth_config(home, fake, oauth, device_endpoint=oauth.url + "/oauth/device")
+    out, t = io.StringIO(), FakeTime()
+    if outcome == "approved":
+        creds = ip.login_device(config, out, sleep=t.sleep, clock=t.clock)
+        assert creds["api_key"].startswith("sk-oauth-")
+        assert t.sleeps[:4] == [5, 5, 10, 10]   # slow_down adds 5 s to the interval
+    else:
+        with pytest.raises(ip.LoginError) as e:
+            ip.login_device(config, out, sleep=t.sleep, clock=t.clock)
+        expected = {"denied": "denied", "expired": "Device code expired before authorization"}
+        assert expected[outcome] in e.value.message
+        if outcome == "expired":
+            assert "run `python iflow_proxy.py login --device` again" in e.value.message
+            assert t.now <= 600
+    assert "WDJB-MJHT" in out.getvalue() and oauth.url + "/activate?c=WDJB" in out.getvalue()
+
+
+def test_device_flow_without_endpoint_points_to_code_display(home):
+    code, _, err = run_cli("login", "--device", home=home)
+    assert code == 2 and "code-display" in err and "device_endpoint" in err
+
+
+def test_cookie_login_and_rotation_via_cli(home, fake, oauth):
+    env = {"IFLOW_API_BASE": fake.url + "/v1", "IFLOW_PLATFORM_BASE": oauth.url}
+    code, out, err = run_cli("login", "--cookie", stdin="a=1; BXAuth=good; b=2\n", env=env,
+                             home=home)
+    assert code == 0, err
+    assert "cookie" in out and "sk-plat-1-abcdef" not in out
+    account = ip.AccountRegistry(home).load_accounts()[0]
+    assert (account.kind, account.api_key) == ("cookie", "sk-plat-1-abcdef")
+    creds = ip.AccountRegistry(home).read_credentials({"id": account.id})
+    assert creds["expire_time"] == "2030-01-02 12:00" and creds["expired"] == \
+        "2030-01-02T04:00:00Z" and creds["cookie"].endswith("b=2")
+    code, _, err = run_cli("login", "--cookie", stdin="a=1\n", env=env, home=home)
+    assert code == 2 and "BXAuth" in err
+    code, _, err = run_cli("login", "--cookie", stdin="BXAuth=bad\n", env=env, home=home)
+    assert code == 1 and "did not accept the cookie" in err
+
+
+def oauth_account(home, config, oauth, clock_now, nickname=None):
+    tokens = oauth.issue()
+    info = {"apiKey": oauth.access[tokens["access_token"]], "email": "john@example.com"}
+    creds = ip.oauth_credentials(tokens, info, clock=lambda: clock_now)
+    entry, _ = ip.AccountRegistry(home).upsert(ip.identity_of("oauth", creds), "oauth", creds,
+                                               nickname=nickname)
+    return entry
+
+
+def test_refresh_due_uses_lead_of_at_most_half_the_lifetime():
+    config = ip.Config(home="/x")
+    day = 86400
+    long_lived = {"refresh_token": "r", "expired": ip.rfc3339(10 * day),
+                  "last_refresh": ip.rfc3339(0)}
+    assert ip.refresh_due("oauth", long_lived, config) == 9 * day
+    short = {"refresh_token": "r", "expired": ip.rfc3339(3600), "last_refresh": ip.rfc3339(0)}
+    assert ip.refresh_due("oauth", short, config) == 1800   # not in a loop
+    cookie = {"cookie": "BXAuth=x", "expired": ip.rfc3339(7 * day)}
+    assert ip.refresh_due("cookie", cookie, config) == 5 * day
+    assert ip.refresh_due("api-key", {"expired": ip.rfc3339(5)}, config) is None
+
+
+def test_refresh_rotates_key_and_soft_failure_keeps_old(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    entry = oauth_account(home, config, oauth, clock_now=time.time())
+    registry = ip.AccountRegistry(home)
+    old = registry.read_credentials(entry)
+    refresher = ip.Refresher(registry, config, clock=lambda: time.time() + 1801)  # past due
+    oauth.refresh_script = ["soft"]
+    assert refresher.refresh(entry["id"]) is False
+    assert registry.read_credentials(entry) == old            # old credentials kept
+    account = registry.load_accounts()[0]
+    assert account.status == "ok" and "server busy" in account.refresh_error
+    assert refresher._backoff[entry["id"]][1] == 60           # 1 min, doubling
+    code, out, _ = run_cli("accounts", "--json", home=home)
+    listed = json.loads(out)[0]
+    assert listed["status"] == "ok" and "server busy" in listed["refresh_error"]
+    assert "renewal failing" in run_cli("accounts", home=home)[1]
+    assert refresher.refresh(entry["id"]) is True
+    new = registry.read_credentials(entry)
+    assert new["api_key"] == "sk-oauth-2-abcdef" and new["refresh_token"] == "rt-2-secret"
+    assert registry.load_accounts()[0].refresh_error == ""
+    assert refresher.refresh(entry["id"]) is False             # fresh again: nothing to do
+    oauth.refresh_script = ["invalid"]
+    assert refresher.refresh(entry["id"], force=True) is False
+    assert registry.load_accounts()[0].status == "needs-login"
+
+
+def test_background_refresher_renews_when_due(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    entry = oauth_account(home, config, oauth, clock_now=time.time() - 3000)  # due now
+    refresher = ip.Refresher(ip.AccountRegistry(home), config).start()
+    try:
+        wait_for(lambda: oauth.refresh_calls == 1, what="background refresh")
+        wait_for(lambda: ip.AccountRegistry(home).read_credentials(entry)["api_key"] ==
+                 "sk-oauth-2-abcdef", what="rotated key stored")
+        due, _ = refresher.next_due()
+        assert due > time.time() + 1000   # next renewal scheduled, not a busy loop
+    finally:
+        refresher.stop()
+    assert oauth.refresh_calls == 1
+
+
+def test_upstream_439_refreshes_and_retries_once(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    entry = oauth_account(home, config, oauth, clock_now=time.time())
+    first_key = ip.AccountRegistry(home).read_credentials(entry)["api_key"]
+    fake.push(first_key, ("business", 439))
+    with running(config) as server:
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 200
+        assert [r[3] for r in fake.chat_requests()] == [first_key, "sk-oauth-2-abcdef"]
+        assert oauth.refresh_calls == 1
+        fake.keys.discard("sk-oauth-2-abcdef")
+        fake.push("sk-oauth-2-abcdef", ("business", 434))   # AK blocked: no refresh loop
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 503 and oauth.refresh_calls == 1
+    assert ip.AccountRegistry(home).load_accounts()[0].status == "disabled"
+
+
+def test_concurrent_refresh_from_two_processes(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    oauth.expires_in = 60
+    entry = oauth_account(home, config, oauth, clock_now=time.time() - 50)  # due now
+    env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_OAUTH_BASE=oauth.url)
+    procs = [subprocess.Popen([sys.executable, "iflow_proxy.py", "refresh"], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert oauth.refresh_calls == 1
+    assert sorted("renewed" in o[0] for o in outs) == [False, True]
+    creds = ip.AccountRegistry(home).read_credentials(entry)
+    assert creds["refresh_token"] in oauth.refresh_valid and creds["api_key"] == \
+        "sk-oauth-2-abcdef"
+    for o in outs:
+        assert "sk-oauth-2-abcdef" not in o[0] + o[1] and "rt-2-secret" not in o[0] + o[1]
+
+
+def test_import_from_iflow_cli_ccs_and_cliproxyapi(home, tmp_path):
+    user = tmp_path / "user"
+    (user / ".iflow").mkdir(parents=True)
+    (user / ".iflow" / "oauth_creds.json").write_text(json.dumps({
+        "access_token": "at-cli", "refresh_token": "rt-cli", "expiry_date": 1900000000000,
+        "token_type": "bearer", "apiKey": "sk-cli-oauth-key", "email": "cli@example.com"}))
+    (user / ".iflow" / "settings.json").write_text(json.dumps({
+        "selectedAuthType": "iflow", "apiKey": "sk-cli-plain-key",
+        "baseUrl": "https://mirror.example/v1"}))
+    ccs = user / ".ccs" / "cliproxy"
+    (ccs / "auth").mkdir(parents=True)
+    shared = {"access_token": "at-x", "refresh_token": "rt-x", "expired": "2030-01-01T00:00:00Z",
+              "last_refresh": "2029-12-31T00:00:00Z", "api_key": "sk-shared-key",
+              "email": "ann@example.com", "type": "iflow"}
+    (ccs / "auth" / "iflow-ann.json").write_text(json.dumps(shared))
+    (ccs / "accounts.json").write_text(json.dumps({"version": 1, "providers": {"iflow": {
+        "default": "ann@example.com", "accounts": {"ann@example.com": {
+            "email": "ann@example.com", "nickname": "annie", "tokenFile": "iflow-ann.json"}}}}}))
+    (user / ".cli-proxy-api").mkdir()
+    (user / ".cli-proxy-api" / "iflow-ann-1.json").write_text(json.dumps(shared))  # duplicate
+    (user / ".cli-proxy-api" / "iflow-broken.json").write_text("{oops")
+    env = {"HOME": str(user)}
+    code, out, err = run_cli("import", "--dry-run", env=env, home=home)
+    assert code == 0 and out.count("would") == 3 and "skip" in out
+    assert not os.path.exists(os.path.join(home, "accounts.json"))
+    code, out, err = run_cli("import", env=env, home=home)
+    assert code == 0 and out.count("import ") == 3, out
+    accounts = {a.nickname: a for a in ip.AccountRegistry(home).load_accounts()}
+    assert set(accounts) == {"cli", "api-key", "annie"}
+    assert accounts["annie"].kind == "oauth" and accounts["api-key"].base_url == \
+        "https://mirror.example/v1"
+    assert accounts["cli"].expires == "2030-03-17T17:46:40Z"
+    for secret in ("sk-cli-oauth-key", "sk-shared-key", "rt-x", "at-cli"):
+        assert secret not in out + err
+    code, out, _ = run_cli("import", env=env, home=home)
+    assert out.count("skip") == 4 and "import " not in out
+    # Our credential files use CLIProxyAPI's field names, so they move back as well.
+    ours = json.load(open(ip.AccountRegistry(home).credential_path({"id": accounts["annie"].id})))
+    assert {k: ours[k] for k in ("access_token", "refresh_token", "expired", "api_key", "email",
+                                 "type")} == {k: shared[k] for k in ("access_token",
+                                 "refresh_token", "expired", "api_key", "email", "type")}
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"api_key": "sk-single-file-1", "type": "iflow"}))
+    code, out, _ = run_cli("import", str(single), home=home)
+    assert code == 0 and "import " in out
+    code, _, err = run_cli("import", str(tmp_path / "missing.json"), home=home)
+    assert code == 2 and "no such file" in err
