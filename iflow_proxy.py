@@ -281,6 +281,11 @@ CONFIG_KEYS = {
     "first_byte_timeout": (_NUMBER, 300, None, "seconds to wait for upstream's first byte"),
     "idle_timeout": (_NUMBER, 120, None, "seconds of upstream silence allowed mid-response"),
     "max_body_bytes": (int, 50 * 1024 * 1024, None, "largest request body accepted"),
+    "max_connections": (int, 256, None, "client connections served at once (more get 503)"),
+    "client_idle_timeout": (_NUMBER, 120, None, "seconds an idle keep-alive client may wait"),
+    "header_timeout": (_NUMBER, 30, None, "seconds a client has to send its request headers"),
+    "body_timeout": (_NUMBER, 120, None, "seconds a client has to send its request body"),
+    "shutdown_grace": (_NUMBER, 10, None, "seconds in-flight requests get to finish on SIGTERM"),
     "models_cache_ttl": (_NUMBER, 300, None, "seconds to cache upstream /models"),
     "probe_model": (str, DEFAULT_PROBE_MODEL, None, "model used by check and login verification"),
     "oauth_client_id": (str, OAUTH_CLIENT_ID, None, "OAuth client id"),
@@ -333,6 +338,11 @@ class Config:
     first_byte_timeout: float = 300
     idle_timeout: float = 120
     max_body_bytes: int = 50 * 1024 * 1024
+    max_connections: int = 256
+    client_idle_timeout: float = 120
+    header_timeout: float = 30
+    body_timeout: float = 120
+    shutdown_grace: float = 10
     models_cache_ttl: float = 300
     probe_model: str = DEFAULT_PROBE_MODEL
     oauth_client_id: str = OAUTH_CLIENT_ID
@@ -430,7 +440,9 @@ def _validate_value(key, value, where):
         raise ConfigError("%s: key %r must be a positive number" % (where, key))
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("%s: key 'log_level' must be debug, info, warning or error" % where)
-    if key in ("max_body_bytes", "models_cache_ttl") and value < 0:
+    if key == "max_connections" and value < 1:
+        raise ConfigError("%s: key 'max_connections' must be at least 1" % where)
+    if key in ("max_body_bytes", "models_cache_ttl", "shutdown_grace") and value < 0:
         raise ConfigError("%s: key %r must not be negative" % (where, key))
 
 
@@ -683,6 +695,7 @@ class AccountRegistry:
         self._snapshot = ()
         self._stamp = None
         self._checked = None
+        self.listeners = []  # called (no arguments) after the accounts changed on disk
 
     # --- reading ---------------------------------------------------------------------------
     def read(self):
@@ -766,7 +779,10 @@ class AccountRegistry:
             except ConfigError as e:  # keep serving with what we had
                 log.error("%s (keeping the %d accounts loaded before)", e.message,
                           len(self._snapshot))
-            return self._snapshot
+                return self._snapshot
+        for listener in self.listeners:
+            listener()
+        return self._snapshot
 
     def invalidate(self):
         with self._cache_lock:
@@ -3183,15 +3199,43 @@ def validate_chat_request(body):
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("messages[%d] must be an object with a string 'role'" % i)
-    _expect(body, "stream", bool, "true or false")
-    _expect(body, "stream_options", dict, "an object")
-    _expect(body, "tools", list, "a list")
-    _expect(body, "reasoning_effort", str, "a string")
-    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
-        value = _expect(body, key, int, "a positive integer")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRequest("messages[%d].content must be a string or a list of parts" % i)
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest("messages[%d].content[%d] must be an object with a string "
+                                 "'type'" % (i, j))
+        for key, types, what in (("name", str, "a string"), ("tool_call_id", str, "a string"),
+                                 ("tool_calls", list, "a list"),
+                                 ("reasoning_content", str, "a string")):
+            if message.get(key) is not None and not isinstance(message[key], types):
+                raise BadRequest("messages[%d].%s must be %s" % (i, key, what))
+    for key, types, what in _OPENAI_FIELDS:
+        _expect(body, key, types, what)
+    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens", "n"):
+        value = body.get(key)
         if value is not None and value < 1:
             raise BadRequest("field %r must be a positive integer" % key)
+    for i, tool in enumerate(body.get("tools") or []):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
+            raise BadRequest("tools[%d] must be an object with a 'function' object" % i)
     return body
+
+
+# OpenAI request fields the proxy checks (the rest pass through untouched)
+_OPENAI_FIELDS = (
+    ("stream", bool, "true or false"), ("stream_options", dict, "an object"),
+    ("tools", list, "a list"), ("tool_choice", (str, dict), "a string or an object"),
+    ("reasoning_effort", str, "a string"), ("temperature", _NUMBER, "a number"),
+    ("top_p", _NUMBER, "a number"), ("presence_penalty", _NUMBER, "a number"),
+    ("frequency_penalty", _NUMBER, "a number"), ("n", int, "a positive integer"),
+    ("seed", int, "an integer"), ("stop", (str, list), "a string or a list of strings"),
+    ("user", str, "a string"), ("response_format", dict, "an object"),
+    ("parallel_tool_calls", bool, "true or false"), ("logprobs", bool, "true or false"),
+    ("top_logprobs", int, "an integer"), ("max_tokens", int, "a positive integer"),
+    ("max_completion_tokens", int, "a positive integer"),
+    ("max_new_tokens", int, "a positive integer"))
 
 
 def openai_conversation_key(body, headers):
@@ -3257,7 +3301,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     """The listening proxy: owns the registry, router, upstream pool and model catalog."""
 
     daemon_threads = True
-    request_queue_size = 128  # socketserver's 5 resets bursts of connecting clients
+    request_queue_size = 512  # socketserver's 5 resets bursts of connecting clients
 
     def __init__(self, config, registry=None, upstream=None, env=None, clock=time.time,
                  router_clock=time.monotonic):
@@ -3269,9 +3313,14 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.router = Router(self.registry, config, clock=router_clock)
         self.usage = UsageBook(os.path.join(config.home, "usage.json"))
         self.refresher = Refresher(self.registry, config, env=env)
+        self.registry.listeners.append(self.refresher.wake)
         self.catalog = ModelCatalog(config, self.upstream, self.router)
         self.started_at = time.time()
         self._stopping = threading.Event()
+        self._gate = threading.Lock()
+        self.connections = 0          # client connections being served
+        self.active_requests = 0      # requests between their first byte and their response
+        self._deadlines = {}          # handler -> (monotonic deadline, what it is waiting for)
         self._vision_cache = {}  # sha256 of image -> description (insertion-ordered, bounded)
         self._vision_lock = threading.Lock()
         if ":" in config.host:
@@ -3281,6 +3330,80 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         except OSError as e:
             raise ProxyError("cannot listen on %s:%d: %s" % (config.host, config.port,
                                                              e.strerror or e))
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+
+    # --- bounded resources -----------------------------------------------------------------
+    def process_request(self, request, client_address):
+        """One thread per connection, up to max_connections; beyond that a JSON 503."""
+        with self._gate:
+            full = self.connections >= self.config.max_connections
+            if not full:
+                self.connections += 1
+        if not full:
+            try:
+                return super().process_request(request, client_address)
+            except BaseException:
+                with self._gate:
+                    self.connections -= 1
+                raise
+        body = json.dumps(error_body(ProxyError(
+            "too many connections (config max_connections=%d); retry shortly"
+            % self.config.max_connections, status=503, code="too_many_connections"))).encode()
+        try:
+            request.settimeout(1)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                            b"\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close"
+                            b"\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._gate:
+                self.connections -= 1
+
+    def watch(self, handler, seconds, what):
+        """Close ``handler``'s connection if it is still ``what`` after ``seconds``."""
+        with self._gate:
+            if seconds is None:
+                self._deadlines.pop(handler, None)
+            else:
+                self._deadlines[handler] = (time.monotonic() + seconds, what)
+
+    def _watchdog(self):
+        """Slow clients (slowloris) can't hold a thread: overdue connections are cut."""
+        while not self._stopping.wait(0.5):
+            now = time.monotonic()
+            with self._gate:
+                overdue = [(h, what) for h, (deadline, what) in self._deadlines.items()
+                           if deadline < now]
+                for handler, _what in overdue:
+                    del self._deadlines[handler]
+            for handler, what in overdue:
+                log.info("closing a connection from %s: too slow %s", handler.client_address[0],
+                         what)
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def request_started(self):
+        with self._gate:
+            self.active_requests += 1
+
+    def request_finished(self):
+        with self._gate:
+            self.active_requests -= 1
+
+    def drain(self, grace):
+        """Wait up to ``grace`` seconds for in-flight requests; True when none is left."""
+        deadline = time.monotonic() + grace
+        while self.active_requests > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.active_requests <= 0
 
     @property
     def url(self):
@@ -3544,12 +3667,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "iflow-proxy/" + __version__
     sys_version = ""
-    timeout = 300  # idle keep-alive / slow client limit (seconds)
+    timeout = None  # set per phase: client_idle_timeout, header_timeout, body_timeout
 
     def setup(self):
         super().setup()
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def handle_one_request(self):
+        """Wait (idle) for a request, then give its headers header_timeout in all."""
+        config = self.server.config
+        try:
+            self.connection.settimeout(config.client_idle_timeout)
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        self.connection.settimeout(config.header_timeout)
+        self.server.watch(self, config.header_timeout, "sending request headers")
+        try:
+            super().handle_one_request()
+        except (OSError, ValueError):  # cut by the watchdog, or the client vanished
+            self.close_connection = True
+        finally:
+            self.server.watch(self, None, None)
+
+    def finish(self):
+        try:
+            super().finish()
         except OSError:
             pass
 
@@ -3560,6 +3709,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
     def dispatch(self):
+        self.server.watch(self, None, None)  # headers are in; the body has its own deadline
+        self.server.request_started()
+        try:
+            self._dispatch()
+        finally:
+            self.server.request_finished()
+
+    def _dispatch(self):
         self.request_id = "req_" + secrets.token_hex(8)
         self.api = "anthropic" if self.headers.get("anthropic-version") else "openai"
         self.started = time.monotonic()
@@ -3619,7 +3776,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # --- request bodies ---------------------------------------------------------------------
     def read_body(self):
-        limit = self.server.config.max_body_bytes
+        config = self.server.config
+        self.connection.settimeout(config.body_timeout)
+        self.server.watch(self, config.body_timeout, "sending the request body")
+        try:
+            return self._read_body(config.max_body_bytes)
+        finally:
+            self.server.watch(self, None, None)
+            self.connection.settimeout(None)
+
+    def _read_body(self, limit):
         lengths = self.headers.get_all("Content-Length") or []
         chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
         try:
@@ -3634,13 +3800,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise PayloadTooLarge("request body of %d bytes exceeds the limit of %d bytes "
                                       "(config max_body_bytes)" % (size, limit))
             data = self.rfile.read(size)
-            if len(data) < size:
+            if len(data) < size:  # the client stopped sending (or the watchdog cut it off)
                 raise BadRequest("request body ended after %d of %d bytes" % (len(data), size))
             return data
         except ProxyError:
             self.close_connection = True  # the rest of the body is unread: can't reuse
             raise
-        except socket.timeout:
+        except (socket.timeout, OSError, ValueError):
             self.close_connection = True
             raise BadRequest("timed out reading the request body", status=408,
                              code="request_timeout")
@@ -3730,8 +3896,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.request_id = "req_" + secrets.token_hex(8)
             self.api, self.response_status, self.first_byte = "openai", None, None
             self.log_fields = {}
-        err = ProxyError(message or http.HTTPStatus(code).phrase, status=code,
-                         code="bad_http_request")
+        message = message or http.HTTPStatus(code).phrase
+        if code == 501:    # an unknown method is the client's mistake
+            code = 405
+        elif code >= 500:  # e.g. 505 for "HTTP/9.9": still a malformed request
+            code = 400
+        err = ProxyError(message, status=code, code="bad_http_request")
         try:
             self.send_json(code, error_body(err, self.api))
         except ClientGone:
@@ -4235,8 +4405,15 @@ def cmd_serve(args, config):
         log.warning("no account yet: run `python iflow_proxy.py login --api-key` in another "
                     "shell (the server picks it up without a restart)")
 
+    signals = []
+
     def stop(signum, frame):
-        log.warning("signal %d: shutting down", signum)
+        signals.append(signum)
+        if len(signals) > 1:  # a second signal: leave now
+            log.warning("second signal: exiting at once")
+            os._exit(1)
+        log.warning("signal %d: no new connections; letting in-flight requests finish "
+                    "(up to %gs; a second signal exits at once)", signum, config.shutdown_grace)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     for signame in ("SIGINT", "SIGTERM"):
@@ -4245,8 +4422,13 @@ def cmd_serve(args, config):
     server.start_background()
     try:
         server.serve_forever()
+        server.socket.close()  # stop accepting while the in-flight requests finish
+        if not server.drain(config.shutdown_grace):
+            log.warning("%d request(s) still running after %gs; closing them",
+                        server.active_requests, config.shutdown_grace)
     finally:
-        server.server_close()
+        server.server_close()  # saves usage figures
+    log.warning("stopped")
     return 0
 
 

@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import socket
 import socketserver
 import ssl
@@ -78,6 +79,7 @@ class FakeIFlow(http.server.ThreadingHTTPServer):
         self.gate = None                # threading.Event: streams pause after the first chunk
         self.gate_timed_out = False
         self.omit_done = False
+        self.aborted_streams = 0
         self.json_for_stream = False
         self.responder = None           # body -> dict(content, reasoning, tool_calls, usage)
         self.hold = None                # threading.Event: every chat request waits on it
@@ -263,17 +265,24 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
 
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
                 "model": body["model"]}
-        pieces = [out["content"][i:i + 4] for i in range(0, len(out.get("content", "")), 4)]
+        size = out.get("chunk", 4)
+        pieces = [out["content"][i:i + size] for i in range(0, len(out.get("content", "")), size)]
         deltas = [{"reasoning_content": r} for r in out.get("reasoning_chunks") or []]
         deltas += [{"content": p} for p in pieces]
         for call in out.get("tool_call_chunks") or []:
             deltas.append({"tool_calls": [call]})
-        for i, delta in enumerate(deltas):
-            if i == 0:
-                delta = dict(delta, role="assistant")
-            send(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
-            if i == 0 and srv.gate is not None and not srv.gate.wait(10):
-                srv.gate_timed_out = True
+        try:
+            for i, delta in enumerate(deltas):
+                if i == 0:
+                    delta = dict(delta, role="assistant")
+                send(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
+                if i == 0 and srv.gate is not None and not srv.gate.wait(10):
+                    srv.gate_timed_out = True
+        except OSError:  # the proxy hung up on us
+            with srv.lock:
+                srv.aborted_streams += 1
+            self.close_connection = True
+            return
         if network_error:
             send(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "network_error"}]))
         else:
@@ -2710,3 +2719,378 @@ def test_import_from_iflow_cli_ccs_and_cliproxyapi(home, tmp_path):
     assert code == 0 and "import " in out
     code, _, err = run_cli("import", str(tmp_path / "missing.json"), home=home)
     assert code == 2 and "no such file" in err
+
+
+# ==================================================================================================
+# Hardening: malformed input, slow and vanishing clients, limits, shutdown, crashes, secrets
+# ==================================================================================================
+
+def raw_exchange(server, data, timeout=15, half_close=True):
+    """Send raw bytes, half-close, and read the whole answer (b"" if the server just closed)."""
+    with socket.create_connection(server.server_address, timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def http_bytes(method, path, body=b"", headers=None):
+    head = "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" % (method, path)
+    for k, v in (headers or {"Content-Type": "application/json",
+                              "Content-Length": str(len(body))}).items():
+        head += "%s: %s\r\n" % (k, v)
+    return head.encode() + b"\r\n" + body
+
+
+WEIRD_VALUES = [None, 0, -1, 1.5, 10 ** 30, "", "x" * 3000, True, [], [1, "a", None], {},
+                {"a": {"b": [1]}}, "\u0000\ud7ff", [{"type": 5}], {"type": "text", "text": 5}]
+
+OPENAI_VALID = {"model": "glm-4.6", "stream": False, "temperature": 0.5, "top_p": 0.9,
+                "max_tokens": 50, "stop": ["END"], "user": "u", "n": 1, "seed": 3,
+                "tool_choice": "auto", "reasoning_effort": "low",
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                "messages": [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+ANTHROPIC_VALID = {"model": "claude-sonnet-4", "max_tokens": 50, "stream": False,
+                   "system": [{"type": "text", "text": "be brief"}], "temperature": 0.5,
+                   "top_p": 0.9, "top_k": 5, "stop_sequences": ["END"],
+                   "metadata": {"user_id": "u1"}, "thinking": {"type": "enabled",
+                                                                 "budget_tokens": 1024},
+                   "tool_choice": {"type": "auto"},
+                   "tools": [{"name": "f", "description": "d", "input_schema": {}}],
+                   "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                {"role": "assistant", "content": [
+                                    {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                                {"role": "user", "content": [
+                                    {"type": "tool_result", "tool_use_id": "t1",
+                                     "content": "ok"}]}]}
+
+
+def mutations(rng, valid):
+    """Copies of ``valid`` with one field (top-level or nested) set to a weird value."""
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                paths.append(path + [k])
+                walk(v, path + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                paths.append(path + [i])
+                walk(v, path + [i])
+    walk(valid, [])
+    for path in paths:
+        for value in rng.sample(WEIRD_VALUES, 4):
+            body = json.loads(json.dumps(valid))
+            node = body
+            for step in path[:-1]:
+                node = node[step]
+            node[path[-1]] = value
+            yield path, body
+
+
+def test_fuzz_malformed_requests_get_json_4xx(home, fake):
+    import random
+    rng = random.Random(20261122)
+    add_key_account(home, KEYS[0])
+    config = make_config(home, fake, max_body_bytes=200000, header_timeout=5, body_timeout=5,
+                         max_concurrency=0)
+    cases = [
+        b"GET\r\n\r\n", b"\x00\xff\xfe garbage\r\n\r\n", b"POST /v1/models HTTP/9.9\r\n\r\n",
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) +
+        b"\r\n",
+        b"GET /healthz HTTP/1.1\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n",
+    ]
+    chat = "/v1/chat/completions"
+    for length in ("-5", "abc", "1e3", "99999999999", " ", "10, 20"):
+        cases.append(http_bytes("POST", chat, b"{}", {"Content-Length": length}))
+    cases.append(http_bytes("POST", chat, b"{}", {"Content-Length": "2"}).replace(
+        b"Content-Length: 2", b"Content-Length: 2\r\nContent-Length: 3"))
+    cases.append(http_bytes("POST", chat, b'{"model":', {"Content-Length": "500"}))  # short
+    for chunked in (b"zz\r\nabc\r\n0\r\n\r\n", b"5\r\nab", b"3\r\nabcXY0\r\n\r\n",
+                    b"-1\r\n\r\n", b"fffffffffff\r\n"):
+        cases.append(http_bytes("POST", chat, chunked, {"Transfer-Encoding": "chunked"}))
+    for body in (b"\xff\xfe\xfd", b"[" * 50000 + b"]" * 50000, b'{"a":' * 5000, b"1" * 5000,
+                 b'"' + b"x" * 150000 + b'"', b"{" + b'"k":1,' * 40000 + b'"z":1}',
+                 json.dumps({"model": "m", "messages": "x" * 300000}).encode(),
+                 b"null", b"true", b'{"model": NaN}', b"\x00"):
+        for path in (chat, "/v1/messages", "/v1/messages/count_tokens"):
+            cases.append(http_bytes("POST", path, body))
+    for valid, path in ((OPENAI_VALID, chat), (ANTHROPIC_VALID, "/v1/messages")):
+        for _field, body in mutations(rng, valid):
+            cases.append(http_bytes("POST", path, json.dumps(body).encode()))
+    rng.shuffle(cases)
+    cases = cases[:400]
+    deadline = time.monotonic() + 120
+    statuses = []
+    with running(config) as server:
+        for case in cases:
+            assert time.monotonic() < deadline, "fuzzing took too long"
+            reply = raw_exchange(server, case)
+            assert reply.startswith(b"HTTP/1.1 "), (case[:120], reply[:200])
+            status = int(reply[9:12])
+            statuses.append(status)
+            assert status < 500, (case[:300], reply[:400])
+            if status >= 400:
+                body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+                assert "error" in body, reply[:300]
+        assert post_json(server, chat, CHAT)[0] == 200
+        assert request(server, "GET", "/healthz")[0] == 200
+    assert len(statuses) >= 300 and sum(400 <= s < 500 for s in statuses) >= 150
+
+
+def test_client_disconnect_mid_stream_frees_everything(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.gate = threading.Event()
+    fake.responder = lambda body: {"content": "x" * 3000000, "chunk": 65536}
+    log_stream = io.StringIO()
+    config = make_config(home, fake)
+    with running(config) as server:
+        ip.setup_logging(config, stream=log_stream)
+        sock = socket.create_connection(server.server_address)
+        payload = json.dumps(dict(CHAT, stream=True)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Content-Type: application/json\r\n\r\n%s" % (len(payload), payload))
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        sock.close()                       # the client goes away mid-stream
+        fake.gate.set()
+        account = server.router.all_accounts()[0]
+        wait_for(lambda: server.router.in_flight(account) == 0, what="slot freed")
+        wait_for(lambda: fake.aborted_streams == 1, what="upstream stream abandoned")
+        assert all(not idle for idle in server.upstream.pool._idle.values())  # not pooled
+        wait_for(lambda: "client disconnected" in log_stream.getvalue(), what="log line")
+        assert "Traceback" not in log_stream.getvalue()
+        assert log_stream.getvalue().count("client disconnected") == 1
+        fake.gate = None
+        fake.responder = None
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_slow_clients_are_cut_off(home, fake):
+    add_key_account(home, KEYS[0])
+    config = make_config(home, fake, header_timeout=0.6, body_timeout=0.6)
+    with running(config) as server:
+        def trickle(sock, data):
+            try:
+                for byte in data:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.1)   # the slowloris client's own pace, well under any timeout
+            except OSError:
+                pass
+        started = time.monotonic()
+        sock = socket.create_connection(server.server_address)
+        threading.Thread(target=trickle, args=(sock, b"GET /healthz HTTP/1.1\r\n" +
+                                               b"X-Slow: " + b"a" * 100), daemon=True).start()
+        sock.settimeout(10)
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 5
+        sock.close()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                b"Content-Type: application/json\r\n\r\n{\"model\"")
+        reply = raw_exchange(server, head, half_close=False)
+        assert reply == b"" or b" 408 " in reply[:20] or b" 400 " in reply[:20]
+        assert request(server, "GET", "/healthz")[0] == 200
+
+
+def test_connection_cap_answers_503_and_recovers(home, fake):
+    with running(make_config(home, fake, max_connections=3)) as server:
+        idle = [socket.create_connection(server.server_address) for _ in range(3)]
+        wait_for(lambda: server.connections == 3, what="3 connections")
+        reply = raw_exchange(server, http_bytes("GET", "/healthz", headers={}))
+        assert reply.startswith(b"HTTP/1.1 503") and b"max_connections" in reply
+        idle.pop().close()
+        wait_for(lambda: server.connections == 2, what="a connection to end")
+        assert request(server, "GET", "/healthz")[0] == 200
+        for sock in idle:
+            sock.close()
+
+
+def test_keepalive_reuses_client_connection(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", json.dumps(CHAT),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read()
+        assert server.connections == 1
+        conn.close()
+
+
+def serve_subprocess(home, fake, *extra, env=None):
+    environment = dict(os.environ, IFLOW_API_BASE=fake.url + "/v1", IFLOW_PROXY_HOME=home,
+                       **(env or {}))
+    proc = subprocess.Popen([sys.executable, "iflow_proxy.py", "serve", "--port", "0"] +
+                            list(extra), cwd=HERE, env=environment, stderr=subprocess.PIPE,
+                            text=True)
+    line = wait_for(lambda: proc.stderr.readline(), what="banner")
+    port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", line).group(1))
+    return proc, port
+
+
+def test_sigterm_lets_streams_finish_then_exits_0(home, fake):
+    if not hasattr(signal, "SIGTERM") or os.name != "posix":
+        pytest.skip("POSIX signals")
+    add_key_account(home, KEYS[0])
+    fake.gate = threading.Event()
+    proc, port = serve_subprocess(home, fake)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps(dict(CHAT, stream=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.read1(65536)
+        proc.send_signal(signal.SIGTERM)
+
+        def refused():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except OSError:
+                return True
+        wait_for(refused, what="listener closed")
+        fake.gate.set()
+        rest = resp.read()
+        assert sse_payloads(first + rest)[-1] == "[DONE]"
+        assert proc.wait(timeout=30) == 0
+        assert os.path.exists(os.path.join(home, "usage.json"))
+        assert json.load(open(os.path.join(home, "usage.json")))["days"]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_second_signal_exits_at_once(home, fake):
+    if os.name != "posix":
+        pytest.skip("POSIX signals")
+    add_key_account(home, KEYS[0])
+    release = threading.Event()
+    fake.push(KEYS[0], ("stall", release))
+    proc, port = serve_subprocess(home, fake, env={"IFLOW_PROXY_LOG_LEVEL": "info"})
+    try:
+        threading.Thread(target=lambda: raw_exchange(
+            type("S", (), {"server_address": ("127.0.0.1", port)}),
+            http_bytes("POST", "/v1/chat/completions", json.dumps(CHAT).encode())),
+            daemon=True).start()
+        wait_for(lambda: len(fake.chat_requests()) == 1, what="request in flight")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "no new connections" in proc.stderr.readline(), what="first signal")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 1     # long before the 10 s grace period
+    finally:
+        release.set()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+CRASH_WRITER = r"""
+import itertools, sys, os
+sys.path.insert(0, %(here)r)
+import iflow_proxy as ip
+registry = ip.AccountRegistry(%(home)r)
+usage = ip.UsageBook(os.path.join(%(home)r, "usage.json"))
+for i in itertools.count():
+    registry.upsert("key:%%d" %% (i %% 3), "api-key", {"api_key": "sk-crash-%%08d" %% i},
+                    settings={"priority": i})
+    usage.record("acct", "m", 200, {"prompt_tokens": i}, 1.0)
+    usage.save()
+    if i == 2:
+        print("ready", flush=True)
+"""
+
+
+def test_files_survive_kill_9_at_random_moments(home):
+    import random
+    rng = random.Random(7)
+    script = CRASH_WRITER % {"here": HERE, "home": home}
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, 0.2))   # let it write for a random moment, then kill it
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        registry = ip.AccountRegistry(home)
+        data = registry.read()                       # valid JSON, valid registry
+        assert 1 <= len(data["accounts"]) <= 3
+        for entry in data["accounts"]:
+            creds = registry.read_credentials(entry)   # valid JSON
+            assert re.match(r"^sk-crash-\d{8}$", creds["api_key"])
+            assert stat.S_IMODE(os.stat(registry.credential_path(entry)).st_mode) == 0o600
+        usage = json.load(open(os.path.join(home, "usage.json")))
+        assert usage["version"] == 1
+        for name in ("accounts.json", "usage.json"):
+            assert stat.S_IMODE(os.stat(os.path.join(home, name)).st_mode) == 0o600
+
+
+def test_secrets_never_appear_in_full(home, fake, oauth, tmp_path):
+    secrets_seen = []
+    client_key = "ck-super-secret-client-key-123"
+    env = {"IFLOW_API_BASE": fake.url + "/v1", "IFLOW_OAUTH_BASE": oauth.url}
+    outputs = []
+    code, out, err = run_cli("login", "--api-key", "--nickname", "plain", stdin=KEYS[0] + "\n",
+                             env=env, home=home)
+    outputs += [out, err]
+    config = oauth_config(home, fake, oauth)
+    entry = oauth_account(home, config, oauth, clock_now=time.time())
+    creds = ip.AccountRegistry(home).read_credentials(entry)
+    secrets_seen += [KEYS[0], client_key, creds["api_key"], creds["access_token"],
+                     creds["refresh_token"], ip.OAUTH_CLIENT_SECRET]
+    fake.push(creds["api_key"], ("business", 439))     # forces a refresh with new tokens
+    log_file = str(tmp_path / "proxy.log")
+    proc, port = serve_subprocess(home, fake, "--client-key", client_key, "--log-file", log_file,
+                                  "--log-level", "debug", env={"IFLOW_OAUTH_BASE": oauth.url})
+    try:
+        server = type("S", (), {"server_address": ("127.0.0.1", port)})
+        auth = {"Authorization": "Bearer " + client_key}
+        pinned = dict(CHAT, model="%s/glm-4.6" % entry["nickname"])   # the OAuth account
+        for body in (pinned, pinned, CHAT):
+            outputs.append(request(server, "POST", "/v1/chat/completions", body, auth)[2])
+        outputs.append(request(server, "POST", "/v1/chat/completions", CHAT,
+                               {"Authorization": "Bearer " + client_key[:-1]})[2])
+        outputs.append(request(server, "GET", "/status", headers=auth)[2])
+        outputs.append(request(server, "GET", "/")[2])
+        code, out, err = run_cli("status", env={"IFLOW_PROXY_PORT": str(port),
+                                                "IFLOW_PROXY_CLIENT_KEYS": client_key},
+                                 home=home)
+        outputs += [out, err]
+        for command in (["accounts"], ["accounts", "--json"], ["check"], ["env"]):
+            code, out, err = run_cli(*command, env=dict(env, IFLOW_PROXY_CLIENT_KEYS=client_key),
+                                     home=home)
+            outputs += [out, err]
+        proc.terminate()
+        proc.wait(timeout=30)
+        outputs.append(proc.stderr.read())
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    rotated = ip.AccountRegistry(home).read_credentials(entry)
+    assert rotated["api_key"] != creds["api_key"]      # the refresh really happened
+    secrets_seen += [rotated["api_key"], rotated["access_token"], rotated["refresh_token"]]
+    outputs.append(open(log_file).read())
+    text = "\n".join(o.decode() if isinstance(o, bytes) else o for o in outputs)
+    assert "status=200" in text and "renewed the credentials" in text
+    for secret in secrets_seen:
+        assert secret not in text, "a secret leaked: %s" % ip.mask_secret(secret)
