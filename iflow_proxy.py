@@ -24,11 +24,8 @@ lock.  Keys and tokens are never printed or logged in full.
 import argparse
 import base64
 import binascii
-import calendar
 import dataclasses
-import email.utils
 import fnmatch
-import getpass
 import hashlib
 import hmac
 import io
@@ -52,11 +49,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-import uuid
-import webbrowser
+
+# Modules only some CLI commands need (calendar, email.utils, getpass, urllib.request,
+# webbrowser) are imported where they are used: `serve` starts faster and smaller without them.
 
 try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
     import fcntl
@@ -916,21 +912,22 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
         headers["Content-Type"] = "application/json"
     headers.setdefault("Accept", "application/json")
     headers.setdefault("User-Agent", "iflow-proxy/" + __version__)
+    from urllib import error as url_error, request as url_request
     proxy = select_proxy(url, config.proxy, env)
     context = ssl.create_default_context()
     if config.ca_file:
         context.load_verify_locations(config.ca_file)
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}),
-        urllib.request.HTTPSHandler(context=context))
+    opener = url_request.build_opener(
+        url_request.ProxyHandler({urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}),
+        url_request.HTTPSHandler(context=context))
     where = urllib.parse.urlsplit(url).netloc
     try:
-        with opener.open(urllib.request.Request(url, data=data, headers=headers, method=method),
+        with opener.open(url_request.Request(url, data=data, headers=headers, method=method),
                          timeout=timeout) as resp:
             status, raw = resp.status, resp.read(SSE_HEAD_LIMIT)
-    except urllib.error.HTTPError as e:
+    except url_error.HTTPError as e:
         status, raw = e.code, e.read(SSE_HEAD_LIMIT)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+    except (url_error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
         raise UpstreamError("unreachable", "cannot reach %s: %s" % (where, reason))
     try:
@@ -1032,6 +1029,7 @@ def parse_time(value):
         return value / 1000.0 if value > 1e11 else float(value)
     if not isinstance(value, str) or not value.strip():
         return None
+    import calendar
     text = value.strip()
     for fmt, offset in (("%Y-%m-%d %H:%M:%S", 8), ("%Y-%m-%d %H:%M", 8)):
         try:
@@ -1198,7 +1196,10 @@ def login_oauth(config, out, stdin, browser=True, open_browser=None, env=None,
             out.write("Log in to iFlow in your browser. If it does not open, visit:\n  %s\n"
                       % url)
             out.flush()
-            (open_browser or webbrowser.open)(url)
+            if open_browser is None:
+                import webbrowser
+                open_browser = webbrowser.open
+            open_browser(url)
         else:
             url = authorize_url(config, code_display_uri(config), state, challenge)
             out.write("Open this URL on any device, log in, and type the code it shows:\n  %s\n"
@@ -1529,8 +1530,11 @@ def sign_request(api_key, user_agent, session_id, timestamp_ms):
 
 
 def _derived_uuid(*parts):
-    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=4))
+    raw = bytearray(hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()[:16])
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def conversation_ids(account_id, conversation_key):
@@ -1792,6 +1796,7 @@ def retry_after_seconds(value, clock=time.time):
     value = value.strip()
     if value.isdigit():
         return int(value)
+    import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -4375,6 +4380,7 @@ def read_secret(prompt, stdin):
     if stdin is None:
         raise BadRequest("no key given: pipe it on stdin or run in a terminal")
     if stdin.isatty():
+        import getpass
         value = getpass.getpass(prompt)
     else:
         value = stdin.readline(4096)
@@ -4436,8 +4442,11 @@ def read_cookie(stdin):
     """A browser cookie string from stdin (piped) or a hidden prompt."""
     if stdin is None:
         raise BadRequest("no cookie given: pipe it on stdin or run in a terminal")
-    value = getpass.getpass("Cookie from platform.iflow.cn (input hidden): ") \
-        if stdin.isatty() else stdin.readline(65536)
+    if stdin.isatty():
+        import getpass
+        value = getpass.getpass("Cookie from platform.iflow.cn (input hidden): ")
+    else:
+        value = stdin.readline(65536)
     value = value.strip()
     if "BXAuth=" not in value:
         raise BadRequest("the cookie must contain BXAuth=… (copy the Cookie header of "
@@ -4699,9 +4708,10 @@ def cmd_env(args, config):
 
 def running_proxy_url(config, timeout=1.0):
     """The URL of an iflow-proxy already serving this config's port, or None."""
+    from urllib import request as url_request
     url = _local_url(config)
     try:
-        with urllib.request.urlopen(url + "/healthz", timeout=timeout) as resp:
+        with url_request.urlopen(url + "/healthz", timeout=timeout) as resp:
             if resp.headers.get("Server", "").startswith("iflow-proxy/"):
                 return url
     except (OSError, ValueError):
@@ -4740,14 +4750,15 @@ def cmd_claude(args, config):
 
 def fetch_status(config, timeout=2.0):
     """/status of a proxy running on this config's port, or None when none answers."""
-    req = urllib.request.Request(_local_url(config) + "/status",
+    from urllib import error as url_error, request as url_request
+    req = url_request.Request(_local_url(config) + "/status",
                                  headers={"Authorization": "Bearer " + _client_token(config)})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with url_request.urlopen(req, timeout=timeout) as resp:
             if not resp.headers.get("Server", "").startswith("iflow-proxy/"):
                 return None
             return json.loads(resp.read().decode("utf-8"))
-    except urllib.error.HTTPError as e:
+    except url_error.HTTPError as e:
         if e.code == 401:
             raise ProxyError("the running proxy at %s wants a client key this config doesn't "
                              "have" % _local_url(config))

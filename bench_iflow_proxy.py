@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Benchmark iflow_proxy.py against a fast fake upstream: what does the proxy add?
+
+    python bench_iflow_proxy.py [--quick] [--out results.json]
+
+Three processes: a fast fake OpenAI-compatible upstream, the proxy (`iflow_proxy.py serve`, its
+account pool with unlimited concurrency so the per-account queue doesn't shape the figures), and
+this load generator.  Each measurement runs direct (client -> upstream) and through the proxy
+(client -> proxy -> upstream), interleaved, and prints both with the difference or ratio:
+
+- added latency p50/p99, non-stream, concurrency 1;
+- time to first byte and the gaps between chunks of a 50-chunk stream whose upstream sleeps
+  20 ms per chunk (a proxy that batches chunks shows up here);
+- requests/s at concurrency 16 and 64 (non-stream);
+- 64 concurrent streams (all must complete);
+- the proxy's peak RSS (Linux /proc, else ps) and start-up time to the first healthy response;
+- separately, the cost of the per-account queue (max_concurrency 1, one account).
+
+Not part of the test suite.  Standard library only.
+"""
+
+import argparse
+import http.client
+import http.server
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEY = "sk-bench-key-0000000000"
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "glm-4.6",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}).encode()
+
+
+# --- the fast fake upstream (runs as its own process) ------------------------------------------
+
+class Upstream(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if body.get("stream"):
+            chunks = int(self.headers.get("x-bench-chunks") or 50)
+            delay = float(self.headers.get("x-bench-delay") or 0.02)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+            for i in range(chunks):
+                event = b'data: {"choices":[{"index":0,"delta":{"content":"c%d"}}]}\n\n' % i
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                time.sleep(delay)
+            done = b"data: [DONE]\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            return
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(COMPLETION), COMPLETION))
+
+
+def run_upstream(port_file):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    server.daemon_threads = True
+    server.request_queue_size = 512
+    with open(port_file, "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+CHAT = json.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "ping"}]})
+STREAM = json.dumps({"model": "glm-4.6", "stream": True,
+                     "messages": [{"role": "user", "content": "ping"}]})
+
+
+class Client:
+    """A keep-alive connection to one target (host, port, path prefix)."""
+
+    def __init__(self, target):
+        self.port, self.prefix = target
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def chat(self, body=CHAT, headers=None):
+        started = time.perf_counter()
+        self.conn.request("POST", self.prefix + "/chat/completions", body,
+                          dict({"Content-Type": "application/json",
+                                "Authorization": "Bearer " + KEY}, **(headers or {})))
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError("HTTP %d: %s" % (resp.status, data[:200]))
+        return time.perf_counter() - started
+
+    def stream(self, chunks=50, delay=0.02):
+        """(time to first chunk, [gaps between chunks]) in seconds."""
+        started = time.perf_counter()
+        self.conn.request("POST", self.prefix + "/chat/completions", STREAM, {
+            "Content-Type": "application/json", "Authorization": "Bearer " + KEY,
+            "x-bench-chunks": str(chunks), "x-bench-delay": str(delay)})
+        resp = self.conn.getresponse()
+        arrivals, buf = [], b""
+        while True:
+            data = resp.read1(65536)
+            if not data:
+                break
+            buf += data
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                if b'"content"' in event:
+                    arrivals.append(time.perf_counter())
+        if len(arrivals) != chunks:
+            raise RuntimeError("stream delivered %d of %d chunks" % (len(arrivals), chunks))
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        return arrivals[0] - started, gaps
+
+    def close(self):
+        self.conn.close()
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100.0 * (len(values) - 1))))]
+
+
+def latency(targets, n):
+    clients = {name: Client(t) for name, t in targets.items()}
+    samples = {name: [] for name in targets}
+    for name, c in clients.items():   # warm up connections and caches
+        for _ in range(20):
+            c.chat()
+    for _ in range(n):
+        for name, c in clients.items():   # interleaved: both see the same machine state
+            samples[name].append(c.chat())
+    for c in clients.values():
+        c.close()
+    return {name: {"p50_ms": percentile(s, 50) * 1000, "p99_ms": percentile(s, 99) * 1000}
+            for name, s in samples.items()}
+
+
+def run_together(fn, count):
+    """Run ``fn`` in ``count`` threads at once; seconds until the last one finished."""
+    threads = [threading.Thread(target=fn) for _ in range(count)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+def throughput(target, concurrency, seconds):
+    stop = time.perf_counter() + seconds
+    counts, errors = [], []
+
+    def worker():
+        c, n = Client(target), 0
+        try:
+            while time.perf_counter() < stop:
+                c.chat()
+                n += 1
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            errors.append(repr(e))
+        finally:
+            c.close()
+            counts.append(n)
+    elapsed = run_together(worker, concurrency)
+    return {"rps": sum(counts) / elapsed, "errors": len(errors),
+            "first_error": errors[0] if errors else None}
+
+
+def streams(target, count, chunks=50, delay=0.02):
+    results, errors = [], []
+
+    def one():
+        c = Client(target)
+        try:
+            results.append(c.stream(chunks, delay))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            c.close()
+    elapsed = run_together(one, count)
+    return {"completed": len(results), "errors": len(errors), "seconds": elapsed,
+            "ttfb_p50_ms": percentile([r[0] for r in results], 50) * 1000 if results else None,
+            "gap_p99_ms": percentile([g for r in results for g in r[1]], 99) * 1000
+            if results else None}
+
+
+def rss_kb(pid):
+    """(current, peak) resident set size of a process in KiB."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except OSError:
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
+                             text=True).stdout.strip()
+        return int(out or 0), int(out or 0)
+
+
+def start_proxy(upstream_port, max_concurrency, python_flags=()):
+    home = tempfile.mkdtemp(prefix="iflow-bench-")
+    with open(os.path.join(home, "config.json"), "w") as f:
+        json.dump({"max_concurrency": max_concurrency, "log_level": "warning"}, f)
+    env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_API_KEYS=KEY,
+               IFLOW_API_BASE="http://127.0.0.1:%d/v1" % upstream_port)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable] + list(python_flags) +
+                            [os.path.join(HERE, "iflow_proxy.py"), "-q",
+                             "serve", "--port", str(port)], env=env,
+                            stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("the proxy exited with %d" % proc.returncode)
+            time.sleep(0.002)
+    return proc, port, (time.perf_counter() - started) * 1000
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, shorter runs")
+    parser.add_argument("--out", help="also write the figures as JSON to this file")
+    parser.add_argument("--python-flag", action="append", default=[], metavar="FLAG",
+                        help="interpreter flag for the proxy, e.g. -S to leave out "
+                        "site-packages hooks this machine may have")
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)  # internal: run the fake upstream
+    args = parser.parse_args(argv)
+    if args.upstream:
+        return run_upstream(args.upstream)
+    n, seconds = (300, 2.0) if args.quick else (1500, 5.0)
+
+    port_file = tempfile.mktemp(prefix="iflow-bench-port-")
+    upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--upstream",
+                                 port_file])
+    proxies = []
+    try:
+        while not (os.path.exists(port_file) and open(port_file).read()):
+            time.sleep(0.01)
+        up_port = int(open(port_file).read())
+        startups = []
+        for _ in range(3 if args.quick else 5):
+            proc, _port, ms = start_proxy(up_port, 0, args.python_flag)
+            startups.append(ms)
+            proc.terminate()
+            proc.wait()
+        proxy, px_port, _ = start_proxy(up_port, 0, args.python_flag)
+        queued, q_port, _ = start_proxy(up_port, 1, args.python_flag)
+        proxies += [proxy, queued]
+        direct, through = (up_port, "/v1"), (px_port, "/v1")
+        r = {"startup_ms": statistics.median(startups)}
+        r["latency"] = latency({"direct": direct, "proxy": through}, n)
+        r["queue_latency"] = latency({"unlimited": through, "max_concurrency_1": (q_port, "/v1")},
+                                     n // 2)
+        single = {"direct": [], "proxy": []}
+        for _ in range(3 if args.quick else 5):   # one stream at a time, interleaved
+            for name, target in (("direct", direct), ("proxy", through)):
+                c = Client(target)
+                single[name].append(c.stream())
+                c.close()
+        r["stream"] = {name: {
+            "ttfb_ms": statistics.median(s[0] for s in runs) * 1000,
+            "gap_mean_ms": statistics.mean(g for s in runs for g in s[1]) * 1000,
+            "gap_p99_ms": percentile([g for s in runs for g in s[1]], 99) * 1000}
+            for name, runs in single.items()}
+        for conc in (16, 64):
+            r["rps_c%d" % conc] = {name: throughput(t, conc, seconds)
+                                   for name, t in (("direct", direct), ("proxy", through))}
+        r["streams_64"] = {name: streams(t, 64) for name, t in (("direct", direct),
+                                                                 ("proxy", through))}
+        r["proxy_rss_kb"] = dict(zip(("current", "peak"), rss_kb(proxy.pid)))
+    finally:
+        for p in proxies + [upstream]:
+            p.terminate()
+            p.wait()
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+
+    lat, st = r["latency"], r["stream"]
+    rows = [
+        ("non-stream latency p50 (ms)", lat["direct"]["p50_ms"], lat["proxy"]["p50_ms"],
+         "+%.2f ms" % (lat["proxy"]["p50_ms"] - lat["direct"]["p50_ms"])),
+        ("non-stream latency p99 (ms)", lat["direct"]["p99_ms"], lat["proxy"]["p99_ms"],
+         "+%.2f ms" % (lat["proxy"]["p99_ms"] - lat["direct"]["p99_ms"])),
+        ("stream time to first byte (ms)", st["direct"]["ttfb_ms"], st["proxy"]["ttfb_ms"],
+         "+%.2f ms" % (st["proxy"]["ttfb_ms"] - st["direct"]["ttfb_ms"])),
+        ("stream chunk gap mean (ms)", st["direct"]["gap_mean_ms"], st["proxy"]["gap_mean_ms"],
+         "%+.2f ms" % (st["proxy"]["gap_mean_ms"] - st["direct"]["gap_mean_ms"])),
+        ("stream chunk gap p99 (ms)", st["direct"]["gap_p99_ms"], st["proxy"]["gap_p99_ms"],
+         "%+.2f ms" % (st["proxy"]["gap_p99_ms"] - st["direct"]["gap_p99_ms"])),
+    ]
+    for conc in (16, 64):
+        d, p = r["rps_c%d" % conc]["direct"]["rps"], r["rps_c%d" % conc]["proxy"]["rps"]
+        rows.append(("requests/s at concurrency %d" % conc, d, p, "x%.2f" % (p / d)))
+    s64 = r["streams_64"]
+    rows.append(("64 concurrent streams completed", s64["direct"]["completed"],
+                 s64["proxy"]["completed"], "%d errors" % s64["proxy"]["errors"]))
+    rows.append(("64 streams: chunk gap p99 (ms)", s64["direct"]["gap_p99_ms"],
+                 s64["proxy"]["gap_p99_ms"], ""))
+    q = r["queue_latency"]
+    rows.append(("queue (max_concurrency 1) p50 (ms)", q["unlimited"]["p50_ms"],
+                 q["max_concurrency_1"]["p50_ms"], "+%.2f ms" % (
+                     q["max_concurrency_1"]["p50_ms"] - q["unlimited"]["p50_ms"])))
+    print("%-38s %12s %12s %12s" % ("measure", "direct", "proxy", "difference"))
+    for name, a, b, diff in rows:
+        print("%-38s %12.2f %12.2f %12s" % (name, a, b, diff))
+    print("%-38s %12s %12.1f" % ("proxy peak RSS (MB)", "", r["proxy_rss_kb"]["peak"] / 1024.0))
+    print("%-38s %12s %12.1f" % ("proxy start-up to healthy (ms)", "", r["startup_ms"]))
+    for conc in (16, 64):
+        for name in ("direct", "proxy"):
+            if r["rps_c%d" % conc][name]["errors"]:
+                print("errors at concurrency %d (%s): %d, first: %s" % (
+                    conc, name, r["rps_c%d" % conc][name]["errors"],
+                    r["rps_c%d" % conc][name]["first_error"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
