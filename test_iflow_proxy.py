@@ -396,7 +396,7 @@ def run_cli(*argv, stdin="", env=None, home=None):
 STDLIB_FALLBACK = set("""argparse base64 binascii dataclasses email fnmatch getpass hashlib hmac http
 ipaddress json logging os re secrets select signal socket socketserver ssl sys tempfile threading
 time urllib uuid fcntl msvcrt traceback collections itertools functools math random shutil
-subprocess webbrowser platform errno io contextlib queue string struct zlib textwrap""".split())
+subprocess webbrowser platform errno io contextlib queue string struct zlib textwrap calendar""".split())
 
 
 def test_only_stdlib_imports_and_python38_syntax():
@@ -3094,3 +3094,65 @@ def test_secrets_never_appear_in_full(home, fake, oauth, tmp_path):
     assert "status=200" in text and "renewed the credentials" in text
     for secret in secrets_seen:
         assert secret not in text, "a secret leaked: %s" % ip.mask_secret(secret)
+
+
+def test_model_lists_406_and_max_attempts(home, fake, clock):
+    add_key_account(home, KEYS[0], nickname="glm-only", models=["glm-*"])
+    add_key_account(home, KEYS[1], nickname="no-glm46", excluded_models=["GLM-4.6"])
+    with running(make_config(home, fake), router_clock=clock) as server:
+        for i in range(3):
+            assert post_json(server, "/v1/chat/completions", conversation(i))[0] == 200
+        assert {r[3] for r in fake.chat_requests()} == {KEYS[0]}      # only glm-only serves it
+        for i in range(2):
+            body = dict(conversation(10 + i), model="kimi-k2")
+            assert post_json(server, "/v1/chat/completions", body)[0] == 200
+        assert {r[3] for r in fake.chat_requests()[3:]} == {KEYS[1]}
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-only/"
+                                                                            "kimi-k2"))
+        assert status == 404 and "not allowed" in body["error"]["message"]
+    fake.requests.clear()
+    add_key_account(home, KEYS[2], nickname="third")
+    with running(make_config(home, fake, max_attempts=2), router_clock=clock) as server:
+        fake.push(KEYS[0], ("business", 406))      # 406: never retried on another account
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-5"))
+        assert status == 502 and body["error"]["code"] == "upstream_rejected"
+        assert len(fake.chat_requests()) == 1
+        for key in KEYS[1:]:
+            fake.push(key, ("http", 500))
+        status, _, body = post_json(server, "/v1/chat/completions",
+                                    dict(conversation(5), model="glm-5"))
+        assert status == 502 and len(fake.chat_requests()) == 3       # 2 attempts at most
+
+
+def test_burst_of_connections_is_not_reset(home, fake):
+    with running(make_config(home, fake)) as server:
+        start = threading.Barrier(60)
+        results = []
+
+        def hit():
+            start.wait()
+            try:
+                results.append(request(server, "GET", "/healthz")[0])
+            except OSError as e:
+                results.append(repr(e))
+        threads = [threading.Thread(target=hit) for _ in range(60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [200] * 60
+
+
+def test_upstream_silence_mid_stream_becomes_error_event(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.gate = threading.Event()
+    try:
+        with running(make_config(home, fake, idle_timeout=0.3)) as server:
+            status, _, data = request(server, "POST", "/v1/chat/completions",
+                                      dict(CHAT, stream=True))
+            assert status == 200
+            payloads = sse_payloads(data)
+            error = json.loads(payloads[-2])["error"]
+            assert error["code"] == "upstream_timeout" and payloads[-1] == "[DONE]"
+    finally:
+        fake.gate.set()
