@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""iflow-proxy: a local OpenAI-compatible endpoint in front of iFlow (or any OpenAI-compatible API).
+"""iflow-proxy: a local OpenAI- and Anthropic-compatible endpoint in front of iFlow (or any
+OpenAI-compatible API).  One file, standard library only, CPython 3.8+.
 
-One file, standard library only.  Copy it anywhere Python 3.8+ runs and:
+    python iflow_proxy.py login                # iFlow account in the browser (--no-browser on a
+                                               # headless box; --device, --cookie, --api-key)
+    python iflow_proxy.py serve                # http://127.0.0.1:11450 (OpenAI: /v1)
+    python iflow_proxy.py claude               # Claude Code through the proxy
+    eval "$(python iflow_proxy.py env)"        # ANTHROPIC_* for any Anthropic client
 
-    python iflow_proxy.py login --api-key      # paste an iFlow API key (read from stdin, never argv)
-    python iflow_proxy.py serve                # http://127.0.0.1:11450/v1
+Also: accounts, use, rename, logout, refresh, import, status, check (see --help).
 
-Point any OpenAI client at ``http://127.0.0.1:11450/v1``.  Requests are signed the way the
-official iFlow CLI signs them (HMAC-SHA256 over user-agent, session id and timestamp), sent over
-persistent keep-alive connections, and spread round-robin over every account and pooled key.
+Requests are signed the way the official iFlow CLI signs them (HMAC-SHA256 over user-agent,
+session id and timestamp), sent over persistent keep-alive connections, and spread over every
+account and pooled key with one request in flight per account, a fair queue, cooldowns and
+failover.  Anthropic Messages requests are translated to chat completions and back.
 
 Files (home: ``--home``, else ``$IFLOW_PROXY_HOME``, else ``~/.iflow-proxy``):
 
     config.json             optional settings (see the README's config reference)
     accounts.json           the account registry (nicknames, default, per-account settings)
     auth/iflow-<id>.json    one credential file per account (CLIProxyAPI's field names)
+    usage.json              usage figures per account, model and day
 
 Security: the server binds 127.0.0.1 by default and refuses a non-loopback address unless client
 keys are configured.  Credential files are 0600 in 0700 directories, written atomically under a
-lock.  Keys and tokens are never printed or logged in full.
+lock shared with other processes.  Keys and tokens are never printed or logged in full.
 """
 
 import argparse
@@ -64,7 +70,9 @@ except ImportError:
     msvcrt = None
 
 __version__ = "0.1.0"
-__all__ = ["main", "Config", "load_config", "AccountRegistry", "UpstreamClient", "ProxyServer"]
+__all__ = ["main", "Config", "load_config", "AccountRegistry", "UpstreamClient", "Router",
+           "ProxyServer", "start_server", "anthropic_to_openai", "openai_to_anthropic",
+           "AnthropicStream", "estimate_tokens"]
 
 log = logging.getLogger("iflow_proxy")
 
@@ -262,7 +270,8 @@ CONFIG_KEYS = {
     "platform_base": (str, DEFAULT_PLATFORM_BASE, "IFLOW_PLATFORM_BASE",
                       "platform host (API keys from a cookie)"),
     "proxy": (str, "", "IFLOW_PROXY_UPSTREAM_PROXY",
-              "outbound HTTP proxy URL; empty = HTTPS_PROXY/HTTP_PROXY/NO_PROXY; \"direct\" = none"),
+              "outbound HTTP proxy URL; empty = HTTPS_PROXY/HTTP_PROXY/NO_PROXY; "
+              "\"direct\" = none"),
     "ca_file": (str, "", "IFLOW_PROXY_CA_FILE", "extra CA bundle (PEM) for upstream TLS"),
     "client_keys": (list, [], "IFLOW_PROXY_CLIENT_KEYS",
                     "keys clients must send (Bearer or x-api-key); comma-separated in env"),
@@ -2184,8 +2193,8 @@ class Router:
         """Accounts that may serve ``model`` (usable, allowed, pinned), or a clear error."""
         accounts = self.all_accounts()
         if not accounts:
-            raise NoAccount("no iFlow account is set up: run `python iflow_proxy.py login "
-                            "--api-key` (or set IFLOW_API_KEYS) and retry")
+            raise NoAccount("no iFlow account is set up: run `python iflow_proxy.py login` (or "
+                            "`login --api-key`, or set IFLOW_API_KEYS) and retry")
         if pinned:
             accounts = tuple(a for a in accounts if a.nickname.lower() == pinned.lower())
         usable = [a for a in accounts if a.usable]
@@ -3037,17 +3046,25 @@ class AnthropicStream:
 # The 732 CJK characters that Claude's published BPE vocabulary holds as single tokens (the
 # commonest ones); any other CJK character takes about two byte-level tokens.
 COMMON_CJK = frozenset(
-    "一万三上下不与专且业东两个中串临为主么义之乐乘也习书买了事二于云互五些交产京人什仅今从仓他付代令以们件价任份企优会传似但位体何余作你使例供依"
-    "保信修個候値值假做停储像元充先光克入全公共关兴其具典内册再写决况准减几出击分切划列则初利别到制前剧割力功加务动助動包化北匹区十半华单南博占卡"
-    "印即历原去县参及双反发取受变口古句只可台右号司各合吉同名后向否含启告员周命和品哈响商器四回因团围国图土在地场址均坐块型城域基報場填境增处备変"
-    "复外多大天太失头夹好如始子字存学宁它安完定实実客害家容密对导対射将小少尔就尾局层屏展属山峰川州工左差己已市布带常平年并广庆序库应店度建开异式"
-    "引张弹归当录形影径待很後得微德心必志态思性总息您情想意感戏成我或截户房所手才打执扩批找承技把投报拉拟择括持指按损换据掉排接控推描提換搜播支收"
-    "改放政效教数整數文料断新方族旗无日时昌明易星映是显時普景曲更替最月有服期未本术机权束条来板构析林果查标栏树校样核根格框案档检楼概標模次止正此"
-    "步武段母每比民水永求江池没河治法波注活流测海消深清游湖源滑满滤点為热然照爬父片版牌物特状率王环现現理生用由申电画界略発登白百的监盘目直相省看"
-    "真着知矩短石码确示社神票离种科秒积称移程空突窗立站章端符第等答策签简算管箱类精系素索結線红约级线练组细终经结绘给络统继续维编缩网罪置群老考者"
-    "而联聚股育能自至致色节花若英范获菜藏行表被装西要见规视览角解言計設计订认让训议记许论设访证评识词试话询该详语误说请读课调象資负责败账质购费资"
-    "起超足距路跳身輸车转轮软轴载较辑输边达过运近返还这进连迭述追退送选递通速造遍道那邮部都配采释里重量金针钮银链销错键长開間関门闭问间闻队防阳阵"
-    "际陆限院除随隔集零需青非面音页项顺须预频题颜额飞首马验高黑默齒龙")
+    "一万三上下不与专且业东两个中串临为主么义之乐乘也习书买了事二于云互五些交产京人什"
+    "仅今从仓他付代令以们件价任份企优会传似但位体何余作你使例供依保信修個候値值假做停"
+    "储像元充先光克入全公共关兴其具典内册再写决况准减几出击分切划列则初利别到制前剧割"
+    "力功加务动助動包化北匹区十半华单南博占卡印即历原去县参及双反发取受变口古句只可台"
+    "右号司各合吉同名后向否含启告员周命和品哈响商器四回因团围国图土在地场址均坐块型城"
+    "域基報場填境增处备変复外多大天太失头夹好如始子字存学宁它安完定实実客害家容密对导"
+    "対射将小少尔就尾局层屏展属山峰川州工左差己已市布带常平年并广庆序库应店度建开异式"
+    "引张弹归当录形影径待很後得微德心必志态思性总息您情想意感戏成我或截户房所手才打执"
+    "扩批找承技把投报拉拟择括持指按损换据掉排接控推描提換搜播支收改放政效教数整數文料"
+    "断新方族旗无日时昌明易星映是显時普景曲更替最月有服期未本术机权束条来板构析林果查"
+    "标栏树校样核根格框案档检楼概標模次止正此步武段母每比民水永求江池没河治法波注活流"
+    "测海消深清游湖源滑满滤点為热然照爬父片版牌物特状率王环现現理生用由申电画界略発登"
+    "白百的监盘目直相省看真着知矩短石码确示社神票离种科秒积称移程空突窗立站章端符第等"
+    "答策签简算管箱类精系素索結線红约级线练组细终经结绘给络统继续维编缩网罪置群老考者"
+    "而联聚股育能自至致色节花若英范获菜藏行表被装西要见规视览角解言計設计订认让训议记"
+    "许论设访证评识词试话询该详语误说请读课调象資负责败账质购费资起超足距路跳身輸车转"
+    "轮软轴载较辑输边达过运近返还这进连迭述追退送选递通速造遍道那邮部都配采释里重量金"
+    "针钮银链销错键长開間関门闭问间闻队防阳阵际陆限院除随隔集零需青非面音页项顺须预频"
+    "题颜额飞首马验高黑默齒龙")
 
 
 _CJK_PUNCT = ("\u3000", "\u303f", "\uff00", "\uffef")
@@ -4209,7 +4226,8 @@ color:#1d2329}
 header{background:#1d2329;color:#fff;padding:10px 16px}header h1{font-size:17px;margin:0}
 header p{margin:2px 0 0;color:#b9c2cc;font-size:12px}
 main{padding:12px;max-width:1100px;margin:auto}
-section{background:#fff;border:1px solid #dde2e7;border-radius:8px;margin:0 0 12px;padding:10px 12px}
+section{background:#fff;border:1px solid #dde2e7;border-radius:8px;margin:0 0 12px;
+padding:10px 12px}
 h2{font-size:15px;margin:0 0 8px}.wrap{overflow-x:auto}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;
 border-bottom:1px solid #edf0f3;white-space:nowrap}th{font-size:12px;color:#5b6772}
@@ -4408,8 +4426,8 @@ def cmd_serve(args, config):
                 "" if len(accounts) == 1 else "s",
                 ", client keys required" if config.client_keys else "")
     if not accounts:
-        log.warning("no account yet: run `python iflow_proxy.py login --api-key` in another "
-                    "shell (the server picks it up without a restart)")
+        log.warning("no account yet: run `python iflow_proxy.py login` (or `login --api-key`) "
+                    "in another shell; the server picks it up without a restart")
 
     signals = []
 
@@ -4595,7 +4613,7 @@ def cmd_accounts(args, config):
         args.stdout.write("\n")
         return 0
     if not accounts:
-        args.stdout.write("no accounts: run `python iflow_proxy.py login --api-key`\n")
+        args.stdout.write("no accounts: run `python iflow_proxy.py login` (or `login --api-key`)\n")
         return 0
     rows = [("", "NICKNAME", "IDENTITY", "KIND", "KEY", "STATUS", "UPSTREAM")]
     for a in accounts:

@@ -393,10 +393,11 @@ def run_cli(*argv, stdin="", env=None, home=None):
 # The file itself: stdlib only, Python 3.8 syntax, importable without side effects
 # ==================================================================================================
 
-STDLIB_FALLBACK = set("""argparse base64 binascii dataclasses email fnmatch getpass hashlib hmac http
-ipaddress json logging os re secrets select signal socket socketserver ssl sys tempfile threading
-time urllib uuid fcntl msvcrt traceback collections itertools functools math random shutil
-subprocess webbrowser platform errno io contextlib queue string struct zlib textwrap calendar""".split())
+STDLIB_FALLBACK = set("""argparse base64 binascii calendar dataclasses email fnmatch getpass hashlib
+hmac http ipaddress json logging os re secrets select signal socket socketserver ssl sys tempfile
+threading time urllib uuid fcntl msvcrt traceback collections itertools functools math random
+shutil subprocess webbrowser platform errno io contextlib queue string struct zlib textwrap
+""".split())
 
 
 def test_only_stdlib_imports_and_python38_syntax():
