@@ -3109,7 +3109,29 @@ def estimate_tokens(text):
     return int(round(total + cjk))
 
 
-def count_request_tokens(body):
+class TokenEstimates:
+    """estimate_tokens with a bounded memory of long texts: clients resend the same system
+    prompt and tool definitions every turn, and estimating them anew costs milliseconds."""
+
+    def __init__(self, size=1024):
+        self._memo, self._size, self._lock = {}, size, threading.Lock()
+
+    def __call__(self, text):
+        if len(text) < 512:
+            return estimate_tokens(text)
+        key = (len(text), hash(text))
+        with self._lock:
+            known = self._memo.get(key)
+        if known is None:
+            known = estimate_tokens(text)
+            with self._lock:
+                self._memo[key] = known
+                while len(self._memo) > self._size:
+                    self._memo.pop(next(iter(self._memo)))
+        return known
+
+
+def count_request_tokens(body, estimate=estimate_tokens):
     """Estimated input tokens of an Anthropic request (system, messages, tools)."""
     texts = [system_text(body.get("system"))]
     total = 0
@@ -3139,7 +3161,7 @@ def count_request_tokens(body):
         if isinstance(tool, dict):
             texts.append(json.dumps({k: tool.get(k) for k in ("name", "description",
                                                                "input_schema")}))
-    return total + sum(estimate_tokens(t) for t in texts if t)
+    return total + sum(estimate(t) for t in texts if t)
 
 
 # ==================================================================================================
@@ -3339,6 +3361,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.catalog = ModelCatalog(config, self.upstream, self.router)
         self.started_at = time.time()
         self._stopping = threading.Event()
+        self.token_estimates = TokenEstimates()
         self._gate = threading.Lock()
         self.connections = 0          # client connections being served
         self.active_requests = 0      # requests between their first byte and their response
@@ -4026,7 +4049,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         body = self.read_json()
         _expect(body, "messages", list, "a list of messages", required=True)
         validate_anthropic_request(dict(body, model=body.get("model") or "counting"))
-        self.send_json(200, {"input_tokens": count_request_tokens(body)})
+        self.send_json(200, {"input_tokens": count_request_tokens(
+            body, self.server.token_estimates)})
 
     def handle_messages(self):
         self.api = "anthropic"
@@ -4044,7 +4068,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                  "vision model such as %s" % (model, config.vision_model))
             self.server.describe_images(body, conversation)
         thinking, effort = anthropic_thinking(request)
-        estimate = count_request_tokens(request)
+        estimate = count_request_tokens(request, self.server.token_estimates)
         opened = self.server.open_chat(body, conversation, thinking=thinking, effort=effort,
                                        cancelled=self.client_gone)
         try:

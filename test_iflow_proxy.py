@@ -3157,3 +3157,14 @@ def test_upstream_silence_mid_stream_becomes_error_event(home, fake):
             assert error["code"] == "upstream_timeout" and payloads[-1] == "[DONE]"
     finally:
         fake.gate.set()
+
+
+def test_token_estimates_memo_gives_the_same_counts_and_stays_bounded():
+    body = fixture("claude-code-turn2-tool-result.json")["body"]
+    memo = ip.TokenEstimates(size=4)
+    assert ip.count_request_tokens(body, memo) == ip.count_request_tokens(body)
+    assert ip.count_request_tokens(json.loads(json.dumps(body)), memo) == \
+        ip.count_request_tokens(body)
+    for i in range(20):
+        assert memo("word " * 200 + str(i)) == ip.estimate_tokens("word " * 200 + str(i))
+    assert len(memo._memo) <= 4
