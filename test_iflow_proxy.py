@@ -3168,3 +3168,20 @@ def test_token_estimates_memo_gives_the_same_counts_and_stays_bounded():
     for i in range(20):
         assert memo("word " * 200 + str(i)) == ip.estimate_tokens("word " * 200 + str(i))
     assert len(memo._memo) <= 4
+
+
+def test_claude_command_reuses_a_running_proxy(home, fake, tmp_path):
+    add_key_account(home, KEYS[0])
+    script = tmp_path / "claude"
+    script.write_text("#!%s\nimport os\nprint(os.environ['ANTHROPIC_BASE_URL'])\n"
+                      "print(os.environ['ANTHROPIC_AUTH_TOKEN'])\n" % sys.executable)
+    script.chmod(0o755)
+    with running(make_config(home, fake, client_keys=("ck-reuse-1",))) as server:
+        env = dict(os.environ, IFLOW_API_BASE=fake.url + "/v1", IFLOW_PROXY_HOME=home,
+                   IFLOW_PROXY_PORT=str(server.server_address[1]),
+                   IFLOW_PROXY_CLIENT_KEYS="ck-reuse-1")
+        out = subprocess.run([sys.executable, "iflow_proxy.py", "claude", "--claude-bin",
+                              str(script)], cwd=HERE, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [server.url, "ck-reuse-1"]
