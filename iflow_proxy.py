@@ -2516,12 +2516,7 @@ def _check_block(block, where):
 
 def validate_anthropic_request(body):
     """Check the fields the translation reads; unknown fields are ignored, never rejected."""
-    model = _expect(body, "model", str, "a model name string", required=True)
-    if not model.strip():
-        raise BadRequest("field 'model' must not be empty")
-    messages = _expect(body, "messages", list, "a list of messages", required=True)
-    if not messages:
-        raise BadRequest("field 'messages' must not be empty")
+    messages = _expect_model_and_messages(body)
     max_tokens = _expect(body, "max_tokens", int, "a positive integer")
     if max_tokens is not None and max_tokens < 1:
         raise BadRequest("field 'max_tokens' must be a positive integer")
@@ -3232,14 +3227,20 @@ def _expect(body, key, types, what, required=False):
     return value
 
 
-def validate_chat_request(body):
-    """Check the fields the proxy itself reads; everything else passes through to upstream."""
+def _expect_model_and_messages(body):
+    """The non-empty model name and message list every chat request needs; its messages."""
     model = _expect(body, "model", str, "a model name string", required=True)
     if not model.strip():
         raise BadRequest("field 'model' must not be empty")
     messages = _expect(body, "messages", list, "a list of messages", required=True)
     if not messages:
         raise BadRequest("field 'messages' must not be empty")
+    return messages
+
+
+def validate_chat_request(body):
+    """Check the fields the proxy itself reads; everything else passes through to upstream."""
+    messages = _expect_model_and_messages(body)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("messages[%d] must be an object with a string 'role'" % i)
