@@ -29,7 +29,9 @@ lock shared with other processes.  Keys and tokens are never printed or logged i
 
 import argparse
 import base64
+import contextlib
 import binascii
+import collections
 import dataclasses
 import fnmatch
 import hashlib
@@ -126,6 +128,7 @@ MODEL_OUTPUT_LIMITS = (
 MAX_NESTING = 64            # JSON depth accepted from clients (json recursion is per level)
 HEADER_LIMIT = 100          # request headers per request
 SSE_HEAD_LIMIT = 1 << 20    # bytes we read looking for the first SSE event / a JSON error body
+MAX_EVENT_BYTES = 16 << 20  # one upstream SSE event (a tool call with a whole file in it fits)
 
 
 # ==================================================================================================
@@ -255,65 +258,207 @@ def fingerprint(secret):
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
 
 
+# Key-shaped words that upstream error texts echo ("Incorrect API key provided: sk-…").
+_SECRET_SHAPES = re.compile(r"\b(?:sk|ak|key|tok)-[A-Za-z0-9_\-]{10,}"           # API keys
+                            r"|(?<=Bearer )[A-Za-z0-9._~+/=\-]{10,}"                # tokens
+                            r"|\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-.]{8,}")     # JWTs
+
+
+def scrub_secrets(text, secrets=()):
+    """``text`` with every known secret and anything shaped like a key masked.
+
+    Applied to text that came from upstream before it is stored, shown or logged: a provider
+    that echoes the key it was sent must not put it into errors, /status or the log.
+    """
+    text = str(text)
+    for secret in secrets:
+        if secret and len(secret) >= 6 and secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    return _SECRET_SHAPES.sub(lambda m: mask_secret(m.group()), text)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text):
+    """``text`` with control characters and lone surrogates escaped (``\\x1b``, ``\\ud83d``).
+
+    Everything that came from a client or upstream goes through this before it reaches a log
+    line or a terminal: a newline could forge a line, ESC sequences could rewrite the screen.
+    """
+    text = text if isinstance(text, str) else str(text)
+    if _UNPRINTABLE.search(text) is None:
+        return text
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
+                            else "\\u%04x" % ord(m.group()), text)
+
+
 # ==================================================================================================
 # Config: flags > environment > config.json > defaults, validated into one frozen Config
 # ==================================================================================================
 
 _NUMBER = (int, float)
+Setting = collections.namedtuple("Setting", "types default env doc check")
 
-# key: (accepted types, default, environment variable or None, description for the README)
-CONFIG_KEYS = {
-    "host": (str, DEFAULT_HOST, "IFLOW_PROXY_HOST", "address to listen on"),
-    "port": (int, DEFAULT_PORT, "IFLOW_PROXY_PORT", "port to listen on (0 = any free port)"),
-    "api_base": (str, DEFAULT_API_BASE, "IFLOW_API_BASE", "chat API base URL"),
-    "oauth_base": (str, DEFAULT_OAUTH_BASE, "IFLOW_OAUTH_BASE", "OAuth host"),
-    "platform_base": (str, DEFAULT_PLATFORM_BASE, "IFLOW_PLATFORM_BASE",
-                      "platform host (API keys from a cookie)"),
-    "proxy": (str, "", "IFLOW_PROXY_UPSTREAM_PROXY",
-              "outbound HTTP proxy URL; empty = HTTPS_PROXY/HTTP_PROXY/NO_PROXY; "
-              "\"direct\" = none"),
-    "ca_file": (str, "", "IFLOW_PROXY_CA_FILE", "extra CA bundle (PEM) for upstream TLS"),
-    "client_keys": (list, [], "IFLOW_PROXY_CLIENT_KEYS",
-                    "keys clients must send (Bearer or x-api-key); comma-separated in env"),
-    "api_keys": ((list, str), [], "IFLOW_API_KEYS",
-                 "pooled iFlow API keys used without login (list or comma-separated string)"),
-    "model_aliases": (dict, {}, None, "alias -> model, applied to every request"),
-    "legacy_aliases": ((str, dict), "fallback", None,
-                       "CCS legacy names: \"fallback\", \"always\", \"off\", or {name: mode}"),
-    "extra_headers": (dict, {}, None, "headers added to every signed upstream request"),
-    "user_agent": (str, DEFAULT_USER_AGENT, None, "user-agent sent and signed"),
-    "connect_timeout": (_NUMBER, 10, None, "seconds to connect upstream"),
-    "first_byte_timeout": (_NUMBER, 300, None, "seconds to wait for upstream's first byte"),
-    "idle_timeout": (_NUMBER, 120, None, "seconds of upstream silence allowed mid-response"),
-    "max_body_bytes": (int, 50 * 1024 * 1024, None, "largest request body accepted"),
-    "max_connections": (int, 256, None, "client connections served at once (more get 503)"),
-    "client_idle_timeout": (_NUMBER, 120, None, "seconds an idle keep-alive client may wait"),
-    "header_timeout": (_NUMBER, 30, None, "seconds a client has to send its request headers"),
-    "body_timeout": (_NUMBER, 120, None, "seconds a client has to send its request body"),
-    "shutdown_grace": (_NUMBER, 10, None, "seconds in-flight requests get to finish on SIGTERM"),
-    "models_cache_ttl": (_NUMBER, 300, None, "seconds to cache upstream /models"),
-    "probe_model": (str, DEFAULT_PROBE_MODEL, None, "model used by check and login verification"),
-    "oauth_client_id": (str, OAUTH_CLIENT_ID, None, "OAuth client id"),
-    "oauth_client_secret": (str, OAUTH_CLIENT_SECRET, None, "OAuth client secret"),
-    "device_endpoint": (str, "", "IFLOW_DEVICE_ENDPOINT",
-                        "RFC 8628 device authorization URL (iFlow has none)"),
-    "callback_port": (int, 11451, None, "local port of the OAuth callback listener"),
-    "login_timeout": (_NUMBER, 300, None, "seconds to wait for a browser or device login"),
-    "refresh_lead": (_NUMBER, 86400, None, "refresh OAuth tokens this many seconds before expiry "
-                     "(at most half their lifetime)"),
-    "strategy": (str, "round-robin", "IFLOW_PROXY_STRATEGY",
-                 "round-robin, least-busy or fill-first"),
-    "max_concurrency": (int, 1, None, "requests in flight per account unless it sets its own "
-                        "(0 = unlimited)"),
-    "queue_timeout": (_NUMBER, 120, None, "seconds a request waits for a free account"),
-    "max_attempts": (int, 0, None, "accounts tried per request before giving up (0 = all)"),
-    "claude_models": (dict, {}, None, "Claude family (opus/sonnet/haiku) -> iFlow model"),
-    "vision_model": (str, "qwen3-vl-plus", None, "model that describes images for text models"),
-    "describe_images": (bool, True, None, "describe images for text-only models (else 400)"),
-    "vision_models": (list, ["*-vl*"], None, "globs of models that accept images directly"),
-    "ping_interval": (_NUMBER, 10, None, "seconds of upstream silence before an Anthropic ping"),
-    "log_level": (str, "info", "IFLOW_PROXY_LOG_LEVEL", "debug, info, warning or error"),
-    "log_file": (str, "", "IFLOW_PROXY_LOG_FILE", "also write the log to this file"),
+
+def _between(low, high):
+    return lambda v: None if low <= v <= high else "must be between %d and %d, got %d" % (
+        low, high, v)
+
+
+def _one_of(*choices):
+    return lambda v: None if v in choices else "must be one of %s, got %r" % (
+        ", ".join(choices), v)
+
+
+def _positive(v):
+    return None if v > 0 else "must be a positive number"
+
+
+def _not_negative(v):
+    return None if v >= 0 else "must not be negative"
+
+
+def _at_least_one(v):
+    return None if v >= 1 else "must be at least 1"
+
+
+def _http_url(v):
+    return None if _is_http_url(v) else "must be an http:// or https:// URL, got %r" % v
+
+
+def _optional_http_url(v):
+    return _http_url(v) if v else None
+
+
+def _proxy_url(v):
+    if v and v != "direct" and urllib.parse.urlsplit(v).scheme not in ("http", ""):
+        return "must be an http:// proxy URL (or \"direct\"), got %r" % v
+    return None
+
+
+def _key_list(v):
+    items = [part for part in v.split(",") if part.strip()] if isinstance(v, str) else v
+    if not all(isinstance(item, str) and item.strip() for item in items):
+        return "must be a list of non-empty strings"
+    return None
+
+
+def _string_list(v):
+    return None if all(isinstance(item, str) for item in v) else "must be a list of strings"
+
+
+def _string_values(v):
+    bad = next((k for k, item in v.items() if not isinstance(item, str)), None)
+    return None if bad is None else "value for %r must be a string" % bad
+
+
+def _claude_families(v):
+    bad = next((k for k in v if k not in CLAUDE_FAMILIES), None)
+    if bad is not None:
+        return "takes the families %s, got %r" % (", ".join(CLAUDE_FAMILIES), bad)
+    return _string_values(v)
+
+
+def _legacy_modes(v):
+    bad = next((m for m in (v.values() if isinstance(v, dict) else [v])
+                if m not in LEGACY_MODES), None)
+    return None if bad is None else "modes must be one of %s, got %r" % (
+        ", ".join(LEGACY_MODES), bad)
+
+
+def _log_level(v):
+    return None if v.lower() in ("debug", "info", "warning", "error") else \
+        "must be debug, info, warning or error"
+
+
+# Every setting, declared once: accepted types, default, environment variable (or None), the
+# one-line doc (the README's config table is tested against it) and a check beyond the type.
+# The Config class, load_config's validation and `--help` texts all derive from this table.
+SETTINGS = {
+    "host": Setting(str, DEFAULT_HOST, "IFLOW_PROXY_HOST", "address to listen on", None),
+    "port": Setting(int, DEFAULT_PORT, "IFLOW_PROXY_PORT", "port to listen on (0 = any free "
+                    "port)", _between(0, 65535)),
+    "api_base": Setting(str, DEFAULT_API_BASE, "IFLOW_API_BASE", "chat API base URL", _http_url),
+    "oauth_base": Setting(str, DEFAULT_OAUTH_BASE, "IFLOW_OAUTH_BASE", "OAuth host", _http_url),
+    "platform_base": Setting(str, DEFAULT_PLATFORM_BASE, "IFLOW_PLATFORM_BASE",
+                             "platform host (API keys from a cookie)", _http_url),
+    "proxy": Setting(str, "", "IFLOW_PROXY_UPSTREAM_PROXY", "outbound HTTP proxy URL; empty = "
+                     "HTTPS_PROXY/HTTP_PROXY/NO_PROXY; \"direct\" = none", _proxy_url),
+    "ca_file": Setting(str, "", "IFLOW_PROXY_CA_FILE", "extra CA bundle (PEM) for upstream TLS",
+                       None),
+    "client_keys": Setting(list, [], "IFLOW_PROXY_CLIENT_KEYS", "keys clients must send (Bearer "
+                           "or x-api-key); comma-separated in env", _key_list),
+    "client_keys_file": Setting(str, "", "IFLOW_PROXY_CLIENT_KEYS_FILE", "file with one client "
+                                "key per line (keeps keys out of `ps`)", None),
+    "api_keys": Setting((list, str), [], "IFLOW_API_KEYS", "pooled iFlow API keys used without "
+                        "login (list or comma-separated string)", _key_list),
+    "model_aliases": Setting(dict, {}, None, "alias -> model, applied to every request",
+                             _string_values),
+    "legacy_aliases": Setting((str, dict), "fallback", None, "CCS legacy names: \"fallback\", "
+                              "\"always\", \"off\", or {name: mode}", _legacy_modes),
+    "extra_headers": Setting(dict, {}, None, "headers added to every signed upstream request",
+                             _string_values),
+    "user_agent": Setting(str, DEFAULT_USER_AGENT, None, "user-agent sent and signed", None),
+    "connect_timeout": Setting(_NUMBER, 10, None, "seconds to connect upstream", _positive),
+    "first_byte_timeout": Setting(_NUMBER, 300, None, "seconds to wait for upstream's first byte",
+                                  _positive),
+    "idle_timeout": Setting(_NUMBER, 120, None, "seconds of upstream silence allowed "
+                            "mid-response", _positive),
+    "max_body_bytes": Setting(int, 50 * 1024 * 1024, None, "largest request body accepted",
+                              _not_negative),
+    "max_inflight_body_bytes": Setting(int, 256 * 1024 * 1024, None, "request body bytes held "
+                                       "at once across all requests (more wait, then 503)",
+                                       _not_negative),
+    "max_connections": Setting(int, 256, None, "client connections served at once (more get "
+                               "503)", _at_least_one),
+    "client_idle_timeout": Setting(_NUMBER, 120, None, "seconds an idle keep-alive client may "
+                                   "wait", _positive),
+    "header_timeout": Setting(_NUMBER, 30, None, "seconds a client has to send its request "
+                              "headers", _positive),
+    "body_timeout": Setting(_NUMBER, 120, None, "seconds a client has to send its request body",
+                            _positive),
+    "shutdown_grace": Setting(_NUMBER, 10, None, "seconds in-flight requests get to finish on "
+                              "SIGTERM", _not_negative),
+    "allowed_hosts": Setting(list, [], None, "Host header names accepted besides loopback names, "
+                             "IP addresses and the listen address (\"*\" = any)", _string_list),
+    "allowed_origins": Setting(list, [], None, "web origins (scheme://host:port) allowed to call "
+                               "the API from a browser page", _string_list),
+    "models_cache_ttl": Setting(_NUMBER, 300, None, "seconds to cache upstream /models",
+                                _not_negative),
+    "probe_model": Setting(str, DEFAULT_PROBE_MODEL, None, "model used by check and login "
+                           "verification", None),
+    "oauth_client_id": Setting(str, OAUTH_CLIENT_ID, None, "OAuth client id", None),
+    "oauth_client_secret": Setting(str, OAUTH_CLIENT_SECRET, None, "OAuth client secret", None),
+    "device_endpoint": Setting(str, "", "IFLOW_DEVICE_ENDPOINT", "RFC 8628 device authorization "
+                               "URL (iFlow has none)", _optional_http_url),
+    "callback_port": Setting(int, 11451, None, "local port of the OAuth callback listener",
+                             _between(0, 65535)),
+    "login_timeout": Setting(_NUMBER, 300, None, "seconds to wait for a browser or device login",
+                             _positive),
+    "refresh_lead": Setting(_NUMBER, 86400, None, "refresh OAuth tokens this many seconds before "
+                            "expiry (at most half their lifetime)", _positive),
+    "strategy": Setting(str, "round-robin", "IFLOW_PROXY_STRATEGY", "round-robin, least-busy or "
+                        "fill-first", _one_of(*STRATEGIES)),
+    "max_concurrency": Setting(int, 1, None, "requests in flight per account unless it sets its "
+                               "own (0 = unlimited)", _not_negative),
+    "queue_timeout": Setting(_NUMBER, 120, None, "seconds a request waits for a free account",
+                             _not_negative),
+    "max_attempts": Setting(int, 0, None, "accounts tried per request before giving up (0 = all)",
+                            _not_negative),
+    "claude_models": Setting(dict, {}, None, "Claude family (opus/sonnet/haiku) -> iFlow model",
+                             _claude_families),
+    "vision_model": Setting(str, "qwen3-vl-plus", None, "model that describes images for text "
+                            "models", None),
+    "describe_images": Setting(bool, True, None, "describe images for text-only models (else "
+                               "400)", None),
+    "vision_models": Setting(list, ["*-vl*"], None, "globs of models that accept images directly",
+                             _string_list),
+    "ping_interval": Setting(_NUMBER, 10, None, "seconds of upstream silence before an Anthropic "
+                             "ping", _positive),
+    "log_level": Setting(str, "info", "IFLOW_PROXY_LOG_LEVEL", "debug, info, warning or error",
+                         _log_level),
+    "log_file": Setting(str, "", "IFLOW_PROXY_LOG_FILE", "also write the log to this file", None),
 }
 
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object",
@@ -321,56 +466,21 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an obj
                (list, str): "a list or a comma-separated string"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting, resolved once in main() and passed down; never mutated."""
+def _config_field(name, setting):
+    """One Config field: lists become tuples, so a Config never holds anything mutable."""
+    default = setting.default
+    if isinstance(default, list):
+        return name, object, dataclasses.field(default=tuple(default))
+    if isinstance(default, dict):
+        return name, object, dataclasses.field(default_factory=lambda d=default: dict(d))
+    return name, object, dataclasses.field(default=default)
 
-    home: str
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    api_base: str = DEFAULT_API_BASE
-    oauth_base: str = DEFAULT_OAUTH_BASE
-    platform_base: str = DEFAULT_PLATFORM_BASE
-    proxy: str = ""
-    ca_file: str = ""
-    client_keys: tuple = ()
-    api_keys: tuple = ()
-    model_aliases: dict = dataclasses.field(default_factory=dict)
-    legacy_aliases: object = "fallback"
-    extra_headers: dict = dataclasses.field(default_factory=dict)
-    user_agent: str = DEFAULT_USER_AGENT
-    connect_timeout: float = 10
-    first_byte_timeout: float = 300
-    idle_timeout: float = 120
-    max_body_bytes: int = 50 * 1024 * 1024
-    max_connections: int = 256
-    client_idle_timeout: float = 120
-    header_timeout: float = 30
-    body_timeout: float = 120
-    shutdown_grace: float = 10
-    models_cache_ttl: float = 300
-    probe_model: str = DEFAULT_PROBE_MODEL
-    oauth_client_id: str = OAUTH_CLIENT_ID
-    oauth_client_secret: str = OAUTH_CLIENT_SECRET
-    device_endpoint: str = ""
-    callback_port: int = 11451
-    login_timeout: float = 300
-    refresh_lead: float = 86400
-    strategy: str = "round-robin"
-    max_concurrency: int = 1
-    queue_timeout: float = 120
-    max_attempts: int = 0
-    claude_models: dict = dataclasses.field(default_factory=dict)
-    vision_model: str = "qwen3-vl-plus"
-    describe_images: bool = True
-    vision_models: tuple = ("*-vl*",)
-    ping_interval: float = 10
-    log_level: str = "info"
-    log_file: str = ""
 
-    @property
-    def config_path(self):
-        return os.path.join(self.home, "config.json")
+Config = dataclasses.make_dataclass(
+    "Config", [("home", str)] + [_config_field(n, s) for n, s in SETTINGS.items()], frozen=True,
+    namespace={"__doc__": "Every setting (see SETTINGS), resolved once in main() and passed "
+               "down; never mutated.",
+               "config_path": property(lambda self: os.path.join(self.home, "config.json"))})
 
 
 def default_home(env=None):
@@ -388,7 +498,7 @@ def _check_type(value, types, where, key):
 
 def _from_env(key, raw, types):
     """Parse one environment variable into the config key's type."""
-    name = CONFIG_KEYS[key][2]
+    name = SETTINGS[key].env
     if types in (list, (list, str)):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if types in (int, _NUMBER):
@@ -401,54 +511,11 @@ def _from_env(key, raw, types):
 
 
 def _validate_value(key, value, where):
-    """Checks beyond the type, shared by file, environment and flags."""
-    if key in ("port", "callback_port") and not 0 <= value <= 65535:
-        raise ConfigError("%s: key %r must be between 0 and 65535, got %d" % (where, key, value))
-    if key == "device_endpoint" and value and not _is_http_url(value):
-        raise ConfigError("%s: key 'device_endpoint' must be an http:// or https:// URL" % where)
-    if key in ("api_base", "oauth_base", "platform_base") and not _is_http_url(value):
-        raise ConfigError("%s: key %r must be an http:// or https:// URL, got %r"
-                          % (where, key, value))
-    if key == "proxy" and value and value != "direct":
-        if urllib.parse.urlsplit(value).scheme not in ("http", ""):
-            raise ConfigError("%s: key 'proxy' must be an http:// proxy URL (or \"direct\"), "
-                              "got %r" % (where, value))
-    if key in ("client_keys", "api_keys"):
-        if isinstance(value, str):
-            value = [part for part in value.split(",") if part.strip()]
-        for item in value:
-            if not isinstance(item, str) or not item.strip():
-                raise ConfigError("%s: key %r must be a list of non-empty strings" % (where, key))
-    if key == "strategy" and value not in STRATEGIES:
-        raise ConfigError("%s: key 'strategy' must be one of %s, got %r"
-                          % (where, ", ".join(STRATEGIES), value))
-    if key in ("max_concurrency", "max_attempts", "queue_timeout") and value < 0:
-        raise ConfigError("%s: key %r must not be negative" % (where, key))
-    if key == "claude_models":
-        for family in value:
-            if family not in CLAUDE_FAMILIES:
-                raise ConfigError("%s: key 'claude_models' takes the families %s, got %r"
-                                  % (where, ", ".join(CLAUDE_FAMILIES), family))
-    if key == "vision_models" and not all(isinstance(v, str) for v in value):
-        raise ConfigError("%s: key 'vision_models' must be a list of strings" % where)
-    if key in ("model_aliases", "extra_headers", "claude_models"):
-        for k, v in value.items():
-            if not isinstance(v, str):
-                raise ConfigError("%s: key %r: value for %r must be a string" % (where, key, k))
-    if key == "legacy_aliases":
-        modes = value.values() if isinstance(value, dict) else [value]
-        for mode in modes:
-            if mode not in LEGACY_MODES:
-                raise ConfigError("%s: key 'legacy_aliases' modes must be one of %s, got %r"
-                                  % (where, ", ".join(LEGACY_MODES), mode))
-    if (key.endswith("_timeout") or key in ("ping_interval", "refresh_lead")) and value <= 0:
-        raise ConfigError("%s: key %r must be a positive number" % (where, key))
-    if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("%s: key 'log_level' must be debug, info, warning or error" % where)
-    if key == "max_connections" and value < 1:
-        raise ConfigError("%s: key 'max_connections' must be at least 1" % where)
-    if key in ("max_body_bytes", "models_cache_ttl", "shutdown_grace") and value < 0:
-        raise ConfigError("%s: key %r must not be negative" % (where, key))
+    """The setting's own check, shared by file, environment and flags."""
+    check = SETTINGS[key].check
+    problem = check(value) if check is not None else None
+    if problem:
+        raise ConfigError("%s: key %r %s" % (where, key, problem))
 
 
 def _is_http_url(value):
@@ -474,25 +541,39 @@ def read_config_file(path):
     for key, value in data.items():
         if key.startswith("_"):  # "_comment" and friends
             continue
-        if key not in CONFIG_KEYS:
+        if key not in SETTINGS:
             raise ConfigError("%s: unknown key %r (known keys: %s)"
-                              % (path, key, ", ".join(sorted(CONFIG_KEYS))))
-        _check_type(value, CONFIG_KEYS[key][0], path, key)
+                              % (path, key, ", ".join(sorted(SETTINGS))))
+        _check_type(value, SETTINGS[key].types, path, key)
         _validate_value(key, value, path)
     return data
+
+
+def read_key_file(path):
+    """Client keys from a file, one per line (blank lines and # comments skipped)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as e:
+        raise ConfigError("%s: cannot read the client keys file: %s" % (path, e.strerror))
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError("%s: the client keys file is not UTF-8 text" % path)
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def load_config(home=None, flags=None, env=None):
     """Resolve the Config: ``flags`` (dict of set options) > ``env`` > config.json > defaults."""
     env = os.environ if env is None else env
     home = os.path.abspath(os.path.expanduser(home or default_home(env)))
-    values = {key: spec[1] for key, spec in CONFIG_KEYS.items()}
+    values = {key: spec.default for key, spec in SETTINGS.items()}
     values.update((k, v) for k, v in read_config_file(os.path.join(home, "config.json")).items()
                   if not k.startswith("_"))
-    for key, (types, _default, env_name, _doc) in CONFIG_KEYS.items():
-        if env_name and env.get(env_name, "") != "":
-            value = _from_env(key, env[env_name], types)
-            _validate_value(key, value, "environment variable %s" % env_name)
+    for key, spec in SETTINGS.items():
+        if spec.env and env.get(spec.env, "") != "":
+            value = _from_env(key, env[spec.env], spec.types)
+            _validate_value(key, value, "environment variable %s" % spec.env)
             values[key] = value
     for key, value in (flags or {}).items():
         if value is None:
@@ -503,13 +584,33 @@ def load_config(home=None, flags=None, env=None):
         values[key] = value
     if isinstance(values["api_keys"], str):
         values["api_keys"] = [k.strip() for k in values["api_keys"].split(",") if k.strip()]
-    values["client_keys"] = tuple(dict.fromkeys(values["client_keys"]))
-    values["api_keys"] = tuple(dict.fromkeys(values["api_keys"]))
-    values["vision_models"] = tuple(values["vision_models"])
+    if values["client_keys_file"]:
+        values["client_keys"] = list(values["client_keys"]) + read_key_file(
+            os.path.expanduser(values["client_keys_file"]))
+    for key, spec in SETTINGS.items():
+        if isinstance(spec.default, list):
+            values[key] = tuple(dict.fromkeys(values[key]))
     values["log_level"] = values["log_level"].lower()
     for key in ("api_base", "oauth_base", "platform_base"):
         values[key] = values[key].rstrip("/")
     return Config(home=home, **values)
+
+
+def loose_permission_warnings(config):
+    """Files holding secrets that other local users can read (ssh warns the same way)."""
+    warnings = []
+    for path, what in ((config.config_path, "config.json"),
+                       (config.client_keys_file, "the client keys file")):
+        if not path or os.name != "posix":
+            continue
+        try:
+            mode = os.stat(os.path.expanduser(path)).st_mode
+        except OSError:
+            continue
+        if mode & 0o077 and (what != "config.json" or config.client_keys or config.api_keys):
+            warnings.append("%s (%s) holds keys and is readable by other users (mode %03o); "
+                            "run: chmod 600 %s" % (what, path, mode & 0o777, path))
+    return warnings
 
 
 def is_loopback(host):
@@ -521,14 +622,75 @@ def is_loopback(host):
         return False
 
 
+def select_proxy(url, configured="", env=None):
+    """The outbound proxy URL for ``url``, or None (config ``proxy``, else *_PROXY/NO_PROXY)."""
+    if configured == "direct":
+        return None
+    if configured:
+        return configured
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if is_loopback(host):
+        return None  # an environment proxy can't reach our own loopback
+    env = os.environ if env is None else env
+
+    def getenv(name):
+        return env.get(name.lower()) or env.get(name.upper()) or ""
+
+    proxy = getenv("%s_proxy" % parts.scheme) or getenv("all_proxy")
+    if not proxy:
+        return None
+    for entry in getenv("no_proxy").split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        if "/" in entry:
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return None
+            except ValueError:
+                pass
+            continue
+        entry = entry.split(":")[0].lstrip("*").lstrip(".")
+        if host == entry or host.endswith("." + entry):
+            return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    return proxy
+
+
+def proxy_auth_header(proxy_parts):
+    if not proxy_parts.username:
+        return {}
+    creds = "%s:%s" % (urllib.parse.unquote(proxy_parts.username),
+                       urllib.parse.unquote(proxy_parts.password or ""))
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
+
+
 # ==================================================================================================
 # Storage: atomic private JSON files, an inter-process lock, the account registry
 # ==================================================================================================
 
 def ensure_private_dir(path):
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create ``path`` (and missing parents) as 0700 directories of ours.
+
+    A directory that already exists is left exactly as it is: it may be /tmp or a user's own
+    folder, whose mode is not the proxy's to change.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        ensure_private_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
     if os.name == "posix":
-        os.chmod(path, 0o700)
+        os.chmod(path, 0o700)  # the umask may have taken bits we want; it is ours, just made
 
 
 def atomic_write_json(path, data):
@@ -679,6 +841,15 @@ def unique_nickname(base, taken):
     return candidate
 
 
+def nickname_base(creds, kind):
+    """What an account's nickname starts from: the email's user, a phone's end, else the kind."""
+    if creds.get("email"):
+        return creds["email"].split("@")[0]
+    if creds.get("phone"):
+        return "phone-" + creds["phone"][-4:]
+    return kind
+
+
 def now_rfc3339(clock=time.time):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
 
@@ -690,8 +861,10 @@ class AccountRegistry:
     a second), and every credential write also rewrites accounts.json so that change shows.
     """
 
-    def __init__(self, home, clock=time.monotonic):
+    def __init__(self, home, clock=time.monotonic, pool=()):
         self.home = home
+        self.pool = tuple(pool)   # accounts from config api_keys: no files, status kept here
+        self._pool_status = {}    # pool account id -> (status, reason)
         self.path = os.path.join(home, "accounts.json")
         self.auth_dir = os.path.join(home, "auth")
         self.lock = FileLock(os.path.join(home, ".lock"))
@@ -789,6 +962,13 @@ class AccountRegistry:
             listener()
         return self._snapshot
 
+    def all_accounts(self):
+        """The registered accounts, then the pooled keys (with any status they were given)."""
+        pool = tuple(dataclasses.replace(a, status=self._pool_status[a.id][0],
+                                         status_reason=self._pool_status[a.id][1])
+                     if a.id in self._pool_status else a for a in self.pool)
+        return self.accounts() + pool
+
     def invalidate(self):
         with self._cache_lock:
             self._checked = None
@@ -830,7 +1010,8 @@ class AccountRegistry:
             entry["kind"] = kind
             entry["email"] = credentials.get("email", "")
             entry.update(settings or {})
-            entry["status"], entry["status_reason"], entry["refresh_error"] = "ok", "", ""
+            _set_entry_status(entry, "ok", "")
+            entry["refresh_error"] = ""
             creds = dict(self.read_credentials(entry)) if not created else {}
             creds.update(credentials)
             creds.update({"type": "iflow", "id": entry["id"], "kind": kind,
@@ -841,16 +1022,31 @@ class AccountRegistry:
             self._write(data)
             return entry, created
 
-    def update_entry(self, account_id, **changes):
-        """Change registry fields of one account (status, settings) under the lock."""
+    @contextlib.contextmanager
+    def edit(self, account_id):
+        """Read-modify-write one account's entry and credentials under the lock.
+
+        Yields an AccountEdit (None when there is no such account); accounts.json is written
+        once at the end if anything changed, credentials the moment they are saved.
+        """
         with self.lock:
             data = self.read()
-            for entry in data["accounts"]:
-                if entry["id"] == account_id:
-                    entry.update(changes)
-                    self._write(data)
-                    return entry
-        return None
+            entry = next((e for e in data["accounts"] if e["id"] == account_id), None)
+            change = AccountEdit(self, entry) if entry is not None else None
+            yield change
+            if change is not None and change.changed:
+                self._write(data)
+
+    def set_status(self, account, status, reason=""):
+        """The one writer of account status (ok, needs-login, disabled) and its reason."""
+        reason = reason[:300]
+        if account.kind == "pool":
+            with self._cache_lock:
+                self._pool_status[account.id] = (status, reason)
+            return
+        with self.edit(account.id) as change:
+            if change is not None:
+                change.set_status(status, reason)
 
     def set_default(self, nickname):
         with self.lock:
@@ -884,6 +1080,40 @@ class AccountRegistry:
                 except FileNotFoundError:
                     pass
             return doomed
+
+
+def _set_entry_status(entry, status, reason):
+    entry["status"], entry["status_reason"] = status, reason[:300]
+
+
+class AccountEdit:
+    """One account's registry entry and credential file, open for change in registry.edit()."""
+
+    def __init__(self, registry, entry):
+        self.registry, self.entry = registry, entry
+        self.changed = False
+        self._credentials = None
+
+    @property
+    def credentials(self):
+        if self._credentials is None:
+            self._credentials = dict(self.registry.read_credentials(self.entry))
+        return self._credentials
+
+    def save_credentials(self, fields):
+        """Merge ``fields`` into the credential file and write it now: a token server may have
+        already retired the old refresh token, so the new one must not wait for anything."""
+        self.credentials.update(fields)
+        atomic_write_json(self.registry.credential_path(self.entry), self.credentials)
+        self.changed = True  # rewriting accounts.json too makes every reader notice
+
+    def update(self, **fields):
+        self.entry.update(fields)
+        self.changed = True
+
+    def set_status(self, status, reason=""):
+        _set_entry_status(self.entry, status, reason)
+        self.changed = True
 
 
 def pool_accounts(config):
@@ -1058,18 +1288,22 @@ def parse_time(value):
     return float(epoch)
 
 
-def oauth_credentials(tokens, info, clock=time.time):
-    """A credential file's fields (CLIProxyAPI's names) from a token response and user info."""
+def oauth_token_fields(tokens, clock=time.time):
+    """The credential file's token fields (CLIProxyAPI's names) from a token response."""
     now = clock()
     lifetime = tokens.get("expires_in")
     lifetime = lifetime if isinstance(lifetime, (int, float)) and lifetime > 0 else 86400
     return {"access_token": tokens["access_token"],
             "refresh_token": tokens.get("refresh_token") or "",
             "expired": rfc3339(now + lifetime), "last_refresh": rfc3339(now),
-            "token_type": tokens.get("token_type") or "Bearer", "scope": tokens.get("scope") or "",
-            "api_key": info["apiKey"], "email": info.get("email") or "",
-            "phone": info.get("phone") or "", "user_id": str(info.get("userId") or ""),
-            "user_name": info.get("userName") or ""}
+            "token_type": tokens.get("token_type") or "Bearer", "scope": tokens.get("scope") or ""}
+
+
+def oauth_credentials(tokens, info, clock=time.time):
+    """A credential file's fields from a token response and iFlow's user info."""
+    return dict(oauth_token_fields(tokens, clock), api_key=info["apiKey"],
+                email=info.get("email") or "", phone=info.get("phone") or "",
+                user_id=str(info.get("userId") or ""), user_name=info.get("userName") or "")
 
 
 def identity_of(kind, creds):
@@ -1081,14 +1315,6 @@ def identity_of(kind, creds):
     if creds.get("key_name"):
         return "keyname:" + creds["key_name"]
     return "key:" + fingerprint(creds.get("api_key") or "")
-
-
-def nickname_base(creds, kind):
-    if creds.get("email"):
-        return creds["email"].split("@")[0]
-    if creds.get("phone"):
-        return "phone-" + creds["phone"][-4:]
-    return kind
 
 
 def is_headless(env=None):
@@ -1369,45 +1595,49 @@ class Refresher:
 
     def refresh(self, account_id, force=False):
         """Renew one account now if due (or ``force``); True when new credentials were stored."""
-        with self.registry.lock:
-            data = self.registry.read()
-            entry = next((e for e in data["accounts"] if e["id"] == account_id), None)
-            if entry is None or entry["kind"] not in ("oauth", "cookie"):
+        with self.registry.edit(account_id) as change:
+            if change is None or change.entry["kind"] not in ("oauth", "cookie"):
                 return False
-            creds = self.registry.read_credentials(entry)
-            due = refresh_due(entry["kind"], creds, self.config)
+            creds = change.credentials
+            due = refresh_due(change.entry["kind"], creds, self.config)
             if due is None or (not force and self.clock() < due):
                 return False  # nothing to renew, or another process just did
             try:
-                if entry["kind"] == "oauth":
-                    tokens = refresh_tokens(self.config, creds["refresh_token"], self.env)
-                    if not tokens.get("refresh_token"):
-                        tokens["refresh_token"] = creds["refresh_token"]
-                    info = fetch_user_info(self.config, tokens["access_token"], env=self.env)
-                    fresh = oauth_credentials(tokens, info, self.clock)
-                else:
-                    fresh = platform_api_key(self.config, creds["cookie"], self.env)
+                fresh = self._renew(change)
             except (LoginError, UpstreamError) as e:
-                return self._failed(data, entry, e)
-            creds.update({k: v for k, v in fresh.items() if v or k not in creds})
-            atomic_write_json(self.registry.credential_path(entry), creds)
-            entry.update(status="ok", status_reason="", refresh_error="")
-            self.registry._write(data)
+                return self._failed(change, e)
+            change.save_credentials({k: v for k, v in fresh.items() if v or k not in creds})
+            change.set_status("ok")
+            change.update(refresh_error="")
         self._backoff.pop(account_id, None)
-        log.info("renewed the credentials of account %s (key %s)", entry["nickname"],
+        log.info("renewed the credentials of account %s (key %s)", change.entry["nickname"],
                  mask_secret(creds.get("api_key")))
         return True
 
-    def _failed(self, data, entry, error):
+    def _renew(self, change):
+        """New credential fields for the account being edited (rotated tokens saved at once)."""
+        creds = change.credentials
+        if change.entry["kind"] == "cookie":
+            return platform_api_key(self.config, creds["cookie"], self.env)
+        tokens = refresh_tokens(self.config, creds["refresh_token"], self.env)
+        if not tokens.get("refresh_token"):
+            tokens["refresh_token"] = creds["refresh_token"]
+        change.save_credentials(oauth_token_fields(tokens, self.clock))
+        info = fetch_user_info(self.config, tokens["access_token"], env=self.env)
+        return oauth_credentials(tokens, info, self.clock)
+
+    def _failed(self, change, error):
         permanent = isinstance(error, LoginError) and error.permanent
-        _next, delay = self._backoff.get(entry["id"], (0, 30))
+        account_id, nickname = change.entry["id"], change.entry["nickname"]
+        _next, delay = self._backoff.get(account_id, (0, 30))
         delay = min(delay * 2, 1800)
-        self._backoff[entry["id"]] = (self.clock() + delay, delay)
-        entry["refresh_error"] = error.message[:300]
+        self._backoff[account_id] = (self.clock() + delay, delay)
+        message = scrub_secrets(error.message, [v for v in change.credentials.values()
+                                                if isinstance(v, str)])
+        change.update(refresh_error=message[:300])
         if permanent:
-            entry["status"], entry["status_reason"] = "needs-login", error.message[:300]
-        self.registry._write(data)
-        log.warning("cannot renew account %s: %s%s", entry["nickname"], error.message,
+            change.set_status("needs-login", message)
+        log.warning("cannot renew account %s: %s%s", nickname, message,
                     "" if permanent else "; keeping the old credentials, retrying in %ds" % delay)
         return False
 
@@ -1645,53 +1875,6 @@ def shape_chat_body(body, model, signing=True, thinking=None, effort=None):
     return out
 
 
-def select_proxy(url, configured="", env=None):
-    """The outbound proxy URL for ``url``, or None (config ``proxy``, else *_PROXY/NO_PROXY)."""
-    if configured == "direct":
-        return None
-    if configured:
-        return configured
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if is_loopback(host):
-        return None  # an environment proxy can't reach our own loopback
-    env = os.environ if env is None else env
-
-    def getenv(name):
-        return env.get(name.lower()) or env.get(name.upper()) or ""
-
-    proxy = getenv("%s_proxy" % parts.scheme) or getenv("all_proxy")
-    if not proxy:
-        return None
-    for entry in getenv("no_proxy").split(","):
-        entry = entry.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return None
-        if "/" in entry:
-            try:
-                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                    return None
-            except ValueError:
-                pass
-            continue
-        entry = entry.split(":")[0].lstrip("*").lstrip(".")
-        if host == entry or host.endswith("." + entry):
-            return None
-    if "://" not in proxy:
-        proxy = "http://" + proxy
-    return proxy
-
-
-def _proxy_auth_header(proxy_parts):
-    if not proxy_parts.username:
-        return {}
-    creds = "%s:%s" % (urllib.parse.unquote(proxy_parts.username),
-                       urllib.parse.unquote(proxy_parts.password or ""))
-    return {"Proxy-Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
-
-
 class ConnectionPool:
     """Idle keep-alive connections per (scheme, host, port, proxy); LIFO so warm ones go first."""
 
@@ -1722,7 +1905,7 @@ class ConnectionPool:
         extra = {}
         if proxy and parts.scheme == "http":  # plain HTTP through a proxy: absolute-form target
             target = "http://%s:%d%s" % (parts.hostname, port, target)
-            extra = _proxy_auth_header(urllib.parse.urlsplit(proxy))
+            extra = proxy_auth_header(urllib.parse.urlsplit(proxy))
         return (parts.scheme, parts.hostname, port, proxy), target, extra
 
     def acquire(self, key):
@@ -1760,7 +1943,7 @@ class ConnectionPool:
             if scheme == "https":
                 conn = http.client.HTTPSConnection(*addr, timeout=timeout,
                                                    context=self.ssl_context())
-                conn.set_tunnel(host, port, headers=_proxy_auth_header(p))
+                conn.set_tunnel(host, port, headers=proxy_auth_header(p))
             else:
                 conn = http.client.HTTPConnection(*addr, timeout=timeout)
         elif scheme == "https":
@@ -1886,13 +2069,19 @@ class UpstreamClient:
         self.config = config
         self.pool = ConnectionPool(config, env=env)
 
-    def open(self, method, url, headers, body=None):
-        """Send a request and return the UpstreamResponse once its status line arrived."""
+    def open(self, method, url, headers, body=None, watch=None):
+        """Send a request and return the UpstreamResponse once its status line arrived.
+
+        ``watch(connection)`` is told each connection used, so that another thread can cut
+        it (a client that left, a proxy that is stopping) while this one waits on it.
+        """
         key, target, extra = self.pool.route(url)
         if extra:
             headers = dict(headers, **extra)
         for _ in range(2):
             conn, reused = self.pool.acquire(key)
+            if watch is not None:
+                watch(conn)
             try:
                 conn.sock.settimeout(self.config.first_byte_timeout)
                 conn.request(method, target, body=body, headers=headers)
@@ -1989,11 +2178,17 @@ def kind_for(code, message=""):
     return None
 
 
-def classify_answer(http_status, raw, trace_id="", retry_after=None):
-    """Raise UpstreamError for an upstream error answer; return the parsed JSON otherwise."""
+def classify_answer(http_status, raw, trace_id="", retry_after=None, secrets=()):
+    """Raise UpstreamError for an upstream error answer; return the parsed JSON otherwise.
+
+    Upstream's own words go into the error message scrubbed of ``secrets`` and of anything
+    shaped like a key: providers echo the key they were sent.
+    """
     try:
-        payload = json.loads(raw.decode("utf-8")) if raw.strip() else None
-    except (ValueError, UnicodeDecodeError):
+        payload = json.loads(raw) if raw.strip() else None
+    except UnicodeDecodeError:  # still classify an error whose text is not valid UTF-8
+        payload = _lenient_json(raw)
+    except ValueError:
         payload = None
     code, message = business_error(payload)
     kind = kind_for(code, message)
@@ -2008,40 +2203,92 @@ def classify_answer(http_status, raw, trace_id="", retry_after=None):
         return payload
     detail = message or (raw[:200].decode("utf-8", "replace") if raw else "empty body")
     where = "HTTP %d" % http_status + (", code %s" % code if code != http_status else "")
-    raise UpstreamError(kind, "upstream: %s (%s)" % (detail, where), upstream_status=code,
-                        trace_id=trace_id, retry_after=retry_after)
+    raise UpstreamError(kind, "upstream: %s (%s)" % (scrub_secrets(detail, secrets), where),
+                        upstream_status=code, trace_id=trace_id, retry_after=retry_after)
 
 
-def check_completion(payload, trace_id=""):
-    """A non-stream answer must carry choices; anything else is malformed."""
-    if not isinstance(payload.get("choices"), list):
-        raise UpstreamError("malformed", "upstream answer has no choices", trace_id=trace_id)
-    return payload
+def _lenient_json(raw):
+    try:
+        return json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+
+
+def json_bytes(obj):
+    """Compact JSON as UTF-8.  Lone UTF-16 surrogates (an upstream that split an emoji's pair
+    across two chunks) are joined when they pair up and replaced with U+FFFD when they don't."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 # --- server-sent events ----------------------------------------------------------------------
 
 class EventSplitter:
-    """Cuts a byte stream into complete SSE events (each ending in a blank line)."""
+    """Cuts a byte stream into complete SSE events (each ended by a blank line).
 
-    def __init__(self):
-        self._buf = b""
+    Linear in the bytes fed (only new bytes are searched) and bounded: one event larger than
+    ``limit`` raises UpstreamError instead of growing without end.
+    """
+
+    def __init__(self, limit=MAX_EVENT_BYTES):
+        self.limit = limit
+        self._parts, self._size = [], 0
+        self._cr = False          # the last read ended in "\r": maybe half of "\r\n"
+        self._newline = False     # the pending event ends in "\n": "\n" next ends it
 
     def feed(self, data):
-        buf = self._buf + data
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        parts = buf.split(b"\n\n")
-        self._buf = parts.pop()
-        return [p + b"\n\n" for p in parts if p.strip()]
+        """The events completed by ``data``, each as bytes without its blank line."""
+        if self._cr:
+            data, self._cr = b"\r" + data, False
+        if data.endswith(b"\r"):
+            data, self._cr = data[:-1], True
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        events, start = [], 0
+        if self._newline and data[:1] == b"\n":
+            self._add(events, self._take(b"")[:-1])
+            start = 1
+        while True:
+            end = data.find(b"\n\n", start)
+            if end < 0:
+                break
+            piece = data[start:end]
+            self._add(events, self._take(piece) if self._parts else piece)
+            start = end + 2
+        rest = data[start:]
+        if rest:
+            self._parts.append(rest)
+            self._size += len(rest)
+            self._newline = rest.endswith(b"\n")
+            if self._size > self.limit:
+                raise UpstreamError("malformed", "an upstream stream event exceeded %d bytes"
+                                    % self.limit)
+        elif start:
+            self._newline = False
+        return events
+
+    @staticmethod
+    def _add(events, event):
+        if event.strip():
+            events.append(event)
+
+    def _take(self, tail):
+        event = b"".join(self._parts) + tail
+        self._parts, self._size = [], 0
+        return event
 
     def rest(self):
-        rest, self._buf = self._buf, b""
-        return rest
+        """What is left when the stream ends (an event without its blank line), or b""."""
+        return self._take(b"\r" if self._cr else b"")
 
 
 def event_data(event):
     """The joined ``data:`` lines of one SSE event (bytes), or None."""
+    if event.startswith(b"data: ") and b"\n" not in event:  # the usual one-line event
+        return event[6:]
     lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None
              for line in event.split(b"\n")]
     lines = [line for line in lines if line is not None]
@@ -2051,7 +2298,7 @@ def event_data(event):
 def sse(data, event=None):
     """One SSE event as bytes; ``data`` is a JSON-able object or already-encoded bytes."""
     if not isinstance(data, bytes):
-        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        data = json_bytes(data)
     head = b"event: " + event.encode() + b"\n" if event else b""
     return head + b"data: " + data + b"\n\n"
 
@@ -2080,6 +2327,142 @@ def completion_to_chunks(completion):
     if completion.get("usage"):
         chunks.append(dict(base, choices=[], usage=completion["usage"]))
     return chunks
+
+
+# --- the one upstream reader -----------------------------------------------------------------
+
+class UpstreamAnswer:
+    """One upstream chat answer, read and checked for errors in exactly one place.
+
+    open() classifies the head before any byte goes to the client, so failures can still fail
+    over: the HTTP status, a JSON body (business errors inside 200s, no choices, a completion
+    cut by ``finish_reason: "network_error"``), or the first SSE event.  chunks() is then the
+    one iterator that both stream relays and the non-stream path read.
+    """
+
+    def __init__(self, response, stream=True, secrets=(), body_limit=None,
+                 event_limit=MAX_EVENT_BYTES):
+        self.response, self.stream = response, stream
+        self.secrets = secrets
+        self.body_limit = body_limit
+        self.payload = None        # a JSON answer: the checked chat.completion ...
+        self.raw = b""             # ... and its bytes, relayed as they came
+        self.finish_reason = None
+        self.usage = None
+        self.done = False          # [DONE] seen
+        self._splitter = EventSplitter(event_limit)
+        self._head = []            # data of the events read while opening
+
+    def open(self):
+        resp = self.response
+        if resp.status != 200 or not (self.stream and resp.is_event_stream):
+            self.raw = resp.read_all(self.body_limit)
+            payload = classify_answer(resp.status, self.raw, resp.trace_id,
+                                      retry_after_seconds(resp.headers.get("Retry-After")),
+                                      self.secrets)
+            self.payload = self._check_completion(payload)
+            return self
+        seen = 0
+        while not self._head:  # up to the first data event: iFlow may put an error there
+            data = resp.read1()
+            events = self._splitter.feed(data) if data else [self._splitter.rest()]
+            self._head = [d for d in map(event_data, events) if d is not None]
+            seen += len(data)
+            if not data and not self._head:
+                raise UpstreamError("malformed", "upstream ended the stream without any data",
+                                    trace_id=resp.trace_id)
+            if seen > SSE_HEAD_LIMIT and not self._head:
+                raise UpstreamError("malformed", "no SSE data in the first %d bytes" % seen)
+        if self._head[0] != b"[DONE]":
+            self._head[0] = (self._head[0], self._check_chunk(self._head[0]))
+        return self
+
+    def _check_completion(self, payload):
+        choices = payload.get("choices")
+        if not isinstance(choices, list):
+            raise UpstreamError("malformed", "upstream answer has no choices",
+                                trace_id=self.response.trace_id)
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("finish_reason") == "network_error":
+                raise UpstreamError("transient", "upstream answer ended with finish_reason "
+                                    "network_error", trace_id=self.response.trace_id)
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if isinstance(payload.get("usage"), dict):
+            self.usage = payload["usage"]
+        return payload
+
+    def _check_chunk(self, data):
+        """One stream event's data parsed and checked: raises for errors inside it."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:  # not JSON, or not UTF-8: still classified (it may be an error)
+            chunk = None
+        choices = chunk.get("choices") if type(chunk) is dict else None
+        if type(choices) is not list or "error" in chunk:
+            code, message = business_error(chunk)
+            if type(chunk) is not dict or code is not None or message or "error" in chunk:
+                classify_answer(200, data, self.response.trace_id, secrets=self.secrets)
+                raise UpstreamError("malformed", "upstream sent an unreadable stream event: %r"
+                                    % data[:80], trace_id=self.response.trace_id)
+        for choice in choices or ():
+            reason = choice.get("finish_reason") if type(choice) is dict else None
+            if reason:
+                if reason == "network_error":
+                    raise UpstreamError("transient", "upstream stream ended with finish_reason "
+                                        "network_error", trace_id=self.response.trace_id)
+                self.finish_reason = reason
+        usage = chunk.get("usage")
+        if type(usage) is dict:
+            self.usage = usage
+        return chunk
+
+    def _item(self, data):
+        """(data, chunk) for one event's data, or None for [DONE] and anything after it."""
+        if self.done:
+            return None
+        if data == b"[DONE]":
+            self.done = True
+            return None
+        return data, self._check_chunk(data)
+
+    def chunks(self):
+        """(data bytes, chunk) for each chunk of the answer as it arrives, every one checked.
+
+        Raises UpstreamError when upstream breaks off, sends an error or an unreadable event,
+        or ends without a finish_reason and without [DONE]: a cut answer is never complete.
+        """
+        if self.payload is not None:
+            for chunk in completion_to_chunks(self.payload):
+                yield json_bytes(chunk), chunk
+            return
+        for entry in self._head:
+            item = entry if type(entry) is tuple else self._item(entry)
+            if item is not None:
+                yield item
+        self._head = []
+        resp, splitter = self.response, self._splitter
+        while True:
+            data = resp.read1()
+            if not data:
+                break
+            for event in splitter.feed(data):
+                payload = event_data(event)
+                item = self._item(payload) if payload is not None else None
+                if item is not None:
+                    yield item
+        rest = event_data(splitter.rest())
+        item = self._item(rest) if rest else None
+        if item is not None:
+            yield item
+        if not self.done and self.finish_reason is None:
+            raise UpstreamError("transient", "upstream stream ended before the answer was "
+                                "complete (no finish_reason, no [DONE])",
+                                trace_id=resp.trace_id)
+
+    def close(self):
+        """Drop the upstream connection unless the answer was read to its end."""
+        self.response.close()
 
 
 # ==================================================================================================
@@ -2149,6 +2532,7 @@ COOLDOWNS = {
     "model_unsupported": ("model", 600),    # 435: this account can't serve this model
 }
 MAX_BACKOFF = 1800
+MAX_COOLDOWNS = 1000   # (account, model) cooldowns kept at once
 
 
 class Router:
@@ -2163,8 +2547,6 @@ class Router:
         self.registry = registry
         self.config = config
         self.clock = clock
-        self._pool = pool_accounts(config)
-        self._pool_status = {}   # pool account id -> (status, reason); pool keys have no file
         self._cond = threading.Condition()
         self._inflight = {}      # account id -> requests in flight
         self._queue = []         # _Ticket, oldest first
@@ -2176,10 +2558,7 @@ class Router:
 
     # --- which accounts ----------------------------------------------------------------------
     def all_accounts(self):
-        pool = tuple(dataclasses.replace(a, status=self._pool_status[a.id][0],
-                                         status_reason=self._pool_status[a.id][1])
-                     if a.id in self._pool_status else a for a in self._pool)
-        return self.registry.accounts() + pool
+        return self.registry.all_accounts()
 
     def split_pin(self, model):
         """``work/glm-4.6`` -> ("work", "glm-4.6") when ``work`` is an account's nickname."""
@@ -2346,26 +2725,32 @@ class Router:
                 self._strikes[(account.id, model)] = strikes + 1
                 wait = error.retry_after if error.retry_after is not None else \
                     min(2 ** strikes, MAX_BACKOFF)
-                self._cooldowns[(account.id, model)] = (now + wait, "rate limited")
+                self._cool((account.id, model), now + wait, "rate limited", now)
             elif error.kind in COOLDOWNS:
                 scope, wait = COOLDOWNS[error.kind]
                 if error.retry_after is not None:
                     wait = error.retry_after
                 key = (account.id, "*" if scope == "account" else model)
-                self._cooldowns[key] = (now + wait, error.kind.replace("_", " "))
+                self._cool(key, now + wait, error.kind.replace("_", " "), now)
             self._cond.notify_all()
-        if error.kind == "key_blocked":
-            self._set_status(account, "disabled", error.message)
-        elif error.kind in ("key_expired", "auth"):
-            self._set_status(account, "needs-login", error.message)
+        status = {"key_blocked": "disabled", "key_expired": "needs-login",
+                  "auth": "needs-login"}.get(error.kind)
+        if status:
+            log.warning("account %s is now %s: %s", account.nickname, status, error.message)
+            self.registry.set_status(account, status, error.message)
 
-    def _set_status(self, account, status, reason):
-        log.warning("account %s is now %s: %s", account.nickname, status, reason)
-        if account.kind == "pool":
-            with self._cond:
-                self._pool_status[account.id] = (status, reason)
-        else:
-            self.registry.update_entry(account.id, status=status, status_reason=reason[:300])
+    def _cool(self, key, until, reason, now):
+        """Set one cooldown; the table stays bounded whatever model names clients invent."""
+        self._cooldowns.pop(key, None)
+        self._cooldowns[key] = (until, reason)
+        if len(self._cooldowns) > MAX_COOLDOWNS:
+            for stale in [k for k, (u, _r) in self._cooldowns.items() if u <= now]:
+                del self._cooldowns[stale]
+                self._strikes.pop(stale, None)
+            while len(self._cooldowns) > MAX_COOLDOWNS:  # oldest set first
+                oldest = next(iter(self._cooldowns))
+                del self._cooldowns[oldest]
+                self._strikes.pop(oldest, None)
 
     def state(self, account):
         """healthy / busy / cooling / needs-login / disabled, and active cooldowns."""
@@ -2382,6 +2767,10 @@ class Router:
         else:
             state = "cooling" if cooldowns else "healthy"
         return state, cooldowns
+
+
+MAX_USAGE_ROWS = 300             # (account, model) rows per day before new ones are folded
+OTHER_MODELS = "(other models)"
 
 
 def _new_tally():
@@ -2418,9 +2807,12 @@ class UsageBook:
         usage = usage if isinstance(usage, dict) else {}
         details = usage.get("completion_tokens_details")
         reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+        key = "%s|%s" % (account, model)
         with self._lock:
             day = self._days.setdefault(self.today(), {})
-            tally = day.setdefault("%s|%s" % (account, model), _new_tally())
+            if key not in day and len(day) >= MAX_USAGE_ROWS:  # clients choose model names
+                key = "%s|%s" % (account, OTHER_MODELS)
+            tally = day.setdefault(key, _new_tally())
             tally["requests"] += 1
             if status != 200:
                 key = str(status)
@@ -2486,6 +2878,134 @@ def map_claude_model(model, claude_models):
         return model
     family = next((f for f in CLAUDE_FAMILIES if f in name), "sonnet")
     return claude_models.get(family) or DEFAULT_CLAUDE_MODELS[family]
+
+
+# --- requests: parsing and validation of both APIs, in one place ----------------------------
+
+MAX_MODEL_NAME = 256
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number %s is out of range" % text[:40])
+    return value
+
+
+def parse_json_body(raw):
+    """The request's JSON object, or BadRequest saying exactly what is wrong."""
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest("request body is not valid UTF-8 (byte %d)" % e.start)
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BadRequest("request JSON is nested too deeply")
+    except ValueError as e:
+        raise BadRequest("request body is not valid JSON: %s" % e)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object, got %s" % type(body).__name__)
+    if _SURROGATE_ESCAPE.search(raw):  # "\ud800" alone parses, but is no character at all
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("request JSON holds a lone UTF-16 surrogate (\\ud800-\\udfff "
+                             "without its pair); send the whole character")
+    return body
+
+
+def _expect(body, key, types, what, required=False):
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise BadRequest("missing required field %r (%s)" % (key, what))
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,))):
+        raise BadRequest("field %r must be %s" % (key, what))
+    return value
+
+
+def check_model_name(model):
+    """A model name is printable text of bounded length: it reaches headers, logs and tables."""
+    if not model.strip():
+        raise BadRequest("field 'model' must not be empty")
+    if len(model) > MAX_MODEL_NAME or not model.isprintable():
+        raise BadRequest("field 'model' must be printable text of at most %d characters"
+                         % MAX_MODEL_NAME)
+    return model
+
+
+def _expect_model_and_messages(body):
+    """The valid model name and non-empty message list every chat request needs; its messages."""
+    check_model_name(_expect(body, "model", str, "a model name string", required=True))
+    messages = _expect(body, "messages", list, "a list of messages", required=True)
+    if not messages:
+        raise BadRequest("field 'messages' must not be empty")
+    return messages
+
+
+def validate_chat_request(body):
+    """Check the fields the proxy itself reads; everything else passes through to upstream."""
+    messages = _expect_model_and_messages(body)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("messages[%d] must be an object with a string 'role'" % i)
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRequest("messages[%d].content must be a string or a list of parts" % i)
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest("messages[%d].content[%d] must be an object with a string "
+                                 "'type'" % (i, j))
+        for key, types, what in (("name", str, "a string"), ("tool_call_id", str, "a string"),
+                                 ("tool_calls", list, "a list"),
+                                 ("reasoning_content", str, "a string")):
+            if message.get(key) is not None and not isinstance(message[key], types):
+                raise BadRequest("messages[%d].%s must be %s" % (i, key, what))
+    for key, types, what in _OPENAI_FIELDS:
+        _expect(body, key, types, what)
+    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens", "n"):
+        value = body.get(key)
+        if value is not None and value < 1:
+            raise BadRequest("field %r must be a positive integer" % key)
+    for i, tool in enumerate(body.get("tools") or []):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
+            raise BadRequest("tools[%d] must be an object with a 'function' object" % i)
+    return body
+
+
+# OpenAI request fields the proxy checks (the rest pass through untouched)
+_OPENAI_FIELDS = (
+    ("stream", bool, "true or false"), ("stream_options", dict, "an object"),
+    ("tools", list, "a list"), ("tool_choice", (str, dict), "a string or an object"),
+    ("reasoning_effort", str, "a string"), ("temperature", _NUMBER, "a number"),
+    ("top_p", _NUMBER, "a number"), ("presence_penalty", _NUMBER, "a number"),
+    ("frequency_penalty", _NUMBER, "a number"), ("n", int, "a positive integer"),
+    ("seed", int, "an integer"), ("stop", (str, list), "a string or a list of strings"),
+    ("user", str, "a string"), ("response_format", dict, "an object"),
+    ("parallel_tool_calls", bool, "true or false"), ("logprobs", bool, "true or false"),
+    ("top_logprobs", int, "an integer"), ("max_tokens", int, "a positive integer"),
+    ("max_completion_tokens", int, "a positive integer"),
+    ("max_new_tokens", int, "a positive integer"))
+
+
+def openai_conversation_key(body, headers):
+    """One key per client conversation: x-session-id, else a hash of the first messages."""
+    explicit = headers.get("x-session-id")
+    if explicit:
+        return "sid:" + explicit
+    first = json.dumps(body.get("messages", [])[:2], sort_keys=True, ensure_ascii=False,
+                       default=str).encode("utf-8", "replace")
+    return "msg:" + hashlib.sha256(first).hexdigest()
 
 
 def _blocks(content):
@@ -2758,55 +3278,69 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
                  "function_call": "tool_use", "content_filter": "refusal"}
 
 
-def json_repair_suffix(text):
-    """What to append to truncated JSON so it parses (closing quotes/brackets), or None."""
-    if not text.strip():
-        return "{}"
-    stack, in_string, escaped = [], False, False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            stack.append("}" if ch == "{" else "]")
-        elif ch in "}]":
-            if not stack or stack.pop() != ch:
-                return None
-    closing = "".join(reversed(stack))
-    for suffix in (('"' if in_string else "") + closing,
-                   ('"' if in_string else "") + ("null" if text.rstrip().endswith(":") else "")
-                   + closing):
-        try:
-            json.loads(text + suffix)
-            return suffix
-        except ValueError:
-            continue
-    return None
+def tool_input(arguments, tool_name, cut=False):
+    """A tool call's arguments as an object, or None when upstream cut them off (``cut``).
 
-
-def parse_tool_arguments(arguments, tool_name):
-    """Tool-call arguments as an object, repairing truncated JSON; UpstreamError if hopeless."""
+    Never repaired: a command cut mid-string ("rm -rf /tmp/x…) must not run as if complete.
+    Arguments that are not a JSON object in an answer that was *not* cut are upstream's fault.
+    """
     if isinstance(arguments, dict):
         return arguments
     text = arguments if isinstance(arguments, str) else ""
+    if cut and not text.strip():
+        return None  # cut before its arguments began
     try:
         value = json.loads(text) if text.strip() else {}
     except ValueError:
-        suffix = json_repair_suffix(text)
-        if suffix is None:
-            raise UpstreamError("malformed", "upstream sent invalid JSON arguments for tool %r"
-                                % tool_name)
-        value = json.loads(text + suffix)
-    if not isinstance(value, dict):
-        raise UpstreamError("malformed", "upstream sent non-object arguments for tool %r"
-                            % tool_name)
-    return value
+        value = None
+    if isinstance(value, dict):
+        return value
+    if cut:
+        return None
+    raise UpstreamError("malformed", "upstream sent invalid JSON arguments for tool %r"
+                        % tool_name)
+
+
+class JsonObjectEnd:
+    """Tells, fragment by fragment and in linear time, when a JSON object's text is complete."""
+
+    __slots__ = ("depth", "in_string", "escaped", "complete")
+    _STRUCTURE = re.compile(r'[{}\[\]"]')
+    _IN_STRING = re.compile(r'["\\]')
+
+    def __init__(self):
+        self.depth, self.in_string, self.escaped, self.complete = 0, False, False, False
+
+    def feed(self, text):
+        """True once the top-level value has closed (more fragments are then ignored)."""
+        i, n = 0, len(text)
+        if self.escaped and n:
+            i, self.escaped = 1, False
+        while i < n and not self.complete:
+            if self.in_string:
+                m = self._IN_STRING.search(text, i)
+                if m is None:
+                    return False
+                i = m.end()
+                if m.group() == "\\":
+                    if i >= n:
+                        self.escaped = True
+                    i += 1
+                else:
+                    self.in_string = False
+                continue
+            m = self._STRUCTURE.search(text, i)
+            if m is None:
+                return False
+            i, ch = m.end(), m.group()
+            if ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                self.complete = self.depth <= 0
+        return self.complete
 
 
 def find_stop_sequence(text, stop_sequences):
@@ -2836,13 +3370,16 @@ def new_message_id():
 
 
 def openai_to_anthropic(completion, model, stop_sequences=(), input_estimate=0):
-    """A non-stream OpenAI chat.completion as an Anthropic message (thinking first)."""
+    """A non-stream OpenAI chat.completion as an Anthropic message (thinking first).
+
+    An answer cut at the output limit says ``max_tokens`` and leaves out any tool call whose
+    arguments were cut: a half tool call is never presented as one to run.
+    """
     choice = (completion.get("choices") or [{}])[0] or {}
     message = choice.get("message") or {}
     content, stop_sequence = [], None
+    cut = choice.get("finish_reason") == "length"
     stop_reason = _STOP_REASONS.get(choice.get("finish_reason"), "end_turn")
-    if choice.get("finish_reason") == "network_error":
-        raise UpstreamError("transient", "upstream answer ended with finish_reason network_error")
     reasoning = message.get("reasoning_content")
     if isinstance(reasoning, str) and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
@@ -2859,22 +3396,30 @@ def openai_to_anthropic(completion, model, stop_sequences=(), input_estimate=0):
     for call in calls:
         function = call.get("function") or {}
         name = function.get("name") or ""
+        arguments = tool_input(function.get("arguments"), name, cut)
+        if arguments is None:
+            log.warning("left out tool call %s: upstream cut its arguments off", printable(name))
+            continue
         content.append({"type": "tool_use", "id": call.get("id") or "toolu_" +
-                        secrets.token_hex(12), "name": name,
-                        "input": parse_tool_arguments(function.get("arguments"), name)})
-    if calls:
-        stop_reason = "tool_use"
+                        secrets.token_hex(12), "name": name, "input": arguments})
+        stop_reason = "max_tokens" if cut else "tool_use"
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": anthropic_usage(completion.get("usage"), input_estimate)}
 
 
+def _is_high_surrogate(ch):
+    return "\ud800" <= ch <= "\udbff"
+
+
 class AnthropicStream:
     """Turns OpenAI chat.completion.chunk objects into Anthropic stream events (bytes).
 
-    Blocks never overlap and are numbered consecutively; tool arguments are forwarded as
-    ``input_json_delta`` fragments as they arrive; text near a possible stop sequence is held back
-    only as long as it could still be the start of one.
+    Blocks never overlap and are numbered consecutively.  Text and thinking go out as they
+    arrive (text near a possible stop sequence is held back only while it could still start
+    one; half a UTF-16 surrogate pair waits for its other half).  A tool call goes out as one
+    block once its arguments are complete JSON: a call that upstream cut off is never sent as
+    if it were whole.
     """
 
     def __init__(self, model, input_estimate=0, stop_sequences=()):
@@ -2882,10 +3427,11 @@ class AnthropicStream:
         self.stop_sequences = tuple(stop_sequences)
         self._holdback = max((len(s) for s in self.stop_sequences), default=1) - 1
         self._pending = ""          # text held back for stop-sequence matching
-        self._block = None          # ("text"|"thinking"|"tool", key) of the open block
+        self._carry = ""            # a high surrogate waiting for its low half
+        self._block = None          # "text" | "thinking" | "tool" while a block is open
         self._index = -1
-        self._tools = {}            # upstream tool index -> {"id", "name", "args": [...]}
-        self._saw_tool = False
+        self._tools = {}            # upstream tool index -> {"id", "name", "args", "end"}
+        self._sent_tool = False
         self.finish_reason = None
         self.stop_sequence = None
         self.usage = None
@@ -2903,10 +3449,10 @@ class AnthropicStream:
                                                     "output_tokens": 0}}
         return self._event("message_start", {"message": message})
 
-    def _open(self, kind, key, block):
+    def _open(self, kind, block):
         out = self._close()
         self._index += 1
-        self._block = (kind, key)
+        self._block = kind
         return out + self._event("content_block_start", {"index": self._index,
                                                          "content_block": block})
 
@@ -2917,36 +3463,32 @@ class AnthropicStream:
         if self._block is None:
             return b""
         out = b""
-        kind, key = self._block
-        if kind == "text" and self._pending:
-            out += self._delta({"type": "text_delta", "text": self._pending})
+        tail, self._carry = self._carry, ""  # a lone half surrogate: json_bytes replaces it
+        if self._block == "text" and (self._pending or tail):
+            out += self._delta({"type": "text_delta", "text": self._pending + tail})
             self._pending = ""
-        if kind == "tool":
-            tool = self._tools[key]
-            suffix = json_repair_suffix("".join(tool["args"])) if tool["args"] else "{}"
-            try:
-                json.loads("".join(tool["args"]) or "{}")
-            except ValueError:
-                if suffix is None:
-                    raise UpstreamError("malformed", "upstream sent invalid JSON arguments "
-                                        "for tool %r" % tool["name"])
-                log.warning("repaired truncated JSON arguments of tool %s", tool["name"])
-                out += self._delta({"type": "input_json_delta", "partial_json": suffix})
-            else:
-                if not tool["args"]:
-                    out += self._delta({"type": "input_json_delta", "partial_json": "{}"})
+        elif self._block == "thinking" and tail:
+            out += self._delta({"type": "thinking_delta", "thinking": tail})
         self._block = None
         return out + self._event("content_block_stop", {"index": self._index})
 
+    def _whole(self, text):
+        """``text`` with a trailing high surrogate held back until its pair arrives."""
+        if self._carry:
+            text, self._carry = self._carry + text, ""
+        if text and _is_high_surrogate(text[-1]):
+            text, self._carry = text[:-1], text[-1]
+        return text
+
     def _text(self, text):
         out = b""
-        if self._block is None or self._block[0] != "text":
-            out += self._open("text", None, {"type": "text", "text": ""})
-        buffered = self._pending + text
+        if self._block != "text":
+            out += self._open("text", {"type": "text", "text": ""})
+        buffered = self._pending + self._whole(text)
         if self.stop_sequences:
             at, seq = find_stop_sequence(buffered, self.stop_sequences)
             if seq is not None:
-                self._pending = ""
+                self._pending, self._carry = "", ""
                 if at:
                     out += self._delta({"type": "text_delta", "text": buffered[:at]})
                 self.stop_sequence, self.done = seq, True
@@ -2958,6 +3500,15 @@ class AnthropicStream:
             out += self._delta({"type": "text_delta", "text": buffered})
         return out
 
+    def _thinking(self, reasoning):
+        out = b""
+        if self._block != "thinking":
+            out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        reasoning = self._whole(reasoning)
+        if reasoning:
+            out += self._delta({"type": "thinking_delta", "thinking": reasoning})
+        return out
+
     def feed(self, chunk):
         """Events for one upstream chunk (a parsed dict)."""
         if self.done or not isinstance(chunk, dict):
@@ -2965,59 +3516,73 @@ class AnthropicStream:
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         out = b""
-        for choice in chunk.get("choices") or []:
+        for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning_content")
             if isinstance(reasoning, str) and reasoning:
-                if self._block is None or self._block[0] != "thinking":
-                    out += self._open("thinking", None, {"type": "thinking", "thinking": "",
-                                                         "signature": ""})
-                out += self._delta({"type": "thinking_delta", "thinking": reasoning})
+                out += self._thinking(reasoning)
             text = delta.get("content")
             if isinstance(text, str) and text:
                 out += self._text(text)
                 if self.done:
                     return out + self._close()
-            for call in delta.get("tool_calls") or []:
+            for call in delta.get("tool_calls") or ():
                 out += self._tool_fragment(call)
-            if choice.get("finish_reason") == "network_error":
-                raise UpstreamError("transient", "upstream stream ended with finish_reason "
-                                    "network_error")
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         return out
 
     def _tool_fragment(self, call):
+        """Collect a tool call's argument fragments; send the call once they form an object."""
         if not isinstance(call, dict):
             return b""
-        key = call.get("index", 0)
         function = call.get("function") or {}
-        out = b""
-        if key not in self._tools:
-            name = function.get("name") or ""
-            self._tools[key] = {"id": call.get("id") or "toolu_" + secrets.token_hex(12),
-                                "name": name, "args": []}
-            self._saw_tool = True
-            out += self._open("tool", key, {"type": "tool_use", "id": self._tools[key]["id"],
-                                            "name": name, "input": {}})
-        elif self._block != ("tool", key):
-            log.warning("tool call %s continued after another block began; fragment dropped",
-                        key)
-            return out
+        tool = self._tools.get(call.get("index", 0))
+        if tool is None:
+            tool = self._tools[call.get("index", 0)] = {
+                "id": call.get("id") or "toolu_" + secrets.token_hex(12),
+                "name": function.get("name") or "", "args": [], "end": JsonObjectEnd(),
+                "sent": False}
         fragment = function.get("arguments")
-        if isinstance(fragment, str) and fragment:
-            self._tools[key]["args"].append(fragment)
-            out += self._delta({"type": "input_json_delta", "partial_json": fragment})
-        return out
+        if not isinstance(fragment, str) or not fragment:
+            return b""
+        if tool["sent"]:
+            if fragment.strip():
+                raise UpstreamError("malformed", "upstream sent more arguments for tool %r "
+                                    "after they were complete" % tool["name"])
+            return b""
+        tool["args"].append(fragment)
+        return self._send_tool(tool) if tool["end"].feed(fragment) else b""
+
+    def _send_tool(self, tool):
+        arguments = "".join(tool["args"])
+        tool_input(arguments, tool["name"])  # complete but not an object: upstream's fault
+        tool["sent"] = self._sent_tool = True
+        out = self._open("tool", {"type": "tool_use", "id": tool["id"], "name": tool["name"],
+                                  "input": {}})
+        out += self._delta({"type": "input_json_delta", "partial_json": arguments.strip()
+                            or "{}"})
+        return out + self._close()
 
     def finish(self):
         """The closing events: last block stop, message_delta (stop reason, usage), message_stop."""
         out = self._close()
+        cut = self.finish_reason == "length"
+        for tool in self._tools.values():
+            if tool["sent"]:
+                continue
+            if tool_input("".join(tool["args"]), tool["name"], cut) is None:
+                log.warning("left out tool call %s: upstream cut its arguments off",
+                            printable(tool["name"]))
+                continue
+            out += self._send_tool(tool)
         if self.stop_sequence is not None:
             reason = "stop_sequence"
-        elif self._saw_tool:
+        elif cut:
+            reason = "max_tokens"
+        elif self._sent_tool:
             reason = "tool_use"
         else:
             reason = _STOP_REASONS.get(self.finish_reason, "end_turn")
@@ -3160,136 +3725,193 @@ def count_request_tokens(body, estimate=estimate_tokens):
 
 
 # ==================================================================================================
-# HTTP server: routes, client authentication, request bodies, streaming relay
+# Exchange: one chat exchange end to end (resolve, account, send, classify, fail over, record)
 # ==================================================================================================
 
-class ChatOpen:
-    """An upstream chat answer that is ready to relay: a JSON payload or an open SSE stream.
+class ChatExchange:
+    """One chat exchange, from the translated request to the recorded outcome.
 
-    It holds the account's slot until close(): at once for a JSON answer (already read), after
-    the relay for a stream.
+        exchange = service.exchange(body, conversation, cancelled=gone.is_set)
+        try:
+            exchange.open()                      # resolve, acquire, send, classify, fail over
+            for data, chunk in exchange.chunks(): ...          # or exchange.answer.payload
+        finally:
+            exchange.close()                     # release the account, record usage
+
+    open() tries accounts until one answers well (failover happens only here, before any byte
+    reached the client); a key that upstream rejects is renewed once; a legacy model name is
+    retried once as its canonical name.  close() records the outcome exactly once.
     """
 
-    def __init__(self, account, model, response=None, payload=None, raw=b"", head=(),
-                 splitter=None):
-        self.account, self.model = account, model
-        self.response, self.payload, self.raw = response, payload, raw
-        self.head, self.splitter = list(head), splitter
+    def __init__(self, service, body, conversation, thinking=None, effort=None, cancelled=None):
+        self.service, self.body, self.conversation = service, body, conversation
+        self.thinking, self.effort, self.cancelled = thinking, effort, cancelled
+        self.stream = body.get("stream") is True
+        self.asked = body["model"]
+        self.account = None        # holds a router slot from open() until close()
+        self.model = None          # the model that answered
         self.attempts = 0
-        self._router = None
+        self.answer = None         # the UpstreamAnswer being relayed
+        self.error = None          # what went wrong after the answer began
+        self.abort_reason = None
+        self.started = time.monotonic()
+        self._connection = None    # the upstream connection in use (abort() cuts it)
+        self._closed = False
 
-    def hold(self, router, account):
-        self._router = router
-        if self.response is None:  # nothing left to read upstream: free the slot now
-            self.close()
+    # --- opening ---------------------------------------------------------------------------
+    def open(self):
+        """Send the request upstream and classify the answer's head; returns self."""
+        pinned, model, fallback, hint = self.service.resolve(self.asked)
+        if hint is not None:  # an explicit model suffix wins
+            self.effort, self.thinking = hint, hint != "none"
+        tried, last = set(), None
+        limit = self.service.config.max_attempts or None
+        while limit is None or len(tried) < limit:
+            try:
+                account = self.service.router.acquire(model, pinned, self.conversation, tried,
+                                                      self.cancelled)
+            except (RateLimited, NotFound):
+                if not fallback:
+                    raise
+                log.info("model %s is cooling down on every account; using %s", model, fallback)
+                model, fallback, tried = fallback, None, set()
+                continue
+            if account is None:
+                break
+            tried.add(account.id)
+            try:
+                self.answer = self._try_account(account, [model] + ([fallback] if fallback
+                                                                    else []))
+                self.service.opened(self)
+                return self
+            except UpstreamError as e:
+                if self.cancelled is not None and self.cancelled():
+                    raise ClientGone()
+                last = e
+                if not e.retry_other_account:
+                    break
+        raise self._give_up(last, model, pinned)
+
+    def _try_account(self, account, names):
+        """Answer on one account: each model name in turn (a legacy name's canonical one after
+        a refusal), renewing a rejected key once.  The slot is released unless it answered."""
+        renewed = False
+        try:
+            while True:
+                name = names[0]
+                try:
+                    answer = self._send(account, name)
+                except UpstreamError as e:
+                    self._failed(account, name, e)
+                    if not renewed and e.kind in ("key_expired", "auth") and \
+                            account.kind in ("oauth", "cookie"):
+                        renewed, fresh = True, self.service.renew(account)
+                        if fresh is not None:  # same account, new key: once more
+                            account = fresh
+                            continue
+                    self.service.router.record_failure(account, name, e)
+                    if len(names) > 1 and e.kind in ("model_unsupported", "rejected"):
+                        log.info("model %s unavailable upstream; retrying once as %s", name,
+                                 names[1])
+                        names = names[1:]
+                        continue
+                    raise
+                self.service.router.record_success(account, name)
+                self.account, self.model, account = account, name, None
+                return answer
+        finally:
+            if account is not None:
+                self.service.router.release(account)
+
+    def _send(self, account, model):
+        """One attempt: shape and sign the body, send it, read and check the answer's head."""
+        self.attempts += 1
+        config = self.service.config
+        shaped = shape_chat_body(self.body, model, account.signing, self.thinking, self.effort)
+        session, conversation = conversation_ids(account.id, self.conversation)
+        headers = upstream_headers(account, config, session, conversation,
+                                   clock=self.service.clock)
+        response = self.service.upstream.open(
+            "POST", account.api_base(config) + "/chat/completions", headers, json_bytes(shaped),
+            watch=self._watch)
+        if response.trace_id:
+            log.debug("upstream eagleeye-traceid %s", printable(response.trace_id))
+        return UpstreamAnswer(response, self.stream, (account.api_key,),
+                              config.max_body_bytes).open()
+
+    def _watch(self, connection):
+        self._connection = connection
+        if self.abort_reason is not None:
+            self.abort(self.abort_reason)
+
+    def _failed(self, account, model, error):
+        error.message = "account %s: %s" % (account.nickname, error.message)
+        log.warning("upstream error (%s, model %s): %s%s", error.kind, model, error.message,
+                    " [eagleeye-traceid %s]" % error.trace_id if error.trace_id else "")
+        self.service.usage.record(account.nickname, model, error.upstream_status or error.status,
+                                  None, (time.monotonic() - self.started) * 1000)
+
+    def _give_up(self, last, model, pinned):
+        """The error for the client once no account is left to try."""
+        if last is None:
+            return NoAccount("no account left to try for model %s" % model)
+        router = self.service.router
+        if last.status == 429:  # every account said "later": say when the soonest frees up
+            eligible, now = router.eligible(model, pinned), router.clock()
+            if all(router.cooling_until(a, model, now) for a in eligible):
+                return router.cooling_error(model, eligible, now)
+        return last
+
+    # --- reading, aborting, closing --------------------------------------------------------
+    def chunks(self):
+        """The answer's chunks, ``(data bytes, chunk)``, each checked (UpstreamAnswer.chunks)."""
+        try:
+            for item in self.answer.chunks():
+                yield item
+        except UpstreamError as e:
+            if self.abort_reason is not None:
+                raise UpstreamError("transient", self.abort_reason)
+            raise e
+
+    def abort(self, reason):
+        """Cut the upstream connection now, from any thread (client gone, proxy stopping)."""
+        self.abort_reason = reason
+        connection = self._connection
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def fail(self, error):
+        """Note a failure after the answer began (the relay reports it to the client)."""
+        self.error = error.message
+        log.warning("stream failed mid-way: %s", error.message)
 
     def close(self):
-        """Drop an unfinished upstream response and give the account slot back (idempotent)."""
-        if self.response is not None:
-            self.response.close()
-        router, self._router = self._router, None
-        if router is not None:
-            router.release(self.account)
+        """Drop an unfinished upstream answer, free the account, record the outcome; once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.answer is not None:
+            self.answer.close()
+        if self.account is not None:
+            self.service.closed(self)
+            self.service.router.release(self.account)
+            self.service.usage.record(self.account.nickname, self.model,
+                                      502 if self.error else 200, self.usage,
+                                      (time.monotonic() - self.started) * 1000)
 
+    @property
+    def usage(self):
+        return self.answer.usage if self.answer is not None else None
 
-def _reject_constant(name):
-    raise ValueError("%s is not valid JSON" % name)
-
-
-def parse_json_body(raw):
-    """The request's JSON object, or BadRequest saying exactly what is wrong."""
-    if not raw.strip():
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest("request body is not valid UTF-8 (byte %d)" % e.start)
-    try:
-        body = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise BadRequest("request JSON is nested too deeply")
-    except ValueError as e:
-        raise BadRequest("request body is not valid JSON: %s" % e)
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object, got %s" % type(body).__name__)
-    return body
-
-
-def _expect(body, key, types, what, required=False):
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise BadRequest("missing required field %r (%s)" % (key, what))
-        return None
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
-            types if isinstance(types, tuple) else (types,))):
-        raise BadRequest("field %r must be %s" % (key, what))
-    return value
-
-
-def _expect_model_and_messages(body):
-    """The non-empty model name and message list every chat request needs; its messages."""
-    model = _expect(body, "model", str, "a model name string", required=True)
-    if not model.strip():
-        raise BadRequest("field 'model' must not be empty")
-    messages = _expect(body, "messages", list, "a list of messages", required=True)
-    if not messages:
-        raise BadRequest("field 'messages' must not be empty")
-    return messages
-
-
-def validate_chat_request(body):
-    """Check the fields the proxy itself reads; everything else passes through to upstream."""
-    messages = _expect_model_and_messages(body)
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest("messages[%d] must be an object with a string 'role'" % i)
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise BadRequest("messages[%d].content must be a string or a list of parts" % i)
-        for j, part in enumerate(content if isinstance(content, list) else []):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise BadRequest("messages[%d].content[%d] must be an object with a string "
-                                 "'type'" % (i, j))
-        for key, types, what in (("name", str, "a string"), ("tool_call_id", str, "a string"),
-                                 ("tool_calls", list, "a list"),
-                                 ("reasoning_content", str, "a string")):
-            if message.get(key) is not None and not isinstance(message[key], types):
-                raise BadRequest("messages[%d].%s must be %s" % (i, key, what))
-    for key, types, what in _OPENAI_FIELDS:
-        _expect(body, key, types, what)
-    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens", "n"):
-        value = body.get(key)
-        if value is not None and value < 1:
-            raise BadRequest("field %r must be a positive integer" % key)
-    for i, tool in enumerate(body.get("tools") or []):
-        if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
-            raise BadRequest("tools[%d] must be an object with a 'function' object" % i)
-    return body
-
-
-# OpenAI request fields the proxy checks (the rest pass through untouched)
-_OPENAI_FIELDS = (
-    ("stream", bool, "true or false"), ("stream_options", dict, "an object"),
-    ("tools", list, "a list"), ("tool_choice", (str, dict), "a string or an object"),
-    ("reasoning_effort", str, "a string"), ("temperature", _NUMBER, "a number"),
-    ("top_p", _NUMBER, "a number"), ("presence_penalty", _NUMBER, "a number"),
-    ("frequency_penalty", _NUMBER, "a number"), ("n", int, "a positive integer"),
-    ("seed", int, "an integer"), ("stop", (str, list), "a string or a list of strings"),
-    ("user", str, "a string"), ("response_format", dict, "an object"),
-    ("parallel_tool_calls", bool, "true or false"), ("logprobs", bool, "true or false"),
-    ("top_logprobs", int, "an integer"), ("max_tokens", int, "a positive integer"),
-    ("max_completion_tokens", int, "a positive integer"),
-    ("max_new_tokens", int, "a positive integer"))
-
-
-def openai_conversation_key(body, headers):
-    """One key per client conversation: x-session-id, else a hash of the first messages."""
-    explicit = headers.get("x-session-id")
-    if explicit:
-        return "sid:" + explicit
-    first = json.dumps(body.get("messages", [])[:2], sort_keys=True, ensure_ascii=False)
-    return "msg:" + hashlib.sha256(first.encode("utf-8")).hexdigest()
+    def log_fields(self):
+        """What the access log says about this exchange."""
+        return {"model": self.asked, "model_sent": self.model, "attempts": self.attempts,
+                "account": self.account.nickname if self.account else None,
+                "usage": self.usage, "error": self.error}
 
 
 class ModelCatalog:
@@ -3319,9 +3941,11 @@ class ModelCatalog:
             sid, cid = conversation_ids(account.id, "models")
             resp = self.upstream.open("GET", base + "/models",
                                       upstream_headers(account, self.config, sid, cid))
-            payload = classify_answer(resp.status, resp.read_all(SSE_HEAD_LIMIT), resp.trace_id)
+            payload = classify_answer(resp.status, resp.read_all(SSE_HEAD_LIMIT), resp.trace_id,
+                                      secrets=(account.api_key,))
             ids = tuple(m["id"] for m in payload.get("data", [])
-                        if isinstance(m, dict) and isinstance(m.get("id"), str))
+                        if isinstance(m, dict) and isinstance(m.get("id"), str)
+                        and 0 < len(m["id"]) <= MAX_MODEL_NAME and m["id"].isprintable())
             if not ids:
                 raise UpstreamError("malformed", "upstream /models listed no models")
         except UpstreamError as e:
@@ -3342,33 +3966,347 @@ def models_response(ids, api):
             "data": [{"id": i, "object": "model", "created": 0, "owned_by": "iflow"} for i in ids]}
 
 
-class ProxyServer(http.server.ThreadingHTTPServer):
-    """The listening proxy: owns the registry, router, upstream pool and model catalog."""
+class ChatService:
+    """What every exchange shares: accounts, routing, the upstream pool, usage and caches.
 
-    daemon_threads = True
-    request_queue_size = 512  # socketserver's 5 resets bursts of connecting clients
+    The server owns one; each chat request gets a ChatExchange from exchange().
+    """
 
     def __init__(self, config, registry=None, upstream=None, env=None, clock=time.time,
                  router_clock=time.monotonic):
-        check_bind_safety(config)
-        self.config = config
-        self.clock = clock
-        self.registry = registry or AccountRegistry(config.home)
+        self.config, self.clock = config, clock
+        self.registry = registry or AccountRegistry(config.home, pool=pool_accounts(config))
         self.upstream = upstream or UpstreamClient(config, env=env)
         self.router = Router(self.registry, config, clock=router_clock)
         self.usage = UsageBook(os.path.join(config.home, "usage.json"))
         self.refresher = Refresher(self.registry, config, env=env)
         self.registry.listeners.append(self.refresher.wake)
         self.catalog = ModelCatalog(config, self.upstream, self.router)
-        self.started_at = time.time()
-        self._stopping = threading.Event()
         self.token_estimates = TokenEstimates()
+        self.started_at = time.time()
+        self._images = {}           # sha256 of an image -> its description (bounded)
+        self._lock = threading.Lock()
+        self._open = set()          # exchanges relaying an answer (stopped at shutdown)
+
+    def exchange(self, body, conversation, thinking=None, effort=None, cancelled=None):
+        return ChatExchange(self, body, conversation, thinking, effort, cancelled)
+
+    def resolve(self, requested):
+        """(pinned nickname, model, fallback model, effort hint) for a requested model name."""
+        pinned, name = self.router.split_pin(requested)
+        return (pinned,) + resolve_model(name, self.config)
+
+    def renew(self, account):
+        """Refresh an account's credentials at once; its new snapshot, or None."""
+        log.info("account %s: key rejected upstream; renewing its credentials now",
+                 account.nickname)
+        if not self.refresher.refresh(account.id, force=True):
+            return None
+        self.registry.invalidate()
+        return next((a for a in self.registry.load_accounts() if a.id == account.id
+                     and a.usable), None)
+
+    def opened(self, exchange):
+        with self._lock:
+            self._open.add(exchange)
+
+    def closed(self, exchange):
+        with self._lock:
+            self._open.discard(exchange)
+
+    def abort_all(self, reason):
+        """Cut every answer still being relayed; each client gets an error event."""
+        with self._lock:
+            exchanges = list(self._open)
+        for exchange in exchanges:
+            exchange.abort(reason)
+        return len(exchanges)
+
+    def in_flight(self):
+        with self._lock:
+            return len(self._open)
+
+    # --- images for text-only models -----------------------------------------------------
+    def describe_images(self, body, conversation):
+        """Replace each image in an OpenAI body with a vision model's description (cached)."""
+        for message in body["messages"]:
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for i, part in enumerate(content):
+                if part.get("type") == "image_url":
+                    content[i] = {"type": "text", "text": "[Image, described by %s: %s]" % (
+                        self.config.vision_model,
+                        self._description(part["image_url"]["url"], conversation))}
+            message["content"] = _collapse(content)
+        return body
+
+    def _description(self, url, conversation):
+        digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
+        with self._lock:
+            text = self._images.get(digest)
+        if text is None:
+            text = self._describe(url, conversation)
+            with self._lock:
+                self._images[digest] = text
+                while len(self._images) > 256:  # history resends old images
+                    self._images.pop(next(iter(self._images)))
+        return text
+
+    def _describe(self, url, conversation):
+        prompt = ("Describe this image in full detail for someone who cannot see it: all text "
+                  "in it verbatim, layout, code, diagrams, numbers, colours and anything notable.")
+        request = {"model": self.config.vision_model, "stream": False, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": prompt},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]}
+        exchange = self.exchange(request, conversation)
+        try:
+            payload = exchange.open().answer.payload
+        finally:
+            exchange.close()
+        message = ((payload.get("choices") or [{}])[0] or {}).get("message") or {}
+        text = message.get("content")
+        if not isinstance(text, str) or not text.strip():
+            raise UpstreamError("malformed", "vision model %s returned no description"
+                                % self.config.vision_model)
+        log.info("described an image with %s (%d characters)", self.config.vision_model,
+                 len(text))
+        return text.strip()
+
+    # --- lifecycle and status ------------------------------------------------------------
+    def start(self, stopping, every=60.0):
+        """Save usage figures every ``every`` seconds until ``stopping`` is set; renew keys."""
+        def loop():
+            while not stopping.wait(every):
+                self.save_state()
+        threading.Thread(target=loop, name="usage-saver", daemon=True).start()
+        self.refresher.start()
+
+    def stop(self):
+        self.refresher.stop()
+
+    def close(self):
+        self.upstream.close()
+        self.save_state()
+
+    def save_state(self):
+        try:
+            self.usage.save()
+        except OSError as e:
+            log.error("cannot save usage figures to %s: %s", self.usage.path, e)
+
+    def status(self, listen):
+        """Everything /status, the dashboard and `status` show; never a secret."""
+        usage = self.usage.summary()
+        today = {}
+        for row in usage["today"]["rows"]:
+            mine = today.setdefault(row["account"], {"requests": 0, "failures": 0,
+                                                     "input_tokens": 0, "output_tokens": 0})
+            mine["requests"] += row["requests"]
+            mine["failures"] += sum(row["failures"].values())
+            mine["input_tokens"] += row["input_tokens"]
+            mine["output_tokens"] += row["output_tokens"]
+        accounts = [self._account_status(a, today) for a in self.router.all_accounts()]
+        return {"version": __version__, "uptime_s": int(time.time() - self.started_at),
+                "listen": listen, "strategy": self.config.strategy,
+                "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
+                "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
+
+    def _account_status(self, a, today):
+        state, cooldowns = self.router.state(a)
+        return {"nickname": a.nickname, "kind": a.kind, "email": a.email,
+                "key": mask_secret(a.api_key), "default": a.default, "state": state,
+                "status_reason": a.status_reason, "in_flight": self.router.in_flight(a),
+                "max_concurrency": self.router.limit(a), "priority": a.priority,
+                "upstream": a.api_base(self.config), "signing": a.signing,
+                "cooldowns": cooldowns, "key_expires": a.expires or None,
+                "refresh": self.refresher.state(a),
+                "today": today.get(a.nickname, {"requests": 0, "failures": 0,
+                                                "input_tokens": 0, "output_tokens": 0})}
+
+
+# ==================================================================================================
+# HTTP server: sockets, framing, request checks, and writing answers back to the client
+# ==================================================================================================
+
+def check_bind_safety(config):
+    if not is_loopback(config.host) and not config.client_keys:
+        raise ConfigError("refusing to listen on %s without client keys: anyone who can reach "
+                          "it could use your accounts. Set --client-key, IFLOW_PROXY_CLIENT_KEYS "
+                          "or config client_keys, or listen on 127.0.0.1" % config.host)
+
+
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+DRAIN_LIMIT = 1 << 20      # an unread request body up to this size is read and dropped
+
+
+def request_framing(headers, version):
+    """(Content-Length or None, chunked?) of a request, by RFC 9112 section 6.
+
+    Anything a front end and this server could read differently is refused (the connection is
+    then closed): Transfer-Encoding together with Content-Length, any coding but a lone
+    ``chunked``, several Content-Length values that differ, or one that is not digits.
+    """
+    codings = [c.strip().lower() for value in headers.get_all("Transfer-Encoding") or ()
+               for c in value.split(",") if c.strip()]
+    lengths = [v.strip() for v in headers.get_all("Content-Length") or ()]
+    if codings:
+        if lengths:
+            raise BadRequest("a request may not have both Transfer-Encoding and Content-Length",
+                             code="bad_framing")
+        if codings != ["chunked"] or version == "HTTP/1.0":
+            raise BadRequest("Transfer-Encoding %r is not supported: send chunked (HTTP/1.1) or "
+                             "a Content-Length" % ", ".join(codings), code="bad_framing")
+        return None, True
+    if not lengths:
+        return None, False
+    if len(set(lengths)) > 1 or not _CONTENT_LENGTH.fullmatch(lengths[0]):
+        raise BadRequest("invalid Content-Length header", code="bad_framing")
+    return int(lengths[0]), False
+
+
+def host_allowed(host_header, config, bound_host):
+    """Is ``Host`` a name this server answers to?  (A DNS-rebinding page sends its own.)
+
+    Loopback names, any IP address (rebinding needs a name), the listen address and the names
+    in config ``allowed_hosts`` are; a request without Host (HTTP/1.0) is too.
+    """
+    if not host_header:
+        return True
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in ("localhost", bound_host.lower()) or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    allowed = [h.lower() for h in config.allowed_hosts]
+    return "*" in allowed or host in allowed
+
+
+def cross_site_reason(headers, config):
+    """Why a request comes from another site's page, or None (same origin, or no browser).
+
+    Browsers say where a request comes from (``Sec-Fetch-Site``, ``Origin``); SDKs, curl and
+    Claude Code send neither.  A form or a ``fetch`` with ``text/plain`` needs no CORS
+    preflight, so this check is what keeps a web page from using the user's accounts.
+    """
+    origin = headers.get("Origin")
+    if origin and origin in config.allowed_origins:
+        return None
+    site = (headers.get("Sec-Fetch-Site") or "").lower()
+    if site in ("cross-site", "same-site"):
+        return "Sec-Fetch-Site: %s" % site
+    if origin:
+        parts = urllib.parse.urlsplit(origin)
+        if origin == "null" or parts.netloc.lower() != (headers.get("Host") or "").lower():
+            return "Origin %s" % origin[:100]
+    return None
+
+
+def is_json_content_type(value):
+    """Only JSON (or no type at all) reaches the API: the types a page may send without a CORS
+    preflight (text/plain, forms) are refused."""
+    if not value:
+        return True
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and
+                                            media.endswith("+json"))
+
+
+def header_value(text):
+    """``text`` safe for a response header: printable ASCII kept, anything else %-escaped."""
+    if all(" " <= ch <= "~" for ch in text):
+        return text
+    return urllib.parse.quote(text, safe=_HEADER_SAFE)
+
+
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
+
+
+class BodyBudget:
+    """Request-body bytes held at once across all requests (0 = unlimited), so that many large
+    bodies arriving together can't take the machine's memory."""
+
+    def __init__(self, limit):
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    def take(self, size, timeout=5.0):
+        """Reserve ``size`` bytes, waiting up to ``timeout`` for others to finish; True if so."""
+        if not self.limit or size <= 0:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.held and self.held + size > self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            self.held += size
+            return True
+
+    def give(self, size):
+        if self.limit and size > 0:
+            with self._cond:
+                self.held -= size
+                self._cond.notify_all()
+
+
+def _readable(socks):
+    """The sockets among ``socks`` with something to read (or an EOF), without waiting."""
+    if hasattr(select, "poll"):  # no FD_SETSIZE limit
+        poller = select.poll()
+        by_fd = {}
+        for sock in socks:
+            try:
+                by_fd[sock.fileno()] = sock
+                poller.register(sock, select.POLLIN)
+            except (OSError, ValueError):
+                continue
+        return [by_fd[fd] for fd, _event in poller.poll(0) if fd in by_fd]
+    try:
+        return select.select(socks, [], [], 0)[0]
+    except (OSError, ValueError):
+        return []
+
+
+def peer_closed(sock):
+    """True when the peer has closed its side (readable, and a peek reads nothing)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """The listening socket and its connections: the cap, deadlines, idle connections, the
+    watch on clients whose answer is being relayed, and the lifecycle.  Chat work goes to
+    ``self.chat`` (a ChatService); HTTP in and out is ProxyHandler's."""
+
+    daemon_threads = True
+    request_queue_size = 512  # socketserver's 5 resets bursts of connecting clients
+
+    def __init__(self, config, **chat_options):
+        check_bind_safety(config)
+        self.config = config
+        self.chat = ChatService(config, **chat_options)
+        self.bodies = BodyBudget(config.max_inflight_body_bytes)
+        self._stopping = threading.Event()
         self._gate = threading.Lock()
         self.connections = 0          # client connections being served
         self.active_requests = 0      # requests between their first byte and their response
         self._deadlines = {}          # handler -> (monotonic deadline, what it is waiting for)
-        self._vision_cache = {}  # sha256 of image -> description (insertion-ordered, bounded)
-        self._vision_lock = threading.Lock()
+        self._idle = {}               # handler waiting for a request -> None, oldest first
+        self._evicted = set()         # sockets of idle connections dropped to admit new ones
+        self._watched = {}            # handler -> the exchange it relays (client checked)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         try:
@@ -3378,23 +4316,41 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                                                              e.strerror or e))
         threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
 
-    # --- bounded resources -----------------------------------------------------------------
+    # --- connections -----------------------------------------------------------------------
     def process_request(self, request, client_address):
-        """One thread per connection, up to max_connections; beyond that a JSON 503."""
+        """One thread per connection, up to max_connections (an idle one is dropped to make
+        room; with none idle, a JSON 503)."""
         with self._gate:
-            full = self.connections >= self.config.max_connections
-            if not full:
+            if self.connections >= self.config.max_connections and self._idle:
+                self._evict(next(iter(self._idle)))
+            admitted = self.connections < self.config.max_connections
+            if admitted:
                 self.connections += 1
-        if not full:
+        if admitted:
             try:
                 return super().process_request(request, client_address)
             except BaseException:
                 with self._gate:
                     self.connections -= 1
                 raise
-        body = json.dumps(error_body(ProxyError(
+        self._refuse(request)
+
+    def _evict(self, handler):
+        """Drop an idle connection (under the gate): its slot is free from now on."""
+        del self._idle[handler]
+        self._evicted.add(handler.request)
+        self.connections -= 1
+        log.info("dropping an idle connection from %s to admit a new one",
+                 handler.client_address[0])
+        try:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _refuse(self, request):
+        body = json_bytes(error_body(ProxyError(
             "too many connections (config max_connections=%d); retry shortly"
-            % self.config.max_connections, status=503, code="too_many_connections"))).encode()
+            % self.config.max_connections, status=503, code="too_many_connections")))
         try:
             request.settimeout(1)
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
@@ -3409,8 +4365,20 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             with self._gate:
-                self.connections -= 1
+                if request in self._evicted:
+                    self._evicted.discard(request)
+                else:
+                    self.connections -= 1
 
+    def set_idle(self, handler, idle):
+        """Mark a connection as waiting for its next request (the first to go at the cap)."""
+        with self._gate:
+            if idle:
+                self._idle[handler] = None
+            else:
+                self._idle.pop(handler, None)
+
+    # --- deadlines and the client watch ----------------------------------------------------
     def watch(self, handler, seconds, what):
         """Close ``handler``'s connection if it is still ``what`` after ``seconds``."""
         with self._gate:
@@ -3419,23 +4387,46 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             else:
                 self._deadlines[handler] = (time.monotonic() + seconds, what)
 
-    def _watchdog(self):
-        """Slow clients (slowloris) can't hold a thread: overdue connections are cut."""
-        while not self._stopping.wait(0.5):
-            now = time.monotonic()
-            with self._gate:
-                overdue = [(h, what) for h, (deadline, what) in self._deadlines.items()
-                           if deadline < now]
-                for handler, _what in overdue:
-                    del self._deadlines[handler]
-            for handler, what in overdue:
-                log.info("closing a connection from %s: too slow %s", handler.client_address[0],
-                         what)
-                try:
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def watch_client(self, handler, exchange):
+        """While ``exchange`` runs, notice at once if ``handler``'s client hangs up (even while
+        upstream is silent) and cut the exchange, so its account slot is freed."""
+        with self._gate:
+            if exchange is None:
+                self._watched.pop(handler, None)
+            else:
+                self._watched[handler] = exchange
 
+    def _watchdog(self):
+        """Slow clients (slowloris) can't hold a thread; clients that left free their slot."""
+        while not self._stopping.wait(0.2):
+            self._cut_overdue()
+            self._check_clients()
+
+    def _cut_overdue(self):
+        now = time.monotonic()
+        with self._gate:
+            overdue = [(h, what) for h, (deadline, what) in self._deadlines.items()
+                       if deadline < now]
+            for handler, _what in overdue:
+                del self._deadlines[handler]
+        for handler, what in overdue:
+            log.info("closing a connection from %s: too slow %s", handler.client_address[0],
+                     what)
+            try:
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _check_clients(self):
+        with self._gate:
+            watched = {h.connection: (h, ex) for h, ex in self._watched.items()}
+        for sock in _readable(list(watched)) if watched else ():
+            if peer_closed(sock):
+                handler, exchange = watched[sock]
+                handler.client_left = True
+                exchange.abort("the client disconnected")
+
+    # --- requests and lifecycle ------------------------------------------------------------
     def request_started(self):
         with self._gate:
             self.active_requests += 1
@@ -3451,245 +4442,28 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             time.sleep(0.05)
         return self.active_requests <= 0
 
+    def stop_streams(self, grace=2.0):
+        """Cut the answers still being relayed (each client gets an error event), then wait
+        up to ``grace`` for their last words and usage records."""
+        if self.chat.abort_all("iflow-proxy is shutting down"):
+            self.drain(grace)
+
     @property
     def url(self):
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
-    def server_close(self):
-        super().server_close()
-        self.upstream.close()
-        self.save_state()
-
-    def save_state(self):
-        try:
-            self.usage.save()
-        except OSError as e:
-            log.error("cannot save usage figures to %s: %s", self.usage.path, e)
-
     def start_background(self, every=60.0):
-        """Save usage figures every ``every`` seconds until the server shuts down."""
-        def loop():
-            while not self._stopping.wait(every):
-                self.save_state()
-        threading.Thread(target=loop, name="usage-saver", daemon=True).start()
-        self.refresher.start()
+        self.chat.start(self._stopping, every)
 
     def shutdown(self):
         self._stopping.set()
-        self.refresher.stop()
+        self.chat.stop()
         super().shutdown()
 
-    # --- status ----------------------------------------------------------------------------
-    def status(self):
-        """Everything /status, the dashboard and `status` show; never a secret."""
-        usage = self.usage.summary()
-        today = {}
-        for row in usage["today"]["rows"]:
-            mine = today.setdefault(row["account"], {"requests": 0, "failures": 0,
-                                                     "input_tokens": 0, "output_tokens": 0})
-            mine["requests"] += row["requests"]
-            mine["failures"] += sum(row["failures"].values())
-            mine["input_tokens"] += row["input_tokens"]
-            mine["output_tokens"] += row["output_tokens"]
-        accounts = []
-        for a in self.router.all_accounts():
-            state, cooldowns = self.router.state(a)
-            accounts.append({
-                "nickname": a.nickname, "kind": a.kind, "email": a.email,
-                "key": mask_secret(a.api_key), "default": a.default, "state": state,
-                "status_reason": a.status_reason, "in_flight": self.router.in_flight(a),
-                "max_concurrency": self.router.limit(a), "priority": a.priority,
-                "upstream": a.api_base(self.config), "signing": a.signing,
-                "cooldowns": cooldowns, "key_expires": a.expires or None,
-                "refresh": self.refresh_state(a),
-                "today": today.get(a.nickname, {"requests": 0, "failures": 0,
-                                                "input_tokens": 0, "output_tokens": 0})})
-        return {"version": __version__, "uptime_s": int(time.time() - self.started_at),
-                "listen": self.url, "strategy": self.config.strategy,
-                "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
-                "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
-
-    def refresh_state(self, account):
-        """How the account's credentials are kept fresh (API keys need nothing)."""
-        return self.refresher.state(account)
-
-    # --- chat ------------------------------------------------------------------------------
-    def resolve(self, requested):
-        """(pinned nickname, model, fallback model, effort hint) for a requested model name."""
-        pinned, name = self.router.split_pin(requested)
-        return (pinned,) + resolve_model(name, self.config)
-
-    def open_chat(self, body, conversation_key, thinking=None, effort=None, cancelled=None):
-        """Send a chat request upstream, failing over across accounts before any byte is relayed.
-
-        Returns a ChatOpen holding an account slot (call its close()); raises the last
-        UpstreamError, or a routing error, when nothing worked.
-        """
-        pinned, model, fallback, suffix_effort = self.resolve(body["model"])
-        stream = body.get("stream") is True
-        if suffix_effort is not None:  # an explicit model suffix wins
-            effort, thinking = suffix_effort, suffix_effort != "none"
-        last, attempts, tried = None, 0, set()
-        limit = self.config.max_attempts or None
-        while limit is None or len(tried) < limit:
-            try:
-                account = self.router.acquire(model, pinned, conversation_key, tried, cancelled)
-            except (RateLimited, NotFound):
-                if not fallback:
-                    raise
-                log.info("model %s is cooling down on every account; using %s", model, fallback)
-                model, fallback, tried = fallback, None, set()
-                continue
-            if account is None:
-                break
-            tried.add(account.id)
-            try:
-                tries = [model] + ([fallback] if fallback else [])
-                renewed = False
-                i = 0
-                while i < len(tries):
-                    name = tries[i]
-                    attempts += 1
-                    shaped = shape_chat_body(body, name, account.signing, thinking, effort)
-                    started = time.monotonic()
-                    try:
-                        opened = self._attempt(account, shaped, conversation_key, stream)
-                    except UpstreamError as e:
-                        e.message = "account %s: %s" % (account.nickname, e.message)
-                        log.warning("upstream error (%s, model %s): %s%s", e.kind, name,
-                                    e.message, " [eagleeye-traceid %s]" % e.trace_id
-                                    if e.trace_id else "")
-                        self.usage.record(account.nickname, name, e.upstream_status or e.status,
-                                          None, (time.monotonic() - started) * 1000)
-                        last = e
-                        if e.kind in ("key_expired", "auth") and not renewed and \
-                                account.kind in ("oauth", "cookie"):
-                            renewed = True
-                            fresh = self._renew(account)
-                            if fresh is not None:  # same account, new key: retry once
-                                account = fresh
-                                continue
-                        self.router.record_failure(account, name, e)
-                        if i == 0 and fallback and e.kind in ("model_unsupported", "rejected"):
-                            log.info("model %s unavailable upstream; retrying once as %s",
-                                     name, fallback)
-                            i += 1
-                            continue
-                        break
-                    self.router.record_success(account, name)
-                    opened.attempts = attempts
-                    opened.hold(self.router, account)
-                    account = None  # the slot now belongs to `opened`
-                    return opened
-            finally:
-                if account is not None:
-                    self.router.release(account)
-            if not last.retry_other_account:
-                break
-        if last is None:
-            raise NoAccount("no account left to try for model %s" % model)
-        if last.status == 429:  # every account said "later": say when the soonest frees up
-            eligible = self.router.eligible(model, pinned)
-            now = self.router.clock()
-            if all(self.router.cooling_until(a, model, now) for a in eligible):
-                raise self.router.cooling_error(model, eligible, now)
-        raise last
-
-    def _renew(self, account):
-        """Refresh an account's credentials at once; its new snapshot, or None."""
-        log.info("account %s: key rejected upstream; renewing its credentials now",
-                 account.nickname)
-        if not self.refresher.refresh(account.id, force=True):
-            return None
-        self.registry.invalidate()
-        return next((a for a in self.registry.load_accounts() if a.id == account.id
-                     and a.usable), None)
-
-    def describe_images(self, body, conversation_key):
-        """Replace each image in an OpenAI body with a vision model's description (cached)."""
-        for message in body["messages"]:
-            content = message.get("content")
-            if not isinstance(content, list):
-                continue
-            for i, part in enumerate(content):
-                if part.get("type") != "image_url":
-                    continue
-                url = part["image_url"]["url"]
-                digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
-                with self._vision_lock:
-                    text = self._vision_cache.get(digest)
-                if text is None:
-                    text = self._describe(url, conversation_key)
-                    with self._vision_lock:
-                        self._vision_cache[digest] = text
-                        while len(self._vision_cache) > 256:  # history resends old images
-                            self._vision_cache.pop(next(iter(self._vision_cache)))
-                content[i] = {"type": "text", "text": "[Image, described by %s: %s]"
-                              % (self.config.vision_model, text)}
-            message["content"] = _collapse(content)
-        return body
-
-    def _describe(self, url, conversation_key):
-        prompt = ("Describe this image in full detail for someone who cannot see it: all text "
-                  "in it verbatim, layout, code, diagrams, numbers, colours and anything notable.")
-        request = {"model": self.config.vision_model, "stream": False, "messages": [
-            {"role": "user", "content": [{"type": "text", "text": prompt},
-                                         {"type": "image_url", "image_url": {"url": url}}]}]}
-        opened = self.open_chat(request, conversation_key)
-        opened.close()
-        message = ((opened.payload.get("choices") or [{}])[0] or {}).get("message") or {}
-        text = message.get("content")
-        if not isinstance(text, str) or not text.strip():
-            raise UpstreamError("malformed", "vision model %s returned no description"
-                                % self.config.vision_model)
-        log.info("described an image with %s (%d characters)", self.config.vision_model,
-                 len(text))
-        return text.strip()
-
-    def _attempt(self, account, body, conversation_key, stream):
-        sid, cid = conversation_ids(account.id, conversation_key)
-        headers = upstream_headers(account, self.config, sid, cid, clock=self.clock)
-        raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        resp = self.upstream.open("POST", account.api_base(self.config) + "/chat/completions",
-                                  headers, raw)
-        if resp.trace_id:
-            log.debug("upstream eagleeye-traceid %s", resp.trace_id)
-        if resp.status != 200 or not (stream and resp.is_event_stream):
-            data = resp.read_all(self.config.max_body_bytes)
-            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-            payload = check_completion(classify_answer(resp.status, data, resp.trace_id,
-                                                       retry_after), resp.trace_id)
-            return ChatOpen(account, body["model"], payload=payload, raw=data)
-        splitter, head, seen = EventSplitter(), [], 0
-        while True:  # read up to the first data event: iFlow may put an error there
-            data = resp.read1()
-            seen += len(data)
-            events = splitter.feed(data) if data else [splitter.rest() + b"\n\n"]
-            head.extend(e for e in events if e.strip())
-            first = next((d for d in map(event_data, head) if d is not None), None)
-            if first is not None or not data:
-                break
-            if seen > SSE_HEAD_LIMIT:
-                resp.close()
-                raise UpstreamError("malformed", "no SSE data in the first %d bytes" % seen)
-        if first is None:
-            raise UpstreamError("malformed", "upstream ended the stream without any data",
-                                trace_id=resp.trace_id)
-        if first != b"[DONE]":
-            try:
-                classify_answer(200, first, resp.trace_id)
-            except UpstreamError:
-                resp.close()
-                raise
-        return ChatOpen(account, body["model"], response=resp, head=head, splitter=splitter)
-
-
-def check_bind_safety(config):
-    if not is_loopback(config.host) and not config.client_keys:
-        raise ConfigError("refusing to listen on %s without client keys: anyone who can reach "
-                          "it could use your accounts. Set --client-key, IFLOW_PROXY_CLIENT_KEYS "
-                          "or config client_keys, or listen on 127.0.0.1" % config.host)
+    def server_close(self):
+        super().server_close()
+        self.chat.close()
 
 
 # path -> {HTTP method: (handler method name, needs a client key)}
@@ -3707,32 +4481,48 @@ ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/complet
                  "/messages/count_tokens": "/v1/messages/count_tokens"}
 
 
+def route_path(target):
+    """The ROUTES path a request target names (prefix and aliases resolved)."""
+    path = urllib.parse.urlsplit(target).path
+    if path.startswith(ROUTE_PREFIX):
+        path = path[len(ROUTE_PREFIX):] or "/"
+    return ROUTE_ALIASES.get(path, path)
+
+
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """One client connection; each request is dispatched through ROUTES."""
+    """One client connection: parse → check → translate → exchange → write, per request."""
 
     protocol_version = "HTTP/1.1"
     server_version = "iflow-proxy/" + __version__
     sys_version = ""
-    timeout = None  # set per phase: client_idle_timeout, header_timeout, body_timeout
+    timeout = None  # set per phase: header_timeout, client_idle_timeout, body_timeout
 
     def setup(self):
         super().setup()
+        self.requests_served = 0
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
 
     def handle_one_request(self):
-        """Wait (idle) for a request, then give its headers header_timeout in all."""
+        """Wait for a request — header_timeout for a connection's first, client_idle_timeout
+        between kept-alive ones, either cut short when the connection cap needs the slot —
+        then give its headers header_timeout in all."""
         config = self.server.config
+        self.server.set_idle(self, True)
         try:
-            self.connection.settimeout(config.client_idle_timeout)
-            if not self.rfile.peek(1):
-                self.close_connection = True
-                return
+            self.connection.settimeout(config.client_idle_timeout if self.requests_served
+                                       else config.header_timeout)
+            arrived = self.rfile.peek(1)
         except (OSError, ValueError):
+            arrived = b""
+        finally:
+            self.server.set_idle(self, False)
+        if not arrived:
             self.close_connection = True
             return
+        self.requests_served += 1
         self.connection.settimeout(config.header_timeout)
         self.server.watch(self, config.header_timeout, "sending request headers")
         try:
@@ -3757,33 +4547,29 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         self.server.watch(self, None, None)  # headers are in; the body has its own deadline
         self.server.request_started()
+        self._begin()
         try:
             self._dispatch()
         finally:
+            self._end_body()
+            self.server.bodies.give(self.body_reserved)
             self.server.request_finished()
+            self.log_access()
+
+    def _begin(self):
+        self.request_id = "req_" + secrets.token_hex(8)
+        headers = getattr(self, "headers", None)  # None when the request line was bad
+        self.api = "anthropic" if headers and headers.get("anthropic-version") else "openai"
+        self.started = time.monotonic()
+        self.response_status = self.first_byte = self.exchange = None
+        self.log_fields = {}
+        self.client_left = False
+        self.body_length, self.body_chunked, self.body_unread = None, False, False
+        self.body_reserved = 0
 
     def _dispatch(self):
-        self.request_id = "req_" + secrets.token_hex(8)
-        self.api = "anthropic" if self.headers.get("anthropic-version") else "openai"
-        self.started = time.monotonic()
-        self.response_status = None
-        self.first_byte = None
-        self.log_fields = {}
-        path = urllib.parse.urlsplit(self.path).path
-        if path.startswith(ROUTE_PREFIX):
-            path = path[len(ROUTE_PREFIX):] or "/"
-        path = ROUTE_ALIASES.get(path, path)
         try:
-            methods = ROUTES.get(path)
-            if methods is None:
-                raise NotFound("no such endpoint: %s %s" % (self.command, path))
-            if self.command not in methods:
-                raise MethodNotAllowed("%s is not allowed on %s (use %s)"
-                                       % (self.command, path, ", ".join(sorted(methods))))
-            name, needs_key = methods[self.command]
-            if needs_key:
-                self.check_client_key()
-            getattr(self, name)()
+            getattr(self, self.check_request())()
         except ProxyError as e:
             self.send_error_json(e)
         except ClientGone:
@@ -3793,16 +4579,42 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except Exception:  # a bug: answer 500, keep serving
             log.exception("%s internal error", self.request_id)
             self.send_error_json(ProxyError("internal error in iflow-proxy; see its log"))
-        finally:
-            self.log_access()
 
-    def client_gone(self):
-        """True once the client has closed its connection (checked while a request waits)."""
+    def check_request(self):
+        """The handler method for this request, after every check that needs no body."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
+            self.body_length, self.body_chunked = request_framing(self.headers,
+                                                                  self.request_version)
+        except BadRequest:
+            self.close_connection = True  # where this body ends is unknowable
+            raise
+        self.body_unread = self.body_chunked or bool(self.body_length)
+        config = self.server.config
+        if not host_allowed(self.headers.get("Host"), config, self.server.server_address[0]):
+            raise ProxyError("Host %r is not served here (add it to config allowed_hosts)"
+                             % self.headers.get("Host")[:100], status=403, code="host_not_allowed")
+        path = route_path(self.path)
+        if path.startswith("/v1/messages"):
+            self.api = "anthropic"
+        methods = ROUTES.get(path)
+        if methods is None:
+            raise NotFound("no such endpoint: %s %s" % (self.command, path[:200]))
+        if self.command not in methods:
+            raise MethodNotAllowed("%s is not allowed on %s (use %s)"
+                                   % (self.command, path, ", ".join(sorted(methods))))
+        name, guarded = methods[self.command]
+        if guarded:
+            reason = cross_site_reason(self.headers, config)
+            if reason:
+                raise ProxyError("cross-site request refused (%s); add the origin to config "
+                                 "allowed_origins to allow it" % reason, status=403,
+                                 code="cross_site_request")
+            self.check_client_key()
+            if self.command == "POST" and not is_json_content_type(
+                    self.headers.get("Content-Type")):
+                raise ProxyError("Content-Type must be application/json", status=415,
+                                 code="unsupported_media_type")
+        return name
 
     # --- client authentication --------------------------------------------------------------
     def check_client_key(self):
@@ -3813,9 +4625,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization") or ""
         if not presented and auth[:7].lower() == "bearer ":
             presented = auth[7:].strip()
+        # http.client decodes header bytes as Latin-1: encode back to the bytes that were sent,
+        # which for a non-ASCII key are its UTF-8 (the encoding our configured keys use)
+        sent = presented.encode("latin-1", "replace")
         matched = False
         for key in keys:  # compare with every key: timing reveals nothing about which matched
-            matched |= hmac.compare_digest(presented.encode("utf-8"), key.encode("utf-8"))
+            matched |= hmac.compare_digest(sent, key.encode("utf-8"))
         if not matched:
             raise Unauthorized("missing or invalid client key: send it as 'Authorization: "
                                "Bearer <key>' or 'x-api-key: <key>'")
@@ -3827,28 +4642,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.server.watch(self, config.body_timeout, "sending the request body")
         try:
             return self._read_body(config.max_body_bytes)
-        finally:
-            self.server.watch(self, None, None)
-            self.connection.settimeout(None)
-
-    def _read_body(self, limit):
-        lengths = self.headers.get_all("Content-Length") or []
-        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-        try:
-            if chunked:
-                return self._read_chunked(limit)
-            if not lengths:
-                return b""
-            if len(set(v.strip() for v in lengths)) > 1 or not lengths[0].strip().isdigit():
-                raise BadRequest("invalid Content-Length header")
-            size = int(lengths[0])
-            if size > limit:
-                raise PayloadTooLarge("request body of %d bytes exceeds the limit of %d bytes "
-                                      "(config max_body_bytes)" % (size, limit))
-            data = self.rfile.read(size)
-            if len(data) < size:  # the client stopped sending (or the watchdog cut it off)
-                raise BadRequest("request body ended after %d of %d bytes" % (len(data), size))
-            return data
         except ProxyError:
             self.close_connection = True  # the rest of the body is unread: can't reuse
             raise
@@ -3856,6 +4649,31 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest("timed out reading the request body", status=408,
                              code="request_timeout")
+        finally:
+            self.server.watch(self, None, None)
+            self.connection.settimeout(None)
+
+    def _read_body(self, limit):
+        if self.body_chunked:
+            data = self._read_chunked(limit)
+        else:
+            size = self.body_length or 0
+            if size > limit:
+                raise PayloadTooLarge("request body of %d bytes exceeds the limit of %d bytes "
+                                      "(config max_body_bytes)" % (size, limit))
+            self._reserve(size)
+            data = self.rfile.read(size)
+            if len(data) < size:  # the client stopped sending (or the watchdog cut it off)
+                raise BadRequest("request body ended after %d of %d bytes" % (len(data), size))
+        self.body_unread = False
+        return data
+
+    def _reserve(self, size):
+        if not self.server.bodies.take(size):
+            raise ProxyError("the proxy is holding too many large request bodies (config "
+                             "max_inflight_body_bytes); retry shortly", status=503,
+                             code="server_busy", retry_after=1)
+        self.body_reserved += size
 
     def _read_chunked(self, limit):
         parts, size = [], 0
@@ -3863,18 +4681,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             line = self.rfile.readline(1026)
             if not line.endswith(b"\n"):
                 raise BadRequest("malformed chunked request body")
-            try:
-                chunk = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
+            digits = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", digits):
                 raise BadRequest("malformed chunk size in request body")
-            if chunk < 0:
-                raise BadRequest("malformed chunk size in request body")
+            chunk = int(digits, 16)
             if chunk == 0:
                 break
             size += chunk
             if size > limit:
                 raise PayloadTooLarge("request body exceeds the limit of %d bytes (config "
                                       "max_body_bytes)" % limit)
+            self._reserve(chunk)
             data = self.rfile.read(chunk)
             if len(data) < chunk or self.rfile.read(2) not in (b"\r\n", b"\n"):
                 raise BadRequest("truncated chunked request body")
@@ -3884,6 +4701,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if line in (b"\r\n", b"\n", b""):
                 return b"".join(parts)
         raise BadRequest("too many trailer lines in chunked request body")
+
+    def _end_body(self):
+        """A body left unread by an early answer must not be parsed as the next request: read
+        and drop a small one, else close the connection."""
+        if not self.body_unread or self.close_connection:
+            return
+        if self.body_chunked or self.body_length > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        try:
+            self.connection.settimeout(self.server.config.body_timeout)
+            if len(self.rfile.read(self.body_length)) < self.body_length:
+                self.close_connection = True
+        except (OSError, ValueError):
+            self.close_connection = True
 
     def read_json(self):
         return parse_json_body(self.read_body())
@@ -3904,7 +4736,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             else "Unknown"
         lines = ["HTTP/1.1 %d %s" % (status, phrase), "Server: " + self.server_version,
                  "Date: " + self.date_time_string(), "x-request-id: " + self.request_id]
-        lines.extend("%s: %s" % (k, v) for k, v in headers.items())
+        lines.extend("%s: %s" % (k, header_value(v)) for k, v in headers.items())
         if self.close_connection:
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -3917,8 +4749,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self._write(self._head(status, head) + (b"" if self.command == "HEAD" else body))
 
     def send_json(self, status, obj, headers=None):
-        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        self.send_bytes(status, body, headers=headers)
+        self.send_bytes(status, json_bytes(obj), headers=headers)
 
     def send_error_json(self, err):
         if self.response_status is not None:
@@ -3927,8 +4758,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if err.retry_after is not None:
             headers["Retry-After"] = str(int(err.retry_after))
         if isinstance(err, MethodNotAllowed):
-            path = ROUTE_ALIASES.get(urllib.parse.urlsplit(self.path).path)
-            headers["Allow"] = ", ".join(sorted(ROUTES.get(path, {"GET": 0})))
+            headers["Allow"] = ", ".join(sorted(ROUTES.get(route_path(self.path), {"GET": 0})))
         self.log_fields.setdefault("error", err.message)
         try:
             self.send_json(err.status, error_body(err, self.api), headers)
@@ -3939,9 +4769,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, oversized headers) as JSON too."""
         self.close_connection = True
         if not hasattr(self, "request_id"):
-            self.request_id = "req_" + secrets.token_hex(8)
-            self.api, self.response_status, self.first_byte = "openai", None, None
-            self.log_fields = {}
+            self._begin()
         message = message or http.HTTPStatus(code).phrase
         if code == 501:    # an unknown method is the client's mistake
             code = 405
@@ -3980,24 +4808,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def log_access(self):
-        f = self.log_fields
+        """One line per request; every field from outside is escaped by the log formatter."""
+        f = dict(self.exchange.log_fields() if self.exchange else {}, **self.log_fields)
         total = (time.monotonic() - self.started) * 1000
         first = (self.first_byte - self.started) * 1000 if self.first_byte else total
-        model = f.get("model", "")
+        model = f.get("model") or ""
         if f.get("model_sent") and f["model_sent"] != model:
             model += " -> " + f["model_sent"]
         usage = f.get("usage") or {}
-        if f.get("account") and self.response_status == 200 and not f.get("error"):
-            self.server.usage.record(f["account"], f.get("model_sent") or model, 200, usage,
-                                     total)
-        elif f.get("account") and f.get("error"):  # failed after the stream began
-            self.server.usage.record(f["account"], f.get("model_sent") or model, 502, usage,
-                                     total)
         log.info("%s %s %s %s %s model=%s account=%s attempts=%s status=%s first_byte=%.0fms "
                  "total=%.0fms tokens=%s/%s%s", self.request_id, self.api, self.command,
-                 urllib.parse.urlsplit(self.path).path, self.client_address[0], model or "-",
-                 f.get("account", "-"), f.get("attempts", 0), self.response_status or "-",
-                 first, total, usage.get("prompt_tokens", "-"),
+                 urllib.parse.urlsplit(self.path).path[:300], self.client_address[0],
+                 model[:300] or "-", f.get("account") or "-", f.get("attempts", 0),
+                 self.response_status or "-", first, total, usage.get("prompt_tokens", "-"),
                  usage.get("completion_tokens", "-"),
                  " error=%r" % f["error"][:200] if f.get("error") else "")
 
@@ -4006,7 +4829,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"status": "ok"})
 
     def handle_status(self):
-        self.send_json(200, self.server.status())
+        self.send_json(200, self.server.chat.status(self.server.url))
 
     def handle_dashboard(self):
         """A static page; its script fetches /status with the key kept in the browser."""
@@ -4016,200 +4839,100 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                          "'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"})
 
     def handle_models(self):
-        self.send_json(200, models_response(self.server.catalog.ids(), self.api))
-
-    def handle_chat_completions(self):
-        body = validate_chat_request(self.read_json())
-        self.log_fields["model"] = body["model"]
-        opened = self.server.open_chat(body, openai_conversation_key(body, self.headers),
-                                       cancelled=self.client_gone)
-        try:
-            self._relay_openai(body, opened)
-        finally:
-            opened.close()
-
-    def _relay_openai(self, body, opened):
-        self._note_opened(opened)
-        headers = {}
-        if opened.model != self.server.router.split_pin(body["model"])[1]:
-            headers["x-iflow-proxy-model"] = opened.model
-        if body.get("stream") is not True:
-            self.log_fields["usage"] = opened.payload.get("usage")
-            self.send_bytes(200, opened.raw, headers=headers)
-        elif opened.response is None:  # upstream answered a stream request with plain JSON
-            self.start_stream(headers)
-            for chunk in completion_to_chunks(opened.payload):
-                self.write_chunk(sse(chunk))
-            self.write_chunk(b"data: [DONE]\n\n")
-            self.end_stream()
-        else:
-            self.relay_openai_stream(opened, headers)
+        self.send_json(200, models_response(self.server.chat.catalog.ids(), self.api))
 
     def handle_count_tokens(self):
-        self.api = "anthropic"
         body = self.read_json()
         _expect(body, "messages", list, "a list of messages", required=True)
         validate_anthropic_request(dict(body, model=body.get("model") or "counting"))
         self.send_json(200, {"input_tokens": count_request_tokens(
-            body, self.server.token_estimates)})
+            body, self.server.chat.token_estimates)})
+
+    def handle_chat_completions(self):
+        body = validate_chat_request(self.read_json())
+        chat = self.server.chat
+        self.relay(chat.exchange(body, openai_conversation_key(body, self.headers),
+                                 cancelled=self.has_left), self.write_openai)
 
     def handle_messages(self):
-        self.api = "anthropic"
-        config = self.server.config
+        config, chat = self.server.config, self.server.chat
         request = validate_anthropic_request(self.read_json())
-        asked = request["model"]
-        self.log_fields["model"] = asked
-        mapped = map_claude_model(asked, config.claude_models)
-        _pinned, model, _fallback, _effort = self.server.resolve(mapped)
+        self.log_fields["model"] = request["model"]
+        mapped = map_claude_model(request["model"], config.claude_models)
+        _pinned, model, _fallback, _effort = chat.resolve(mapped)
         body = anthropic_to_openai(request, mapped, output_limit(model))
         conversation = anthropic_conversation_key(request, self.headers)
         if has_images(body) and not is_vision_model(model, config.vision_models):
             if not config.describe_images:
                 raise BadRequest("model %s cannot see images and describe_images is off; use a "
                                  "vision model such as %s" % (model, config.vision_model))
-            self.server.describe_images(body, conversation)
+            chat.describe_images(body, conversation)
         thinking, effort = anthropic_thinking(request)
-        estimate = count_request_tokens(request, self.server.token_estimates)
-        opened = self.server.open_chat(body, conversation, thinking=thinking, effort=effort,
-                                       cancelled=self.client_gone)
+        estimate = count_request_tokens(request, chat.token_estimates)
+        exchange = chat.exchange(body, conversation, thinking, effort, cancelled=self.has_left)
+        self.relay(exchange, lambda ex: self.write_anthropic(ex, request, estimate))
+
+    def has_left(self):
+        return self.client_left
+
+    def relay(self, exchange, write):
+        """Open the exchange and write its answer; it is closed (and recorded) whatever happens."""
+        self.exchange = exchange
+        self.server.watch_client(self, exchange)
         try:
-            self._relay_anthropic(request, body, opened, estimate)
+            exchange.open()
+            write(exchange)
         finally:
-            opened.close()
+            self.server.watch_client(self, None)
+            exchange.close()
 
-    def _relay_anthropic(self, request, body, opened, estimate):
-        asked = request["model"]
-        self._note_opened(opened)
-        stops = request.get("stop_sequences") or ()
-        headers = {"x-iflow-proxy-model": opened.model}
-        if not body["stream"]:
-            message = openai_to_anthropic(opened.payload, asked, stops, estimate)
-            self.log_fields["usage"] = opened.payload.get("usage")
-            self.send_json(200, message, headers)
+    def write_openai(self, exchange):
+        """Upstream's answer as it came: JSON bytes relayed, stream events one by one."""
+        headers = {}
+        if exchange.model != self.server.chat.router.split_pin(exchange.asked)[1]:
+            headers["x-iflow-proxy-model"] = exchange.model
+        if not exchange.stream:
+            self.send_bytes(200, exchange.answer.raw, headers=headers)
             return
-        translator = AnthropicStream(asked, estimate, stops)
-        if opened.response is None:  # a JSON answer to a stream request
-            chunks = iter(completion_to_chunks(opened.payload))
-            self.relay_anthropic_stream(translator, chunks, None, headers)
-        else:
-            self.relay_anthropic_stream(translator, None, opened, headers)
+        self.start_stream(headers)
+        try:
+            for data, _chunk in exchange.chunks():
+                self.write_chunk(b"data: " + data + b"\n\n")
+            tail = b"data: [DONE]\n\n"
+        except UpstreamError as e:
+            exchange.fail(e)
+            tail = sse(error_body(e, "openai")) + b"data: [DONE]\n\n"
+        self.write_chunk(tail)
+        self.end_stream()
 
-    def _upstream_chunks(self, opened):
-        """Parsed chunks of an open upstream SSE stream, as they arrive."""
-        resp, splitter = opened.response, opened.splitter
-        pending = list(opened.head)
-        while True:
-            for event in pending:
-                data = event_data(event)
-                if data is None or data == b"[DONE]":
-                    continue
-                try:
-                    chunk = json.loads(data.decode("utf-8"))
-                except (ValueError, UnicodeDecodeError):
-                    raise UpstreamError("malformed", "upstream sent an unreadable stream event")
-                code, _message = business_error(chunk)
-                if code is not None or "error" in chunk:
-                    classify_answer(200, data)
-                yield chunk
-            data = resp.read1()
-            if not data:
-                rest = splitter.rest()
-                if rest.strip():
-                    pending = [rest + b"\n\n"]
-                    continue
-                return
-            pending = splitter.feed(data)
-
-    def relay_anthropic_stream(self, translator, chunks, opened, headers):
-        """Translate upstream chunks into Anthropic events as they arrive, pinging in silences."""
+    def write_anthropic(self, exchange, request, estimate):
+        """The answer translated into an Anthropic message or stream (pinging in silences)."""
+        headers = {"x-iflow-proxy-model": exchange.model}
+        stops = request.get("stop_sequences") or ()
+        if not exchange.stream:
+            self.send_json(200, openai_to_anthropic(exchange.answer.payload, request["model"],
+                                                    stops, estimate), headers)
+            return
+        translator = AnthropicStream(request["model"], estimate, stops)
         lock = threading.Lock()
         self.start_stream(headers)
-        resp = opened.response if opened else None
-        try:
-            with Heartbeat(self, self.server.config.ping_interval, lock):
-                with lock:
-                    self.write_chunk(translator.start())
-                try:
-                    for chunk in chunks if chunks is not None else self._upstream_chunks(opened):
-                        out = translator.feed(chunk)
-                        with lock:
-                            self.write_chunk(out)
-                        if translator.done:  # stop sequence: stop reading upstream now
-                            if resp is not None:
-                                resp.close()
-                            break
-                    if translator.usage:
-                        self.log_fields["usage"] = translator.usage
-                    out = translator.finish()
-                except UpstreamError as e:
-                    if resp is not None:
-                        resp.close()
-                    log.warning("%s stream failed mid-way: %s", self.request_id, e.message)
-                    self.log_fields["error"] = e.message
-                    out = translator.error(e)
-                with lock:
-                    self.write_chunk(out)
-                    self.end_stream()
-        except ClientGone:
-            if resp is not None:
-                resp.close()
-            raise
-
-    def _note_opened(self, opened):
-        self.log_fields.update(account=opened.account.nickname, attempts=opened.attempts,
-                               model_sent=opened.model)
-
-    def relay_openai_stream(self, opened, headers):
-        """Forward upstream's SSE events as they arrive; parse only what errors/usage need."""
-        resp, splitter = opened.response, opened.splitter
-        state = {"done": False}
-        self.start_stream(headers)
-        try:
+        with Heartbeat(self, self.server.config.ping_interval, lock):
+            with lock:
+                self.write_chunk(translator.start())
             try:
-                for event in opened.head:
-                    self._relay_openai_event(event, state)
-                while True:
-                    data = resp.read1()
-                    if not data:
+                for _data, chunk in exchange.chunks():
+                    out = translator.feed(chunk)
+                    with lock:
+                        self.write_chunk(out)
+                    if translator.done:  # a stop sequence: read no more of upstream
                         break
-                    for event in splitter.feed(data):
-                        self._relay_openai_event(event, state)
-                rest = splitter.rest()
-                if rest.strip():
-                    self._relay_openai_event(rest + b"\n\n", state)
+                out = translator.finish()
             except UpstreamError as e:
-                resp.close()
-                log.warning("%s stream failed mid-way: %s", self.request_id, e.message)
-                self.log_fields["error"] = e.message
-                self.write_chunk(sse(error_body(e, "openai")))
-            if not state["done"]:
-                self.write_chunk(b"data: [DONE]\n\n")
-            self.end_stream()
-        except ClientGone:
-            resp.close()  # stop reading upstream now; never pool a half-read connection
-            raise
-
-    def _relay_openai_event(self, event, state):
-        data = event_data(event)
-        if data == b"[DONE]":
-            state["done"] = True
-        elif data is not None and (b'"error' in data or b"network_error" in data
-                                   or b'"usage"' in data or b'"status"' in data):
-            try:
-                payload = json.loads(data.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                payload = None
-            if isinstance(payload, dict):
-                for choice in payload.get("choices") or []:
-                    if isinstance(choice, dict) and choice.get("finish_reason") == "network_error":
-                        raise UpstreamError("transient", "upstream stream ended with "
-                                            "finish_reason network_error")
-                code, message = business_error(payload)
-                if code is not None or "error" in payload:
-                    classify_answer(200, data)
-                if isinstance(payload.get("usage"), dict):
-                    self.log_fields["usage"] = payload["usage"]
-        self.write_chunk(event)
+                exchange.fail(e)
+                out = translator.error(e)
+            with lock:
+                self.write_chunk(out)
+                self.end_stream()
 
 
 class Heartbeat:
@@ -4393,8 +5116,7 @@ def probe_account(account, config, upstream, clock=time.monotonic):
                              upstream_headers(account, config, sid, cid),
                              json.dumps(body).encode("utf-8"))
         latency = (clock() - started) * 1000
-        check_completion(classify_answer(resp.status, resp.read_all(SSE_HEAD_LIMIT),
-                                         resp.trace_id), resp.trace_id)
+        UpstreamAnswer(resp, False, (account.api_key,), SSE_HEAD_LIMIT).open()
         return ProbeResult(account, latency, None, resp.status)
     except UpstreamError as e:
         return ProbeResult(account, (clock() - started) * 1000, e, e.upstream_status)
@@ -4444,8 +5166,10 @@ def _print_table(rows, out):
 
 
 def cmd_serve(args, config):
+    for warning in loose_permission_warnings(config):
+        log.warning("%s", warning)
     server = ProxyServer(config)
-    accounts = server.router.all_accounts()
+    accounts = server.chat.router.all_accounts()
     log.warning("iflow-proxy %s listening on %s (OpenAI base URL: %s/v1; %d account%s%s)",
                 __version__, server.url, server.url, len(accounts),
                 "" if len(accounts) == 1 else "s",
@@ -4475,6 +5199,7 @@ def cmd_serve(args, config):
         if not server.drain(config.shutdown_grace):
             log.warning("%d request(s) still running after %gs; closing them",
                         server.active_requests, config.shutdown_grace)
+            server.stop_streams()
     finally:
         server.server_close()  # saves usage figures
     log.warning("stopped")
@@ -4977,15 +5702,37 @@ def setup_logging(config, verbose=False, quiet=False, stream=None):
     log.propagate = False
     log.setLevel(level)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     if config.log_file:
-        ensure_private_dir(os.path.dirname(os.path.abspath(config.log_file)))
-        fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log.addHandler(open_log_file(config.log_file, handler.formatter))
+
+
+class EscapingFormatter(logging.Formatter):
+    """Every log message with control characters escaped: request paths, model names, header
+    values and upstream texts come from outside, and a newline or an ESC sequence in them must
+    not forge a line or rewrite a terminal.  (Tracebacks, ours, keep their lines.)"""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+def open_log_file(path, formatter):
+    """A handler appending to ``path``: created 0600 (with missing directories 0700); nothing
+    that exists already has its mode changed, but a log others can read gets a warning."""
+    path = os.path.abspath(os.path.expanduser(path))
+    ensure_private_dir(os.path.dirname(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        loose = os.name == "posix" and os.fstat(fd).st_mode & 0o077
+    finally:
         os.close(fd)
-        file_handler = logging.FileHandler(config.log_file, encoding="utf-8")
-        file_handler.setFormatter(handler.formatter)
-        log.addHandler(file_handler)
+    if loose:
+        log.warning("the log file %s is readable by other users; run: chmod 600 %s", path, path)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(formatter)
+    return file_handler
 
 
 def split_claude_argv(argv):

@@ -421,9 +421,21 @@ def test_readme_documents_every_config_key_and_both_commands():
     first_screen = "\n".join(readme.splitlines()[:15])
     assert "python iflow_proxy.py serve" in first_screen
     assert "python -m pytest -q" in first_screen
-    for key, (_types, _default, env, _doc) in ip.CONFIG_KEYS.items():
-        assert "| `%s` |" % key in readme, key
-        assert env is None or env in readme, env
+    rows = {}
+    for line in readme.splitlines():
+        m = re.match(r"^\| `([a-z_]+)` \|[^|]*\|([^|]*)\|(.*)\|$", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    assert set(rows) == set(ip.SETTINGS), set(rows) ^ set(ip.SETTINGS)
+    for key, setting in ip.SETTINGS.items():  # the one declaration: env and default agree
+        env_cell, meaning = rows[key]
+        assert (setting.env or "") == (re.findall(r"`([A-Z_]+)`", env_cell) or [""])[0], key
+        default = setting.default
+        if isinstance(default, bool):
+            assert "`%s`" % json.dumps(default) in meaning, key
+        elif isinstance(default, (int, float)) or isinstance(default, str) and default and \
+                key != "oauth_client_secret":  # public, but no need to print it in the README
+            assert str(default) in meaning, key
     for command in ip.build_parser()._subparsers._group_actions[0].choices:
         assert "`%s" % command in readme, command
     ci = open(os.path.join(HERE, ".ci", "run"), encoding="utf-8").read()
@@ -525,7 +537,7 @@ def test_classify_answer(status, body, kind, client_status):
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     if kind is None:  # a 200 without choices is malformed
         with pytest.raises(ip.UpstreamError) as e:
-            ip.check_completion(ip.classify_answer(status, raw))
+            ip.UpstreamAnswer(CannedResponse(status, raw), stream=False).open()
         assert e.value.kind == "malformed"
         return
     with pytest.raises(ip.UpstreamError) as e:
@@ -543,6 +555,36 @@ def test_error_bodies_in_both_formats():
         "overloaded_error"
 
 
+class CannedResponse:
+    """An upstream response from bytes, for the reader's socketless tests."""
+
+    def __init__(self, status, raw, content_type="application/json", reads=None):
+        self.status, self.trace_id, self.headers = status, "", {}
+        self.content_type = content_type
+        self._reads = list(reads if reads is not None else [raw])
+        self.closed = False
+
+    @property
+    def is_event_stream(self):
+        return "text/event-stream" in self.content_type
+
+    def read1(self):
+        return self._reads.pop(0) if self._reads else b""
+
+    def read_all(self, limit=None):
+        data = b"".join(self._reads)
+        self._reads = []
+        return data
+
+    def close(self):
+        self.closed = True
+
+
+def stream_answer(*reads):
+    """An opened UpstreamAnswer over an SSE body arriving in ``reads``."""
+    return ip.UpstreamAnswer(CannedResponse(200, b"", "text/event-stream", reads)).open()
+
+
 def test_mask_secret_never_shows_the_whole_key():
     assert ip.mask_secret("sk-abcdefghijklmnopqrstuvwxyz") == "sk-ab…yz"
     assert ip.mask_secret("short") == "s…" and ip.mask_secret("") == "(none)"
@@ -550,8 +592,11 @@ def test_mask_secret_never_shows_the_whole_key():
 
 def test_event_splitter_and_completion_to_chunks():
     s = ip.EventSplitter()
-    assert s.feed(b"data: {\"a\":1}\r\n\r\ndata: [DO") == [b"data: {\"a\":1}\n\n"]
-    assert s.feed(b"NE]\n\n: comment\n\n") == [b"data: [DONE]\n\n", b": comment\n\n"]
+    assert s.feed(b"data: {\"a\":1}\r\n\r\ndata: [DO") == [b"data: {\"a\":1}"]
+    assert s.feed(b"NE]\n\n: comment\n\n") == [b"data: [DONE]", b": comment"]
+    # a blank line split across reads, "\r\n" split across reads, and the rest at the end
+    assert s.feed(b"data: 1\n") == [] and s.feed(b"\ndata: 2\r") == [b"data: 1"]
+    assert s.feed(b"\n\r\ndata: 3") == [b"data: 2"] and s.rest() == b"data: 3"
     assert ip.event_data(b"event: x\ndata: a\ndata: b\n\n") == b"a\nb"
     assert ip.event_data(b": ping\n\n") is None
     chunks = ip.completion_to_chunks({"id": "c", "model": "m", "choices": [{"index": 0,
@@ -882,7 +927,7 @@ def test_dead_keys_leave_rotation(home, fake):
             assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
         status = {a.nickname: a.status for a in ip.AccountRegistry(home).load_accounts()}
         assert status == {"expired": "needs-login", "bogus": "disabled", "good": "ok"}
-        server.registry.invalidate()
+        server.chat.registry.invalidate()
         before = len(fake.chat_requests())
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
         assert [r[3] for r in fake.chat_requests()[before:]] == [KEYS[2]]
@@ -1156,7 +1201,7 @@ def test_oversized_and_chunked_bodies(home, fake):
         # A chunked request body is accepted.
         with socket.create_connection(server.server_address) as s:
             payload = json.dumps(CHAT).encode()
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                       b"application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                       + b"%x\r\n%s\r\n" % (10, payload[:10])
                       + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload) - 10, payload[10:]))
@@ -1484,10 +1529,9 @@ def test_golden_stream_events_for_turn1_tool_call():
         ("content_block_stop", 1, {}),
         ("content_block_start", 2, {"type": "tool_use", "id": "call_Read_1", "name": "Read",
                                     "input": {}}),
+        # a tool call goes out whole, once its arguments are complete JSON (never half a call)
         ("content_block_delta", 2, {"type": "input_json_delta",
-                                    "partial_json": '{"file_path": "/home/dev/'}),
-        ("content_block_delta", 2, {"type": "input_json_delta",
-                                    "partial_json": 'project/hello.txt"}'}),
+                                    "partial_json": '{"file_path": "/home/dev/project/hello.txt"}'}),
         ("content_block_stop", 2, {}),
         ("message_delta", None, {"stop_reason": "tool_use", "stop_sequence": None}),
         ("message_stop", None, {})]
@@ -1566,24 +1610,18 @@ def test_stream_stop_sequences_and_tool_json_repair():
                                                    "finish_reason": "stop"}]}, "m", ["STOP!"])
     assert message["content"] == [{"type": "text", "text": "abc "}]
     assert message["stop_reason"] == "stop_sequence"
-    # Truncated tool arguments are completed; hopeless ones become an error, never a crash.
-    stream = ip.AnthropicStream("m")
-    data = stream.start() + stream.feed({"choices": [{"delta": {"tool_calls": [{
-        "index": 0, "id": "t1", "function": {"name": "Edit", "arguments": '{"a": "x'}}]}}]})
-    data += stream.finish()
-    assert check_anthropic_grammar(parse_sse(data))[0]["input"] == {"a": "x"}
+    # Invalid tool arguments in an answer that was not cut are upstream's fault: an error,
+    # never a crash and never a "repaired" call (see test_cut_tool_call_is_never_complete).
     stream = ip.AnthropicStream("m")
     stream.start()
-    stream.feed({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t1", "function": {
-        "name": "Edit", "arguments": '{"a": }}'}}]}}]})
     with pytest.raises(ip.UpstreamError):
+        stream.feed({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "t1", "function": {
+            "name": "Edit", "arguments": '{"a": }}'}}]}}]})
         stream.finish()
-    assert ip.json_repair_suffix('{"a": [1, {"b": "c') == '"}]}'
-    assert ip.json_repair_suffix('{"a":') == "null}"
-    assert ip.parse_tool_arguments("", "t") == {}
-    assert ip.openai_to_anthropic({"choices": [{"message": {"tool_calls": [{"id": "x", "function":
-        {"name": "F", "arguments": "{\"k\": 1"}}]}, "finish_reason": "tool_calls"}]}, "m")[
-        "content"] == [{"type": "tool_use", "id": "x", "name": "F", "input": {"k": 1}}]
+    assert ip.tool_input("", "t") == {} and ip.tool_input("", "t", cut=True) is None
+    with pytest.raises(ip.UpstreamError):
+        ip.openai_to_anthropic({"choices": [{"message": {"tool_calls": [{"id": "x", "function":
+            {"name": "F", "arguments": "{\"k\": 1"}}]}, "finish_reason": "tool_calls"}]}, "m")
 
 
 def test_token_estimate_matches_claude_tokenizer():
@@ -1938,9 +1976,9 @@ def test_one_request_per_account_fifo_queue_and_timeout(home, fake):
         first = in_thread(post_json, server, "/v1/chat/completions", conversation(1))
         wait_for(lambda: len(fake.chat_requests()) == 1, what="first request upstream")
         second = in_thread(post_json, server, "/v1/chat/completions", conversation(2))
-        wait_for(lambda: server.router.waiting() == 1, what="second request queued")
+        wait_for(lambda: server.chat.router.waiting() == 1, what="second request queued")
         third = in_thread(post_json, server, "/v1/chat/completions", conversation(3))
-        wait_for(lambda: server.router.waiting() == 2, what="third request queued")
+        wait_for(lambda: server.chat.router.waiting() == 2, what="third request queued")
         assert len(fake.chat_requests()) == 1     # nothing sent while the account is busy
         fake.hold.set()
         for thread, result in (first, second, third):
@@ -1951,7 +1989,7 @@ def test_one_request_per_account_fifo_queue_and_timeout(home, fake):
     fake.hold = threading.Event()
     with running(make_config(home, fake, queue_timeout=0.2)) as server:
         first = in_thread(post_json, server, "/v1/chat/completions", conversation(1))
-        wait_for(lambda: server.router.in_flight(server.router.all_accounts()[0]) == 1,
+        wait_for(lambda: server.chat.router.in_flight(server.chat.router.all_accounts()[0]) == 1,
                  what="account busy")
         status, headers, body = post_json(server, "/v1/chat/completions", conversation(2))
         assert status == 429 and headers["Retry-After"] and "queue_timeout" in \
@@ -1968,11 +2006,11 @@ def test_client_that_disconnects_while_queued_leaves_the_queue(home, fake):
         wait_for(lambda: len(fake.chat_requests()) == 1, what="first request upstream")
         sock = socket.create_connection(server.server_address)
         payload = json.dumps(conversation(2)).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        wait_for(lambda: server.router.waiting() == 1, what="queued")
+        wait_for(lambda: server.chat.router.waiting() == 1, what="queued")
         sock.close()
-        wait_for(lambda: server.router.waiting() == 0, what="the queue to drop the gone client")
+        wait_for(lambda: server.chat.router.waiting() == 0, what="the queue to drop the gone client")
         fake.hold.set()
         first[0].join(30)
         assert post_json(server, "/v1/chat/completions", conversation(3))[0] == 200
@@ -2012,8 +2050,9 @@ def test_strategies_priority_and_affinity(home, fake):
                              {"role": "user", "content": "turn 2"}]
         post_json(server, "/v1/messages", body)
         assert fake.chat_requests()[-1][3] == fake.chat_requests()[-2][3]
-    ip.AccountRegistry(home).update_entry(
-        ip.AccountRegistry(home).read()["accounts"][2]["id"], priority=5)
+    registry = ip.AccountRegistry(home)
+    with registry.edit(registry.read()["accounts"][2]["id"]) as change:
+        change.update(priority=5)
     fake.requests.clear()
     with running(make_config(home, fake, strategy="least-busy")) as server:
         for i in range(3):
@@ -2036,27 +2075,27 @@ def test_failover_before_first_byte_and_cooldowns_with_clock(home, fake, clock):
             assert post_json(server, "/v1/chat/completions", conversation(20 + i))[0] == 200
         assert sorted(r[3] for r in fake.chat_requests()[-2:]) == [KEYS[0], KEYS[1]]
         # 8211 without Retry-After backs off 1 s, 2 s, 4 s ...; success resets it.
-        a = server.router.all_accounts()[0]
+        a = server.chat.router.all_accounts()[0]
         for expected in (1, 2, 4):
             fake.push(KEYS[0], ("business", 8211))
             status, _, _ = post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))
             assert status == 429
-            assert server.router.cooling_until(a, "glm-4.6") - clock() == expected
+            assert server.chat.router.cooling_until(a, "glm-4.6") - clock() == expected
             clock.advance(expected)
         assert post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))[0] == 200
         fake.push(KEYS[0], ("business", 8211))
         post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))
-        assert server.router.cooling_until(a, "glm-4.6") - clock() == 1
+        assert server.chat.router.cooling_until(a, "glm-4.6") - clock() == 1
         clock.advance(1)
         # 5xx cools the pair 60 s; 449 cools the account a few seconds.
         fake.push(KEYS[0], ("http", 503))
         assert post_json(server, "/v1/chat/completions", dict(CHAT, model="a/glm-4.6"))[0] == 502
-        assert server.router.cooling_until(a, "glm-4.6") - clock() == 60
-        assert not server.router.cooling_until(a, "kimi-k2")
+        assert server.chat.router.cooling_until(a, "glm-4.6") - clock() == 60
+        assert not server.chat.router.cooling_until(a, "kimi-k2")
         clock.advance(60)
         fake.push(KEYS[0], ("business", 449))
         status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="a/kimi-k2"))
-        assert status == 429 and server.router.cooling_until(a, "qwen3-max") - clock() == 3
+        assert status == 429 and server.chat.router.cooling_until(a, "qwen3-max") - clock() == 3
 
 
 def test_all_cooling_gives_429_with_retry_after_in_both_formats(home, fake, clock):
@@ -2091,7 +2130,7 @@ def test_upstream_timeout_fails_over(home, fake):
             status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
             assert status == 200
             assert [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
-            assert server.router.recent_errors[-1]["kind"] == "timeout"
+            assert server.chat.router.recent_errors[-1]["kind"] == "timeout"
     finally:
         release.set()
 
@@ -2142,7 +2181,7 @@ def test_usage_status_and_dashboard(home, fake, tmp_path):
     assert code == 0 and "not running" in out and "today: 5 requests, 1 failures" in out
     assert stat.S_IMODE(os.stat(os.path.join(home, "usage.json")).st_mode) == 0o600
     with running(make_config(home, fake)) as server:
-        assert server.status()["usage"]["total"]["sum"]["requests"] == 5
+        assert server.chat.status(server.url)["usage"]["total"]["sum"]["requests"] == 5
 
 
 def find_chromium():
@@ -2729,14 +2768,20 @@ def test_import_from_iflow_cli_ccs_and_cliproxyapi(home, tmp_path):
 def raw_exchange(server, data, timeout=15, half_close=True):
     """Send raw bytes, half-close, and read the whole answer (b"" if the server just closed)."""
     with socket.create_connection(server.server_address, timeout=timeout) as sock:
+        chunks = []
         try:
             sock.sendall(data)
-            if half_close:
+            if half_close:  # only once the answer began or the server has gone quiet: a
+                sock.settimeout(0.5)  # client that closes its side while waiting for an
+                try:                  # answer is taken as gone, as nginx does
+                    chunks.append(sock.recv(65536))
+                except socket.timeout:
+                    pass
                 sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(timeout)
         except OSError:
             pass
-        chunks = []
-        while True:
+        while chunks[-1:] != [b""]:
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
@@ -2748,7 +2793,7 @@ def raw_exchange(server, data, timeout=15, half_close=True):
 
 
 def http_bytes(method, path, body=b"", headers=None):
-    head = "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" % (method, path)
+    head = "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" % (method, path)
     for k, v in (headers or {"Content-Type": "application/json",
                               "Content-Length": str(len(body))}).items():
         head += "%s: %s\r\n" % (k, v)
@@ -2842,7 +2887,10 @@ def test_fuzz_malformed_requests_get_json_4xx(home, fake):
     with running(config) as server:
         for case in cases:
             assert time.monotonic() < deadline, "fuzzing took too long"
-            reply = raw_exchange(server, case)
+            try:
+                reply = raw_exchange(server, case)
+            except OSError as e:
+                raise AssertionError("no answer to %r: %s" % (case[:300], e))
             assert reply.startswith(b"HTTP/1.1 "), (case[:120], reply[:200])
             status = int(reply[9:12])
             statuses.append(status)
@@ -2865,15 +2913,15 @@ def test_client_disconnect_mid_stream_frees_everything(home, fake):
         ip.setup_logging(config, stream=log_stream)
         sock = socket.create_connection(server.server_address)
         payload = json.dumps(dict(CHAT, stream=True)).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
                      b"Content-Type: application/json\r\n\r\n%s" % (len(payload), payload))
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
         sock.close()                       # the client goes away mid-stream
         fake.gate.set()
-        account = server.router.all_accounts()[0]
-        wait_for(lambda: server.router.in_flight(account) == 0, what="slot freed")
+        account = server.chat.router.all_accounts()[0]
+        wait_for(lambda: server.chat.router.in_flight(account) == 0, what="slot freed")
         wait_for(lambda: fake.aborted_streams == 1, what="upstream stream abandoned")
-        assert all(not idle for idle in server.upstream.pool._idle.values())  # not pooled
+        assert all(not idle for idle in server.chat.upstream.pool._idle.values())  # not pooled
         wait_for(lambda: "client disconnected" in log_stream.getvalue(), what="log line")
         assert "Traceback" not in log_stream.getvalue()
         assert log_stream.getvalue().count("client disconnected") == 1
@@ -2904,7 +2952,7 @@ def test_slow_clients_are_cut_off(home, fake):
             pass
         assert time.monotonic() - started < 5
         sock.close()
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n"
                 b"Content-Type: application/json\r\n\r\n{\"model\"")
         reply = raw_exchange(server, head, half_close=False)
         assert reply == b"" or b" 408 " in reply[:20] or b" 400 " in reply[:20]
@@ -2913,13 +2961,32 @@ def test_slow_clients_are_cut_off(home, fake):
 
 def test_connection_cap_answers_503_and_recovers(home, fake):
     with running(make_config(home, fake, max_connections=3)) as server:
-        idle = [socket.create_connection(server.server_address) for _ in range(3)]
-        wait_for(lambda: server.connections == 3, what="3 connections")
+        busy = [socket.create_connection(server.server_address) for _ in range(3)]
+        for sock in busy:  # each in the middle of its request headers: none of them idle
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        wait_for(lambda: server.connections == 3 and not server._idle, what="3 busy")
         reply = raw_exchange(server, http_bytes("GET", "/healthz", headers={}))
         assert reply.startswith(b"HTTP/1.1 503") and b"max_connections" in reply
-        idle.pop().close()
+        busy.pop().close()
         wait_for(lambda: server.connections == 2, what="a connection to end")
         assert request(server, "GET", "/healthz")[0] == 200
+        for sock in busy:
+            sock.close()
+
+
+def test_idle_connections_make_room_and_get_header_timeout(home, fake):
+    """Connections that send nothing can't keep others out: at the cap the oldest idle one is
+    dropped, and a new connection gets header_timeout (not client_idle_timeout) to start."""
+    config = make_config(home, fake, max_connections=4, header_timeout=1,
+                         client_idle_timeout=60)
+    with running(config) as server:
+        idle = [socket.create_connection(server.server_address) for _ in range(4)]
+        wait_for(lambda: server.connections == 4 and len(server._idle) == 4, what="4 idle")
+        for _ in range(3):  # each request takes an idle connection's place at once
+            assert request(server, "GET", "/healthz")[0] == 200
+        started = time.monotonic()
+        wait_for(lambda: server.connections == 0, timeout=10, what="silent ones cut")
+        assert time.monotonic() - started < 5  # header_timeout, not client_idle_timeout
         for sock in idle:
             sock.close()
 
