@@ -1573,8 +1573,9 @@ class Refresher:
     processes never refresh one account at once nor lose a rotated refresh token.
     """
 
-    def __init__(self, registry, config, clock=time.time, env=None):
+    def __init__(self, registry, config, clock=time.time, env=None, sleep=time.sleep):
         self.registry, self.config, self.clock, self.env = registry, config, clock, env
+        self.sleep = sleep       # between user-info retries
         self._backoff = {}       # account id -> (next try epoch, delay seconds)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -1623,7 +1624,7 @@ class Refresher:
         if not tokens.get("refresh_token"):
             tokens["refresh_token"] = creds["refresh_token"]
         change.save_credentials(oauth_token_fields(tokens, self.clock))
-        info = fetch_user_info(self.config, tokens["access_token"], env=self.env)
+        info = fetch_user_info(self.config, tokens["access_token"], self.sleep, self.env)
         return oauth_credentials(tokens, info, self.clock)
 
     def _failed(self, change, error):
@@ -2276,9 +2277,17 @@ class EventSplitter:
             events.append(event)
 
     def _take(self, tail):
+        if self._size + len(tail) > self.limit:
+            raise UpstreamError("malformed", "an upstream stream event exceeded %d bytes"
+                                % self.limit)
         event = b"".join(self._parts) + tail
         self._parts, self._size = [], 0
         return event
+
+    @property
+    def pending(self):
+        """Bytes of an event that has begun but not ended."""
+        return self._size
 
     def rest(self):
         """What is left when the stream ends (an event without its blank line), or b""."""
@@ -2371,7 +2380,7 @@ class UpstreamAnswer:
             if not data and not self._head:
                 raise UpstreamError("malformed", "upstream ended the stream without any data",
                                     trace_id=resp.trace_id)
-            if seen > SSE_HEAD_LIMIT and not self._head:
+            if seen > SSE_HEAD_LIMIT and not self._head and not self._splitter.pending:
                 raise UpstreamError("malformed", "no SSE data in the first %d bytes" % seen)
         if self._head[0] != b"[DONE]":
             self._head[0] = (self._head[0], self._check_chunk(self._head[0]))
@@ -3179,6 +3188,49 @@ def anthropic_thinking(body):
     return None, effort
 
 
+def _assistant_message(blocks):
+    """An Anthropic assistant turn as one OpenAI assistant message (thinking as reasoning)."""
+    text, reasoning, calls = [], [], []
+    for b in blocks:
+        if b["type"] == "text":
+            text.append(b["text"])
+        elif b["type"] == "thinking" and isinstance(b.get("thinking"), str):
+            reasoning.append(b["thinking"])
+        elif b["type"] == "tool_use":
+            calls.append({"id": b["id"], "type": "function", "function": {
+                "name": b["name"], "arguments": json.dumps(b.get("input") or {},
+                                                           ensure_ascii=False)}})
+    out = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if reasoning:
+        out["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _user_messages(blocks):
+    """An Anthropic user turn as OpenAI messages: one per tool result, then the user's parts."""
+    messages, parts, tool_images = [], [], []
+    for b in blocks:
+        if b["type"] == "tool_result":
+            text, images = _tool_result_parts(b)
+            messages.append({"role": "tool", "tool_call_id": b["tool_use_id"], "content": text})
+            if images:
+                tool_images.append({"type": "text", "text": "Image(s) returned by tool call %s:"
+                                    % b["tool_use_id"]})
+                tool_images.extend(images)
+        elif b["type"] == "text":
+            parts.append({"type": "text", "text": b["text"]})
+        elif b["type"] == "image":
+            parts.append(_image_part(b))
+        elif b["type"] == "document":
+            parts.append({"type": "text", "text": _document_text(b)})
+    parts = tool_images + parts
+    if parts:
+        messages.append({"role": "user", "content": _collapse(parts)})
+    return messages
+
+
 def anthropic_to_openai(body, model, max_output=None):
     """An Anthropic Messages request as an OpenAI chat-completions body for ``model``.
 
@@ -3194,42 +3246,9 @@ def anthropic_to_openai(body, model, max_output=None):
         if role == "system":
             messages.append({"role": "system", "content": _text_of(blocks)})
         elif role == "assistant":
-            text, reasoning, calls = [], [], []
-            for b in blocks:
-                if b["type"] == "text":
-                    text.append(b["text"])
-                elif b["type"] == "thinking" and isinstance(b.get("thinking"), str):
-                    reasoning.append(b["thinking"])
-                elif b["type"] == "tool_use":
-                    calls.append({"id": b["id"], "type": "function", "function": {
-                        "name": b["name"], "arguments": json.dumps(b.get("input") or {},
-                                                                   ensure_ascii=False)}})
-            out = {"role": "assistant", "content": "".join(text) if text or not calls else None}
-            if reasoning:
-                out["reasoning_content"] = "\n".join(reasoning)
-            if calls:
-                out["tool_calls"] = calls
-            messages.append(out)
+            messages.append(_assistant_message(blocks))
         else:
-            parts, tool_images = [], []
-            for b in blocks:
-                if b["type"] == "tool_result":
-                    text, images = _tool_result_parts(b)
-                    messages.append({"role": "tool", "tool_call_id": b["tool_use_id"],
-                                     "content": text})
-                    if images:
-                        tool_images.append({"type": "text", "text": "Image(s) returned by tool "
-                                            "call %s:" % b["tool_use_id"]})
-                        tool_images.extend(images)
-                elif b["type"] == "text":
-                    parts.append({"type": "text", "text": b["text"]})
-                elif b["type"] == "image":
-                    parts.append(_image_part(b))
-                elif b["type"] == "document":
-                    parts.append({"type": "text", "text": _document_text(b)})
-            parts = tool_images + parts
-            if parts:
-                messages.append({"role": "user", "content": _collapse(parts)})
+            messages.extend(_user_messages(blocks))
     out = {"model": model, "messages": messages, "stream": body.get("stream") is True}
     limit = max_output or output_limit(model)
     out["max_tokens"] = min(body.get("max_tokens") or limit, limit)
@@ -3802,6 +3821,8 @@ class ChatExchange:
                 try:
                     answer = self._send(account, name)
                 except UpstreamError as e:
+                    if self.abort_reason is not None:  # the client left: not the account's fault
+                        raise ClientGone()
                     self._failed(account, name, e)
                     if not renewed and e.kind in ("key_expired", "auth") and \
                             account.kind in ("oauth", "cookie"):
@@ -3868,10 +3889,12 @@ class ChatExchange:
         try:
             for item in self.answer.chunks():
                 yield item
-        except UpstreamError as e:
+        except UpstreamError:
+            if self.cancelled is not None and self.cancelled():
+                raise ClientGone()
             if self.abort_reason is not None:
                 raise UpstreamError("transient", self.abort_reason)
-            raise e
+            raise
 
     def abort(self, reason):
         """Cut the upstream connection now, from any thread (client gone, proxy stopping)."""
@@ -4759,6 +4782,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers["Retry-After"] = str(int(err.retry_after))
         if isinstance(err, MethodNotAllowed):
             headers["Allow"] = ", ".join(sorted(ROUTES.get(route_path(self.path), {"GET": 0})))
+        if self.body_unread and (self.body_chunked or self.body_length > DRAIN_LIMIT):
+            self.close_connection = True  # too much to drain: say so in this answer
         self.log_fields.setdefault("error", err.message)
         try:
             self.send_json(err.status, error_body(err, self.api), headers)
@@ -5619,7 +5644,10 @@ def build_parser():
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 11450)")
     p.add_argument("--client-key", action="append", dest="client_keys", metavar="KEY",
-                   help="require this client key (repeatable)")
+                   help="require this client key (repeatable; visible in `ps`: prefer "
+                   "IFLOW_PROXY_CLIENT_KEYS or --client-keys-file)")
+    p.add_argument("--client-keys-file", metavar="PATH",
+                   help="require the client keys in this file, one per line")
     p.add_argument("--log-file", help="also write logs to this file")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
@@ -5775,7 +5803,8 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None):
     args.stdout = stdout or sys.stdout
     args.env = os.environ if env is None else env
     flags = {key: getattr(args, key, None)
-             for key in ("host", "port", "client_keys", "log_file", "log_level")}
+             for key in ("host", "port", "client_keys", "client_keys_file", "log_file",
+                         "log_level")}
     try:
         config = load_config(args.home, flags, env)
         setup_logging(config, args.verbose, args.quiet, stderr)

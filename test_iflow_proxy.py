@@ -15,6 +15,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import queue
 import re
@@ -205,6 +206,13 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
                                   {"Retry-After": "7"} if value == 429 else None)
             if kind == "network_error":
                 return self.stream(body, network_error=True)
+            if kind == "reply":  # (HTTP status, JSON body) as given
+                return self.reply(*value)
+            if kind == "network_error_json":  # a non-stream answer cut by a network error
+                completion = self.completion(body)
+                completion["choices"][0].update(finish_reason="network_error", message={
+                    "role": "assistant", "content": ""})
+                return self.reply(200, completion)
             if kind == "stall":  # answer only once the test sets this event
                 value.wait(30)
                 action = None
@@ -283,7 +291,9 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
                 srv.aborted_streams += 1
             self.close_connection = True
             return
-        if network_error:
+        if out.get("cut"):  # the body just ends: no finish_reason, no usage, no [DONE]
+            pass
+        elif network_error:
             send(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "network_error"}]))
         else:
             finish = out.get("finish_reason") or ("tool_calls" if out.get("tool_call_chunks")
@@ -440,6 +450,54 @@ def test_readme_documents_every_config_key_and_both_commands():
         assert "`%s" % command in readme, command
     ci = open(os.path.join(HERE, ".ci", "run"), encoding="utf-8").read()
     assert "\npython -m pytest -q\n" in ci
+
+
+def file_sections():
+    """(title, first line) of each banner section of iflow_proxy.py, in file order."""
+    lines = open(os.path.join(HERE, "iflow_proxy.py"), encoding="utf-8").read().splitlines()
+    return [(lines[i][2:].split(":")[0], i + 1) for i in range(1, len(lines) - 1)
+            if lines[i - 1].startswith("# ====") and lines[i + 1].startswith("# ====")]
+
+
+def test_sections_follow_the_data_path_and_only_look_up():
+    """Read top to bottom, the file shows a request's path: no name is used by a section above
+    the one that defines it, and the exchange sits between translation and the HTTP server."""
+    source = open(os.path.join(HERE, "iflow_proxy.py"), encoding="utf-8").read()
+    sections = file_sections()
+    assert [title for title, _ in sections] == [
+        "Constants", "Errors", "Config", "Storage", "Auth", "Upstream", "Routing",
+        "Translation", "Exchange", "HTTP server", "CLI"]
+
+    def section_of(lineno):
+        return sum(1 for _title, start in sections if start <= lineno) - 1
+
+    tree = ast.parse(source)
+    home = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            node.targets if isinstance(node, ast.Assign) else []
+        for target in targets:
+            name = getattr(target, "name", None) or getattr(target, "id", None)
+            if name:
+                home.setdefault(name, section_of(node.lineno))
+    upward = []
+    for node in tree.body:
+        here = section_of(node.lineno)
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and \
+                    home.get(sub.id, -1) > here:
+                upward.append("line %d (%s) uses %s from %s" % (
+                    sub.lineno, sections[here][0], sub.id, sections[home[sub.id]][0]))
+    assert not upward, "\n".join(upward)
+
+
+def test_functions_stay_short():
+    """Small named steps: no function over 60 lines but the argparse builder."""
+    tree = ast.parse(open(os.path.join(HERE, "iflow_proxy.py"), encoding="utf-8").read())
+    long = ["%s (%d lines)" % (node.name, node.end_lineno - node.lineno + 1)
+            for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            and node.end_lineno - node.lineno + 1 > 60 and node.name != "build_parser"]
+    assert not long, long
 
 
 def test_import_has_no_side_effects():
@@ -2251,6 +2309,7 @@ class FakeOAuth(http.server.ThreadingHTTPServer):
         self.generation = 0
         self.refresh_calls = 0
         self.refresh_script = []   # "soft" / "invalid" answers consumed by refresh grants
+        self.userinfo_down = False
         self.device_script = []    # answers to device-code polls, then approval
         self.device_polls = []
         self.platform_keys = 0
@@ -2308,6 +2367,8 @@ class FakeOAuthHandler(http.server.BaseHTTPRequestHandler):
                                                                    "state": q["state"]})
             return self.send(302, {}, {"Location": target})
         if parts.path == "/api/oauth/getUserInfo":
+            if srv.userinfo_down:
+                return self.send(503, {"error": "user info is down"})
             key = srv.access.get(q.get("accessToken"))
             if not key:
                 return self.send(200, {"success": False, "message": "invalid token"})
@@ -3252,3 +3313,493 @@ def test_claude_command_reuses_a_running_proxy(home, fake, tmp_path):
                              timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [server.url, "ck-reuse-1"]
+
+
+# ==================================================================================================
+# The handler without sockets (CPython test_httpservers style): framing and request checks
+# ==================================================================================================
+
+class StubConnection:
+    def settimeout(self, seconds):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+    def shutdown(self, how):
+        pass
+
+
+class ScriptedExchange:
+    """What the handler needs of a ChatExchange, answering with a canned completion."""
+
+    def __init__(self, body, model=None, content="ok"):
+        self.body, self.asked, self.stream = body, body["model"], body.get("stream") is True
+        self.model = model or body["model"]
+        payload = {"id": "c", "object": "chat.completion", "model": self.model, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content},
+             "finish_reason": "stop"}]}
+        self.answer = ip.UpstreamAnswer(CannedResponse(200, json.dumps(payload).encode()),
+                                        stream=False).open()
+        self.opened = self.closed = False
+        self.error = None
+
+    def open(self):
+        self.opened = True
+        return self
+
+    def chunks(self):
+        return self.answer.chunks()
+
+    def fail(self, error):
+        self.error = error.message
+
+    def close(self):
+        self.closed = True
+
+    def log_fields(self):
+        return {"model": self.asked, "model_sent": self.model, "account": "stub",
+                "attempts": 1, "usage": None, "error": self.error}
+
+
+class ScriptedChat:
+    def __init__(self, model=None):
+        self.model, self.exchanges = model, []
+        self.router = ip.Router(ip.AccountRegistry("/nonexistent"), ip.Config(home="/x"))
+        self.token_estimates = ip.estimate_tokens
+
+    def exchange(self, body, conversation, thinking=None, effort=None, cancelled=None):
+        self.exchanges.append(ScriptedExchange(body, self.model))
+        return self.exchanges[-1]
+
+    def resolve(self, requested):
+        return (None,) + ip.resolve_model(requested, ip.Config(home="/x"))
+
+    def status(self, listen):
+        return {"listen": listen}
+
+
+class SocketlessServer:
+    """What ProxyHandler needs of its server: config, chat, the budget, no-op watches."""
+
+    def __init__(self, config=None, chat=None, **overrides):
+        self.config = dataclasses.replace(config or ip.Config(home="/x"), **overrides)
+        self.chat = chat or ScriptedChat()
+        self.bodies = ip.BodyBudget(self.config.max_inflight_body_bytes)
+        self.server_address = ("127.0.0.1", 11450)
+        self.url = "http://127.0.0.1:11450"
+
+    def watch(self, *args):
+        pass
+
+    watch_client = set_idle = watch
+
+    def request_started(self):
+        pass
+
+    request_finished = request_started
+
+
+def drive(raw, server=None):
+    """Run ProxyHandler over one connection's bytes; the list of (status, headers, body)."""
+    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
+    handler.server = server or SocketlessServer()
+    handler.client_address = ("127.0.0.1", 40000)
+    handler.connection = StubConnection()
+    handler.rfile = io.BufferedReader(io.BytesIO(raw))
+    handler.wfile = io.BytesIO()
+    handler.requests_served = 0
+    handler.handle()
+    replies, data = [], handler.wfile.getvalue()
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        size = int(headers.get("Content-Length", 0))
+        replies.append((int(lines[0].split()[1]), headers, data[:size]))
+        data = data[size:]
+    return replies
+
+
+def req(method, path, body=b"", **headers):
+    """Raw request bytes (Host 127.0.0.1 and, with a body, JSON type and length, by default)."""
+    head = {"Host": "127.0.0.1"}
+    if body:
+        head.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+    head.update({k.replace("_", "-"): v for k, v in headers.items()})
+    lines = ["%s %s HTTP/1.1" % (method, path)] + ["%s: %s" % kv for kv in head.items()
+                                                   if kv[1] is not None]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def test_socketless_keep_alive_chat_and_models():
+    body = json.dumps(CHAT).encode()
+    replies = drive(req("POST", "/v1/chat/completions", body) + req("GET", "/healthz"))
+    assert [r[0] for r in replies] == [200, 200]
+    assert json.loads(replies[0][2])["choices"][0]["message"]["content"] == "ok"
+
+
+def test_early_errors_never_leave_the_body_to_be_read_as_a_request():
+    """After a 404/405/401 the unread body used to be parsed as the next request (desync)."""
+    body = json.dumps(dict(CHAT, input="x" * 500)).encode()
+    replies = drive(req("POST", "/v1/responses", body) + req("DELETE", "/healthz", body)
+                    + req("GET", "/healthz"))
+    assert [r[0] for r in replies] == [404, 405, 200]
+    keyed = SocketlessServer(client_keys=("ck-1",))
+    replies = drive(req("POST", "/v1/chat/completions", body) + req(
+        "POST", "/v1/chat/completions", body, Authorization="Bearer ck-1"), keyed)
+    assert [r[0] for r in replies] == [401, 200]
+    # a body too large to drain closes the connection instead
+    big = b"{" + b" " * (ip.DRAIN_LIMIT + 10) + b"}"
+    replies = drive(req("POST", "/v1/nothing", big) + req("GET", "/healthz"))
+    assert [r[0] for r in replies] == [404] and replies[0][1]["Connection"] == "close"
+
+
+@pytest.mark.parametrize("framing", [
+    {"Transfer_Encoding": "chunked", "Content_Length": "5"},   # TE and CL together
+    {"Transfer_Encoding": "xchunked"},
+    {"Transfer_Encoding": "gzip, chunked"},
+    {"Content_Length": "+5"}, {"Content_Length": "²"},         # not ASCII digits
+])
+def test_ambiguous_framing_is_refused_and_closes(framing):
+    raw = req("POST", "/v1/chat/completions", **framing) + b"0\r\n\r\n" + req("GET", "/healthz")
+    replies = drive(raw)
+    assert [r[0] for r in replies] == [400] and replies[0][1]["Connection"] == "close"
+    assert json.loads(replies[0][2])["error"]["code"] == "bad_framing"
+
+
+def test_two_transfer_encoding_headers_are_read_together():
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked"
+           b"\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n")
+    assert [r[0] for r in drive(raw)] == [400]
+
+
+@pytest.mark.parametrize("host, status", [
+    ("127.0.0.1:11450", 200), ("localhost:11450", 200), ("[::1]:11450", 200),
+    ("10.1.2.3:11450", 200), ("app.localhost", 200), ("evil.example:11450", 403),
+    ("evil.example", 403), ("proxy.internal", 200)])
+def test_host_header_is_checked_against_dns_rebinding(host, status):
+    server = SocketlessServer(allowed_hosts=("proxy.internal",))
+    replies = drive(req("GET", "/healthz", Host=host), server)
+    assert replies[0][0] == status
+    if status == 403:
+        assert json.loads(replies[0][2])["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Origin": "https://evil.example", "Content_Type": "text/plain"}, 403),
+    ({"Origin": "https://evil.example"}, 403),
+    ({"Sec_Fetch_Site": "cross-site"}, 403), ({"Sec_Fetch_Site": "same-site"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Content_Type": "text/plain"}, 415), ({"Content_Type": "application/x-www-form-urlencoded"}, 415),
+    ({"Content_Type": "multipart/form-data; boundary=x"}, 415),
+    ({"Origin": "http://127.0.0.1", "Sec_Fetch_Site": "same-origin"}, 200),
+    ({"Content_Type": "application/json; charset=utf-8"}, 200),
+    ({"Origin": "https://app.example", "Sec_Fetch_Site": "cross-site"}, 200),  # configured
+    ({"Sec_Fetch_Site": "none"}, 200), ({}, 200)])
+def test_cross_site_requests_are_refused(headers, status):
+    server = SocketlessServer(allowed_origins=("https://app.example",))
+    replies = drive(req("POST", "/v1/chat/completions", json.dumps(CHAT).encode(), **headers),
+                    server)
+    assert replies[0][0] == status, replies[0][2]
+
+
+def test_dashboard_and_healthz_stay_reachable_from_links():
+    for path in ("/", "/healthz"):
+        assert drive(req("GET", path, Sec_Fetch_Site="cross-site"))[0][0] == 200
+
+
+@pytest.mark.parametrize("model", ["glm\r\nAccess-Control-Allow-Origin: *", "a\x00b", "x" * 300,
+                                   "m\x1b[2J", " "])
+def test_bad_model_names_are_400(model):
+    body = json.dumps(dict(CHAT, model=model)).encode()
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        status, _h, data = drive(req("POST", path, body))[0]
+        assert status == 400 and b"model" in data
+
+
+def test_non_ascii_model_name_is_escaped_in_headers():
+    chat = ScriptedChat(model="模型-2")
+    body = json.dumps(dict(CHAT, model="alias")).encode()
+    status, headers, _ = drive(req("POST", "/v1/chat/completions", body),
+                               SocketlessServer(chat=chat))[0]
+    assert status == 200 and headers["x-iflow-proxy-model"] == "%E6%A8%A1%E5%9E%8B-2"
+
+
+@pytest.mark.parametrize("raw_body", [b'{"model": "glm-4.6", "messages": [{"role": "user", '
+                                      b'"content": "\\ud83d"}]}',
+                                      b'{"model": "glm-4.6", "temperature": 1e999, "messages": '
+                                      b'[{"role": "user", "content": "hi"}]}'])
+def test_lone_surrogates_and_infinite_numbers_are_400(raw_body):
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        status, _h, data = drive(req("POST", path, raw_body))[0]
+        assert status == 400, data
+
+
+def test_access_log_escapes_control_characters(caplog):
+    ip.log.propagate = True
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(ip.EscapingFormatter("%(message)s"))
+    ip.log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="iflow_proxy"):
+            drive(b"GET /v1/\x1b[31mRED\x1b[0m/\x07 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            body = json.dumps(dict(CHAT, model="evil\u2028name\x85")).encode()
+            drive(req("POST", "/v1/chat/completions", body))
+    finally:
+        ip.log.removeHandler(handler)
+    written = handler.stream.getvalue()
+    assert "\x1b" not in written and "\x07" not in written and "\\x1b[31mRED" in written
+    assert "\x85" not in written and len(written.strip().splitlines()) >= 2
+
+
+def test_client_key_compares_the_bytes_that_were_sent():
+    server = SocketlessServer(client_keys=("ключ-секрет",))
+    raw = req("GET", "/status").replace(b"\r\n\r\n", b"\r\nx-api-key: " +
+                                        "ключ-секрет".encode("utf-8") + b"\r\n\r\n")
+    assert drive(raw, server)[0][0] == 200
+    assert drive(req("GET", "/status", x_api_key="kljuch"), server)[0][0] == 401
+
+
+def test_body_budget_bounds_bodies_held_at_once():
+    budget = ip.BodyBudget(100)
+    assert budget.take(60) and not budget.take(50, timeout=0.01)
+    budget.give(60)
+    assert budget.take(50) and budget.take(50) and budget.held == 100
+    assert ip.BodyBudget(0).take(10 ** 12)  # 0 = unlimited
+    server = SocketlessServer(max_inflight_body_bytes=10)
+    server.bodies.take(10)
+    status, headers, _ = drive(req("POST", "/v1/chat/completions", json.dumps(CHAT).encode()),
+                               server)[0]
+    assert status == 503 and headers["Retry-After"] == "1"
+
+
+# ==================================================================================================
+# Hostile upstreams and unlucky clients (issue 11), over real sockets
+# ==================================================================================================
+
+BASH_CUT = '{"command": "rm -rf /tmp/x'
+
+
+def test_cut_tool_call_is_never_complete(home, fake):
+    """A Bash call cut mid-string by finish_reason "length" (or by a stream that just ends) is
+    reported as cut: max_tokens / an error event, and never a tool_use block to run."""
+    add_key_account(home, KEYS[0])
+    calls = [{"index": 0, "id": "call_1", "function": {"name": "Bash", "arguments": ""}},
+             {"index": 0, "function": {"arguments": BASH_CUT}}]
+    body = {"model": "claude-sonnet-4", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "clean up"}]}
+    with running(make_config(home, fake)) as server:
+        fake.responder = lambda b: {"content": "Cleaning.", "tool_call_chunks": calls,
+                                    "finish_reason": "length"}
+        status, _, data = request(server, "POST", "/v1/messages", body)
+        events = parse_sse(data)
+        blocks = check_anthropic_grammar(events)
+        assert status == 200 and [b["type"] for b in blocks] == ["text"]
+        assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+        assert b"rm -rf" not in data
+        status, _, message = post_json(server, "/v1/messages", dict(body, stream=False))
+        assert status == 200 and message["stop_reason"] == "max_tokens"
+        assert [b["type"] for b in message["content"]] == ["text"]
+        # the stream simply ends: an error event, no message_stop, nothing complete
+        fake.responder = lambda b: {"content": "Cleaning.", "tool_call_chunks": calls,
+                                    "cut": True}
+        status, _, data = request(server, "POST", "/v1/messages", body)
+        events = parse_sse(data)
+        assert events[-1][0] == "error" and "message_stop" not in [e[0] for e in events]
+        assert "tool_use" not in data.decode()
+        fake.responder = lambda b: {"content": "half an answer", "cut": True}
+        status, _, data = request(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
+        payloads = sse_payloads(data)
+        assert '"error"' in payloads[-2] and payloads[-1] == "[DONE]"
+        assert not any('"finish_reason": "stop"' in p for p in payloads)
+
+
+def test_split_surrogate_pair_is_joined_and_lone_ones_replaced(home, fake):
+    add_key_account(home, KEYS[0])
+    body = {"model": "claude-sonnet-4", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "smile"}]}
+    with running(make_config(home, fake, client_idle_timeout=5)) as server:
+        fake.responder = lambda b: {"content": "ok \ud83d\ude00!", "chunk": 4}  # splits the pair
+        status, _, data = request(server, "POST", "/v1/messages", body)
+        blocks = check_anthropic_grammar(parse_sse(data))
+        assert status == 200 and blocks[0]["text"] == "ok \U0001F600!"
+        fake.responder = lambda b: {"content": "lone \ud83d here"}
+        status, _, message = post_json(server, "/v1/messages", dict(body, stream=False))
+        assert status == 200 and message["content"][0]["text"] == "lone \ufffd here"
+        status, _, data = request(server, "POST", "/v1/messages", body)
+        assert check_anthropic_grammar(parse_sse(data))[0]["text"] == "lone \ufffd here"
+
+
+def test_client_leaving_while_upstream_is_silent_frees_the_slot(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.hold = threading.Event()
+    with running(make_config(home, fake)) as server:
+        sock = socket.create_connection(server.server_address)
+        sock.sendall(http_bytes("POST", "/v1/chat/completions",
+                                json.dumps(dict(CHAT, stream=True)).encode()))
+        account = server.chat.router.all_accounts()[0]
+        wait_for(lambda: server.chat.router.in_flight(account) == 1, what="request upstream")
+        sock.close()  # upstream says nothing yet: the proxy must notice anyway
+        wait_for(lambda: server.chat.router.in_flight(account) == 0, timeout=5,
+                 what="the slot to be freed")
+        fake.hold.set()
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_upstream_error_text_is_scrubbed_of_keys(home, fake, tmp_path):
+    add_key_account(home, KEYS[0])
+    log_file = tmp_path / "proxy.log"
+    config = make_config(home, fake, log_file=str(log_file))
+    ip.setup_logging(config, stream=io.StringIO())
+    try:
+        with running(config) as server:
+            fake.responder = None
+            echo = {"error": {"message": "Incorrect API key provided: %s. Also sk-other-"
+                              "abcdefghijklmnop." % KEYS[0]}}
+            fake.push(KEYS[0], ("reply", (401, echo)))
+            status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+            status_doc = json.dumps(server.chat.status(server.url))
+        seen = json.dumps(body) + status_doc + log_file.read_text() + \
+            open(os.path.join(home, "accounts.json")).read()
+        assert status == 503 and "Incorrect API key" in json.dumps(body)
+        assert KEYS[0] not in seen and "sk-other-abcdefghijklmnop" not in seen
+    finally:
+        ip.log.handlers[:] = []
+
+
+def test_tables_stay_bounded_whatever_models_clients_invent(tmp_path):
+    router = ip.Router(ip.AccountRegistry(str(tmp_path)), ip.Config(home=str(tmp_path)),
+                       clock=FakeClock())
+    account = ip.Account(id="a1", nickname="a", kind="api-key", api_key="k")
+    error = ip.UpstreamError("model_unsupported", "no")
+    for i in range(3000):
+        router.record_failure(account, "model-%d" % i, error)
+    assert len(router._cooldowns) <= ip.MAX_COOLDOWNS
+    book = ip.UsageBook(str(tmp_path / "usage.json"))
+    for i in range(3000):
+        book.record("a", "model-%d" % i, 404, None, 1.0)
+    rows = book.summary()["today"]["rows"]
+    assert len(rows) <= ip.MAX_USAGE_ROWS + 1
+    assert any(r["model"] == ip.OTHER_MODELS and r["requests"] > 2000 for r in rows)
+
+
+def test_event_splitter_is_linear_and_capped():
+    splitter = ip.EventSplitter(limit=1 << 20)
+    for _ in range(15):  # a long event arriving in many small reads
+        assert splitter.feed(b"x" * 65536) == []
+    assert len(splitter._parts) == 15  # kept as pieces, not re-joined on every read
+    with pytest.raises(ip.UpstreamError) as e:
+        splitter.feed(b"x" * 65536 * 2)
+    assert "exceeded" in e.value.message
+
+
+def test_huge_upstream_event_ends_the_answer_with_an_error(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        fake.responder = lambda b: {"content": "a" + "x" * (ip.MAX_EVENT_BYTES + 10),
+                                    "chunk": ip.MAX_EVENT_BYTES + 100}
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, stream=True))
+        assert status == 502 and "exceeded" in body["error"]["message"]
+
+
+def test_non_stream_network_error_fails_over_or_is_a_clean_error(home, fake, clock):
+    add_key_account(home, KEYS[0], nickname="one")
+    add_key_account(home, KEYS[1], nickname="two")
+    fake.responder = lambda b: {"content": "", "finish_reason": "network_error"}
+    with running(make_config(home, fake, strategy="fill-first"), router_clock=clock) as server:
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 502 and "network_error" in body["error"]["message"]
+        assert len(fake.chat_requests()) == 2  # both accounts tried before the error
+        fake.responder = None
+        clock.advance(61)  # past the cooldown those failures earned
+        fake.push(KEYS[0], ("network_error_json", None))  # the default account, tried first
+        fake.requests.clear()
+        status, _, body = post_json(server, "/v1/chat/completions", conversation(7))
+        assert status == 200 and body["choices"][0]["message"]["content"].startswith("echo:")
+        assert [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
+
+
+def test_streams_cut_at_shutdown_get_an_error_event_and_usage(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.gate = threading.Event()
+    fake.responder = lambda b: {"content": "x" * 40, "chunk": 4}
+    server = ip.start_server(make_config(home, fake))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps({
+            "model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.read1(65536)
+        assert b"message_start" in first
+        server.stop_streams(grace=5)
+        rest = resp.read()
+        assert b"event: error" in rest and b"shutting down" in rest
+        rows = server.chat.usage.summary()["today"]["rows"]
+        assert rows and rows[0]["failures"] == {"502": 1}
+    finally:
+        fake.gate.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_log_file_never_changes_an_existing_directory(tmp_path, home):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    config = make_config(home, log_file=str(shared / "p.log"))
+    err = io.StringIO()
+    ip.setup_logging(config, stream=err)
+    try:
+        ip.log.warning("hello")
+    finally:
+        for h in ip.log.handlers:
+            h.close()
+        ip.log.handlers[:] = []
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(shared / "p.log").st_mode) == 0o600
+    loose = shared / "loose.log"
+    loose.write_text("")
+    os.chmod(loose, 0o644)
+    ip.setup_logging(dataclasses.replace(config, log_file=str(loose)), stream=err)
+    for h in ip.log.handlers:
+        h.close()
+    ip.log.handlers[:] = []
+    assert "readable by other users" in err.getvalue()
+    new_dir = tmp_path / "made" / "logs"
+    ip.setup_logging(dataclasses.replace(config, log_file=str(new_dir / "x.log")), stream=err)
+    for h in ip.log.handlers:
+        h.close()
+    ip.log.handlers[:] = []
+    assert stat.S_IMODE(os.stat(new_dir).st_mode) == 0o700
+
+
+def test_client_keys_file_and_loose_config_warning(home, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nck-from-file-1\n\nck-from-file-2\n")
+    os.chmod(keys, 0o600)
+    config = make_config(home, env={"IFLOW_PROXY_CLIENT_KEYS_FILE": str(keys)})
+    assert config.client_keys == ("ck-from-file-1", "ck-from-file-2")
+    assert ip.loose_permission_warnings(config) == []
+    write_config(home, {"client_keys": ["ck-in-config"]})
+    os.chmod(os.path.join(home, "config.json"), 0o644)
+    warnings = ip.loose_permission_warnings(make_config(home))
+    assert len(warnings) == 1 and "chmod 600" in warnings[0]
+    assert "IFLOW_PROXY_CLIENT_KEYS" in ip.build_parser()._subparsers._group_actions[0] \
+        .choices["serve"].format_help()
+
+
+def test_rotated_refresh_token_is_saved_before_user_info(home, fake, oauth):
+    config = oauth_config(home, fake, oauth)
+    entry = oauth_account(home, config, oauth, clock_now=time.time())
+    registry = ip.AccountRegistry(home)
+    refresher = ip.Refresher(registry, config, clock=lambda: time.time() + 1801,
+                             sleep=lambda s: None)
+    oauth.userinfo_down = True  # the second call fails (or the process dies) after rotation
+    assert refresher.refresh(entry["id"]) is False
+    saved = registry.read_credentials(entry)
+    assert saved["refresh_token"] in oauth.refresh_valid  # the live one, not the retired one
+    oauth.userinfo_down = False
+    assert refresher.refresh(entry["id"], force=True) is True
