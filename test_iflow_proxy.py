@@ -3803,3 +3803,85 @@ def test_rotated_refresh_token_is_saved_before_user_info(home, fake, oauth):
     assert saved["refresh_token"] in oauth.refresh_valid  # the live one, not the retired one
     oauth.userinfo_down = False
     assert refresher.refresh(entry["id"], force=True) is True
+
+
+# ==================================================================================================
+# The router without sockets: queue order, strategies, cooldowns on an injected clock
+# ==================================================================================================
+
+def pool_router(tmp_path, n=3, clock=None, **config):
+    accounts = [ip.Account(id="p%d" % i, nickname="k%d" % i, kind="pool", api_key="sk-%d" % i,
+                           default=i == 0) for i in range(n)]
+    registry = ip.AccountRegistry(str(tmp_path), pool=accounts)
+    return ip.Router(registry, dataclasses.replace(ip.Config(home=str(tmp_path)), **config),
+                     clock=clock or FakeClock())
+
+
+def test_router_queue_is_first_come_first_served(tmp_path):
+    router = pool_router(tmp_path, n=1, queue_timeout=30)
+    held = router.acquire("m")
+    order, threads = [], []
+    for name in ("second", "third"):
+        def wait(name=name):
+            account = router.acquire("m")
+            order.append(name)
+            router.release(account)
+        threads.append(threading.Thread(target=wait))
+        threads[-1].start()
+        wait_for(lambda n=len(threads): router.waiting() == n, what="%s queued" % name)
+    router.release(held)
+    for thread in threads:
+        thread.join(10)
+    assert order == ["second", "third"] and router.waiting() == 0
+
+
+def test_router_queue_times_out_and_leaves_when_cancelled(tmp_path):
+    router = pool_router(tmp_path, n=1, queue_timeout=0.2)
+    held = router.acquire("m")
+    with pytest.raises(ip.RateLimited):
+        router.acquire("m")
+    router.config = dataclasses.replace(router.config, queue_timeout=30)
+    with pytest.raises(ip.ClientGone):
+        router.acquire("m", cancelled=lambda: True)
+    assert router.waiting() == 0
+    router.release(held)
+
+
+def test_router_strategies_and_priority(tmp_path):
+    router = pool_router(tmp_path, max_concurrency=0)
+    picks = [router.acquire("m").nickname for _ in range(4)]
+    assert picks == ["k0", "k1", "k2", "k0"]  # round-robin
+    router = pool_router(tmp_path, max_concurrency=0, strategy="fill-first")
+    assert {router.acquire("m").nickname for _ in range(3)} == {"k0"}
+    router = pool_router(tmp_path, max_concurrency=0, strategy="least-busy")
+    first = router.acquire("m")
+    assert router.acquire("m").id != first.id
+    router = pool_router(tmp_path, max_concurrency=0)
+    router.registry.pool = tuple(dataclasses.replace(a, priority=5 if a.id == "p2" else 0)
+                                 for a in router.registry.pool)
+    assert {router.acquire("m").nickname for _ in range(3)} == {"k2"}
+
+
+def test_router_cooldowns_follow_the_injected_clock(tmp_path):
+    clock = FakeClock()
+    router = pool_router(tmp_path, n=1, clock=clock)
+    account = router.all_accounts()[0]
+    limited = ip.UpstreamError("rate_limit", "slow down")
+    for expected in (1, 2, 4):  # exponential without Retry-After
+        router.record_failure(account, "m", limited)
+        assert router.cooling_until(account, "m") - clock() == expected
+    router.record_success(account, "m")
+    router.record_failure(account, "m", limited)
+    assert router.cooling_until(account, "m") - clock() == 1  # success resets the strikes
+    router.record_failure(account, "m", ip.UpstreamError("rate_limit", "x", retry_after=7))
+    assert router.cooling_until(account, "m") - clock() == 7
+    with pytest.raises(ip.RateLimited) as e:
+        router.acquire("m")
+    assert e.value.retry_after == 7 and "m" in e.value.message
+    assert not router.cooling_until(account, "other")  # per model
+    router.record_failure(account, "m2", ip.UpstreamError("concurrency", "449"))
+    assert router.cooling_until(account, "anything") - clock() == 3  # account-wide
+    clock.advance(8)
+    assert not router.cooling_until(account, "m") and router.acquire("m") is not None
+    router.record_failure(account, "m", ip.UpstreamError("key_blocked", "blocked"))
+    assert router.all_accounts()[0].status == "disabled"
