@@ -5185,6 +5185,8 @@ def read_secret(prompt, stdin):
 
 
 def _print_table(rows, out):
+    """Aligned columns; every cell escaped (account reasons and names may hold upstream text)."""
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
@@ -5605,9 +5607,9 @@ def format_status(status):
         today["requests"], sum(today["failures"].values()), today["input_tokens"],
         today["output_tokens"]))
     for e in status.get("recent_errors", [])[:5]:
-        lines.append("  error %s %s %s: %s (%s)" % (
+        lines.append(printable("  error %s %s %s: %s (%s)" % (
             time.strftime("%H:%M:%S", time.localtime(e["time"])), e["account"], e["model"],
-            e.get("upstream_status") or e["status"], e["kind"]))
+            e.get("upstream_status") or e["status"], e["kind"])))
     return "\n".join(lines) + "\n"
 
 

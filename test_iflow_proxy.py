@@ -94,6 +94,9 @@ class FakeIFlow(http.server.ThreadingHTTPServer):
     def chat_requests(self):
         return [r for r in self.requests if r[0].endswith("/chat/completions")]
 
+    def handle_error(self, request, client_address):
+        pass  # the proxy cutting a connection (a client that left) is expected here
+
     def push(self, key, *actions):
         with self.lock:
             self.script.setdefault(key, []).extend(actions)
@@ -380,6 +383,15 @@ def post_json(server, path, body, headers=None):
 def sse_payloads(data):
     events = [e for e in data.decode().split("\n\n") if e.strip()]
     return [e.split("data: ", 1)[1] for e in events if "data: " in e]
+
+
+def open_anthropic_stream(server, text):
+    """A streamed /v1/messages request whose response is read as the test goes."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("POST", "/v1/messages", json.dumps({
+        "model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
+        "messages": [{"role": "user", "content": text}]}), {"Content-Type": "application/json"})
+    return conn.getresponse()
 
 
 def add_key_account(home, key, nickname=None, **settings):
@@ -1820,12 +1832,7 @@ def test_messages_pings_while_upstream_is_silent(home, fake):
     add_key_account(home, KEYS[0])
     fake.gate = threading.Event()
     with running(make_config(home, fake, ping_interval=0.05)) as server:
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-        conn.request("POST", "/v1/messages", json.dumps({
-            "model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
-            "messages": [{"role": "user", "content": "hello"}]}),
-            {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        resp = open_anthropic_stream(server, "hello")
         received = b""
         while b"event: ping" not in received:  # upstream is held at the gate meanwhile
             chunk = resp.read1(65536)
@@ -1833,7 +1840,7 @@ def test_messages_pings_while_upstream_is_silent(home, fake):
             received += chunk
         fake.gate.set()
         received += resp.read()
-        conn.close()
+        resp.close()
     events = parse_sse(received)
     assert ("ping", {"type": "ping"}) in events
     assert check_anthropic_grammar(events)[0]["text"] == "echo: hello"
@@ -2938,11 +2945,27 @@ def test_fuzz_malformed_requests_get_json_4xx(home, fake):
                  b"null", b"true", b'{"model": NaN}', b"\x00"):
         for path in (chat, "/v1/messages", "/v1/messages/count_tokens"):
             cases.append(http_bytes("POST", path, body))
+    # framing: TE/CL combinations, early errors with bodies, surrogates, huge lines (all run)
+    framing, sampled = [], cases
+    cases = framing
+    body = json.dumps(CHAT).encode()
+    for headers in ({"Transfer-Encoding": "chunked", "Content-Length": str(len(body))},
+                    {"Transfer-Encoding": "gzip, chunked"}, {"Transfer-Encoding": "xchunked"},
+                    {"Content-Length": "+%d" % len(body)}, {"Transfer-Encoding": "identity"}):
+        cases.append(http_bytes("POST", chat, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+                                dict(headers, **{"Content-Type": "application/json"})))
+    for method, path in (("POST", "/v1/responses"), ("PUT", chat), ("POST", "/healthz")):
+        cases.append(http_bytes(method, path, body) + http_bytes("GET", "/healthz"))
+    for text in (b'"\\ud800"', b'"\\udfff x"', b'"\\ud83d\\ude00"'):
+        cases.append(http_bytes("POST", chat, body.replace(b'"hi"', text)))
+    cases.append(http_bytes("POST", chat, b'{"model": "' + b"m" * 100000 + b'"}'))
+    cases.append(b"GET /healthz HTTP/1.1\r\nHost: " + b"h" * 66000 + b"\r\n\r\n")
+    cases = sampled
     for valid, path in ((OPENAI_VALID, chat), (ANTHROPIC_VALID, "/v1/messages")):
         for _field, body in mutations(rng, valid):
             cases.append(http_bytes("POST", path, json.dumps(body).encode()))
     rng.shuffle(cases)
-    cases = cases[:400]
+    cases = cases[:400] + framing
     deadline = time.monotonic() + 120
     statuses = []
     with running(config) as server:
@@ -3684,6 +3707,22 @@ def test_tables_stay_bounded_whatever_models_clients_invent(tmp_path):
     assert any(r["model"] == ip.OTHER_MODELS and r["requests"] > 2000 for r in rows)
 
 
+@pytest.mark.parametrize("event, fragment", [
+    (b"data: not json\n\n", "not a JSON"), (b"data: {\"choices\": [], \"x\": \"\xff\"}\n\n", ""),
+    (b'data: {"error": {"message": "bad \xff key sk-abcdefghijklmnopq", "code": 429}}\n\n',
+     "bad"), (b"data: [1, 2]\n\n", "")])
+def test_reader_checks_every_stream_event(event, fragment):
+    """Non-JSON events, invalid UTF-8 and errors are never relayed as they are; an error event
+    whose text is not UTF-8 is still classified (429 here), with keys scrubbed."""
+    first = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+    answer = stream_answer(first, event, b"data: [DONE]\n\n")
+    with pytest.raises(ip.UpstreamError) as e:
+        list(answer.chunks())
+    assert fragment in e.value.message and "abcdefghijklmnopq" not in e.value.message
+    if b"429" in event:
+        assert e.value.kind == "rate_limit"
+
+
 def test_event_splitter_is_linear_and_capped():
     splitter = ip.EventSplitter(limit=1 << 20)
     for _ in range(15):  # a long event arriving in many small reads
@@ -3726,12 +3765,7 @@ def test_streams_cut_at_shutdown_get_an_error_event_and_usage(home, fake):
     fake.responder = lambda b: {"content": "x" * 40, "chunk": 4}
     server = ip.start_server(make_config(home, fake))
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-        conn.request("POST", "/v1/messages", json.dumps({
-            "model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
-            "messages": [{"role": "user", "content": "hi"}]}),
-            {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        resp = open_anthropic_stream(server, "hi")
         first = resp.read1(65536)
         assert b"message_start" in first
         server.stop_streams(grace=5)
