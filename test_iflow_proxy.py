@@ -2990,7 +2990,7 @@ def test_fuzz_malformed_requests_get_json_4xx(home, fake):
 def test_client_disconnect_mid_stream_frees_everything(home, fake):
     add_key_account(home, KEYS[0])
     fake.gate = threading.Event()
-    fake.responder = lambda body: {"content": "x" * 3000000, "chunk": 65536}
+    fake.responder = lambda body: {"content": "x" * 24000000, "chunk": 65536}  # > socket buffers
     log_stream = io.StringIO()
     config = make_config(home, fake)
     with running(config) as server:
