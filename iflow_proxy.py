@@ -94,6 +94,7 @@ DEFAULT_PROBE_MODEL = "glm-4.6"
 OAUTH_CLIENT_ID = "10009311001"
 OAUTH_CLIENT_SECRET = "4Z3YjXycVsQvyGF1etiNlIBB4RsqSDtW"
 ROUTE_PREFIX = "/api/provider/iflow"  # what CCS users already have in ANTHROPIC_BASE_URL
+ANTHROPIC_VERSION = "2023-06-01"      # sent to Anthropic-protocol upstreams
 
 # The official CLI ships its model list built in; /v1/models falls back to it.
 BUILTIN_MODELS = (
@@ -124,6 +125,166 @@ MODEL_OUTPUT_LIMITS = (
     ("glm-", 32000), ("kimi-", 32768), ("minimax-", 64000), ("qwen3-coder", 64000),
     ("deepseek-v3.2", 64000), ("deepseek-r1", 32768), ("deepseek", 8192), ("", 8192),
 )
+
+# --- provider presets ----------------------------------------------------------------------------
+# One entry per provider: base URL per protocol (None: not offered), how the key is sent to its
+# Anthropic endpoint, iFlow signing, the default Claude-family mapping, the fields its Anthropic
+# endpoint rejects, and per model: context window, output limit, thinking switch, vision.
+# Facts from each provider's own documentation (URL beside each entry); table checked 2026-11-23.
+# Models no preset names still work, with conservative limits (UNKNOWN_MODEL).
+Model = collections.namedtuple("Model", "window output thinking vision")
+Provider = collections.namedtuple("Provider", "title openai anthropic auth signing claude models "
+                                              "rejects quirks doc")
+UNKNOWN_MODEL = Model(128000, 8192, None, False)
+PROTOCOLS = ("openai", "anthropic")
+_ANTHROPIC_ONLY = ("context_management", "container", "mcp_servers", "service_tier")
+
+
+def _models(thinking, vision=(), **sizes):
+    """{name: Model} from ``name=(window, output)``; names use _ for - and . (see _name)."""
+    return {_name(k): Model(w, o, thinking, _name(k) in vision) for k, (w, o) in sizes.items()}
+
+
+def _name(key):
+    return key.replace("__", ".").replace("_", "-")
+
+
+PROVIDERS = {
+    # shared/iflow-protocol.md: windows glm-4.6/4.7 200k, glm-5 170k, kimi-k2 128k,
+    # kimi-k2.5 262k, qwen3-coder 256k, deepseek 65k-128k, minimax 128k; output limits as the CLI.
+    "iflow": Provider(
+        "iFlow (service ended 2026-04-17)", DEFAULT_API_BASE, None, "bearer", True,
+        DEFAULT_CLAUDE_MODELS,
+        dict(_models("iflow", ("qwen3-vl-plus",), glm_4__6=(200000, 32000),
+                     glm_4__7=(200000, 32000), glm_5=(170000, 32000), kimi_k2=(128000, 32768),
+                     kimi_k2_0905=(128000, 32768), kimi_k2_thinking=(128000, 32768),
+                     kimi_k2__5=(262144, 32768), qwen3_coder_plus=(256000, 64000),
+                     qwen3_max=(256000, 32768), qwen3_vl_plus=(128000, 8192),
+                     qwen3_32b=(128000, 8192), qwen3_235b_a22b_instruct=(128000, 8192),
+                     qwen3_235b_a22b_thinking_2507=(128000, 8192), deepseek_v3=(65536, 8192),
+                     deepseek_v3__1=(128000, 8192), deepseek_v3__2=(128000, 64000),
+                     deepseek_v3__2_chat=(128000, 64000), deepseek_r1=(65536, 32768),
+                     minimax_m2=(128000, 64000), minimax_m2__1=(128000, 64000),
+                     minimax_m2__5=(128000, 64000)),
+             **{"iFlow-ROME-30BA3B": Model(128000, 8192, "iflow", False)}),
+        (), (), "shared/iflow-protocol.md"),
+    # https://api-docs.deepseek.com/quick_start/pricing: both protocols, 1M context, output up
+    # to 384K; https://api-docs.deepseek.com/guides/anthropic_api: claude-opus* -> v4-pro, other
+    # claude* -> flash; https://api-docs.deepseek.com/guides/thinking_mode: thinking
+    # {"type": "enabled"|"disabled"}, reasoning_content of tool-call turns must be sent back.
+    "deepseek": Provider(
+        "DeepSeek", "https://api.deepseek.com", "https://api.deepseek.com/anthropic", "x-api-key",
+        False, {"opus": "deepseek-v4-pro", "sonnet": "deepseek-v4-flash",
+                "haiku": "deepseek-v4-flash"},
+        _models("deepseek", ("deepseek-flash",), deepseek_v4_flash=(1048576, 393216),
+                deepseek_v4_pro=(1048576, 393216), deepseek_flash=(1048576, 393216)),
+        _ANTHROPIC_ONLY, ("reasoning_passback", "max_tokens_range"),
+        "https://api-docs.deepseek.com/quick_start/pricing"),
+    # https://docs.bigmodel.cn (OpenAI: /api/paas/v4, Anthropic: /api/anthropic); GLM-4.6/4.7/5
+    # 200K context, 128K output; GLM-4.5-Air 128K/96K; thinking {"type": "enabled"|"disabled"}.
+    "zhipu": Provider(
+        "Zhipu GLM (open.bigmodel.cn)", "https://open.bigmodel.cn/api/paas/v4",
+        "https://open.bigmodel.cn/api/anthropic", "bearer", False,
+        {"opus": "glm-5", "sonnet": "glm-4.7", "haiku": "glm-4.5-air"},
+        _models("glm", ("glm-4.6v",), glm_4__6=(200000, 128000), glm_4__7=(200000, 128000),
+                glm_5=(200000, 128000), glm_4__5_air=(128000, 96000), glm_4__6v=(128000, 32768)),
+        _ANTHROPIC_ONLY, (), "https://docs.bigmodel.cn/cn/guide/develop/claude"),
+    # https://docs.z.ai/devpack/tool/claude (Anthropic: https://api.z.ai/api/anthropic) and
+    # https://docs.z.ai/guides/overview/quick-start (OpenAI: https://api.z.ai/api/paas/v4).
+    "zai": Provider(
+        "Z.ai GLM (international)", "https://api.z.ai/api/paas/v4", "https://api.z.ai/api/anthropic",
+        "bearer", False, {"opus": "glm-5", "sonnet": "glm-4.7", "haiku": "glm-4.5-air"},
+        None, _ANTHROPIC_ONLY, (), "https://docs.z.ai/guides/overview/quick-start"),
+    # https://platform.kimi.ai/docs/models: kimi-k2.6 / k2.5 / k2-thinking, 256K context; the
+    # API speaks OpenAI (/v1) and Anthropic (/anthropic); thinking models take tool_choice
+    # auto/none only.
+    "moonshot": Provider(
+        "Moonshot Kimi", "https://api.moonshot.ai/v1", "https://api.moonshot.ai/anthropic",
+        "bearer", False, {"opus": "kimi-k2.6", "sonnet": "kimi-k2.6", "haiku": "kimi-k2.5"},
+        _models("kimi", ("kimi-k2.6", "kimi-k2.5"), kimi_k2__6=(262144, 262144),
+                kimi_k2__5=(262144, 262144), kimi_k2_thinking=(262144, 262144)),
+        _ANTHROPIC_ONLY, ("thinking_tool_choice_auto",), "https://platform.kimi.ai/docs/models"),
+    # https://www.alibabacloud.com/help/en/model-studio/claude-code (Anthropic:
+    # /apps/anthropic) and .../model-studio/compatibility-of-openai-with-dashscope (OpenAI:
+    # /compatible-mode/v1); windows from .../model-studio/models.
+    "dashscope": Provider(
+        "Alibaba DashScope / Bailian (Qwen)", "https://dashscope.aliyuncs.com/compatible-mode/v1",
+        "https://dashscope.aliyuncs.com/apps/anthropic", "bearer", False,
+        {"opus": "qwen3-max", "sonnet": "qwen3-coder-plus", "haiku": "qwen-flash"},
+        _models("qwen", ("qwen3-vl-plus",), qwen3_coder_plus=(1000000, 65536),
+                qwen3_max=(262144, 65536), qwen3__5_plus=(1000000, 65536),
+                qwen_plus=(1000000, 32768), qwen_flash=(1000000, 32768),
+                qwen3_vl_plus=(262144, 32768)),
+        _ANTHROPIC_ONLY, (), "https://www.alibabacloud.com/help/en/model-studio/claude-code"),
+    # https://platform.minimax.io/docs/api-reference/text-anthropic-api (Anthropic:
+    # https://api.minimax.io/anthropic; OpenAI: https://api.minimax.io/v1); 204,800 context.
+    "minimax": Provider(
+        "MiniMax", "https://api.minimax.io/v1", "https://api.minimax.io/anthropic", "bearer", False,
+        {"opus": "MiniMax-M2.7", "sonnet": "MiniMax-M2.7", "haiku": "MiniMax-M2.7-highspeed"},
+        {"MiniMax-M2.7": Model(204800, 131072, "minimax", False),
+         "MiniMax-M2.7-highspeed": Model(204800, 131072, "minimax", False),
+         "MiniMax-M2.5": Model(204800, 131072, "minimax", False)},
+        _ANTHROPIC_ONLY, (), "https://platform.minimax.io/docs/api-reference/text-anthropic-api"),
+    # https://docs.siliconflow.cn/cn/userguide/quickstart (OpenAI: https://api.siliconflow.cn/v1,
+    # Anthropic: https://api.siliconflow.cn); names are org/Model.
+    "siliconflow": Provider(
+        "SiliconFlow", "https://api.siliconflow.cn/v1", "https://api.siliconflow.cn", "bearer",
+        False, {"opus": "deepseek-ai/DeepSeek-V3.2", "sonnet": "deepseek-ai/DeepSeek-V3.2",
+                "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"},
+        {"deepseek-ai/DeepSeek-V3.2": Model(163840, 65536, "deepseek", False),
+         "moonshotai/Kimi-K2-Instruct-0905": Model(262144, 32768, None, False),
+         "zai-org/GLM-4.6": Model(200000, 128000, "glm", False),
+         "Qwen/Qwen3-Coder-30B-A3B-Instruct": Model(262144, 65536, None, False)},
+        _ANTHROPIC_ONLY, (), "https://docs.siliconflow.cn/cn/userguide/quickstart"),
+    # https://openrouter.ai/docs/quickstart (OpenAI: https://openrouter.ai/api/v1) and
+    # https://openrouter.ai/docs/guides/claude-code (Anthropic: https://openrouter.ai/api).
+    "openrouter": Provider(
+        "OpenRouter", "https://openrouter.ai/api/v1", "https://openrouter.ai/api", "bearer", False,
+        {"opus": "anthropic/claude-opus-4.5", "sonnet": "anthropic/claude-sonnet-4.5",
+         "haiku": "anthropic/claude-haiku-4.5"},
+        {"anthropic/claude-opus-4.5": Model(200000, 64000, None, True),
+         "anthropic/claude-sonnet-4.5": Model(200000, 64000, None, True),
+         "anthropic/claude-haiku-4.5": Model(200000, 64000, None, True),
+         "deepseek/deepseek-v4-flash": Model(1048576, 393216, "deepseek", False),
+         "z-ai/glm-4.6": Model(200000, 65536, "glm", False),
+         "moonshotai/kimi-k2.6": Model(262144, 262144, None, True)},
+        (), (), "https://openrouter.ai/docs/quickstart"),
+    # https://modelscope.cn/docs/model-service/API-Inference/intro (OpenAI-compatible:
+    # https://api-inference.modelscope.cn/v1).
+    "modelscope": Provider(
+        "ModelScope", "https://api-inference.modelscope.cn/v1", None, "bearer", False,
+        {"opus": "Qwen/Qwen3-Coder-480B-A35B-Instruct",
+         "sonnet": "Qwen/Qwen3-Coder-480B-A35B-Instruct",
+         "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"},
+        {"Qwen/Qwen3-Coder-480B-A35B-Instruct": Model(262144, 65536, None, False),
+         "Qwen/Qwen3-Coder-30B-A3B-Instruct": Model(262144, 65536, None, False),
+         "ZhipuAI/GLM-4.6": Model(200000, 128000, "glm", False)},
+        (), (), "https://modelscope.cn/docs/model-service/API-Inference/intro"),
+}
+PROVIDERS["zai"] = PROVIDERS["zai"]._replace(models=PROVIDERS["zhipu"].models)
+
+
+def _model_owners():
+    owners = {}
+    for provider, preset in PROVIDERS.items():
+        for name in preset.models or ():
+            owners.setdefault(name.lower(), []).append(provider)
+    return {name: tuple(names) for name, names in owners.items()}
+
+
+MODEL_OWNERS = _model_owners()  # model name (lower case) -> the presets that list it
+
+
+def model_spec(model, provider=""):
+    """The Model (window, output, thinking, vision) of ``model`` on ``provider`` (else on any
+    preset that lists it, else UNKNOWN_MODEL's conservative limits)."""
+    name = model.lower()
+    for owner in (provider,) + MODEL_OWNERS.get(name, ()):
+        table = PROVIDERS[owner].models if owner in PROVIDERS else None
+        spec = next((m for key, m in (table or {}).items() if key.lower() == name), None)
+        if spec is not None:
+            return spec
+    return UNKNOWN_MODEL
 
 MAX_NESTING = 64            # JSON depth accepted from clients (json recursion is per level)
 HEADER_LIMIT = 100          # request headers per request
@@ -353,6 +514,16 @@ def _string_values(v):
     return None if bad is None else "value for %r must be a string" % bad
 
 
+def _fallback_chains(v):
+    for model, chain in v.items():
+        if not isinstance(chain, list) or not chain or not all(
+                isinstance(m, str) and m.strip() for m in chain):
+            return "value for %r must be a non-empty list of model names" % model
+        if model in chain:
+            return "the chain for %r names %r itself" % (model, model)
+    return None
+
+
 def _claude_families(v):
     bad = next((k for k in v if k not in CLAUDE_FAMILIES), None)
     if bad is not None:
@@ -395,6 +566,8 @@ SETTINGS = {
                         "login (list or comma-separated string)", _key_list),
     "model_aliases": Setting(dict, {}, None, "alias -> model, applied to every request",
                              _string_values),
+    "model_fallbacks": Setting(dict, {}, None, "model -> [models to try next] when every "
+                               "account for it is cooling, failing or busy", _fallback_chains),
     "legacy_aliases": Setting((str, dict), "fallback", None, "CCS legacy names: \"fallback\", "
                               "\"always\", \"off\", or {name: mode}", _legacy_modes),
     "extra_headers": Setting(dict, {}, None, "headers added to every signed upstream request",
@@ -802,9 +975,18 @@ class Account:
     excluded_models: tuple = ()
     expires: str = ""
     refresh_error: str = ""
+    provider: str = ""          # a PROVIDERS name; "" = a custom OpenAI-compatible upstream
+    protocol: str = "openai"    # what the upstream speaks: "openai" or "anthropic"
 
     def api_base(self, config):
         return (self.base_url or config.api_base).rstrip("/")
+
+    @property
+    def provider_name(self):
+        """The preset this account belongs to ("" for a custom upstream of unknown provider)."""
+        if self.provider:
+            return self.provider
+        return "iflow" if self.signing else ""
 
     @property
     def usable(self):
@@ -815,7 +997,8 @@ class Account:
 _ENTRY_SETTINGS = {
     "base_url": (str, ""), "signing": (bool, True), "status": (str, "ok"),
     "status_reason": (str, ""), "max_concurrency": (int, None), "priority": (int, 0),
-    "models": (list, []), "excluded_models": (list, []),
+    "models": (list, []), "excluded_models": (list, []), "provider": (str, ""),
+    "protocol": (str, "openai"),
 }
 
 
@@ -901,6 +1084,11 @@ class AccountRegistry:
             if entry.get("status", "ok") not in ACCOUNT_STATES:
                 raise ConfigError("%s: key 'status' must be one of %s"
                                   % (where, ", ".join(ACCOUNT_STATES)))
+            if entry.get("provider", "") not in ("",) + tuple(PROVIDERS):
+                raise ConfigError("%s: key 'provider' must be one of %s"
+                                  % (where, ", ".join(PROVIDERS)))
+            if entry.get("protocol", "openai") not in PROTOCOLS:
+                raise ConfigError("%s: key 'protocol' must be openai or anthropic" % where)
         data.setdefault("default", "")
         data.setdefault("revision", 0)
         return data
@@ -1876,6 +2064,66 @@ def shape_chat_body(body, model, signing=True, thinking=None, effort=None):
     return out
 
 
+def provider_thinking(style, on):
+    """The request fields that switch thinking on or off on a provider's own endpoint."""
+    if style in ("deepseek", "glm", "kimi"):  # {"thinking": {"type": "enabled"|"disabled"}}
+        return {"thinking": {"type": "enabled" if on else "disabled"}}
+    if style == "qwen":
+        return {"enable_thinking": on}
+    return {}
+
+
+def clamp_output(body, limit, keys=("max_tokens", "max_completion_tokens", "max_new_tokens")):
+    """Lower any output limit in ``body`` (a copy) to what the model allows."""
+    for key in keys:
+        if isinstance(body.get(key), int) and body[key] > limit:
+            body[key] = limit
+    return body
+
+
+def shape_provider_body(body, model, account, thinking=None, effort=None, limit=None):
+    """An OpenAI chat body for ``account``: iFlow's shaping when signed, else the provider's
+    thinking switch and quirks, and any output limit clamped to what the model allows."""
+    out = shape_chat_body(body, model, account.signing, thinking, effort)
+    preset = PROVIDERS.get(account.provider_name)
+    if not account.signing and preset is not None:
+        style = model_spec(model, account.provider_name).thinking
+        if thinking is not None and style:
+            _merge_missing(out, provider_thinking(style, thinking))
+        if thinking and "thinking_tool_choice_auto" in preset.quirks and \
+                out.get("tool_choice") not in (None, "auto", "none"):
+            out["tool_choice"] = "auto"  # thinking models take only auto/none here
+    return clamp_output(out, limit) if limit else out
+
+
+def shape_messages_body(body, model, limit, rejects=()):
+    """An Anthropic Messages body for an Anthropic-protocol upstream: the model it serves, the
+    output limit it allows, and without the fields it rejects."""
+    out = {k: v for k, v in body.items() if k not in rejects}
+    out["model"] = model
+    return clamp_output(out, limit, ("max_tokens",))
+
+
+def anthropic_headers(account, preset):
+    """Headers for an Anthropic-protocol upstream (the key as x-api-key or a Bearer token)."""
+    headers = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
+               "User-Agent": "iflow-proxy/" + __version__}
+    if preset is not None and preset.auth == "x-api-key":
+        headers["x-api-key"] = account.api_key
+    else:
+        headers["Authorization"] = "Bearer " + account.api_key
+    return headers
+
+
+_MAX_TOKENS_RANGE = re.compile(r"valid range of max_tokens is \[\s*\d+\s*,\s*(\d+)\s*\]", re.I)
+
+
+def max_tokens_range(message):
+    """The largest max_tokens an upstream's range error names ("… is [1, 8192]"), or None."""
+    m = _MAX_TOKENS_RANGE.search(message or "")
+    return int(m.group(1)) if m else None
+
+
 class ConnectionPool:
     """Idle keep-alive connections per (scheme, host, port, proxy); LIFO so warm ones go first."""
 
@@ -2138,7 +2386,8 @@ def business_error(payload):
     code = None
     if isinstance(err, dict):
         message = err.get("message") or message
-        code = _as_code(err.get("code")) or _as_code(err.get("status"))
+        code = _as_code(err.get("code")) or _as_code(err.get("status")) or \
+            ANTHROPIC_ERROR_STATUS.get(err.get("type"))
     elif isinstance(err, str):
         message = message or err
     for key in ("status", "error_code", "code"):
@@ -2148,6 +2397,15 @@ def business_error(payload):
     if code is None and err is None and payload.get("success") is not False and not message:
         return None, ""
     return code, str(message)[:500]
+
+
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors) -> the HTTP status they go with
+ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
+                          "permission_error": 403, "not_found_error": 404,
+                          "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                          "overloaded_error": 529}
+_TOO_LONG = re.compile(r"prompt is too long|context.length|maximum context|too many (input )?"
+                       r"tokens|input (is )?too long", re.I)
 
 
 def kind_for(code, message=""):
@@ -2162,7 +2420,7 @@ def kind_for(code, message=""):
         return "key_blocked"
     if code == 435:
         return "model_unsupported"
-    if code in (511, 413):
+    if code in (511, 413) or code == 400 and _TOO_LONG.search(message or ""):
         return "context_length"
     if code == 514:
         return "model_error"
@@ -2338,6 +2596,46 @@ def completion_to_chunks(completion):
     return chunks
 
 
+def message_to_events(message):
+    """An Anthropic message as the events of an equivalent stream (for a JSON answer)."""
+    start = dict(message, content=[], stop_reason=None, stop_sequence=None)
+    events = [{"type": "message_start", "message": start}]
+    for index, block in enumerate(message.get("content") or ()):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            empty, delta = dict(block, text=""), {"type": "text_delta", "text": block["text"]}
+        elif kind == "thinking":
+            empty = dict(block, thinking="")
+            delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
+        elif kind == "tool_use":
+            empty = dict(block, input={})
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input"))}
+        else:
+            empty, delta = block, None
+        events.append({"type": "content_block_start", "index": index, "content_block": empty})
+        if delta is not None:
+            events.append({"type": "content_block_delta", "index": index, "delta": delta})
+        events.append({"type": "content_block_stop", "index": index})
+    events.append({"type": "message_delta", "delta": {
+        "stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")},
+        "usage": {"output_tokens": (message.get("usage") or {}).get("output_tokens", 0)}})
+    events.append({"type": "message_stop"})
+    return events
+
+
+def openai_usage(usage):
+    """Anthropic usage counted the OpenAI way (prompt tokens include cached ones)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = sum(usage.get(k) or 0 for k in ("input_tokens", "cache_read_input_tokens",
+                                               "cache_creation_input_tokens")
+                 if isinstance(usage.get(k), int))
+    out = {"prompt_tokens": prompt, "completion_tokens": usage.get("output_tokens") or 0}
+    if usage.get("cache_read_input_tokens"):
+        out["prompt_tokens_details"] = {"cached_tokens": usage["cache_read_input_tokens"]}
+    return out
+
+
 # --- the one upstream reader -----------------------------------------------------------------
 
 class UpstreamAnswer:
@@ -2346,19 +2644,22 @@ class UpstreamAnswer:
     open() classifies the head before any byte goes to the client, so failures can still fail
     over: the HTTP status, a JSON body (business errors inside 200s, no choices, a completion
     cut by ``finish_reason: "network_error"``), or the first SSE event.  chunks() is then the
-    one iterator that both stream relays and the non-stream path read.
+    one iterator that every relay and the non-stream path read.  ``protocol`` says what the
+    upstream speaks: OpenAI chat completions, or Anthropic messages (whose events are checked
+    by the same rules: errors, a readable event, an end that was reached).
     """
 
     def __init__(self, response, stream=True, secrets=(), body_limit=None,
-                 event_limit=MAX_EVENT_BYTES):
+                 event_limit=MAX_EVENT_BYTES, protocol="openai"):
         self.response, self.stream = response, stream
         self.secrets = secrets
         self.body_limit = body_limit
-        self.payload = None        # a JSON answer: the checked chat.completion ...
+        self.anthropic = protocol == "anthropic"
+        self.payload = None        # a JSON answer: the checked completion (or message) ...
         self.raw = b""             # ... and its bytes, relayed as they came
-        self.finish_reason = None
-        self.usage = None
-        self.done = False          # [DONE] seen
+        self.finish_reason = None  # (Anthropic: the stop_reason)
+        self.usage = None          # always counted the OpenAI way (prompt/completion tokens)
+        self.done = False          # [DONE] (Anthropic: message_stop) seen
         self._splitter = EventSplitter(event_limit)
         self._head = []            # data of the events read while opening
 
@@ -2369,7 +2670,8 @@ class UpstreamAnswer:
             payload = classify_answer(resp.status, self.raw, resp.trace_id,
                                       retry_after_seconds(resp.headers.get("Retry-After")),
                                       self.secrets)
-            self.payload = self._check_completion(payload)
+            self.payload = self._check_message(payload) if self.anthropic else \
+                self._check_completion(payload)
             return self
         seen = 0
         while not self._head:  # up to the first data event: iFlow may put an error there
@@ -2382,8 +2684,7 @@ class UpstreamAnswer:
                                     trace_id=resp.trace_id)
             if seen > SSE_HEAD_LIMIT and not self._head and not self._splitter.pending:
                 raise UpstreamError("malformed", "no SSE data in the first %d bytes" % seen)
-        if self._head[0] != b"[DONE]":
-            self._head[0] = (self._head[0], self._check_chunk(self._head[0]))
+        self._head = [item for item in map(self._item, self._head) if item]
         return self
 
     def _check_completion(self, payload):
@@ -2401,19 +2702,27 @@ class UpstreamAnswer:
             self.usage = payload["usage"]
         return payload
 
+    def _check_message(self, payload):
+        if payload.get("type") != "message" or not isinstance(payload.get("content"), list):
+            raise UpstreamError("malformed", "upstream answer is not an Anthropic message",
+                                trace_id=self.response.trace_id)
+        self.finish_reason = payload.get("stop_reason")
+        self.usage = openai_usage(payload.get("usage"))
+        return payload
+
     def _check_chunk(self, data):
         """One stream event's data parsed and checked: raises for errors inside it."""
         try:
             chunk = json.loads(data)
         except ValueError:  # not JSON, or not UTF-8: still classified (it may be an error)
             chunk = None
+        if self.anthropic:
+            return self._check_event(data, chunk)
         choices = chunk.get("choices") if type(chunk) is dict else None
         if type(choices) is not list or "error" in chunk:
             code, message = business_error(chunk)
             if type(chunk) is not dict or code is not None or message or "error" in chunk:
-                classify_answer(200, data, self.response.trace_id, secrets=self.secrets)
-                raise UpstreamError("malformed", "upstream sent an unreadable stream event: %r"
-                                    % data[:80], trace_id=self.response.trace_id)
+                self._unreadable(data)
         for choice in choices or ():
             reason = choice.get("finish_reason") if type(choice) is dict else None
             if reason:
@@ -2426,29 +2735,56 @@ class UpstreamAnswer:
             self.usage = usage
         return chunk
 
+    def _check_event(self, data, event):
+        kind = event.get("type") if type(event) is dict else None
+        if kind is None or kind == "error":
+            self._unreadable(data)
+        if kind == "message_delta":
+            delta = event.get("delta")
+            if type(delta) is dict and delta.get("stop_reason"):
+                self.finish_reason = delta["stop_reason"]
+            usage = event.get("usage")
+            if type(usage) is dict:
+                self.usage = openai_usage(dict((self._anthropic_usage or {}), **usage))
+        elif kind == "message_start" and type(event.get("message")) is dict:
+            self._anthropic_usage = event["message"].get("usage")
+            self.usage = openai_usage(self._anthropic_usage)
+        elif kind == "message_stop":
+            self.done = True
+        return event
+
+    _anthropic_usage = None
+
+    def _unreadable(self, data):
+        """Raise for an event that carries an error, or that can't be read at all."""
+        classify_answer(200, data, self.response.trace_id, secrets=self.secrets)
+        raise UpstreamError("malformed", "upstream sent an unreadable stream event: %r"
+                            % data[:80], trace_id=self.response.trace_id)
+
     def _item(self, data):
-        """(data, chunk) for one event's data, or None for [DONE] and anything after it."""
+        """(data, chunk) for one event's data; None for [DONE] and anything after the end."""
         if self.done:
             return None
-        if data == b"[DONE]":
+        if data == b"[DONE]" and not self.anthropic:
             self.done = True
             return None
         return data, self._check_chunk(data)
 
     def chunks(self):
-        """(data bytes, chunk) for each chunk of the answer as it arrives, every one checked.
+        """(data bytes, chunk) for each chunk (Anthropic: event) of the answer as it arrives,
+        every one checked.
 
         Raises UpstreamError when upstream breaks off, sends an error or an unreadable event,
-        or ends without a finish_reason and without [DONE]: a cut answer is never complete.
+        or ends before its end ([DONE] or a finish_reason; Anthropic: message_stop): a cut
+        answer is never complete.
         """
         if self.payload is not None:
-            for chunk in completion_to_chunks(self.payload):
+            for chunk in message_to_events(self.payload) if self.anthropic else \
+                    completion_to_chunks(self.payload):
                 yield json_bytes(chunk), chunk
             return
-        for entry in self._head:
-            item = entry if type(entry) is tuple else self._item(entry)
-            if item is not None:
-                yield item
+        for item in self._head:
+            yield item
         self._head = []
         resp, splitter = self.response, self._splitter
         while True:
@@ -2464,9 +2800,10 @@ class UpstreamAnswer:
         item = self._item(rest) if rest else None
         if item is not None:
             yield item
-        if not self.done and self.finish_reason is None:
+        if not self.done and (self.finish_reason is None or self.anthropic):
             raise UpstreamError("transient", "upstream stream ended before the answer was "
-                                "complete (no finish_reason, no [DONE])",
+                                "complete (%s)" % ("no message_stop" if self.anthropic else
+                                                   "no finish_reason, no [DONE]"),
                                 trace_id=resp.trace_id)
 
     def close(self):
@@ -2522,6 +2859,30 @@ def model_allowed(account, model):
     if account.models and not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.models):
         return False
     return not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.excluded_models)
+
+
+def serves(account, model):
+    """An account serves its provider's models and any model no preset claims; a custom
+    upstream (no provider) is asked for anything."""
+    owners = MODEL_OWNERS.get(model.lower())
+    return not owners or not account.provider_name or account.provider_name in owners
+
+
+def claude_families(accounts, configured):
+    """Claude family -> model: the one provider's own mapping when every usable account is of
+    that provider (else iFlow's), with config ``claude_models`` on top."""
+    providers = {a.provider_name for a in accounts if a.usable and a.provider_name}
+    preset = PROVIDERS[providers.pop()] if len(providers) == 1 else PROVIDERS["iflow"]
+    return dict(preset.claude, **configured)
+
+
+def model_chain(model, fallbacks):
+    """``model`` then its config ``model_fallbacks``, each once (a chain never loops)."""
+    chain = [model]
+    for name in fallbacks.get(model, ()):
+        if name.lower() not in {c.lower() for c in chain}:
+            chain.append(name)
+    return chain
 
 
 class _Ticket:
@@ -2594,7 +2955,14 @@ class Router:
         if not allowed:
             raise NotFound("model %r is not allowed on any account (see the accounts' "
                            "models/excluded_models settings)" % model, code="model_not_found")
-        return allowed
+        serving = [a for a in allowed if serves(a, model)]
+        if not serving:
+            owners = MODEL_OWNERS.get(model.lower(), ())
+            raise NotFound("model %r is served by %s; no account of %s is set up (python "
+                           "iflow_proxy.py login --api-key --provider %s)" % (
+                               model, ", ".join(owners), "theirs" if len(owners) > 1 else "it",
+                               owners[0]), code="model_not_found")
+        return serving
 
     def limit(self, account):
         return self.config.max_concurrency if account.max_concurrency is None \
@@ -2880,13 +3248,13 @@ class UsageBook:
 # Translation: Anthropic Messages <-> OpenAI chat completions (pure functions over dicts)
 # ==================================================================================================
 
-def map_claude_model(model, claude_models):
-    """Claude model names (any version, ``[1m]`` too) -> the configured iFlow model."""
+def map_claude_model(model, claude_models, defaults=DEFAULT_CLAUDE_MODELS):
+    """Claude model names (any version, ``[1m]`` too) -> the configured (else default) model."""
     name = _CONTEXT_SUFFIX.sub("", model.strip()).lower()
     if not name.startswith("claude"):
         return model
     family = next((f for f in CLAUDE_FAMILIES if f in name), "sonnet")
-    return claude_models.get(family) or DEFAULT_CLAUDE_MODELS[family]
+    return claude_models.get(family) or defaults[family]
 
 
 # --- requests: parsing and validation of both APIs, in one place ----------------------------
@@ -3620,6 +3988,226 @@ class AnthropicStream:
         return sse({"type": "ping"}, "ping")
 
 
+# --- OpenAI requests for Anthropic-protocol upstreams, and their answers back ------------------
+
+_FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                   "tool_use": "tool_calls", "refusal": "content_filter",
+                   "pause_turn": "stop", "model_context_window_exceeded": "length"}
+
+
+def _anthropic_image(part):
+    """An OpenAI image_url part as an Anthropic image block (data: URLs become base64)."""
+    url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) \
+        else part.get("image_url")
+    if not isinstance(url, str):
+        raise BadRequest("an image_url part needs a url")
+    m = re.match(r"data:([\w/+.-]+);base64,(.*)$", url, re.S)
+    if m:
+        return {"type": "image", "source": {"type": "base64", "media_type": m.group(1),
+                                            "data": m.group(2)}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _anthropic_blocks(content):
+    """OpenAI message content (a string or parts) as Anthropic content blocks."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content:
+        if part.get("type") == "text" and isinstance(part.get("text"), str) and part["text"]:
+            blocks.append({"type": "text", "text": part["text"]})
+        elif part.get("type") == "image_url":
+            blocks.append(_anthropic_image(part))
+    return blocks
+
+
+def _tool_use_blocks(calls):
+    blocks = []
+    for call in calls or ():
+        function = call.get("function") or {}
+        name = function.get("name") or ""
+        blocks.append({"type": "tool_use", "id": call.get("id") or "toolu_" +
+                       secrets.token_hex(12), "name": name,
+                       "input": tool_input(function.get("arguments"), name)})
+    return blocks
+
+
+def _anthropic_turns(messages):
+    """(system text, turns) from OpenAI messages; consecutive turns of one role are merged,
+    tool results become the user's tool_result blocks."""
+    system, turns = [], []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend(b["text"] for b in _anthropic_blocks(message.get("content")))
+            continue
+        if role == "tool":
+            text = message.get("content")
+            text = text if isinstance(text, str) else _text_of(_anthropic_blocks(text))
+            role, blocks = "user", [{"type": "tool_result", "content": text or "(no output)",
+                                     "tool_use_id": message.get("tool_call_id") or ""}]
+        elif role == "assistant":
+            blocks = _anthropic_blocks(message.get("content")) + \
+                _tool_use_blocks(message.get("tool_calls"))
+        else:
+            role, blocks = "user", _anthropic_blocks(message.get("content"))
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    return "\n\n".join(system), turns
+
+
+def _anthropic_tool_choice(choice, parallel):
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        out = {"type": "tool", "name": name} if name else {"type": "auto"}
+    else:
+        out = {"type": {"required": "any", "none": "none"}.get(choice, "auto")}
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def openai_to_anthropic_request(body, max_output=8192):
+    """An OpenAI chat-completions body as an Anthropic Messages request."""
+    system, turns = _anthropic_turns(body["messages"])
+    out = {"model": body["model"], "messages": turns, "stream": body.get("stream") is True,
+           "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or
+           body.get("max_new_tokens") or max_output}
+    if system:
+        out["system"] = system
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    tools = [t.get("function") or {} for t in body.get("tools") or () if isinstance(t, dict)]
+    if tools:
+        out["tools"] = [{"name": f.get("name") or "", "description": f.get("description") or "",
+                         "input_schema": f.get("parameters") or {"type": "object"}}
+                        for f in tools]
+        if body.get("tool_choice") is not None or body.get("parallel_tool_calls") is False:
+            out["tool_choice"] = _anthropic_tool_choice(body.get("tool_choice"),
+                                                        body.get("parallel_tool_calls"))
+    if body.get("reasoning_effort") == "none":
+        out["thinking"] = {"type": "disabled"}
+    if body.get("user"):
+        out["metadata"] = {"user_id": body["user"]}
+    return out
+
+
+def anthropic_message_to_completion(message, model):
+    """An Anthropic message as an OpenAI chat.completion (thinking as reasoning_content)."""
+    text, reasoning, calls = [], [], []
+    for block in message.get("content") or ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text.append(block.get("text") or "")
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking") or "")
+        elif kind == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name") or "", "arguments": json.dumps(
+                    block.get("input") or {}, ensure_ascii=False)}})
+    reply = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if reasoning:
+        reply["reasoning_content"] = "".join(reasoning)
+    if calls:
+        reply["tool_calls"] = calls
+    completion = {"id": "chatcmpl-" + (message.get("id") or secrets.token_hex(12)),
+                  "object": "chat.completion", "created": int(time.time()), "model": model,
+                  "choices": [{"index": 0, "message": reply, "finish_reason":
+                               _FINISH_REASONS.get(message.get("stop_reason"), "stop")}]}
+    usage = openai_usage(message.get("usage"))
+    if usage:
+        completion["usage"] = dict(usage, total_tokens=usage["prompt_tokens"] +
+                                   usage["completion_tokens"])
+    return completion
+
+
+class OpenAIChunks:
+    """Turns Anthropic stream events into OpenAI chat.completion.chunk SSE events (bytes)."""
+
+    def __init__(self, model):
+        self.base = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": model}
+        self._tools = {}      # Anthropic block index -> OpenAI tool call index
+        self._usage = {}
+
+    def _chunk(self, delta=None, finish=None, **extra):
+        choices = [] if delta is None else [{"index": 0, "delta": delta,
+                                             "finish_reason": finish}]
+        return sse(dict(self.base, choices=choices, **extra))
+
+    def feed(self, event):
+        """OpenAI events for one Anthropic event (a parsed dict)."""
+        kind = event.get("type")
+        if kind == "message_start":
+            self._usage = dict((event.get("message") or {}).get("usage") or {})
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") != "tool_use":
+                return b""
+            index = self._tools[event.get("index")] = len(self._tools)
+            return self._chunk({"tool_calls": [{"index": index, "id": block.get("id"),
+                                                "type": "function", "function": {
+                                                    "name": block.get("name"),
+                                                    "arguments": ""}}]})
+        if kind == "content_block_delta":
+            return self._delta(event.get("index"), event.get("delta") or {})
+        if kind == "message_delta":
+            self._usage.update(event.get("usage") or {})
+            reason = (event.get("delta") or {}).get("stop_reason")
+            usage = openai_usage(self._usage)
+            return self._chunk({}, _FINISH_REASONS.get(reason, "stop")) + self._chunk(
+                usage=dict(usage, total_tokens=usage["prompt_tokens"] +
+                           usage["completion_tokens"]))
+        return b""
+
+    def _delta(self, index, delta):
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            return self._chunk({"content": delta["text"]})
+        if kind == "thinking_delta" and delta.get("thinking"):
+            return self._chunk({"reasoning_content": delta["thinking"]})
+        if kind == "input_json_delta" and index in self._tools and delta.get("partial_json"):
+            return self._chunk({"tool_calls": [{"index": self._tools[index], "function": {
+                "arguments": delta["partial_json"]}}]})
+        return b""
+
+
+class ChatRequest:
+    """One client chat request, in the form each upstream protocol needs (made when needed).
+
+    ``api`` is the client's own API; ``body`` its validated request with the model already
+    mapped (a Claude name to the provider's model); ``openai()`` and ``anthropic()`` give it
+    in either upstream protocol.
+    """
+
+    def __init__(self, api, body, thinking=None, effort=None, estimate=0):
+        self.api, self.body = api, body
+        self.model, self.stream = body["model"], body.get("stream") is True
+        self.thinking, self.effort, self.estimate = thinking, effort, estimate
+        self._forms = {api: body}
+
+    def openai(self):
+        if "openai" not in self._forms:
+            self._forms["openai"] = anthropic_to_openai(self.body, self.model, 1 << 30)
+        return self._forms["openai"]
+
+    def anthropic(self):
+        if "anthropic" not in self._forms:
+            self._forms["anthropic"] = openai_to_anthropic_request(self.body)
+        return self._forms["anthropic"]
+
+
 # --- token estimate (count_tokens) -----------------------------------------------------------
 
 # The 732 CJK characters that Claude's published BPE vocabulary holds as single tokens (the
@@ -3748,27 +4336,30 @@ def count_request_tokens(body, estimate=estimate_tokens):
 # ==================================================================================================
 
 class ChatExchange:
-    """One chat exchange, from the translated request to the recorded outcome.
+    """One chat exchange, from the client's request to the recorded outcome.
 
-        exchange = service.exchange(body, conversation, cancelled=gone.is_set)
+        exchange = service.exchange(ChatRequest(api, body), conversation, cancelled=...)
         try:
             exchange.open()                      # resolve, acquire, send, classify, fail over
             for data, chunk in exchange.chunks(): ...          # or exchange.answer.payload
         finally:
             exchange.close()                     # release the account, record usage
 
-    open() tries accounts until one answers well (failover happens only here, before any byte
-    reached the client); a key that upstream rejects is renewed once; a legacy model name is
-    retried once as its canonical name.  close() records the outcome exactly once.
+    open() tries the model's accounts — of any provider and either protocol — until one answers
+    well (failover happens only here, before any byte reached the client); a key that upstream
+    rejects is renewed once; a legacy model name is retried once as its canonical name; an
+    output limit upstream names is learnt and retried once; when no account is left the next
+    model of the ``model_fallbacks`` chain is tried.  close() records the outcome exactly once.
     """
 
-    def __init__(self, service, body, conversation, thinking=None, effort=None, cancelled=None):
-        self.service, self.body, self.conversation = service, body, conversation
-        self.thinking, self.effort, self.cancelled = thinking, effort, cancelled
-        self.stream = body.get("stream") is True
-        self.asked = body["model"]
+    def __init__(self, service, request, conversation, cancelled=None):
+        self.service, self.request, self.conversation = service, request, conversation
+        self.thinking, self.effort, self.cancelled = request.thinking, request.effort, cancelled
+        self.stream = request.stream
+        self.asked = request.model
         self.account = None        # holds a router slot from open() until close()
         self.model = None          # the model that answered
+        self.protocol = None       # what the answering upstream speaks
         self.attempts = 0
         self.answer = None         # the UpstreamAnswer being relayed
         self.error = None          # what went wrong after the answer began
@@ -3780,7 +4371,19 @@ class ChatExchange:
     # --- opening ---------------------------------------------------------------------------
     def open(self):
         """Send the request upstream and classify the answer's head; returns self."""
-        pinned, model, fallback, hint = self.service.resolve(self.asked)
+        chain = model_chain(self.asked, self.service.config.model_fallbacks)
+        for i, asked in enumerate(chain):
+            try:
+                return self._open_model(asked)
+            except (RateLimited, NotFound, NoAccount, UpstreamError) as e:
+                later = chain[i + 1:]
+                if not later or isinstance(e, UpstreamError) and not e.retry_other_account:
+                    raise
+                log.info("model %s can't answer now (%s); trying %s", asked, e.message, later[0])
+        raise NoAccount("no model left to try")  # not reached: the last model raises
+
+    def _open_model(self, requested):
+        pinned, model, fallback, hint = self.service.resolve(requested)
         if hint is not None:  # an explicit model suffix wins
             self.effort, self.thinking = hint, hint != "none"
         tried, last = set(), None
@@ -3813,8 +4416,9 @@ class ChatExchange:
 
     def _try_account(self, account, names):
         """Answer on one account: each model name in turn (a legacy name's canonical one after
-        a refusal), renewing a rejected key once.  The slot is released unless it answered."""
-        renewed = False
+        a refusal), renewing a rejected key once and learning an output limit upstream names
+        once.  The slot is released unless it answered."""
+        renewed = relimited = False
         try:
             while True:
                 name = names[0]
@@ -3824,6 +4428,10 @@ class ChatExchange:
                     if self.abort_reason is not None:  # the client left: not the account's fault
                         raise ClientGone()
                     self._failed(account, name, e)
+                    if not relimited and e.kind == "bad_request" and \
+                            self.service.learn_output_limit(account, name, e.message):
+                        relimited = True
+                        continue
                     if not renewed and e.kind in ("key_expired", "auth") and \
                             account.kind in ("oauth", "cookie"):
                         renewed, fresh = True, self.service.renew(account)
@@ -3839,26 +4447,43 @@ class ChatExchange:
                     raise
                 self.service.router.record_success(account, name)
                 self.account, self.model, account = account, name, None
+                self.protocol = self.account.protocol
                 return answer
         finally:
             if account is not None:
                 self.service.router.release(account)
 
     def _send(self, account, model):
-        """One attempt: shape and sign the body, send it, read and check the answer's head."""
+        """One attempt: shape (and sign) the body for the account's provider and protocol, send
+        it, read and check the answer's head."""
         self.attempts += 1
-        config = self.service.config
-        shaped = shape_chat_body(self.body, model, account.signing, self.thinking, self.effort)
-        session, conversation = conversation_ids(account.id, self.conversation)
-        headers = upstream_headers(account, config, session, conversation,
-                                   clock=self.service.clock)
-        response = self.service.upstream.open(
-            "POST", account.api_base(config) + "/chat/completions", headers, json_bytes(shaped),
-            watch=self._watch)
+        config, service = self.service.config, self.service
+        preset = PROVIDERS.get(account.provider_name)
+        limit = service.output_limit(account, model)
+        base = account.api_base(config)
+        if account.protocol == "anthropic":
+            body = shape_messages_body(self.request.anthropic(), model, limit,
+                                       preset.rejects if preset else ())
+            url, headers = base + "/v1/messages", anthropic_headers(account, preset)
+        else:
+            body = shape_provider_body(self.request.openai(), model, account, self.thinking,
+                                       self.effort, limit)
+            if preset is not None and "reasoning_passback" in preset.quirks:
+                body["messages"] = service.reasoning.restore(body["messages"])
+            session, conversation = conversation_ids(account.id, self.conversation)
+            url = base + "/chat/completions"
+            headers = upstream_headers(account, config, session, conversation,
+                                       clock=service.clock)
+        response = service.upstream.open("POST", url, headers, json_bytes(body),
+                                         watch=self._watch)
         if response.trace_id:
             log.debug("upstream eagleeye-traceid %s", printable(response.trace_id))
-        return UpstreamAnswer(response, self.stream, (account.api_key,),
-                              config.max_body_bytes).open()
+        answer = UpstreamAnswer(response, self.stream, (account.api_key,), config.max_body_bytes,
+                                protocol=account.protocol).open()
+        if answer.payload is not None and preset is not None and \
+                "reasoning_passback" in preset.quirks and account.protocol == "openai":
+            service.reasoning.remember_completion(answer.payload)
+        return answer
 
     def _watch(self, connection):
         self._connection = connection
@@ -3886,9 +4511,16 @@ class ChatExchange:
     # --- reading, aborting, closing --------------------------------------------------------
     def chunks(self):
         """The answer's chunks, ``(data bytes, chunk)``, each checked (UpstreamAnswer.chunks)."""
+        preset = PROVIDERS.get(self.account.provider_name) if self.account else None
+        heard = ReasoningHeard() if preset is not None and self.protocol == "openai" and \
+            "reasoning_passback" in preset.quirks and self.answer.payload is None else None
         try:
             for item in self.answer.chunks():
+                if heard is not None:
+                    heard.feed(item[1])
                 yield item
+            if heard is not None:
+                self.service.reasoning.remember(heard.tool_ids, "".join(heard.reasoning))
         except UpstreamError:
             if self.cancelled is not None and self.cancelled():
                 raise ClientGone()
@@ -3935,6 +4567,67 @@ class ChatExchange:
         return {"model": self.asked, "model_sent": self.model, "attempts": self.attempts,
                 "account": self.account.nickname if self.account else None,
                 "usage": self.usage, "error": self.error}
+
+
+class ReasoningHeard:
+    """What a streamed answer said in reasoning_content, and the ids of its tool calls."""
+
+    def __init__(self):
+        self.reasoning, self.tool_ids = [], []
+
+    def feed(self, chunk):
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if type(choice) is dict else None
+            if type(delta) is not dict:
+                continue
+            if isinstance(delta.get("reasoning_content"), str):
+                self.reasoning.append(delta["reasoning_content"])
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    self.tool_ids.append(call["id"])
+
+
+class ReasoningMemory:
+    """The reasoning behind tool calls that answers carried, to send back when a client drops it.
+
+    DeepSeek's thinking mode answers 400 unless every later request carries the
+    reasoning_content of each assistant turn that made tool calls, and most OpenAI clients drop
+    that field.  Keyed by tool-call id, bounded.
+    """
+
+    def __init__(self, size=4096):
+        self._by_call, self._size, self._lock = {}, size, threading.Lock()
+
+    def remember(self, tool_ids, reasoning):
+        if not reasoning or not tool_ids:
+            return
+        with self._lock:
+            for tool_id in tool_ids:
+                self._by_call[tool_id] = reasoning
+            while len(self._by_call) > self._size:
+                self._by_call.pop(next(iter(self._by_call)))
+
+    def remember_completion(self, completion):
+        for choice in completion.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+                self.remember([c.get("id") for c in message["tool_calls"]
+                               if isinstance(c, dict) and isinstance(c.get("id"), str)],
+                              message.get("reasoning_content"))
+
+    def restore(self, messages):
+        """``messages`` with the remembered reasoning put back where a client left it out."""
+        out = []
+        for message in messages:
+            calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+            if calls and not message.get("reasoning_content"):
+                with self._lock:
+                    found = next((self._by_call[c.get("id")] for c in calls
+                                  if isinstance(c, dict) and c.get("id") in self._by_call), None)
+                if found:
+                    message = dict(message, reasoning_content=found)
+            out.append(message)
+        return out
 
 
 class ModelCatalog:
@@ -4008,11 +4701,42 @@ class ChatService:
         self.token_estimates = TokenEstimates()
         self.started_at = time.time()
         self._images = {}           # sha256 of an image -> its description (bounded)
+        self._limits = {}           # (account id, model) -> output limit upstream named
+        self.reasoning = ReasoningMemory()
         self._lock = threading.Lock()
         self._open = set()          # exchanges relaying an answer (stopped at shutdown)
 
-    def exchange(self, body, conversation, thinking=None, effort=None, cancelled=None):
-        return ChatExchange(self, body, conversation, thinking, effort, cancelled)
+    def exchange(self, request, conversation, cancelled=None):
+        return ChatExchange(self, request, conversation, cancelled)
+
+    def claude_defaults(self):
+        """Claude family -> model for the accounts configured now (see claude_families)."""
+        return claude_families(self.router.all_accounts(), {})
+
+    def output_limit(self, account, model):
+        """The largest output this account's model allows (learnt from upstream, else the
+        provider table, else iFlow's per-family limits)."""
+        with self._lock:
+            learnt = self._limits.get((account.id, model))
+        if learnt:
+            return learnt
+        spec = model_spec(model, account.provider_name)
+        if spec is UNKNOWN_MODEL and account.provider_name == "iflow":
+            return output_limit(model)
+        return spec.output
+
+    def learn_output_limit(self, account, model, message):
+        """Remember the max_tokens range an upstream error names; True if it named one."""
+        limit = max_tokens_range(message)
+        if not limit:
+            return False
+        log.info("account %s: model %s allows at most %d output tokens; retrying with that",
+                 account.nickname, model, limit)
+        with self._lock:
+            self._limits[(account.id, model)] = limit
+            while len(self._limits) > 1000:
+                self._limits.pop(next(iter(self._limits)))
+        return True
 
     def resolve(self, requested):
         """(pinned nickname, model, fallback model, effort hint) for a requested model name."""
@@ -4082,7 +4806,7 @@ class ChatService:
         request = {"model": self.config.vision_model, "stream": False, "messages": [
             {"role": "user", "content": [{"type": "text", "text": prompt},
                                          {"type": "image_url", "image_url": {"url": url}}]}]}
-        exchange = self.exchange(request, conversation)
+        exchange = self.exchange(ChatRequest("openai", request), conversation)
         try:
             payload = exchange.open().answer.payload
         finally:
@@ -4876,26 +5600,28 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_chat_completions(self):
         body = validate_chat_request(self.read_json())
         chat = self.server.chat
-        self.relay(chat.exchange(body, openai_conversation_key(body, self.headers),
-                                 cancelled=self.has_left), self.write_openai)
+        self.relay(chat.exchange(ChatRequest("openai", body), openai_conversation_key(
+            body, self.headers), cancelled=self.has_left), self.write_openai)
 
     def handle_messages(self):
         config, chat = self.server.config, self.server.chat
         request = validate_anthropic_request(self.read_json())
         self.log_fields["model"] = request["model"]
-        mapped = map_claude_model(request["model"], config.claude_models)
+        mapped = map_claude_model(request["model"], config.claude_models,
+                                  chat.claude_defaults())
         _pinned, model, _fallback, _effort = chat.resolve(mapped)
-        body = anthropic_to_openai(request, mapped, output_limit(model))
+        thinking, effort = anthropic_thinking(request)
+        chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
+                                   count_request_tokens(request, chat.token_estimates))
         conversation = anthropic_conversation_key(request, self.headers)
+        body = chat_request.openai()
         if has_images(body) and not is_vision_model(model, config.vision_models):
             if not config.describe_images:
                 raise BadRequest("model %s cannot see images and describe_images is off; use a "
                                  "vision model such as %s" % (model, config.vision_model))
             chat.describe_images(body, conversation)
-        thinking, effort = anthropic_thinking(request)
-        estimate = count_request_tokens(request, chat.token_estimates)
-        exchange = chat.exchange(body, conversation, thinking, effort, cancelled=self.has_left)
-        self.relay(exchange, lambda ex: self.write_anthropic(ex, request, estimate))
+        exchange = chat.exchange(chat_request, conversation, cancelled=self.has_left)
+        self.relay(exchange, lambda ex: self.write_anthropic(ex, request))
 
     def has_left(self):
         return self.client_left
@@ -4912,17 +5638,24 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             exchange.close()
 
     def write_openai(self, exchange):
-        """Upstream's answer as it came: JSON bytes relayed, stream events one by one."""
+        """The answer for an OpenAI client: relayed as it came from an OpenAI upstream (event by
+        event), translated from an Anthropic one."""
         headers = {}
         if exchange.model != self.server.chat.router.split_pin(exchange.asked)[1]:
             headers["x-iflow-proxy-model"] = exchange.model
+        translator = OpenAIChunks(exchange.model) if exchange.protocol == "anthropic" else None
         if not exchange.stream:
-            self.send_bytes(200, exchange.answer.raw, headers=headers)
+            if translator is None:
+                self.send_bytes(200, exchange.answer.raw, headers=headers)
+            else:
+                self.send_json(200, anthropic_message_to_completion(exchange.answer.payload,
+                                                                     exchange.model), headers)
             return
         self.start_stream(headers)
         try:
-            for data, _chunk in exchange.chunks():
-                self.write_chunk(b"data: " + data + b"\n\n")
+            for data, chunk in exchange.chunks():
+                self.write_chunk(translator.feed(chunk) if translator else
+                                 b"data: " + data + b"\n\n")
             tail = b"data: [DONE]\n\n"
         except UpstreamError as e:
             exchange.fail(e)
@@ -4930,31 +5663,39 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.write_chunk(tail)
         self.end_stream()
 
-    def write_anthropic(self, exchange, request, estimate):
-        """The answer translated into an Anthropic message or stream (pinging in silences)."""
+    def write_anthropic(self, exchange, request):
+        """The answer for an Anthropic client: relayed event by event from an Anthropic upstream,
+        translated from an OpenAI one (pinging in silences either way)."""
         headers = {"x-iflow-proxy-model": exchange.model}
         stops = request.get("stop_sequences") or ()
+        estimate = exchange.request.estimate
         if not exchange.stream:
-            self.send_json(200, openai_to_anthropic(exchange.answer.payload, request["model"],
-                                                    stops, estimate), headers)
+            if exchange.protocol == "anthropic":
+                self.send_bytes(200, exchange.answer.raw, headers=headers)
+            else:
+                self.send_json(200, openai_to_anthropic(exchange.answer.payload, request["model"],
+                                                        stops, estimate), headers)
             return
-        translator = AnthropicStream(request["model"], estimate, stops)
+        translator = AnthropicStream(request["model"], estimate, stops) \
+            if exchange.protocol != "anthropic" else None
         lock = threading.Lock()
         self.start_stream(headers)
         with Heartbeat(self, self.server.config.ping_interval, lock):
-            with lock:
-                self.write_chunk(translator.start())
+            if translator is not None:
+                with lock:
+                    self.write_chunk(translator.start())
             try:
-                for _data, chunk in exchange.chunks():
-                    out = translator.feed(chunk)
+                for data, event in exchange.chunks():
+                    out = translator.feed(event) if translator else \
+                        sse(data, str(event.get("type")))
                     with lock:
                         self.write_chunk(out)
-                    if translator.done:  # a stop sequence: read no more of upstream
+                    if translator is not None and translator.done:  # a stop sequence matched
                         break
-                out = translator.finish()
+                out = translator.finish() if translator else b""
             except UpstreamError as e:
                 exchange.fail(e)
-                out = translator.error(e)
+                out = AnthropicStream.error(e)
             with lock:
                 self.write_chunk(out)
                 self.end_stream()

@@ -3356,7 +3356,10 @@ class StubConnection:
 class ScriptedExchange:
     """What the handler needs of a ChatExchange, answering with a canned completion."""
 
-    def __init__(self, body, model=None, content="ok"):
+    protocol = "openai"
+
+    def __init__(self, request, model=None, content="ok"):
+        self.request, body = request, request.openai()
         self.body, self.asked, self.stream = body, body["model"], body.get("stream") is True
         self.model = model or body["model"]
         payload = {"id": "c", "object": "chat.completion", "model": self.model, "choices": [
@@ -3391,9 +3394,12 @@ class ScriptedChat:
         self.router = ip.Router(ip.AccountRegistry("/nonexistent"), ip.Config(home="/x"))
         self.token_estimates = ip.estimate_tokens
 
-    def exchange(self, body, conversation, thinking=None, effort=None, cancelled=None):
-        self.exchanges.append(ScriptedExchange(body, self.model))
+    def exchange(self, request, conversation, cancelled=None):
+        self.exchanges.append(ScriptedExchange(request, self.model))
         return self.exchanges[-1]
+
+    def claude_defaults(self):
+        return ip.DEFAULT_CLAUDE_MODELS
 
     def resolve(self, requested):
         return (None,) + ip.resolve_model(requested, ip.Config(home="/x"))
