@@ -2115,13 +2115,16 @@ def anthropic_headers(account, preset):
     return headers
 
 
-_MAX_TOKENS_RANGE = re.compile(r"valid range of max_tokens is \[\s*\d+\s*,\s*(\d+)\s*\]", re.I)
+# DeepSeek: "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]";
+# Anthropic's wording: "max_tokens: 99999 > 8192, which is the maximum allowed number of ..."
+_MAX_TOKENS_RANGE = re.compile(r"valid range of max_tokens is \[\s*\d+\s*,\s*(\d+)\s*\]|"
+                               r"max_tokens: \d+ > (\d+), which is the maximum", re.I)
 
 
 def max_tokens_range(message):
     """The largest max_tokens an upstream's range error names ("… is [1, 8192]"), or None."""
     m = _MAX_TOKENS_RANGE.search(message or "")
-    return int(m.group(1)) if m else None
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 class ConnectionPool:
@@ -5871,21 +5874,49 @@ class ProbeResult:
             else "accepted"
 
 
+def probe_model(account, config):
+    """The model a probe asks for: config probe_model for iFlow and custom upstreams, else the
+    provider's small (haiku-family) model."""
+    preset = PROVIDERS.get(account.provider_name)
+    return config.probe_model if preset is None or account.provider_name == "iflow" \
+        else preset.claude["haiku"]
+
+
 def probe_account(account, config, upstream, clock=time.monotonic):
     """Send the smallest possible chat request with ``account`` and classify the answer."""
-    body = {"model": config.probe_model, "messages": [{"role": "user", "content": "ping"}],
-            "max_tokens": 1, "stream": False}
-    sid, cid = conversation_ids(account.id, "probe")
+    body = {"model": probe_model(account, config), "max_tokens": 1, "stream": False,
+            "messages": [{"role": "user", "content": "ping"}]}
+    base = account.api_base(config)
+    if account.protocol == "anthropic":
+        url, headers = base + "/v1/messages", anthropic_headers(
+            account, PROVIDERS.get(account.provider_name))
+    else:
+        sid, cid = conversation_ids(account.id, "probe")
+        url, headers = base + "/chat/completions", upstream_headers(account, config, sid, cid)
     started = clock()
     try:
-        resp = upstream.open("POST", account.api_base(config) + "/chat/completions",
-                             upstream_headers(account, config, sid, cid),
-                             json.dumps(body).encode("utf-8"))
+        resp = upstream.open("POST", url, headers, json.dumps(body).encode("utf-8"))
         latency = (clock() - started) * 1000
-        UpstreamAnswer(resp, False, (account.api_key,), SSE_HEAD_LIMIT).open()
+        UpstreamAnswer(resp, False, (account.api_key,), SSE_HEAD_LIMIT,
+                       protocol=account.protocol).open()
         return ProbeResult(account, latency, None, resp.status)
     except UpstreamError as e:
         return ProbeResult(account, (clock() - started) * 1000, e, e.upstream_status)
+
+
+def service_verdict(result):
+    """A plain word on an upstream that is gone, or None."""
+    message = result.error.message if result.error else ""
+    live = ", ".join(p for p in PROVIDERS if p != "iflow")
+    if result.account.provider_name == "iflow" and not result.reachable:
+        return ("iFlow's CLI service ended on 2026-04-17 and its API has not answered since; "
+                "providers that live: %s (python iflow_proxy.py providers)" % live)
+    if re.search(r"name or service not known|nodename nor servname|getaddrinfo|"
+                 r"temporary failure in name resolution|no address associated", message, re.I):
+        return "the host name does not resolve (DNS): check the base URL and your network"
+    if re.search(r"deprecat|no longer supported|discontinued", message, re.I):
+        return "upstream says this auth method or API is deprecated; providers that live: " + live
+    return None
 
 
 def format_probe(result, config):
@@ -5900,10 +5931,13 @@ def format_probe(result, config):
     lines.append("  key         " + result.key_verdict)
     lines.append("  signature   " + result.signature_verdict)
     if result.error is None:
-        lines.append("  model       %s answered" % config.probe_model)
+        lines.append("  model       %s answered" % probe_model(a, config))
     elif result.reachable:
         lines.append("  answer      %s" % result.error.message)
-    return "\n".join(lines)
+    verdict = service_verdict(result)
+    if verdict:
+        lines.append("  service     " + verdict)
+    return printable("\n".join(lines)).replace("\\x0a", "\n")
 
 
 def read_secret(prompt, stdin):
@@ -5998,10 +6032,14 @@ def cmd_login(args, config):
         validate_nickname(args.nickname)
     if args.callback_port is not None:
         config = dataclasses.replace(config, callback_port=args.callback_port)
-    settings = {}
+    settings, suffix = {}, ""
+    if (args.provider or args.protocol) and not args.api_key:
+        raise BadRequest("--provider and --protocol go with --api-key")
     if args.api_key:
-        kind, creds, settings = "api-key", login_api_key(args, config), \
-            {"base_url": (args.base_url or "").rstrip("/"), "signing": not args.no_signing}
+        settings = api_key_settings(args)
+        kind, creds = "api-key", login_api_key(args, config, settings)
+        if settings.get("provider"):  # one key may serve a provider over both protocols
+            suffix = ":%s/%s" % (settings["provider"], settings["protocol"])
     elif args.cookie:
         kind, creds = "cookie", platform_api_key(config, read_cookie(args.stdin))
     elif args.device:
@@ -6010,26 +6048,56 @@ def cmd_login(args, config):
         kind, creds = "oauth", login_oauth(config, args.stdout, args.stdin,
                                            browser=not args.no_browser)
     registry = AccountRegistry(config.home)
-    entry, created = registry.upsert(identity_of(kind, creds), kind, creds,
-                                     nickname=args.nickname, make_default=args.default,
-                                     settings=settings)
+    identity, nickname = identity_of(kind, creds) + suffix, args.nickname
+    accounts = registry.read()["accounts"]
+    if suffix and not nickname and not any(e.get("identity") == identity for e in accounts):
+        nickname = unique_nickname(settings["provider"] + (
+            "-anthropic" if settings["protocol"] == "anthropic" else ""),
+            [e["nickname"] for e in accounts])
+    entry, created = registry.upsert(identity, kind, creds, nickname=nickname,
+                                     make_default=args.default, settings=settings)
     default = registry.read().get("default") == entry["id"]
     who = creds.get("email") or creds.get("phone") or creds.get("key_name") or ""
-    args.stdout.write("%s account %s%s (%s, key %s)%s%s\n" % (
+    where = " on %s (%s)" % (settings["provider"], settings["protocol"]) \
+        if settings.get("provider") else ""
+    args.stdout.write("%s account %s%s%s (%s, key %s)%s%s\n" % (
         "added" if created else "updated", entry["nickname"], " <%s>" % who if who else "",
-        kind, mask_secret(creds.get("api_key")), ", the default" if default else "",
+        where, kind, mask_secret(creds.get("api_key")), ", the default" if default else "",
         ", verified" if kind == "api-key" and not args.no_verify else ""))
     return 0
 
 
-def login_api_key(args, config):
-    key = read_secret("iFlow API key (input hidden): ", args.stdin)
+def api_key_settings(args):
+    """The registry settings of an API-key account: the preset's base URL for the protocol
+    (--base-url overrides it, for mirrors and gateways), signing, provider and protocol."""
     base_url = (args.base_url or "").rstrip("/")
     if base_url and not _is_http_url(base_url):
         raise BadRequest("--base-url must be an http:// or https:// URL, got %r" % base_url)
+    protocol = args.protocol or "openai"
+    if protocol not in PROTOCOLS:
+        raise BadRequest("unknown protocol %r: use openai or anthropic" % protocol)
+    if not args.provider:
+        return {"base_url": base_url, "signing": not args.no_signing, "protocol": protocol}
+    preset = PROVIDERS.get(args.provider.lower())
+    if preset is None:
+        raise BadRequest("unknown provider %r; the presets are: %s (python iflow_proxy.py "
+                         "providers)" % (args.provider, ", ".join(PROVIDERS)))
+    preset_base = preset.anthropic if protocol == "anthropic" else preset.openai
+    if not preset_base and not base_url:
+        raise BadRequest("%s has no %s endpoint; use --protocol %s" % (
+            args.provider, protocol, "openai" if protocol == "anthropic" else "anthropic"))
+    if args.provider.lower() == "iflow" and not base_url:
+        preset_base = ""  # iFlow accounts follow config api_base / IFLOW_API_BASE
+    return {"base_url": base_url or preset_base, "provider": args.provider.lower(),
+            "protocol": protocol, "signing": preset.signing and not args.no_signing}
+
+
+def login_api_key(args, config, settings):
+    preset = PROVIDERS.get(settings.get("provider"))
+    key = read_secret("%s API key (input hidden): " % (preset.title if preset else "API"),
+                      args.stdin)
     account = Account(id="login-" + fingerprint(key), nickname=args.nickname or "new",
-                      kind="api-key", api_key=key, base_url=base_url,
-                      signing=not args.no_signing)
+                      kind="api-key", api_key=key, **settings)
     if not args.no_verify:
         upstream = UpstreamClient(config)
         result = probe_account(account, config, upstream)
@@ -6121,7 +6189,70 @@ def account_json(a, config):
     return {"id": a.id, "nickname": a.nickname, "email": a.email, "kind": a.kind,
             "default": a.default, "status": a.status, "status_reason": a.status_reason,
             "key": mask_secret(a.api_key), "base_url": a.api_base(config), "signing": a.signing,
+            "provider": a.provider_name or "custom", "protocol": a.protocol,
             "expires": a.expires, "refresh_error": a.refresh_error}
+
+
+def cmd_providers(args, config):
+    rows = [{"name": name, "title": p.title, "openai": p.openai, "anthropic": p.anthropic,
+             "docs": p.doc, "claude": p.claude,
+             "models": [{"id": m, "window": spec.window, "output": spec.output}
+                        for m, spec in (p.models or {}).items()]}
+            for name, p in PROVIDERS.items()]
+    if args.json:
+        json.dump(rows, args.stdout, indent=2)
+        args.stdout.write("\n")
+        return 0
+    for row in rows:
+        protocols = [p for p in PROTOCOLS if row[p]]
+        args.stdout.write("%s — %s (%s)\n" % (row["name"], row["title"], ", ".join(protocols)))
+        for protocol in protocols:
+            args.stdout.write("  %-9s %s\n" % (protocol, row[protocol]))
+        args.stdout.write("  models    %s\n" % ", ".join(
+            "%s (%s)" % (m["id"], _tokens(m["window"])) for m in row["models"]))
+    args.stdout.write("\nAdd one: python iflow_proxy.py login --api-key --provider NAME "
+                      "[--protocol openai|anthropic]\n")
+    return 0
+
+
+def _tokens(n):
+    return "%dM" % (n // 1048576) if n % 1048576 == 0 else "%dK" % round(n / 1000.0) \
+        if n < 1000000 else "%gM" % round(n / 1000000.0, 2)
+
+
+def model_rows(accounts):
+    """The models the accounts can serve: (model, provider, window, output, account names)."""
+    served = {}
+    for a in accounts:
+        preset = PROVIDERS.get(a.provider_name)
+        names = list(preset.models or ()) if preset else ["*"]
+        for name in names:
+            spec = model_spec(name, a.provider_name) if name != "*" else None
+            row = served.setdefault((name, a.provider_name or "custom"), {
+                "id": name, "provider": a.provider_name or "custom",
+                "window": spec.window if spec else None, "output": spec.output if spec else None,
+                "accounts": []})
+            row["accounts"].append(a.nickname)
+    return list(served.values())
+
+
+def cmd_models(args, config):
+    rows = model_rows([a for a in account_rows(config) if a.usable])
+    if args.json:
+        json.dump(rows, args.stdout, indent=2)
+        args.stdout.write("\n")
+        return 0
+    if not rows:
+        args.stdout.write("no usable accounts: add one with python iflow_proxy.py login "
+                          "--api-key --provider NAME\n")
+        return 0
+    table = [("MODEL", "PROVIDER", "WINDOW", "OUTPUT", "ACCOUNTS")]
+    for r in rows:
+        table.append(("any model (custom upstream)" if r["id"] == "*" else r["id"], r["provider"],
+                      _tokens(r["window"]) if r["window"] else "-",
+                      _tokens(r["output"]) if r["output"] else "-", ", ".join(r["accounts"])))
+    _print_table(table, args.stdout)
+    return 0
 
 
 def cmd_accounts(args, config):
@@ -6406,12 +6537,24 @@ def build_parser():
     p.add_argument("--callback-port", type=int, metavar="N",
                    help="port of the local OAuth callback (default 11451)")
     p.add_argument("--nickname", help="name for the account")
-    p.add_argument("--base-url", help="this account's own OpenAI-compatible base URL")
+    p.add_argument("--provider", metavar="NAME",
+                   help="with --api-key: a provider preset (see the providers command)")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="with --provider: the upstream's API (default openai)")
+    p.add_argument("--base-url", help="this account's own base URL (overrides the preset's)")
     p.add_argument("--no-signing", action="store_true",
                    help="plain OpenAI-compatible upstream: no iFlow headers or signature")
     p.add_argument("--no-verify", action="store_true", help="store without checking upstream")
     p.add_argument("--default", action="store_true", help="make it the default account")
     p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("providers", help="list the provider presets, their URLs and models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_providers)
+
+    p = sub.add_parser("models", help="list the models the configured accounts can serve")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("accounts", help="list accounts")
     p.add_argument("--json", action="store_true", help="machine-readable output")

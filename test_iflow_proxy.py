@@ -84,6 +84,8 @@ class FakeIFlow(http.server.ThreadingHTTPServer):
         self.json_for_stream = False
         self.responder = None           # body -> dict(content, reasoning, tool_calls, usage)
         self.hold = None                # threading.Event: every chat request waits on it
+        self.max_output = None          # DeepSeek-like: a larger max_tokens is a 400 naming it
+        self.require_reasoning = False  # DeepSeek thinking mode: tool-call turns need theirs
         self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -184,6 +186,10 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
             return self.reply(*problem)
         if key not in srv.keys:
             return self.business(434, "Invalid apiKey")
+        problem = self.deepseek_problem(body)
+        if problem:
+            return self.reply(400, {"error": {"message": problem, "type":
+                                              "invalid_request_error", "code": "invalid_request"}})
         with srv.lock:
             busy = srv.inflight.get(key, 0) > 0
             if not busy:
@@ -197,6 +203,21 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
         finally:
             with srv.lock:
                 srv.inflight[key] = 0
+
+    def deepseek_problem(self, body):
+        """DeepSeek's own 400s (api-docs.deepseek.com): max_tokens out of range, and the
+        reasoning of a thinking-mode tool-call turn not passed back."""
+        srv = self.server
+        asked = body.get("max_tokens") or body.get("max_completion_tokens")
+        if srv.max_output and isinstance(asked, int) and asked > srv.max_output:
+            return ("Invalid max_tokens value, the valid range of max_tokens is [1, %d]"
+                    % srv.max_output)
+        if srv.require_reasoning and any(m.get("role") == "assistant" and m.get("tool_calls")
+                                         and not m.get("reasoning_content")
+                                         for m in body["messages"]):
+            return ("The `reasoning_content` in the thinking mode must be passed back to the "
+                    "API.")
+        return None
 
     def answer(self, body, action):
         srv = self.server
@@ -444,7 +465,8 @@ def test_readme_documents_every_config_key_and_both_commands():
     assert "python iflow_proxy.py serve" in first_screen
     assert "python -m pytest -q" in first_screen
     rows = {}
-    for line in readme.splitlines():
+    config_section = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    for line in config_section.splitlines():
         m = re.match(r"^\| `([a-z_]+)` \|[^|]*\|([^|]*)\|(.*)\|$", line)
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3))
@@ -510,6 +532,17 @@ def test_functions_stay_short():
             for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
             and node.end_lineno - node.lineno + 1 > 60 and node.name != "build_parser"]
     assert not long, long
+
+
+def test_readme_provider_table_matches_the_presets():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    for name, preset in ip.PROVIDERS.items():
+        row = next(line for line in readme.splitlines() if line.startswith("| `%s` |" % name))
+        for url in (preset.openai, preset.anthropic):
+            assert ("`%s`" % url if url else "–") in row, (name, url)
+        for model, spec in (preset.models or {}).items():
+            assert "`%s` (%s)" % (model, ip._tokens(spec.window)) in row, (name, model)
+    assert "last checked" in readme and "2026-11-23" in readme
 
 
 def test_import_has_no_side_effects():
@@ -3925,3 +3958,411 @@ def test_router_cooldowns_follow_the_injected_clock(tmp_path):
     assert not router.cooling_until(account, "m") and router.acquire("m") is not None
     router.record_failure(account, "m", ip.UpstreamError("key_blocked", "blocked"))
     assert router.all_accounts()[0].status == "disabled"
+
+
+# ==================================================================================================
+# Every living provider, in either protocol (issue 12): a strict Anthropic-protocol upstream and
+# a DeepSeek-like OpenAI upstream
+# ==================================================================================================
+
+ANTHROPIC_FIELDS = {"model", "messages", "system", "max_tokens", "stream", "temperature", "top_p",
+                    "top_k", "stop_sequences", "tools", "tool_choice", "metadata", "thinking",
+                    "output_config"}
+
+
+class FakeAnthropic(http.server.ThreadingHTTPServer):
+    """A strict Anthropic Messages API: the key as ``auth`` says (x-api-key or Bearer) and an
+    anthropic-version header required; unknown request fields, unknown models and max_tokens
+    over the model's limit answered 400 invalid_request_error; Anthropic's event grammar;
+    scripted 429 (retry-after) / 529 overloaded_error / 401, mid-stream errors and cuts."""
+
+    daemon_threads = True
+
+    def __init__(self, keys=("sk-anthropic-1111",), auth="x-api-key",
+                 models=("deepseek-v4-flash", "deepseek-v4-pro"), max_output=8192):
+        super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
+        self.keys, self.auth, self.models, self.max_output = set(keys), auth, models, max_output
+        self.requests, self.script, self.lock = [], [], threading.Lock()
+        self.responder = None   # body -> {"text", "thinking", "tool", "stop_reason"}
+        self.gate = None        # threading.Event: streams pause after their first text delta
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/anthropic" % self.server_address[1]
+
+    def handle_error(self, request, client_address):
+        pass
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class FakeAnthropicHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def error(self, status, etype, message, headers=None):
+        body = json.dumps({"type": "error", "error": {"type": etype, "message": message}})
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def problem(self, body):
+        srv = self.server
+        key = self.headers.get("x-api-key") if srv.auth == "x-api-key" else \
+            (self.headers.get("Authorization") or "")[7:]
+        if key not in srv.keys:
+            return 401, "authentication_error", "invalid x-api-key"
+        if not self.headers.get("anthropic-version"):
+            return 400, "invalid_request_error", "anthropic-version header is required"
+        unknown = set(body) - ANTHROPIC_FIELDS
+        if unknown:
+            return 400, "invalid_request_error", "%s: Extra inputs are not permitted" % (
+                sorted(unknown)[0])
+        if body.get("model") not in srv.models:
+            return 404, "not_found_error", "model: %s" % body.get("model")
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > srv.max_output:
+            return 400, "invalid_request_error", "max_tokens: %s > %d, which is the maximum " \
+                "allowed number of output tokens" % (body.get("max_tokens"), srv.max_output)
+        messages = body.get("messages") or []
+        if not messages or messages[0].get("role") != "user" or any(
+                m.get("role") not in ("user", "assistant") for m in messages) or any(
+                a["role"] == b["role"] for a, b in zip(messages, messages[1:])):
+            return 400, "invalid_request_error", "messages: roles must alternate, user first"
+        return None
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.loads(raw)
+        srv = self.server
+        with srv.lock:
+            srv.requests.append((self.path, dict(self.headers), body))
+            action = srv.script.pop(0) if srv.script else None
+        if self.path != "/anthropic/v1/messages":
+            return self.error(404, "not_found_error", "no route %s" % self.path)
+        problem = self.problem(body)
+        if problem:
+            return self.error(*problem)
+        if action == 429:
+            return self.error(429, "rate_limit_error", "slow down", {"retry-after": "9"})
+        if action in (529, 401):
+            return self.error(action, "overloaded_error" if action == 529 else
+                              "authentication_error", "scripted %d" % action)
+        message = self.message(body)
+        if not body.get("stream"):
+            data = json.dumps(message).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
+        self.stream(message, action)
+
+    def message(self, body):
+        last = body["messages"][-1]["content"]
+        text = last if isinstance(last, str) else json.dumps(last)
+        out = (self.server.responder or (lambda b: {"text": "echo: " + text}))(body)
+        content = []
+        if out.get("thinking"):
+            content.append({"type": "thinking", "thinking": out["thinking"], "signature": "s"})
+        if out.get("text"):
+            content.append({"type": "text", "text": out["text"]})
+        if out.get("tool"):
+            content.append(dict(out["tool"], type="tool_use", id="toolu_fake_1"))
+        return {"id": "msg_fake", "type": "message", "role": "assistant", "model": body["model"],
+                "content": content, "stop_sequence": None,
+                "stop_reason": out.get("stop_reason") or ("tool_use" if out.get("tool")
+                                                          else "end_turn"),
+                "usage": {"input_tokens": 21, "output_tokens": 7,
+                          "cache_read_input_tokens": 3}}
+
+    def stream(self, message, action):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(event):
+            data = ("event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))).encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        send({"type": "message_start", "message": dict(message, content=[], stop_reason=None,
+                                                       usage={"input_tokens": 21,
+                                                              "output_tokens": 1})})
+        for index, block in enumerate(message["content"]):
+            if block["type"] == "text":
+                send({"type": "content_block_start", "index": index,
+                      "content_block": {"type": "text", "text": ""}})
+                for i in range(0, len(block["text"]), 4):
+                    send({"type": "content_block_delta", "index": index,
+                          "delta": {"type": "text_delta", "text": block["text"][i:i + 4]}})
+                    if i == 0 and self.server.gate is not None:
+                        self.server.gate.wait(10)
+            elif block["type"] == "thinking":
+                send({"type": "content_block_start", "index": index,
+                      "content_block": {"type": "thinking", "thinking": ""}})
+                send({"type": "content_block_delta", "index": index,
+                      "delta": {"type": "thinking_delta", "thinking": block["thinking"]}})
+            else:
+                args = json.dumps(block["input"])
+                send({"type": "content_block_start", "index": index,
+                      "content_block": dict(block, input={})})
+                for piece in (args[:5], args[5:]):
+                    send({"type": "content_block_delta", "index": index,
+                          "delta": {"type": "input_json_delta", "partial_json": piece}})
+            send({"type": "content_block_stop", "index": index})
+            if action == "error":
+                send({"type": "error", "error": {"type": "overloaded_error",
+                                                 "message": "Overloaded"}})
+                break
+        else:
+            if action != "cut":
+                send({"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                                         "stop_sequence": None},
+                      "usage": {"output_tokens": 7}})
+                send({"type": "message_stop"})
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+@pytest.fixture
+def anthropic_fake():
+    server = FakeAnthropic()
+    yield server
+    server.stop()
+
+
+def add_provider_account(home, key, provider, protocol, base_url, nickname=None):
+    registry = ip.AccountRegistry(home)
+    entry, _ = registry.upsert("key:%s:%s/%s" % (ip.fingerprint(key), provider, protocol),
+                               "api-key", {"api_key": key}, nickname=nickname,
+                               settings={"provider": provider, "protocol": protocol,
+                                         "base_url": base_url, "signing": False})
+    return entry
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "description": "Weather.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_providers_and_models_commands(home, anthropic_fake):
+    code, out, _ = run_cli("providers", home=home)
+    assert code == 0 and "https://api.deepseek.com/anthropic" in out and "deepseek-v4-flash (1M)" in out
+    code, out, _ = run_cli("providers", "--json", home=home)
+    deepseek = next(p for p in json.loads(out) if p["name"] == "deepseek")
+    assert deepseek["openai"] == "https://api.deepseek.com" and deepseek["models"][0]["window"]
+    code, out, err = run_cli("login", "--api-key", "--provider", "deepseek", "--protocol",
+                             "anthropic", "--base-url", anthropic_fake.url, home=home,
+                             stdin="sk-anthropic-1111\n")
+    assert code == 0 and "on deepseek (anthropic)" in out and "verified" in out, err
+    code, out, _ = run_cli("login", "--api-key", "--provider", "deepseek", "--no-verify",
+                           home=home, stdin="sk-anthropic-1111\n")
+    listed = json.loads(run_cli("accounts", "--json", home=home)[1])
+    assert [(a["nickname"], a["provider"], a["protocol"], a["base_url"]) for a in listed] == [
+        ("deepseek-anthropic", "deepseek", "anthropic", anthropic_fake.url),
+        ("deepseek", "deepseek", "openai", "https://api.deepseek.com")]
+    code, out, _ = run_cli("models", home=home)
+    assert code == 0 and re.search(r"deepseek-v4-pro\s+deepseek\s+1M", out)
+    rows = json.loads(run_cli("models", "--json", home=home)[1])
+    assert {r["id"] for r in rows} == {"deepseek-v4-flash", "deepseek-v4-pro", "deepseek-flash"}
+    for argv, fragment in ((("--provider", "nope"), "the presets are: iflow, deepseek"),
+                           (("--provider", "modelscope", "--protocol", "anthropic"),
+                            "no anthropic endpoint")):
+        code, _, err = run_cli("login", "--api-key", "--no-verify", *argv, home=home,
+                               stdin="sk-whatever-key\n")
+        assert code == 2 and fragment in err, err
+    code, _, err = run_cli("login", "--api-key", "--protocol", "smtp", home=home, stdin="k\n")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_openai_client_through_an_anthropic_protocol_upstream(home, anthropic_fake):
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url)
+    body = {"model": "deepseek-v4-flash", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+        {"role": "user", "content": "and tomorrow?"}],
+        "tools": [WEATHER_TOOL], "tool_choice": "required", "stop": ["END"], "max_tokens": 99999}
+    anthropic_fake.responder = lambda b: {"thinking": "hmm", "tool": {
+        "name": "weather", "input": {"city": "Oslo", "day": 2}}}
+    with running(make_config(home)) as server:
+        status, headers, answer = post_json(server, "/v1/chat/completions", body)
+        sent = anthropic_fake.requests[-1][2]
+        # within the table's 393216, refused by upstream (max 8192), learnt, retried once
+        assert [r[2]["max_tokens"] for r in anthropic_fake.requests] == [99999, 8192]
+        assert status == 200 and sent["system"] == "Be brief."
+        assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
+        assert sent["messages"][2]["content"][0] == {"type": "tool_result",
+                                                     "tool_use_id": "call_1", "content": "rain"}
+        assert sent["tool_choice"] == {"type": "any"} and sent["stop_sequences"] == ["END"]
+        choice = answer["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"][
+            "reasoning_content"] == "hmm"
+        call = choice["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "weather" and json.loads(
+            call["function"]["arguments"]) == {"city": "Oslo", "day": 2}
+        assert answer["usage"]["prompt_tokens"] == 24 and answer["usage"][
+            "completion_tokens"] == 7
+        status, _, data = request(server, "POST", "/v1/chat/completions", dict(body, stream=True),
+                                  {"Content-Type": "application/json"})
+        payloads = sse_payloads(data)
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        assert payloads[-1] == "[DONE]"
+        args = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                       for c in chunks if c["choices"] and c["choices"][0]["delta"].get(
+                           "tool_calls"))
+        assert json.loads(args) == {"city": "Oslo", "day": 2}
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == \
+            "tool_calls"
+        assert chunks[-1]["usage"]["completion_tokens"] == 7
+        assert anthropic_fake.requests[-1][2]["max_tokens"] == 8192  # learnt: no second try
+        assert len(anthropic_fake.requests) == 3
+
+
+def test_anthropic_client_passes_through_an_anthropic_upstream(home, anthropic_fake):
+    """Model mapped (the only provider's Claude mapping), fields the upstream rejects removed,
+    events relayed one by one as they arrive, errors feeding cooldowns and failover."""
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url,
+                         nickname="one")
+    request_body = {"model": "claude-sonnet-4-5", "max_tokens": 128000, "stream": True,
+                    "context_management": {"edits": []}, "messages": [
+                        {"role": "user", "content": "hello there"}]}
+    anthropic_fake.gate = threading.Event()
+    with running(make_config(home)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(request_body),
+                     {"Content-Type": "application/json", "anthropic-version": "2023-06-01"})
+        resp = conn.getresponse()
+        received = b""
+        while b"text_delta" not in received:  # upstream waits at its gate meanwhile
+            received += resp.read1(65536)
+        anthropic_fake.gate.set()
+        received += resp.read()
+        conn.close()
+        sent = anthropic_fake.requests[-1][2]
+        assert sent["model"] == "deepseek-v4-flash" and "context_management" not in sent
+        assert sent["max_tokens"] == 8192
+        events = parse_sse(received)
+        assert [b["text"] for b in check_anthropic_grammar(events)] == ["echo: hello there"]
+        assert resp.headers["x-iflow-proxy-model"] == "deepseek-v4-flash"
+        status, _, message = post_json(server, "/v1/messages", dict(request_body, stream=False),
+                                       {"anthropic-version": "2023-06-01"})
+        assert status == 200 and message["id"] == "msg_fake" and message["usage"][
+            "cache_read_input_tokens"] == 3
+        anthropic_fake.script[:] = [529]
+        status, _, error = post_json(server, "/v1/messages", dict(request_body, stream=False),
+                                     {"anthropic-version": "2023-06-01"})
+        assert status == 502 and error["error"]["type"] == "api_error"
+        account = server.chat.router.all_accounts()[0]
+        assert server.chat.router.cooling_until(account, "deepseek-v4-flash")
+
+
+def test_model_of_another_provider_is_not_sent_and_fails_over_across_protocols(
+        home, fake, anthropic_fake, clock):
+    fake.models, fake.signing = ["deepseek-v4-flash", "deepseek-v4-pro"], False
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url,
+                         nickname="anth")
+    add_provider_account(home, KEYS[0], "deepseek", "openai", fake.url + "/v1", nickname="oai")
+    with running(make_config(home, strategy="fill-first"), router_clock=clock) as server:
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, model="glm-4.6"))
+        assert status == 404 and "iflow, zhipu, zai" in body["error"]["message"]
+        assert not fake.requests and not anthropic_fake.requests
+        anthropic_fake.script[:] = [429]  # the first account (anthropic) says later...
+        status, _, body = post_json(server, "/v1/chat/completions",
+                                    dict(CHAT, model="deepseek-v4-flash"))
+        assert status == 200 and body["choices"][0]["message"]["content"] == "echo: hi"
+        assert len(anthropic_fake.requests) == 1 and len(fake.chat_requests()) == 1
+        anth = next(a for a in server.chat.router.all_accounts() if a.nickname == "anth")
+        assert server.chat.router.cooling_until(anth, "deepseek-v4-flash") - clock() == 9
+        # ...and an Anthropic client is answered by the OpenAI-protocol account meanwhile
+        status, _, message = post_json(server, "/v1/messages", {
+            "model": "claude-opus-4", "max_tokens": 50, "messages": [
+                {"role": "user", "content": "new topic"}]}, {"anthropic-version": "2023-06-01"})
+        assert status == 200 and message["content"][0]["text"] == "echo: new topic", message
+        assert anthropic_fake.requests[-1][2]["model"] == "deepseek-v4-pro", \
+            [r[2]["model"] for r in fake.chat_requests()]  # opus, mapped
+
+
+def test_fallback_chain_in_both_formats(home, fake, clock):
+    add_provider_account(home, KEYS[0], "deepseek", "openai", fake.url + "/v1")
+    fake.models, fake.signing = ["deepseek-v4-flash"], False  # v4-pro: 435, cooled 10 min
+    config = make_config(home, model_fallbacks={"deepseek-v4-pro": ["deepseek-v4-flash"]})
+    with running(config, router_clock=clock) as server:
+        for stream in (False, True):
+            status, headers, data = request(server, "POST", "/v1/chat/completions", dict(
+                CHAT, model="deepseek-v4-pro", stream=stream),
+                {"Content-Type": "application/json"})
+            assert status == 200 and headers["x-iflow-proxy-model"] == "deepseek-v4-flash"
+            assert b"echo" in data
+            status, headers, data = request(server, "POST", "/v1/messages", {
+                "model": "deepseek-v4-pro", "max_tokens": 50, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]},
+                {"Content-Type": "application/json", "anthropic-version": "2023-06-01"})
+            assert status == 200 and headers["x-iflow-proxy-model"] == "deepseek-v4-flash"
+    write_config(home, {"model_fallbacks": {"a": "b"}})
+    with pytest.raises(ip.ConfigError) as e:
+        ip.load_config(home, {}, {})
+    assert "model_fallbacks" in e.value.message
+    write_config(home, {"model_fallbacks": {"a": ["a"]}})
+    with pytest.raises(ip.ConfigError) as e:
+        ip.load_config(home, {}, {})
+    assert "itself" in e.value.message
+
+
+def test_claude_families_follow_the_only_provider():
+    deepseek = ip.Account(id="d", nickname="d", kind="api-key", api_key="k", provider="deepseek",
+                          signing=False)
+    iflow = ip.Account(id="i", nickname="i", kind="api-key", api_key="k")
+    assert ip.claude_families([deepseek], {})["opus"] == "deepseek-v4-pro"
+    assert ip.claude_families([deepseek, iflow], {})["opus"] == "glm-4.6"
+    assert ip.claude_families([deepseek], {"opus": "x"})["opus"] == "x"
+    assert ip.map_claude_model("claude-haiku-4-5", {}, ip.claude_families([deepseek], {})) == \
+        "deepseek-v4-flash"
+
+
+def deepseek_fake(fake):
+    fake.signing, fake.models = False, ["deepseek-v4-flash", "deepseek-v4-pro"]
+    fake.max_output, fake.require_reasoning = 8192, True
+    return fake
+
+
+def test_deepseek_reasoning_passback_and_output_range(home, fake):
+    """OpenAI clients drop reasoning_content; DeepSeek's thinking mode answers 400 without it.
+    The proxy puts back what it relayed (stream and not), and learns the max_tokens range."""
+    deepseek_fake(fake)
+    add_provider_account(home, KEYS[0], "deepseek", "openai", fake.url + "/v1")
+    call = {"index": 0, "id": "call_w1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    with running(make_config(home)) as server:
+        for stream in (False, True):
+            fake.responder = lambda b: {"content": "", "reasoning_chunks": ["Need the ",
+                                                                            "weather."],
+                                        "tool_call_chunks": [dict(call, id="call_%s" % stream)]}
+            first = dict(CHAT, model="deepseek-v4-flash", tools=[WEATHER_TOOL], stream=stream,
+                         max_tokens=50000)
+            status, _, data = request(server, "POST", "/v1/chat/completions", first,
+                                      {"Content-Type": "application/json"})
+            assert status == 200 and b"call_%s" % str(stream).encode() in data
+            fake.responder = None
+            follow = dict(first, stream=False, messages=CHAT["messages"] + [
+                {"role": "assistant", "content": None, "tool_calls": [dict(
+                    call, id="call_%s" % stream)]},  # the client dropped reasoning_content
+                {"role": "tool", "tool_call_id": "call_%s" % stream, "content": "rain"}])
+            status, _, body = post_json(server, "/v1/chat/completions", follow)
+            assert status == 200, body
+            sent = fake.chat_requests()[-1][2]["messages"][1]
+            assert sent["reasoning_content"] == "Need the weather."
+        # max_tokens 50000 was refused once, then sent as 8192 from there on
+        asked = [r[2].get("max_tokens") for r in fake.chat_requests()]
+        assert asked[0] == 50000 and set(asked[1:]) == {8192}
