@@ -2098,10 +2098,35 @@ def shape_provider_body(body, model, account, thinking=None, effort=None, limit=
 
 def shape_messages_body(body, model, limit, rejects=()):
     """An Anthropic Messages body for an Anthropic-protocol upstream: the model it serves, the
-    output limit it allows, and without the fields it rejects."""
+    output limit it allows, turns that alternate, and without the fields it rejects."""
     out = {k: v for k, v in body.items() if k not in rejects}
     out["model"] = model
+    out["messages"] = alternating_turns(body["messages"])
     return clamp_output(out, limit, ("max_tokens",))
+
+
+def alternating_turns(messages):
+    """Messages whose roles alternate, user first, as compatible upstreams demand.
+
+    Claude Code puts ``role: "system"`` messages mid-conversation, which only Anthropic's own
+    API takes: they become a user-turn <system-reminder> block where they stood, and turns of
+    one role next to each other are joined.
+    """
+    turns = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
+            list(content)
+        if role == "system":
+            role, blocks = "user", [{"type": "text", "text": "<system-reminder>\n%s\n"
+                                     "</system-reminder>" % "\n\n".join(
+                                         b.get("text", "") for b in blocks
+                                         if b.get("type") == "text")}]
+        if turns and turns[-1]["role"] == role:
+            turns[-1] = dict(turns[-1], content=turns[-1]["content"] + blocks)
+        else:
+            turns.append(dict(message, role=role, content=blocks))
+    return turns
 
 
 def anthropic_headers(account, preset):
@@ -4642,9 +4667,17 @@ class ModelCatalog:
         self._lock = threading.Lock()
 
     def ids(self):
-        account = next((a for a in sorted(self.router.all_accounts(), key=lambda a: not a.default)
-                        if a.usable), None)
-        ids = list(self._fetch(account)) if account else list(BUILTIN_MODELS)
+        """The models of the usable accounts (default first): a preset's table, or what an iFlow
+        or custom upstream's /models says; the built-in list when there is no account."""
+        accounts = [a for a in sorted(self.router.all_accounts(), key=lambda a: not a.default)
+                    if a.usable]
+        ids = [] if accounts else list(BUILTIN_MODELS)
+        for account in accounts:
+            preset = PROVIDERS.get(account.provider_name)
+            if preset is not None and account.provider_name != "iflow":
+                ids.extend(preset.models or ())
+            elif account.protocol == "openai":
+                ids.extend(self._fetch(account))
         ids.extend(self.config.model_aliases)
         return list(dict.fromkeys(ids))
 

@@ -4069,7 +4069,8 @@ class FakeAnthropicHandler(http.server.BaseHTTPRequestHandler):
 
     def message(self, body):
         last = body["messages"][-1]["content"]
-        text = last if isinstance(last, str) else json.dumps(last)
+        text = last if isinstance(last, str) else " ".join(
+            b.get("text", "") for b in last if b.get("type") == "text") or json.dumps(last)
         out = (self.server.responder or (lambda b: {"text": "echo: " + text}))(body)
         content = []
         if out.get("thinking"):
@@ -4366,3 +4367,110 @@ def test_deepseek_reasoning_passback_and_output_range(home, fake):
         # max_tokens 50000 was refused once, then sent as 8192 from there on
         asked = [r[2].get("max_tokens") for r in fake.chat_requests()]
         assert asked[0] == 50000 and set(asked[1:]) == {8192}
+
+
+def test_both_sdks_through_an_anthropic_protocol_account(home, anthropic_fake):
+    openai, anthropic = sdk("openai"), sdk("anthropic")
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url)
+    anthropic_fake.responder = lambda b: {"text": "Hello from an Anthropic upstream",
+                                          "thinking": "a thought"}
+    with running(make_config(home)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model="deepseek-v4-flash",
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "Hello from an Anthropic upstream"
+        stream = client.chat.completions.create(model="deepseek-v4-flash", stream=True,
+                                                messages=[{"role": "user", "content": "hi"}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+            "Hello from an Anthropic upstream"
+        claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+        message = claude.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=[
+            {"role": "user", "content": "hi"}])
+        assert [b.type for b in message.content] == ["thinking", "text"]
+        with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=100, messages=[
+                {"role": "user", "content": "hi"}]) as events:
+            assert events.get_final_text() == "Hello from an Anthropic upstream"
+        anthropic_fake.script[:] = [529]
+        with pytest.raises(anthropic.APIStatusError):
+            claude.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=[
+                {"role": "user", "content": "hi"}])
+
+
+def test_anthropic_upstream_breaking_mid_stream_is_reported(home, anthropic_fake):
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url)
+    body = {"model": "deepseek-v4-flash", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "hello"}]}
+    with running(make_config(home)) as server:
+        for action in ("error", "cut"):
+            anthropic_fake.script[:] = [action]
+            status, _, data = request(server, "POST", "/v1/messages", body,
+                                      {"Content-Type": "application/json"})
+            events = parse_sse(data)
+            assert status == 200 and events[-1][0] == "error", events[-3:]
+            assert "message_stop" not in [e[0] for e in events]
+            anthropic_fake.script[:] = [action]
+            status, _, data = request(server, "POST", "/v1/chat/completions",
+                                      dict(body, stream=True), {"Content-Type":
+                                                                "application/json"})
+            payloads = sse_payloads(data)
+            assert '"error"' in payloads[-2] and payloads[-1] == "[DONE]"
+
+
+def test_real_claude_code_through_an_anthropic_protocol_account(home, anthropic_fake, tmp_path):
+    claude = find_claude_code()
+    if claude is None:
+        pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "hello.txt").write_text("hello from the file\n")
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url)
+
+    def respond(body):
+        last = body["messages"][-1]["content"]
+        results = [b for b in last if isinstance(b, dict) and b.get("type") == "tool_result"] \
+            if isinstance(last, list) else []
+        if results:
+            content = results[0].get("content")
+            text = content if isinstance(content, str) else json.dumps(content)
+            return {"text": "The file says: " + text}
+        if body.get("tools") and "hello.txt" in json.dumps(body["messages"]):
+            return {"tool": {"name": "Read", "input": {"file_path": str(work / "hello.txt")}}}
+        return {"text": "Hi!"}
+    anthropic_fake.responder = respond
+    anthropic_fake.max_output = 400000
+    with running(make_config(home)) as server:
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"),
+               "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "sk-test",
+               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+        out = subprocess.run([claude, "-p", "Read hello.txt and tell me what it says",
+                              "--allowedTools", "Read"], cwd=str(work), env=env,
+                             capture_output=True, text=True, timeout=240)
+    sent = [r[2] for r in anthropic_fake.requests]
+    assert out.returncode == 0, out.stdout + out.stderr + json.dumps(
+        [[(m["role"], [b.get("type") for b in m["content"]] if isinstance(m["content"], list)
+           else "str") for m in s["messages"]] for s in sent])
+    assert "hello from the file" in out.stdout
+    assert all(s["model"] in ("deepseek-v4-flash", "deepseek-v4-pro") for s in sent)
+    assert not any("context_management" in s for s in sent)
+
+
+def test_kimi_thinking_tool_choice_and_provider_thinking_switch():
+    kimi = ip.Account(id="k", nickname="k", kind="api-key", api_key="x", provider="moonshot",
+                      signing=False)
+    body = dict(CHAT, model="kimi-k2.6", tools=[WEATHER_TOOL], tool_choice="required")
+    shaped = ip.shape_provider_body(body, "kimi-k2.6", kimi, thinking=True, limit=1000)
+    assert shaped["tool_choice"] == "auto" and shaped["thinking"] == {"type": "enabled"}
+    assert ip.shape_provider_body(body, "kimi-k2.6", kimi)["tool_choice"] == "required"
+    deepseek = dataclasses.replace(kimi, provider="deepseek")
+    shaped = ip.shape_provider_body(dict(body, max_tokens=10 ** 6), "deepseek-v4-pro", deepseek,
+                                    thinking=False, limit=393216)
+    assert shaped["thinking"] == {"type": "disabled"} and shaped["max_tokens"] == 393216
+    assert ip.max_tokens_range("Invalid max_tokens value, the valid range of max_tokens is "
+                               "[1, 8192]") == 8192
+
+
+def test_check_names_a_service_that_is_gone(home):
+    add_key_account(home, KEYS[0])  # an iFlow account, and iFlow's host does not answer
+    env = {"IFLOW_API_BASE": "http://127.0.0.1:9/v1"}
+    code, out, _ = run_cli("check", home=home, env=env)
+    assert code == 1 and "ended on 2026-04-17" in out and "deepseek" in out
