@@ -41,6 +41,12 @@ COMPLETION = json.dumps({
     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}).encode()
 
 
+MESSAGE = json.dumps({
+    "id": "msg_bench", "type": "message", "role": "assistant", "model": "deepseek-v4-flash",
+    "content": [{"type": "text", "text": "pong"}], "stop_reason": "end_turn",
+    "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}).encode()
+
+
 # --- the fast fake upstream (runs as its own process) ------------------------------------------
 
 class Upstream(http.server.BaseHTTPRequestHandler):
@@ -55,6 +61,10 @@ class Upstream(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if self.path.endswith("/v1/messages"):  # an Anthropic-protocol provider
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(MESSAGE), MESSAGE))
+            return
         if body.get("stream"):
             chunks = int(self.headers.get("x-bench-chunks") or 50)
             delay = float(self.headers.get("x-bench-delay") or 0.02)
@@ -84,6 +94,8 @@ def run_upstream(port_file):
 # --- measuring ------------------------------------------------------------------------------
 
 CHAT = json.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "ping"}]})
+MESSAGES = json.dumps({"model": "deepseek-v4-flash", "max_tokens": 50,
+                       "messages": [{"role": "user", "content": "ping"}]})
 STREAM = json.dumps({"model": "glm-4.6", "stream": True,
                      "messages": [{"role": "user", "content": "ping"}]})
 
@@ -95,9 +107,9 @@ class Client:
         self.port, self.prefix = target
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
-    def chat(self, body=CHAT, headers=None):
+    def chat(self, body=CHAT, headers=None, path="/chat/completions"):
         started = time.perf_counter()
-        self.conn.request("POST", self.prefix + "/chat/completions", body,
+        self.conn.request("POST", self.prefix + path, body,
                           dict({"Content-Type": "application/json",
                                 "Authorization": "Bearer " + KEY}, **(headers or {})))
         resp = self.conn.getresponse()
@@ -163,15 +175,17 @@ def run_together(fn, count):
     return time.perf_counter() - started
 
 
-def throughput(target, concurrency, seconds):
+def throughput(target, concurrency, seconds, anthropic=False):
     stop = time.perf_counter() + seconds
     counts, errors = [], []
+    call = {"body": MESSAGES, "path": "/v1/messages",
+            "headers": {"anthropic-version": "2023-06-01", "x-api-key": KEY}} if anthropic else {}
 
     def worker():
         c, n = Client(target), 0
         try:
             while time.perf_counter() < stop:
-                c.chat()
+                c.chat(**call)
                 n += 1
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             errors.append(repr(e))
@@ -223,6 +237,11 @@ def start_proxy(upstream_port, max_concurrency, python_flags=()):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
+    # an Anthropic-protocol account for deepseek-v4-flash beside the pooled OpenAI key
+    subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "login", "--api-key",
+                    "--provider", "deepseek", "--protocol", "anthropic", "--no-verify",
+                    "--base-url", "http://127.0.0.1:%d/anthropic" % upstream_port],
+                   input=KEY + "\n", env=env, capture_output=True, text=True, check=True)
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable] + list(python_flags) +
                             [os.path.join(HERE, "iflow_proxy.py"), "-q",
@@ -292,6 +311,9 @@ def main(argv=None):
                                    for name, t in (("direct", direct), ("proxy", through))}
         r["streams_64"] = {name: streams(t, 64) for name, t in (("direct", direct),
                                                                  ("proxy", through))}
+        r["anthropic_rps_c16"] = {name: throughput(t, 16, seconds, anthropic=True)
+                                  for name, t in (("direct", (up_port, "/anthropic")),
+                                                  ("proxy", (px_port, "")))}
         r["proxy_rss_kb"] = dict(zip(("current", "peak"), rss_kb(proxy.pid)))
     finally:
         for p in proxies + [upstream]:
@@ -316,6 +338,8 @@ def main(argv=None):
     for conc in (16, 64):
         d, p = r["rps_c%d" % conc]["direct"]["rps"], r["rps_c%d" % conc]["proxy"]["rps"]
         rows.append(("requests/s at concurrency %d" % conc, d, p, "x%.2f" % (p / d)))
+    d, p = r["anthropic_rps_c16"]["direct"]["rps"], r["anthropic_rps_c16"]["proxy"]["rps"]
+    rows.append(("Anthropic pass-through req/s c16", d, p, "x%.2f" % (p / d)))
     s64 = r["streams_64"]
     rows.append(("64 concurrent streams completed", s64["direct"]["completed"],
                  s64["proxy"]["completed"], "%d errors" % s64["proxy"]["errors"]))

@@ -57,8 +57,41 @@ def wait_for(predicate, timeout=10.0, what="condition"):
 # The fake iFlow upstream
 # ==================================================================================================
 
-class FakeIFlow(http.server.ThreadingHTTPServer):
+class FakeServer(http.server.ThreadingHTTPServer):
+    """A fake upstream on a free loopback port, served from a daemon thread."""
+
     daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # the proxy cutting a connection (a client that left) is expected here
+
+    def serve_in_thread(self):
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def end_chunked(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def serving(server):
+    """A fixture's body: the fake server for the test, stopped after it."""
+    yield server
+    server.stop()
+
+
+class FakeIFlow(FakeServer):
     request_queue_size = 64
 
     def __init__(self, keys=KEYS, signing=True, tls=None):
@@ -86,8 +119,7 @@ class FakeIFlow(http.server.ThreadingHTTPServer):
         self.hold = None                # threading.Event: every chat request waits on it
         self.max_output = None          # DeepSeek-like: a larger max_tokens is a 400 naming it
         self.require_reasoning = False  # DeepSeek thinking mode: tool-call turns need theirs
-        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+        self.serve_in_thread()
 
     @property
     def url(self):
@@ -96,28 +128,16 @@ class FakeIFlow(http.server.ThreadingHTTPServer):
     def chat_requests(self):
         return [r for r in self.requests if r[0].endswith("/chat/completions")]
 
-    def handle_error(self, request, client_address):
-        pass  # the proxy cutting a connection (a client that left) is expected here
-
     def push(self, key, *actions):
         with self.lock:
             self.script.setdefault(key, []).extend(actions)
 
-    def stop(self):
-        self.shutdown()
-        self.server_close()
 
-
-class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class FakeIFlowHandler(QuietHandler):
     def setup(self):
         super().setup()
         with self.server.lock:
             self.server.connections += 1
-
-    def log_message(self, *args):
-        pass
 
     def reply(self, status, obj, headers=None):
         body = json.dumps(obj).encode()
@@ -327,8 +347,7 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
                       {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}))
             if not srv.omit_done:
                 send(b"[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        self.end_chunked()
 
 
 # ==================================================================================================
@@ -337,9 +356,7 @@ class FakeIFlowHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake():
-    server = FakeIFlow()
-    yield server
-    server.stop()
+    yield from serving(FakeIFlow())
 
 
 class FakeClock:
@@ -2028,22 +2045,33 @@ def find_claude_code():
     return None
 
 
-def test_real_claude_code_completes_a_tool_task(home, fake, tmp_path):
+def claude_code_project(tmp_path):
+    """(claude executable, a project folder holding hello.txt); skips without Claude Code."""
     claude = find_claude_code()
     if claude is None:
         pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
     work = tmp_path / "project"
     work.mkdir()
     (work / "hello.txt").write_text("hello from the file\n")
+    return claude, work
+
+
+def run_claude_code(claude, server, work, tmp_path):
+    """The real Claude Code, asked to read hello.txt through the proxy."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"),
+           "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "sk-test",
+           "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    return subprocess.run([claude, "-p", "Read hello.txt and tell me what it says",
+                           "--allowedTools", "Read"], cwd=str(work), env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_real_claude_code_completes_a_tool_task(home, fake, tmp_path):
+    claude, work = claude_code_project(tmp_path)
     add_key_account(home, KEYS[0])
     fake.responder = claude_code_responder(str(work))
     with running(make_config(home, fake)) as server:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"),
-               "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "sk-test",
-               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-        out = subprocess.run([claude, "-p", "Read hello.txt and tell me what it says",
-                              "--allowedTools", "Read"], cwd=str(work), env=env,
-                             capture_output=True, text=True, timeout=240)
+        out = run_claude_code(claude, server, work, tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "hello from the file" in out.stdout
     sent = [r[2] for r in fake.chat_requests()]
@@ -2330,14 +2358,12 @@ def test_dashboard_renders_in_headless_chromium(home, fake, tmp_path):
 # Login flows and the credential lifecycle, against a fake iFlow OAuth + platform server
 # ==================================================================================================
 
-class FakeOAuth(http.server.ThreadingHTTPServer):
+class FakeOAuth(FakeServer):
     """iflow.cn's OAuth endpoints, user info, a device endpoint, and the platform key API.
 
     Tokens rotate on refresh (the old refresh token stops working) and every token's user info
     yields a new apiKey, which is added to the fake upstream's accepted keys.
     """
-
-    daemon_threads = True
 
     def __init__(self, upstream=None, expires_in=3600):
         super().__init__(("127.0.0.1", 0), FakeOAuthHandler)
@@ -2353,7 +2379,7 @@ class FakeOAuth(http.server.ThreadingHTTPServer):
         self.device_script = []    # answers to device-code polls, then approval
         self.device_polls = []
         self.platform_keys = 0
-        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+        self.serve_in_thread()
 
     @property
     def url(self):
@@ -2371,17 +2397,9 @@ class FakeOAuth(http.server.ThreadingHTTPServer):
         return {"access_token": access, "refresh_token": refresh, "expires_in": self.expires_in,
                 "token_type": "bearer", "scope": "read"}
 
-    def stop(self):
-        self.shutdown()
-        self.server_close()
 
 
-class FakeOAuthHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
+class FakeOAuthHandler(QuietHandler):
     def send(self, status, obj, headers=None, html=False):
         body = obj.encode() if html else json.dumps(obj).encode()
         self.send_response(status)
@@ -2494,9 +2512,7 @@ def secrets_hex():
 
 @pytest.fixture
 def oauth(fake):
-    server = FakeOAuth(upstream=fake)
-    yield server
-    server.stop()
+    yield from serving(FakeOAuth(upstream=fake))
 
 
 def oauth_config(home, fake, oauth, **overrides):
@@ -3970,13 +3986,11 @@ ANTHROPIC_FIELDS = {"model", "messages", "system", "max_tokens", "stream", "temp
                     "output_config"}
 
 
-class FakeAnthropic(http.server.ThreadingHTTPServer):
+class FakeAnthropic(FakeServer):
     """A strict Anthropic Messages API: the key as ``auth`` says (x-api-key or Bearer) and an
     anthropic-version header required; unknown request fields, unknown models and max_tokens
     over the model's limit answered 400 invalid_request_error; Anthropic's event grammar;
     scripted 429 (retry-after) / 529 overloaded_error / 401, mid-stream errors and cuts."""
-
-    daemon_threads = True
 
     def __init__(self, keys=("sk-anthropic-1111",), auth="x-api-key",
                  models=("deepseek-v4-flash", "deepseek-v4-pro"), max_output=8192):
@@ -3985,27 +3999,14 @@ class FakeAnthropic(http.server.ThreadingHTTPServer):
         self.requests, self.script, self.lock = [], [], threading.Lock()
         self.responder = None   # body -> {"text", "thinking", "tool", "stop_reason"}
         self.gate = None        # threading.Event: streams pause after their first text delta
-        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+        self.serve_in_thread()
 
     @property
     def url(self):
         return "http://127.0.0.1:%d/anthropic" % self.server_address[1]
 
-    def handle_error(self, request, client_address):
-        pass
 
-    def stop(self):
-        self.shutdown()
-        self.server_close()
-
-
-class FakeAnthropicHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
+class FakeAnthropicHandler(QuietHandler):
     def error(self, status, etype, message, headers=None):
         body = json.dumps({"type": "error", "error": {"type": etype, "message": message}})
         self.send_response(status)
@@ -4132,15 +4133,12 @@ class FakeAnthropicHandler(http.server.BaseHTTPRequestHandler):
                                                          "stop_sequence": None},
                       "usage": {"output_tokens": 7}})
                 send({"type": "message_stop"})
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        self.end_chunked()
 
 
 @pytest.fixture
 def anthropic_fake():
-    server = FakeAnthropic()
-    yield server
-    server.stop()
+    yield from serving(FakeAnthropic())
 
 
 def add_provider_account(home, key, provider, protocol, base_url, nickname=None):
@@ -4384,15 +4382,15 @@ def test_both_sdks_through_an_anthropic_protocol_account(home, anthropic_fake):
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
             "Hello from an Anthropic upstream"
         claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
-        message = claude.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=[
+        message = claude.messages.create(model="claude-opus-5-5", max_tokens=100, messages=[
             {"role": "user", "content": "hi"}])
         assert [b.type for b in message.content] == ["thinking", "text"]
-        with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=100, messages=[
+        with claude.messages.stream(model="claude-opus-5-5", max_tokens=100, messages=[
                 {"role": "user", "content": "hi"}]) as events:
             assert events.get_final_text() == "Hello from an Anthropic upstream"
         anthropic_fake.script[:] = [529]
         with pytest.raises(anthropic.APIStatusError):
-            claude.messages.create(model="claude-sonnet-4-5", max_tokens=100, messages=[
+            claude.messages.create(model="claude-opus-5-5", max_tokens=100, messages=[
                 {"role": "user", "content": "hi"}])
 
 
@@ -4417,12 +4415,7 @@ def test_anthropic_upstream_breaking_mid_stream_is_reported(home, anthropic_fake
 
 
 def test_real_claude_code_through_an_anthropic_protocol_account(home, anthropic_fake, tmp_path):
-    claude = find_claude_code()
-    if claude is None:
-        pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
-    work = tmp_path / "project"
-    work.mkdir()
-    (work / "hello.txt").write_text("hello from the file\n")
+    claude, work = claude_code_project(tmp_path)
     add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url)
 
     def respond(body):
@@ -4439,12 +4432,7 @@ def test_real_claude_code_through_an_anthropic_protocol_account(home, anthropic_
     anthropic_fake.responder = respond
     anthropic_fake.max_output = 400000
     with running(make_config(home)) as server:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "home"),
-               "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": "sk-test",
-               "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-        out = subprocess.run([claude, "-p", "Read hello.txt and tell me what it says",
-                              "--allowedTools", "Read"], cwd=str(work), env=env,
-                             capture_output=True, text=True, timeout=240)
+        out = run_claude_code(claude, server, work, tmp_path)
     sent = [r[2] for r in anthropic_fake.requests]
     assert out.returncode == 0, out.stdout + out.stderr + json.dumps(
         [[(m["role"], [b.get("type") for b in m["content"]] if isinstance(m["content"], list)
@@ -4474,3 +4462,39 @@ def test_check_names_a_service_that_is_gone(home):
     env = {"IFLOW_API_BASE": "http://127.0.0.1:9/v1"}
     code, out, _ = run_cli("check", home=home, env=env)
     assert code == 1 and "ended on 2026-04-17" in out and "deepseek" in out
+
+
+def test_openai_request_translated_for_anthropic_upstreams():
+    body = {"model": "m", "max_completion_tokens": 77, "temperature": 0.3, "stop": "STOP",
+            "user": "u1", "parallel_tool_calls": False, "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "weather"}},
+            "messages": [{"role": "system", "content": "sys"},
+                         {"role": "user", "content": [
+                             {"type": "text", "text": "what is this?"},
+                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                 "iVBORw0KGgo="}},
+                             {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}
+    out = ip.openai_to_anthropic_request(body)
+    assert out["system"] == "sys" and out["max_tokens"] == 77 and out["temperature"] == 0.3
+    assert out["stop_sequences"] == ["STOP"] and out["metadata"] == {"user_id": "u1"}
+    assert out["tool_choice"] == {"type": "tool", "name": "weather",
+                                  "disable_parallel_tool_use": True}
+    assert out["tools"][0]["input_schema"]["properties"] == {"city": {"type": "string"}}
+    blocks = out["messages"][0]["content"]
+    assert blocks[1] == {"type": "image", "source": {"type": "base64", "media_type":
+                                                     "image/png", "data": "iVBORw0KGgo="}}
+    assert blocks[2]["source"] == {"type": "url", "url": "https://x/y.png"}
+    for choice, expected in (("auto", "auto"), ("none", "none"), ("required", "any")):
+        assert ip.openai_to_anthropic_request(dict(body, tool_choice=choice, parallel_tool_calls=None))[
+            "tool_choice"] == {"type": expected}
+    completion = ip.anthropic_message_to_completion({"id": "msg_1", "content": [
+        {"type": "text", "text": "cut"}], "stop_reason": "max_tokens",
+        "usage": {"input_tokens": 2, "output_tokens": 3}}, "m")
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert ip.alternating_turns([{"role": "user", "content": "a"}, {"role": "system",
+                                                                    "content": "note"},
+                                 {"role": "user", "content": "b"}]) == [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {
+            "type": "text", "text": "<system-reminder>\nnote\n</system-reminder>"},
+            {"type": "text", "text": "b"}]}]
