@@ -359,6 +359,7 @@ class UpstreamError(ProxyError):
         self.kind = kind
         self.upstream_status = upstream_status
         self.trace_id = trace_id
+        self.tokens = self.window = None  # an input too long: its size and the model's window
 
     @property
     def retry_other_account(self):
@@ -396,12 +397,26 @@ _ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_err
 
 def error_body(err, api="openai"):
     """The JSON error object for ``err`` in the client's own API format."""
+    message = too_long_message(err, api) or err.message
     if api == "anthropic":
         etype = _ANTHROPIC_ERROR_TYPES.get(err.status, "api_error")
-        return {"type": "error", "error": {"type": etype, "message": err.message}}
+        return {"type": "error", "error": {"type": etype, "message": message}}
     etype = _OPENAI_ERROR_TYPES.get(err.status, "server_error" if err.status >= 500 else
                                     "invalid_request_error")
-    return {"error": {"message": err.message, "type": etype, "param": None, "code": err.code}}
+    return {"error": {"message": message, "type": etype, "param": None, "code": err.code}}
+
+
+def too_long_message(err, api):
+    """An input-too-long error in the words each client acts on: Claude Code compacts on
+    Anthropic's "prompt is too long: N tokens > M maximum"; OpenAI clients read
+    context_length_exceeded.  None for any other error."""
+    tokens, window = getattr(err, "tokens", None), getattr(err, "window", None)
+    if not (tokens and window):
+        return None
+    if api == "anthropic":
+        return "prompt is too long: %d tokens > %d maximum (%s)" % (tokens, window, err.message)
+    return ("This model's maximum context length is %d tokens. However, your messages resulted "
+            "in %d tokens. (%s)" % (window, tokens, err.message))
 
 
 def mask_secret(value):
@@ -2432,6 +2447,7 @@ ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 
                           "permission_error": 403, "not_found_error": 404,
                           "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
                           "overloaded_error": 529}
+_TOO_LONG_FIGURES = re.compile(r"(\d+)\s*tokens?\s*>\s*(\d+)", re.I)
 _TOO_LONG = re.compile(r"prompt is too long|context.length|maximum context|too many (input )?"
                        r"tokens|input (is )?too long", re.I)
 
@@ -2896,6 +2912,12 @@ def serves(account, model):
     return not owners or not account.provider_name or account.provider_name in owners
 
 
+def window_of(model):
+    """The largest context window any preset gives ``model``, or None for an unlisted one."""
+    windows = [model_spec(model, owner).window for owner in MODEL_OWNERS.get(model.lower(), ())]
+    return max(windows) if windows else None
+
+
 def claude_families(accounts, configured):
     """Claude family -> model: the one provider's own mapping when every usable account is of
     that provider (else iFlow's), with config ``claude_models`` on top."""
@@ -2913,13 +2935,22 @@ def model_chain(model, fallbacks):
     return chain
 
 
+BACKGROUND_WAIT = 20.0  # seconds a housekeeping request yields to main turns before it ages
+MAX_WAITING = 1000      # requests waiting for an account at once; more get 429 at once
+
+
 class _Ticket:
-    """A request waiting for an account; tickets are served first come, first served."""
+    """A request waiting for an account: main turns first come, first served; a background
+    one (Claude Code's titles and summaries) lets them go first until it has waited
+    BACKGROUND_WAIT seconds, then takes its place by arrival — it is never starved."""
 
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "background", "since")
 
-    def __init__(self, ids):
-        self.ids = ids
+    def __init__(self, ids, background=False, since=0.0):
+        self.ids, self.background, self.since = ids, background, since
+
+    def rank(self, now):
+        return 1 if self.background and now - self.since < BACKGROUND_WAIT else 0
 
 
 # failure kind -> (cooldown key scope, seconds); rate limits back off exponentially instead
@@ -3003,11 +3034,13 @@ class Router:
         return until if until > now else 0
 
     # --- taking and giving back a slot ---------------------------------------------------
-    def acquire(self, model, pinned=None, affinity=None, exclude=(), cancelled=None):
+    def acquire(self, model, pinned=None, affinity=None, exclude=(), cancelled=None,
+                background=False):
         """An account with a free slot for ``model`` (call release() after), or None when every
         eligible account was excluded.  Raises RateLimited when all are cooling down or the queue
         wait runs out, ClientGone when ``cancelled()`` turns true while waiting."""
-        deadline = time.monotonic() + self.config.queue_timeout
+        started = time.monotonic()
+        deadline = started + self.config.queue_timeout
         with self._cond:
             ticket = None
             try:
@@ -3020,7 +3053,10 @@ class Router:
                     if not ready:
                         raise self.cooling_error(model, eligible, now)
                     if ticket is None:
-                        ticket = _Ticket([a.id for a in ready])
+                        if len(self._queue) >= MAX_WAITING:
+                            raise RateLimited("%d requests are already waiting for an account; "
+                                              "retry shortly" % len(self._queue), retry_after=1)
+                        ticket = _Ticket([a.id for a in ready], background, started)
                         self._queue.append(ticket)
                     ticket.ids = [a.id for a in ready]
                     account = self._choose(ticket, ready, affinity)
@@ -3033,7 +3069,8 @@ class Router:
                             "all %d account(s) for model %s stayed busy for %gs (config "
                             "queue_timeout); add accounts or raise max_concurrency"
                             % (len(ready), model, self.config.queue_timeout), retry_after=1)
-                    self._cond.wait(min(remaining, 0.25) if cancelled else remaining)
+                    self._cond.wait(min(remaining, 0.25) if cancelled or background
+                                    else remaining)
                     if cancelled is not None and cancelled():
                         raise ClientGone()
             finally:
@@ -3044,7 +3081,9 @@ class Router:
     def _choose(self, ticket, ready, affinity):
         free = {a.id: a for a in ready
                 if not self.limit(a) or self._inflight.get(a.id, 0) < self.limit(a)}
-        for earlier in self._queue:  # waiters ahead of us get first pick of what they can use
+        now = time.monotonic()
+        order = sorted(range(len(self._queue)), key=lambda i: (self._queue[i].rank(now), i))
+        for earlier in (self._queue[i] for i in order):  # those ahead of us pick first
             if earlier is ticket:
                 break
             taken = next((i for i in earlier.ids if i in free), None)
@@ -3194,11 +3233,14 @@ class UsageBook:
         self.path, self.clock, self.keep_days = path, clock, keep_days
         self._lock = threading.Lock()
         self._days = {}   # "YYYY-MM-DD" -> {"account|model": tally}
+        self.extra = {}   # other figures saved with these (e.g. token calibration)
         self._dirty = False
         try:
             data = read_json_file(path, "usage file")
             if isinstance(data.get("days"), dict):
                 self._days = {d: v for d, v in data["days"].items() if isinstance(v, dict)}
+            if isinstance(data.get("extra"), dict):
+                self.extra = data["extra"]
         except FileNotFoundError:
             pass
         except ConfigError as e:  # a damaged usage file must not stop the proxy
@@ -3206,6 +3248,12 @@ class UsageBook:
 
     def today(self):
         return time.strftime("%Y-%m-%d", time.localtime(self.clock()))
+
+    def keep(self, key, value):
+        """Save ``value`` under ``key`` with the usage figures."""
+        with self._lock:
+            self.extra[key] = value
+            self._dirty = True
 
     def record(self, account, model, status, usage, latency_ms):
         """One finished attempt: ``status`` 200 counts as a success, anything else a failure."""
@@ -3267,7 +3315,7 @@ class UsageBook:
             cutoff = time.strftime("%Y-%m-%d", time.localtime(self.clock() -
                                                               self.keep_days * 86400))
             self._days = {d: v for d, v in self._days.items() if d >= cutoff}
-            data = {"version": 1, "days": self._days}
+            data = {"version": 1, "days": self._days, "extra": self.extra}
             self._dirty = False
             atomic_write_json(self.path, data)
 
@@ -3275,6 +3323,11 @@ class UsageBook:
 # ==================================================================================================
 # Translation: Anthropic Messages <-> OpenAI chat completions (pure functions over dicts)
 # ==================================================================================================
+
+def map_families(claude_models, defaults=DEFAULT_CLAUDE_MODELS):
+    """Claude family -> the model it maps to."""
+    return {family: claude_models.get(family) or defaults[family] for family in CLAUDE_FAMILIES}
+
 
 def map_claude_model(model, claude_models, defaults=DEFAULT_CLAUDE_MODELS):
     """Claude model names (any version, ``[1m]`` too) -> the configured (else default) model."""
@@ -4211,31 +4264,6 @@ class OpenAIChunks:
         return b""
 
 
-class ChatRequest:
-    """One client chat request, in the form each upstream protocol needs (made when needed).
-
-    ``api`` is the client's own API; ``body`` its validated request with the model already
-    mapped (a Claude name to the provider's model); ``openai()`` and ``anthropic()`` give it
-    in either upstream protocol.
-    """
-
-    def __init__(self, api, body, thinking=None, effort=None, estimate=0):
-        self.api, self.body = api, body
-        self.model, self.stream = body["model"], body.get("stream") is True
-        self.thinking, self.effort, self.estimate = thinking, effort, estimate
-        self._forms = {api: body}
-
-    def openai(self):
-        if "openai" not in self._forms:
-            self._forms["openai"] = anthropic_to_openai(self.body, self.model, 1 << 30)
-        return self._forms["openai"]
-
-    def anthropic(self):
-        if "anthropic" not in self._forms:
-            self._forms["anthropic"] = openai_to_anthropic_request(self.body)
-        return self._forms["anthropic"]
-
-
 # --- token estimate (count_tokens) -----------------------------------------------------------
 
 # The 732 CJK characters that Claude's published BPE vocabulary holds as single tokens (the
@@ -4326,6 +4354,75 @@ class TokenEstimates:
         return known
 
 
+def count_openai_tokens(body, estimate=estimate_tokens):
+    """Estimated input tokens of an OpenAI chat request (messages, tools)."""
+    total, texts = 0, []
+    for message in body.get("messages") or ():
+        total += 4
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(p.get("text") or "" for p in content if isinstance(p, dict))
+            total += 1600 * sum(1 for p in content if isinstance(p, dict) and
+                                p.get("type") == "image_url")
+        for key in ("reasoning_content",):
+            if isinstance(message.get(key), str):
+                texts.append(message[key])
+        if message.get("tool_calls"):
+            texts.append(json.dumps(message["tool_calls"]))
+    if body.get("tools"):
+        texts.append(json.dumps(body["tools"]))
+    return total + sum(estimate(t) for t in texts if t)
+
+
+class TokenCalibration:
+    """How each model's upstream counts prompts, against the local estimate.
+
+    The estimate is calibrated on Claude's tokenizer; every model counts differently, and the
+    translated request carries a chat template the estimate never sees.  Each relayed answer
+    that reports its prompt tokens adds a ratio; the factor is the median of the recent ones
+    (robust to an odd request), kept per model, bounded, saved with the usage figures.
+    """
+
+    def __init__(self, saved=None, keep=32, models=200):
+        self.keep, self.models = keep, models
+        self._lock = threading.Lock()
+        self._ratios = {m: [float(r) for r in rs if isinstance(r, (int, float))][-keep:]
+                        for m, rs in (saved or {}).items() if isinstance(rs, list)}
+        self.changed = False
+
+    def observe(self, model, estimate, actual):
+        if not isinstance(actual, int) or estimate < 50 or actual <= 0:
+            return
+        ratio = actual / float(estimate)
+        if not 0.25 <= ratio <= 4.0:  # a different request entirely (images, truncation)
+            return
+        with self._lock:
+            ratios = self._ratios.pop(model, [])
+            ratios.append(round(ratio, 4))
+            self._ratios[model] = ratios[-self.keep:]
+            while len(self._ratios) > self.models:
+                self._ratios.pop(next(iter(self._ratios)))
+            self.changed = True
+
+    def factor(self, model):
+        with self._lock:
+            ratios = sorted(self._ratios.get(model, ()))
+        if len(ratios) < 3:
+            return 1.0
+        middle = len(ratios) // 2
+        return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+
+    def snapshot(self):
+        with self._lock:
+            return {m: list(rs) for m, rs in self._ratios.items()}
+
+    def status(self):
+        return {m: {"factor": round(self.factor(m), 3), "samples": len(rs)}
+                for m, rs in self.snapshot().items()}
+
+
 def count_request_tokens(body, estimate=estimate_tokens):
     """Estimated input tokens of an Anthropic request (system, messages, tools)."""
     texts = [system_text(body.get("system"))]
@@ -4357,6 +4454,39 @@ def count_request_tokens(body, estimate=estimate_tokens):
             texts.append(json.dumps({k: tool.get(k) for k in ("name", "description",
                                                                "input_schema")}))
     return total + sum(estimate(t) for t in texts if t)
+
+
+class ChatRequest:
+    """One client chat request, in the form each upstream protocol needs (made when needed).
+
+    ``api`` is the client's own API; ``body`` its validated request with the model already
+    mapped (a Claude name to the provider's model); ``openai()`` and ``anthropic()`` give it
+    in either upstream protocol.
+    """
+
+    def __init__(self, api, body, thinking=None, effort=None, estimate=0, background=False):
+        self.api, self.body = api, body
+        self.model, self.stream = body["model"], body.get("stream") is True
+        self.thinking, self.effort, self.estimate = thinking, effort, estimate
+        self.background = background  # housekeeping (titles, summaries): may wait for others
+        self._forms = {api: body}
+
+    def tokens(self, estimate=estimate_tokens):
+        """The prompt's estimated size in tokens (as given, else counted now)."""
+        if not self.estimate:
+            self.estimate = count_request_tokens(self.body, estimate) if self.api == "anthropic" \
+                else count_openai_tokens(self.body, estimate)
+        return self.estimate
+
+    def openai(self):
+        if "openai" not in self._forms:
+            self._forms["openai"] = anthropic_to_openai(self.body, self.model, 1 << 30)
+        return self._forms["openai"]
+
+    def anthropic(self):
+        if "anthropic" not in self._forms:
+            self._forms["anthropic"] = openai_to_anthropic_request(self.body)
+        return self._forms["anthropic"]
 
 
 # ==================================================================================================
@@ -4414,12 +4544,13 @@ class ChatExchange:
         pinned, model, fallback, hint = self.service.resolve(requested)
         if hint is not None:  # an explicit model suffix wins
             self.effort, self.thinking = hint, hint != "none"
+        self._check_size(model)
         tried, last = set(), None
         limit = self.service.config.max_attempts or None
         while limit is None or len(tried) < limit:
             try:
                 account = self.service.router.acquire(model, pinned, self.conversation, tried,
-                                                      self.cancelled)
+                                                      self.cancelled, self.request.background)
             except (RateLimited, NotFound):
                 if not fallback:
                     raise
@@ -4467,6 +4598,8 @@ class ChatExchange:
                             account = fresh
                             continue
                     self.service.router.record_failure(account, name, e)
+                    if e.kind == "context_length":
+                        self._too_long(e, name, account.provider_name)
                     if len(names) > 1 and e.kind in ("model_unsupported", "rejected"):
                         log.info("model %s unavailable upstream; retrying once as %s", name,
                                  names[1])
@@ -4512,6 +4645,27 @@ class ChatExchange:
                 "reasoning_passback" in preset.quirks and account.protocol == "openai":
             service.reasoning.remember_completion(answer.payload)
         return answer
+
+    def _check_size(self, model):
+        """Answer "too long" at once, with no upstream call, when the estimate is far over the
+        model's window (beyond any error of the estimate)."""
+        window = window_of(model)
+        tokens = self.service.prompt_tokens(self.request, model)
+        if window and tokens > window * 1.2 + 1000:
+            raise self._too_long(UpstreamError(
+                "context_length", "the request is about %d tokens, far over the %d-token window "
+                "of %s; not sent upstream" % (tokens, window, model)), model)
+
+    def _too_long(self, error, model, provider=""):
+        """Give an input-too-long error its size and the model's window (see too_long_message):
+        upstream's own figures when it names them, else the estimate and the table."""
+        found = _TOO_LONG_FIGURES.search(error.message)
+        tokens = int(found.group(1)) if found else self.service.prompt_tokens(self.request, model)
+        window = int(found.group(2)) if found else \
+            model_spec(model, provider).window if provider else window_of(model) or \
+            UNKNOWN_MODEL.window
+        error.tokens, error.window = max(tokens, window + 1), window  # upstream said: over
+        return error
 
     def _watch(self, connection):
         self._connection = connection
@@ -4582,6 +4736,9 @@ class ChatExchange:
         if self.account is not None:
             self.service.closed(self)
             self.service.router.release(self.account)
+            if self.request.api == "anthropic" and self.usage and not self.error:
+                self.service.calibration.observe(self.model, self.request.tokens(),
+                                                 self.usage.get("prompt_tokens"))
             self.service.usage.record(self.account.nickname, self.model,
                                       502 if self.error else 200, self.usage,
                                       (time.monotonic() - self.started) * 1000)
@@ -4708,14 +4865,29 @@ class ModelCatalog:
         return ids
 
 
-def models_response(ids, api):
-    if api == "anthropic":
-        data = [{"type": "model", "id": i, "display_name": i,
-                 "created_at": "1970-01-01T00:00:00Z"} for i in ids]
-        return {"data": data, "has_more": False, "first_id": ids[0] if ids else None,
-                "last_id": ids[-1] if ids else None}
-    return {"object": "list",
-            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "iflow"} for i in ids]}
+def model_description(model, accounts):
+    """"deepseek-v4-flash — DeepSeek, 1048576-token window" for a model list."""
+    provider = next((a.provider_name for a in accounts if a.usable and serves(a, model)), "")
+    spec = model_spec(model, provider)
+    title = PROVIDERS[provider].title if provider in PROVIDERS else "custom upstream"
+    return "%s — %s, %d-token context window" % (model, title, spec.window)
+
+
+def models_response(ids, api, accounts=(), families=None):
+    """The model list in the client's format.  Anthropic's carries a description naming the
+    provider and window, and one entry per Claude family (Claude Code's /model picker offers
+    only names that start with "claude"), each saying which model it maps to."""
+    if api != "anthropic":
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                            "owned_by": "iflow-proxy"} for i in ids]}
+    data = [{"type": "model", "id": "claude-%s" % family, "display_name": "%s → %s" % (
+        family.title(), model), "description": model_description(model, accounts),
+        "created_at": "1970-01-01T00:00:00Z"} for family, model in (families or {}).items()]
+    data += [{"type": "model", "id": i, "display_name": i,
+              "description": model_description(i, accounts),
+              "created_at": "1970-01-01T00:00:00Z"} for i in ids]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
 
 
 class ChatService:
@@ -4739,11 +4911,16 @@ class ChatService:
         self._images = {}           # sha256 of an image -> its description (bounded)
         self._limits = {}           # (account id, model) -> output limit upstream named
         self.reasoning = ReasoningMemory()
+        self.calibration = TokenCalibration(self.usage.extra.get("calibration"))
         self._lock = threading.Lock()
         self._open = set()          # exchanges relaying an answer (stopped at shutdown)
 
     def exchange(self, request, conversation, cancelled=None):
         return ChatExchange(self, request, conversation, cancelled)
+
+    def prompt_tokens(self, request, model):
+        """The request's size in tokens, as the model's upstream has been seen to count."""
+        return int(request.tokens(self.token_estimates) * self.calibration.factor(model))
 
     def claude_defaults(self):
         """Claude family -> model for the accounts configured now (see claude_families)."""
@@ -4873,6 +5050,9 @@ class ChatService:
         self.save_state()
 
     def save_state(self):
+        if self.calibration.changed:
+            self.calibration.changed = False
+            self.usage.keep("calibration", self.calibration.snapshot())
         try:
             self.usage.save()
         except OSError as e:
@@ -4893,6 +5073,7 @@ class ChatService:
         return {"version": __version__, "uptime_s": int(time.time() - self.started_at),
                 "listen": listen, "strategy": self.config.strategy,
                 "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
+                "token_calibration": self.calibration.status(),
                 "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
 
     def _account_status(self, a, today):
@@ -5252,6 +5433,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 # path -> {HTTP method: (handler method name, needs a client key)}
 ROUTES = {
     "/healthz": {"GET": ("handle_healthz", False)},
+    "/api/hello": {"GET": ("handle_healthz", False), "HEAD": ("handle_healthz", False)},
     "/": {"GET": ("handle_dashboard", False), "HEAD": ("handle_dashboard", False)},
     "/status": {"GET": ("handle_status", True)},
     "/v1/models": {"GET": ("handle_models", True)},
@@ -5540,6 +5722,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = {}
         if err.retry_after is not None:
             headers["Retry-After"] = str(int(err.retry_after))
+            headers["x-should-retry"] = "true"  # the Anthropic SDK's word for "wait, then retry"
         if isinstance(err, MethodNotAllowed):
             headers["Allow"] = ", ".join(sorted(ROUTES.get(route_path(self.path), {"GET": 0})))
         if self.body_unread and (self.body_chunked or self.body_length > DRAIN_LIMIT):
@@ -5624,20 +5807,36 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                          "'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"})
 
     def handle_models(self):
-        self.send_json(200, models_response(self.server.chat.catalog.ids(), self.api))
+        chat = self.server.chat
+        families = map_families(self.server.config.claude_models, chat.claude_defaults())
+        self.send_json(200, models_response(chat.catalog.ids(), self.api,
+                                            chat.router.all_accounts(), families))
 
     def handle_count_tokens(self):
+        """A local estimate, calibrated by what the model's upstream has counted before."""
+        chat = self.server.chat
         body = self.read_json()
         _expect(body, "messages", list, "a list of messages", required=True)
         validate_anthropic_request(dict(body, model=body.get("model") or "counting"))
-        self.send_json(200, {"input_tokens": count_request_tokens(
-            body, self.server.chat.token_estimates)})
+        model = chat.resolve(map_claude_model(body.get("model") or "", self.server.config
+                                              .claude_models, chat.claude_defaults()))[1]
+        self.send_json(200, {"input_tokens": chat.prompt_tokens(
+            ChatRequest("anthropic", dict(body, model=model)), model)})
 
     def handle_chat_completions(self):
         body = validate_chat_request(self.read_json())
         chat = self.server.chat
-        self.relay(chat.exchange(ChatRequest("openai", body), openai_conversation_key(
-            body, self.headers), cancelled=self.has_left), self.write_openai)
+        request = ChatRequest("openai", body, background=self.is_background(body["model"]))
+        self.relay(chat.exchange(request, openai_conversation_key(body, self.headers),
+                                 cancelled=self.has_left), self.write_openai)
+
+    def is_background(self, model):
+        """Housekeeping that may wait for main turns: Claude Code's small/fast (haiku) family,
+        or a client that says so (x-iflow-proxy-priority: background)."""
+        said = (self.headers.get("x-iflow-proxy-priority") or "").strip().lower()
+        if said in ("background", "interactive"):
+            return said == "background"
+        return model.lower().startswith("claude") and "haiku" in model.lower()
 
     def handle_messages(self):
         config, chat = self.server.config, self.server.chat
@@ -5648,7 +5847,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         _pinned, model, _fallback, _effort = chat.resolve(mapped)
         thinking, effort = anthropic_thinking(request)
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
-                                   count_request_tokens(request, chat.token_estimates))
+                                   count_request_tokens(request, chat.token_estimates),
+                                   self.is_background(request["model"]))
         conversation = anthropic_conversation_key(request, self.headers)
         body = chat_request.openai()
         if has_images(body) and not is_vision_model(model, config.vision_models):
@@ -5704,7 +5904,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         translated from an OpenAI one (pinging in silences either way)."""
         headers = {"x-iflow-proxy-model": exchange.model}
         stops = request.get("stop_sequences") or ()
-        estimate = exchange.request.estimate
+        estimate = self.server.chat.prompt_tokens(exchange.request, exchange.model)
         if not exchange.stream:
             if exchange.protocol == "anthropic":
                 self.send_bytes(200, exchange.answer.raw, headers=headers)
@@ -6361,16 +6561,34 @@ def cmd_check(args, config):
     return 1 if failed else 0
 
 
-def claude_env(base_url, token, config, model=None):
-    """The variables that point Claude Code (or any Anthropic client) at this proxy."""
-    families = dict(DEFAULT_CLAUDE_MODELS, **config.claude_models)
+def claude_env(base_url, token, config, model=None, accounts=()):
+    """The variables that point Claude Code (or any Anthropic client) at this proxy.
+
+    Claude Code knows the windows of Claude models only: for any other model it takes the
+    window from CLAUDE_CODE_MAX_CONTEXT_TOKENS, and compacts when CLAUDE_CODE_AUTO_COMPACT_WINDOW
+    is reached (both read from the 2.1.x binary).  They are set from the provider table for the
+    model the main turn maps to, with room left for the answer.
+    """
+    families = claude_families(accounts, config.claude_models)
     main_model = model or families["sonnet"]
+    name = main_model.split("/", 1)[1] if "/" in main_model and any(
+        a.nickname == main_model.split("/", 1)[0] for a in accounts) else main_model
+    providers = [a.provider_name for a in accounts if a.usable and serves(a, name)]
+    spec = model_spec(split_model_suffix(name)[0], providers[0] if providers else "")
     return {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_AUTH_TOKEN": token,
             "ANTHROPIC_MODEL": main_model,
             "ANTHROPIC_DEFAULT_OPUS_MODEL": model or families["opus"],
             "ANTHROPIC_DEFAULT_SONNET_MODEL": main_model,
             "ANTHROPIC_DEFAULT_HAIKU_MODEL": families["haiku"],
-            "ANTHROPIC_SMALL_FAST_MODEL": families["haiku"]}
+            "ANTHROPIC_SMALL_FAST_MODEL": families["haiku"],
+            "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(spec.window),
+            "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(compact_window(spec)),
+            "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1"}
+
+
+def compact_window(spec):
+    """When Claude Code should compact: the window less room for an answer and the summary."""
+    return max(spec.window // 2, spec.window - min(spec.output, 32000) - 8000)
 
 
 def format_env(variables, shell):
@@ -6401,7 +6619,7 @@ def cmd_env(args, config):
         token = "<client key: add --reveal-key to print it>"
         sys.stderr.write("iflow_proxy: client keys are configured; --reveal-key prints one "
                          "into the output\n")
-    variables = claude_env(_local_url(config), token, config, args.model)
+    variables = claude_env(_local_url(config), token, config, args.model, account_rows(config))
     args.stdout.write(format_env(variables, args.shell))
     return 0
 
@@ -6434,7 +6652,11 @@ def cmd_claude(args, config):
                 handler.setLevel(logging.ERROR)
         server = start_server(dataclasses.replace(config, host=DEFAULT_HOST, port=0))
         url = server.url
-    env = dict(os.environ, **claude_env(url, _client_token(config), config, args.model))
+    ours = claude_env(url, _client_token(config), config, args.model, account_rows(config))
+    kept = [k for k in ours if k.startswith("CLAUDE_CODE_") and os.environ.get(k)]
+    for key in kept:  # the user's own settings win over the ones derived from the table
+        ours.pop(key)
+    env = dict(os.environ, **ours)
     extra = list(args.claude_args)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Claude Code
     try:
