@@ -4498,3 +4498,182 @@ def test_openai_request_translated_for_anthropic_upstreams():
         {"role": "user", "content": [{"type": "text", "text": "a"}, {
             "type": "text", "text": "<system-reminder>\nnote\n</system-reminder>"},
             {"type": "text", "text": "b"}]}]
+
+
+# ==================================================================================================
+# Claude Code, first-class (issue 13)
+# ==================================================================================================
+
+def test_real_claude_code_through_the_claude_command_believes_the_window(home, fake, tmp_path):
+    """`python iflow_proxy.py claude -p …` with the real Claude Code: the window variables are
+    set from the provider table, the gateway model list is fetched, no unknown-model warning."""
+    claude, work = claude_code_project(tmp_path)
+    add_key_account(home, KEYS[0])
+    fake.responder = claude_code_responder(str(work))
+    seen = tmp_path / "claude-env.json"
+    wrapper = tmp_path / "claude-wrapper"
+    wrapper.write_text("#!%s\nimport json, os, sys\njson.dump(dict(os.environ), open(%r, 'w'))\n"
+                       "os.execv(%r, [%r] + sys.argv[1:])\n" % (sys.executable, str(seen),
+                                                                 claude, claude))
+    wrapper.chmod(0o755)
+    log = tmp_path / "proxy.log"
+    env = dict(os.environ, IFLOW_API_BASE=fake.url + "/v1", IFLOW_PROXY_HOME=home,
+               IFLOW_PROXY_PORT="1", IFLOW_PROXY_LOG_FILE=str(log), HOME=str(tmp_path / "h"),
+               DISABLE_TELEMETRY="1")
+    for key in ("CLAUDE_CODE_MAX_CONTEXT_TOKENS", "CLAUDE_CODE_AUTO_COMPACT_WINDOW", "CI"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "claude",
+                          "--claude-bin", str(wrapper), "-p", "say hi"], cwd=str(work), env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Hi! How can I help?" in out.stdout
+    assert "recognize the model" not in out.stdout + out.stderr
+    variables = json.load(open(seen))
+    assert variables["ANTHROPIC_MODEL"] == "glm-4.6"
+    assert variables["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "200000"
+    assert int(variables["CLAUDE_CODE_AUTO_COMPACT_WINDOW"]) < 200000
+    assert variables["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
+    assert "GET /v1/models" in log.read_text()
+
+
+def test_env_command_sets_the_window_of_the_main_model(home):
+    add_provider_account(home, "sk-deepseek-0001", "deepseek", "openai", "http://127.0.0.1:9")
+    code, out, _ = run_cli("env", home=home)
+    assert "ANTHROPIC_MODEL='deepseek-v4-flash'" in out
+    assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS='1048576'" in out
+    assert "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY='1'" in out
+    code, out, _ = run_cli("env", "--model", "kimi-k2", home=home)
+    assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS='128000'" in out  # iFlow's kimi-k2, per the table
+
+
+def test_model_list_and_probes_for_claude_code(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        for method in ("GET", "HEAD"):
+            assert request(server, method, "/api/hello")[0] == 200
+        assert request(server, "HEAD", "/")[0] == 200
+        status, _, data = request(server, "GET", "/v1/models?limit=1000",
+                                  headers={"anthropic-version": "2023-06-01"})
+        models = json.loads(data)["data"]
+        assert status == 200 and models[0]["id"] == "claude-opus"
+        assert models[0]["display_name"] == "Opus → glm-4.6"
+        glm = next(m for m in models if m["id"] == "glm-4.6")
+        assert "iFlow" in glm["description"] and "200000-token context window" in \
+            glm["description"]
+
+
+def test_input_too_long_in_the_words_each_client_acts_on(home, fake):
+    """Upstream's "input too long" (iFlow 511 here) reaches Anthropic clients as Claude Code's
+    "prompt is too long: N tokens > M maximum" and OpenAI clients as context_length_exceeded;
+    a request far over the window is answered that way at once, with no upstream call."""
+    add_key_account(home, KEYS[0])
+    pattern = re.compile(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)")
+    with running(make_config(home, fake)) as server:
+        fake.push(KEYS[0], ("business", 511))
+        status, _, body = post_json(server, "/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [
+                {"role": "user", "content": "long story " * 50}]},
+            {"anthropic-version": "2023-06-01"})
+        found = pattern.search(body["error"]["message"])
+        assert status == 400 and body["error"]["type"] == "invalid_request_error" and found
+        assert int(found.group(1)) > int(found.group(2)) == 200000
+        fake.push(KEYS[0], ("business", 511))
+        status, _, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert "maximum context length is 200000 tokens" in body["error"]["message"]
+        fake.requests.clear()
+        huge = "word " * 300000  # about 300K tokens for a 200K window
+        status, _, body = post_json(server, "/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [
+                {"role": "user", "content": huge}]}, {"anthropic-version": "2023-06-01"})
+        assert status == 400 and pattern.search(body["error"]["message"])
+        status, _, body = post_json(server, "/v1/chat/completions", dict(CHAT, messages=[
+            {"role": "user", "content": huge}]))
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert fake.chat_requests() == []  # pre-flight: upstream never asked
+
+
+def test_main_turns_go_before_background_ones_on_a_one_slot_account(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.hold = threading.Event()
+    order = []
+    fake.responder = lambda b: order.append(b["messages"][-1]["content"]) or {"content": "ok"}
+
+    def ask(model, text):
+        return post_json(server, "/v1/messages", {"model": model, "max_tokens": 20, "messages": [
+            {"role": "user", "content": text}]}, {"anthropic-version": "2023-06-01"})[0]
+    with running(make_config(home, fake, queue_timeout=60)) as server:
+        first, r1 = in_thread(ask, "claude-sonnet-4-5", "main 1")
+        wait_for(lambda: server.chat.router.in_flight(server.chat.router.all_accounts()[0]),
+                 what="first request upstream")
+        title, r2 = in_thread(ask, "claude-haiku-4-5", "title")
+        wait_for(lambda: server.chat.router.waiting() == 1, what="haiku queued")
+        second, r3 = in_thread(ask, "claude-opus-4-5", "main 2")
+        wait_for(lambda: server.chat.router.waiting() == 2, what="main turn queued")
+        fake.hold.set()
+        for thread in (first, title, second):
+            thread.join(30)
+    assert r1 == r2 == r3 == [200]
+    assert order == ["main 1", "main 2", "title"]  # the later main turn overtook the title
+
+
+def test_background_request_ages_and_is_not_starved(tmp_path, monkeypatch):
+    monkeypatch.setattr(ip, "BACKGROUND_WAIT", 0.2)
+    router = pool_router(tmp_path, n=1, queue_timeout=30)
+    held = router.acquire("m")
+    got = []
+    background, _ = in_thread(lambda: got.append("bg") or router.release(
+        router.acquire("m", background=True)))
+    wait_for(lambda: router.waiting() == 1, what="background queued")
+    wait_for(lambda: router._queue[0].rank(time.monotonic()) == 0,
+             what="the background request to age")
+    main, _ = in_thread(lambda: got.append("main") or router.release(router.acquire("m")))
+    wait_for(lambda: router.waiting() == 2, what="main queued")
+    router.release(held)
+    background.join(10)
+    main.join(10)
+    assert got == ["bg", "main"]  # aged: its place by arrival
+
+
+def test_token_counts_learn_from_what_upstream_counts(home, fake):
+    add_key_account(home, KEYS[0])
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 20, "messages": [
+        {"role": "user", "content": "Please review this function carefully. " * 40}]}
+    estimate = ip.count_request_tokens(body)
+    actual = int(estimate * 1.6)  # this model's upstream counts 60 % more (template, tokenizer)
+    fake.responder = lambda b: {"content": "ok", "usage": {"prompt_tokens": actual,
+                                                           "completion_tokens": 1}}
+    with running(make_config(home, fake)) as server:
+        counted = post_json(server, "/v1/messages/count_tokens", body)[2]["input_tokens"]
+        before = abs(counted - actual) / actual
+        for i in range(4):
+            assert post_json(server, "/v1/messages", body, {"anthropic-version":
+                                                            "2023-06-01"})[0] == 200
+        counted = post_json(server, "/v1/messages/count_tokens", body)[2]["input_tokens"]
+        after = abs(counted - actual) / actual
+        assert after <= before / 2, (before, after)
+        factor = server.chat.status(server.url)["token_calibration"]["glm-4.6"]
+        assert factor["samples"] == 4 and 1.5 < factor["factor"] < 1.7
+        server.chat.save_state()
+    reloaded = ip.UsageBook(os.path.join(home, "usage.json")).extra["calibration"]
+    assert len(reloaded["glm-4.6"]) == 4
+    calibration = ip.TokenCalibration()
+    for ratio in (1.5, 1.5, 1.6, 3.9, 1.55):  # one outlier does not move the median far
+        calibration.observe("m", 1000, int(1000 * ratio))
+    calibration.observe("m", 1000, 10 ** 6)  # far off: ignored
+    assert calibration.factor("m") == 1.55
+
+
+def test_all_cooling_429_tells_claude_code_when_to_retry(home, fake, clock):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake), router_clock=clock) as server:
+        fake.push(KEYS[0], ("http", 429))
+        post_json(server, "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                           "messages": [{"role": "user", "content": "x"}]},
+                  {"anthropic-version": "2023-06-01"})
+        status, headers, body = post_json(server, "/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [
+                {"role": "user", "content": "y"}]}, {"anthropic-version": "2023-06-01"})
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+        assert headers["Retry-After"] == "7" and headers["x-should-retry"] == "true"
+        assert "glm-4.6" in body["error"]["message"]
