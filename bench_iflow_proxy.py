@@ -61,13 +61,14 @@ class Upstream(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        chunks, delay = stream_shape(body)
         if self.path.endswith("/v1/messages"):  # an Anthropic-protocol provider
+            if body.get("stream"):
+                return self.anthropic_stream(chunks, delay)
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(MESSAGE), MESSAGE))
             return
         if body.get("stream"):
-            chunks = int(self.headers.get("x-bench-chunks") or 50)
-            delay = float(self.headers.get("x-bench-delay") or 0.02)
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n")
             for i in range(chunks):
@@ -80,6 +81,90 @@ class Upstream(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(COMPLETION), COMPLETION))
+
+
+    def anthropic_stream(self, chunks, delay):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+        events = [b'event: message_start\ndata: {"type":"message_start","message":{"id":"m",'
+                  b'"type":"message","role":"assistant","model":"deepseek-v4-flash","content":[],'
+                  b'"stop_reason":null,"usage":{"input_tokens":5,"output_tokens":0}}}\n\n',
+                  b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+                  b'"content_block":{"type":"text","text":""}}\n\n']
+        for event in events:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        for i in range(chunks):
+            event = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                     b'"delta":{"type":"text_delta","text":"c%d"}}\n\n' % i)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+            time.sleep(delay)
+        tail = (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+                b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+                b'"end_turn","stop_sequence":null},"usage":{"output_tokens":50}}\n\n'
+                b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+
+
+def stream_shape(body):
+    """(chunks, seconds between them) a stream request asks for: its last message says
+    "stream CHUNKS DELAY" (in the body, so that it passes through any proxy)."""
+    content = (body.get("messages") or [{}])[-1].get("content")
+    words = content.split() if isinstance(content, str) else []
+    if len(words) == 3 and words[0] == "stream":
+        return int(words[1]), float(words[2])
+    return 50, 0.02
+
+
+class Floor(http.server.BaseHTTPRequestHandler):
+    """The floor: a minimal stdlib pass-through (http.server + http.client, one keep-alive
+    upstream connection per client connection), doing nothing but relaying."""
+
+    protocol_version = "HTTP/1.1"
+    upstream_port = None
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.up = None
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.up is None:
+            self.up = http.client.HTTPConnection("127.0.0.1", self.upstream_port)
+            self.up.connect()
+            self.up.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        headers = {k: self.headers[k] for k in ("Content-Type", "Authorization", "x-api-key",
+                                                "anthropic-version") if self.headers.get(k)}
+        self.up.request("POST", self.path, body, headers)
+        resp = self.up.getresponse()
+        content_type = resp.getheader("Content-Type") or "application/json"
+        if "event-stream" not in content_type:
+            data = resp.read()
+            self.wfile.write(b"HTTP/1.1 %d OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                             % (resp.status, content_type.encode(), len(data), data))
+            return
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked"
+                         b"\r\n\r\n" % content_type.encode())
+        while True:
+            data = resp.read1(65536)
+            if not data:
+                break
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def run_floor(port_file, upstream_port):
+    Floor.upstream_port = upstream_port
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Floor)
+    server.daemon_threads = True
+    server.request_queue_size = 512
+    with open(port_file, "w") as f:
+        f.write(str(server.server_address[1]))
+    server.serve_forever()
 
 
 def run_upstream(port_file):
@@ -96,6 +181,7 @@ def run_upstream(port_file):
 CHAT = json.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "ping"}]})
 MESSAGES = json.dumps({"model": "deepseek-v4-flash", "max_tokens": 50,
                        "messages": [{"role": "user", "content": "ping"}]})
+MESSAGES_STREAM = json.dumps(dict(json.loads(MESSAGES), stream=True))
 STREAM = json.dumps({"model": "glm-4.6", "stream": True,
                      "messages": [{"role": "user", "content": "ping"}]})
 
@@ -118,12 +204,16 @@ class Client:
             raise RuntimeError("HTTP %d: %s" % (resp.status, data[:200]))
         return time.perf_counter() - started
 
-    def stream(self, chunks=50, delay=0.02):
+    def stream(self, chunks=50, delay=0.02, anthropic=False):
         """(time to first chunk, [gaps between chunks]) in seconds."""
         started = time.perf_counter()
-        self.conn.request("POST", self.prefix + "/chat/completions", STREAM, {
+        path, body = ("/v1/messages", MESSAGES_STREAM) if anthropic else \
+            ("/chat/completions", STREAM)
+        body = json.loads(body)
+        body["messages"][-1]["content"] = "stream %d %g" % (chunks, delay)
+        self.conn.request("POST", self.prefix + path, json.dumps(body), {
             "Content-Type": "application/json", "Authorization": "Bearer " + KEY,
-            "x-bench-chunks": str(chunks), "x-bench-delay": str(delay)})
+            "anthropic-version": "2023-06-01"})
         resp = self.conn.getresponse()
         arrivals, buf = [], b""
         while True:
@@ -133,7 +223,7 @@ class Client:
             buf += data
             while b"\n\n" in buf:
                 event, buf = buf.split(b"\n\n", 1)
-                if b'"content"' in event:
+                if (b"text_delta" if anthropic else b'"content"') in event:
                     arrivals.append(time.perf_counter())
         if len(arrivals) != chunks:
             raise RuntimeError("stream delivered %d of %d chunks" % (len(arrivals), chunks))
@@ -197,22 +287,39 @@ def throughput(target, concurrency, seconds, anthropic=False):
             "first_error": errors[0] if errors else None}
 
 
-def streams(target, count, chunks=50, delay=0.02):
+def streams(target, count, chunks=50, delay=0.02, anthropic=False):
     results, errors = [], []
 
     def one():
         c = Client(target)
         try:
-            results.append(c.stream(chunks, delay))
+            results.append(c.stream(chunks, delay, anthropic))
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
         finally:
             c.close()
     elapsed = run_together(one, count)
     return {"completed": len(results), "errors": len(errors), "seconds": elapsed,
+            "streams_per_s": len(results) / elapsed,
             "ttfb_p50_ms": percentile([r[0] for r in results], 50) * 1000 if results else None,
             "gap_p99_ms": percentile([g for r in results for g in r[1]], 99) * 1000
             if results else None}
+
+
+def vs_floor(floor, openai, anthropic, seconds):
+    """Requests/s at 16 and 64 and streams/s of 64 concurrent 50-chunk streams: the floor,
+    the proxy's OpenAI path and its Anthropic path (an Anthropic-protocol account), in turn."""
+    rows = {}
+    for conc in (16, 64):
+        rows["rps_c%d" % conc] = {
+            "floor": throughput(floor, conc, seconds)["rps"],
+            "openai": throughput(openai, conc, seconds)["rps"],
+            "anthropic": throughput(anthropic, conc, seconds, anthropic=True)["rps"]}
+    rows["streams_c64"] = {  # no pause between chunks: what relaying them costs
+        "floor": streams(floor, 64, delay=0)["streams_per_s"],
+        "openai": streams(openai, 64, delay=0)["streams_per_s"],
+        "anthropic": streams(anthropic, 64, delay=0, anthropic=True)["streams_per_s"]}
+    return rows
 
 
 def rss_kb(pid):
@@ -268,9 +375,12 @@ def main(argv=None):
                         help="interpreter flag for the proxy, e.g. -S to leave out "
                         "site-packages hooks this machine may have")
     parser.add_argument("--upstream", help=argparse.SUPPRESS)  # internal: run the fake upstream
+    parser.add_argument("--floor", nargs=2, help=argparse.SUPPRESS)  # internal: run the floor
     args = parser.parse_args(argv)
     if args.upstream:
         return run_upstream(args.upstream)
+    if args.floor:
+        return run_floor(args.floor[0], int(args.floor[1]))
     n, seconds = (300, 2.0) if args.quick else (1500, 5.0)
 
     port_file = tempfile.mktemp(prefix="iflow-bench-port-")
@@ -289,7 +399,14 @@ def main(argv=None):
             proc.wait()
         proxy, px_port, _ = start_proxy(up_port, 0, args.python_flag)
         queued, q_port, _ = start_proxy(up_port, 1, args.python_flag)
-        proxies += [proxy, queued]
+        floor_file = tempfile.mktemp(prefix="iflow-bench-floor-")
+        floor = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor",
+                                  floor_file, str(up_port)])
+        proxies += [proxy, queued, floor]
+        while not (os.path.exists(floor_file) and open(floor_file).read()):
+            time.sleep(0.01)
+        floor_target = (int(open(floor_file).read()), "/v1")
+        os.unlink(floor_file)
         direct, through = (up_port, "/v1"), (px_port, "/v1")
         r = {"startup_ms": statistics.median(startups)}
         r["latency"] = latency({"direct": direct, "proxy": through}, n)
@@ -314,6 +431,7 @@ def main(argv=None):
         r["anthropic_rps_c16"] = {name: throughput(t, 16, seconds, anthropic=True)
                                   for name, t in (("direct", (up_port, "/anthropic")),
                                                   ("proxy", (px_port, "")))}
+        r["vs_floor"] = vs_floor(floor_target, through, (px_port, ""), seconds)
         r["proxy_rss_kb"] = dict(zip(("current", "peak"), rss_kb(proxy.pid)))
     finally:
         for p in proxies + [upstream]:
@@ -352,6 +470,17 @@ def main(argv=None):
     print("%-38s %12s %12s %12s" % ("measure", "direct", "proxy", "difference"))
     for name, a, b, diff in rows:
         print("%-38s %12.2f %12.2f %12s" % (name, a, b, diff))
+    print()
+    print("%-38s %10s %18s %18s" % ("against the floor (same run)", "floor", "OpenAI path",
+                                     "Anthropic path"))
+    for key, name in (("rps_c16", "requests/s at concurrency 16"),
+                      ("rps_c64", "requests/s at concurrency 64"),
+                      ("streams_c64", "64 x 50-chunk streams/s")):
+        row = r["vs_floor"][key]
+        print("%-38s %10.1f %10.1f (x%.2f) %10.1f (x%.2f)" % (
+            name, row["floor"], row["openai"], row["openai"] / row["floor"], row["anthropic"],
+            row["anthropic"] / row["floor"]))
+    print()
     print("%-38s %12s %12.1f" % ("proxy peak RSS (MB)", "", r["proxy_rss_kb"]["peak"] / 1024.0))
     print("%-38s %12s %12.1f" % ("proxy start-up to healthy (ms)", "", r["startup_ms"]))
     for conc in (16, 64):

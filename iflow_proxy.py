@@ -2079,6 +2079,125 @@ def shape_chat_body(body, model, signing=True, thinking=None, effort=None):
     return out
 
 
+# --- HTTP header fields: one small parser for both directions ---------------------------------
+
+class HeaderError(http.client.HTTPException):
+    """A message head that breaks the limits or the grammar; ``status`` for a client's."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class Headers:
+    """The header fields of one message, in order: get()/get_all() ignore case, as
+    email.message.Message's do (what http.client and http.server hand out), at a fraction of
+    the cost — the standard parser goes through the email package for every message."""
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self, items=()):
+        self._items = list(items)
+        self._index = {}
+        for name, value in self._items:
+            self._index.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, default=None):
+        return list(self._index.get(name.lower(), ())) or default
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def __contains__(self, name):
+        return name.lower() in self._index
+
+    def __iter__(self):
+        return (name for name, _value in self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def keys(self):
+        return [name for name, _value in self._items]
+
+    def items(self):
+        return list(self._items)
+
+    def __str__(self):
+        return "".join("%s: %s\r\n" % item for item in self._items)
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_HEADER_LINE = 65536
+
+
+def read_headers(fp, limit=HEADER_LIMIT):
+    """The header fields up to the blank line, by RFC 9112 section 5: a field name is a token
+    right before its colon, obsolete line folding and control bytes are refused, and the line
+    length and field count stay within http.client's limits (65,536 bytes, 100 fields)."""
+    items = []
+    while True:
+        line = fp.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise HeaderError("a header line is longer than %d bytes" % MAX_HEADER_LINE, 431)
+        if line in (b"\r\n", b"\n", b""):
+            return Headers(items)
+        if len(items) >= limit:
+            raise HeaderError("more than %d header fields" % limit, 431)
+        if line[:1] in (b" ", b"\t"):
+            raise HeaderError("obsolete line folding in the header")
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t\r\n")
+        if not colon or not _TOKEN.match(name):
+            raise HeaderError("malformed header line %r" % line[:60])
+        if _FIELD_VALUE_BAD.search(value):
+            raise HeaderError("control characters in header %r" % name[:60])
+        items.append((name.decode("ascii"), value.decode("latin-1")))
+
+
+class UpstreamHTTPResponse(http.client.HTTPResponse):
+    """http.client's response with the head read by read_headers (HTTPResponse.begin as in
+    CPython, but without the email package's parser, the costliest step of a proxied call)."""
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            read_headers(self.fp)  # a 100 Continue's head: skipped
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = read_headers(self.fp)
+        coding = self.headers.get("transfer-encoding")
+        self.chunked = bool(coding) and coding.lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.length = int(length) if int(length) >= 0 else None
+            except ValueError:
+                self.length = None
+        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+
+
 def provider_thinking(style, on):
     """The request fields that switch thinking on or off on a provider's own endpoint."""
     if style in ("deepseek", "glm", "kimi"):  # {"thinking": {"type": "enabled"|"disabled"}}
@@ -2258,6 +2377,7 @@ class ConnectionPool:
             raise UpstreamError("unreachable", "cannot connect to %s: %s"
                                 % (where, getattr(e, "strerror", None) or e))
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.response_class = UpstreamHTTPResponse
         return conn
 
 
@@ -5503,6 +5623,54 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def parse_request(self):
+        """The request line (as http.server reads it) and the header fields (by read_headers,
+        which refuses what the email package would let through: folding, control bytes, a
+        name that is not a token); False after answering a malformed one."""
+        self.command, self.request_version = None, self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3 and not self._request_version(words[-1]):
+            return False
+        if not 2 <= len(words) <= 3 or len(words) == 2 and words[0] != "GET":
+            self.send_error(400, "Bad request syntax (%r)" % self.requestline[:200])
+            return False
+        self.command, self.path = words[:2]
+        if self.path.startswith("//"):  # gh-87389: never an absolute URI without scheme
+            self.path = "/" + self.path.lstrip("/")
+        try:
+            self.headers = read_headers(self.rfile)
+        except HeaderError as e:
+            self.send_error(e.status, e.message)
+            return False
+        connection = (self.headers.get("Connection") or "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and \
+                self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
+    def _request_version(self, version):
+        """Check "HTTP/x.y" (RFC 2145: two integers, leading zeros ignored); False after a 400
+        or 505."""
+        numbers = version[5:].split(".") if version.startswith("HTTP/") else []
+        if len(numbers) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10
+                                        for n in numbers):
+            self.send_error(400, "Bad request version (%r)" % version[:100])
+            return False
+        if (int(numbers[0]), int(numbers[1])) >= (2, 0):
+            self.send_error(505, "Invalid HTTP version (%s)" % version[5:100])
+            return False
+        self.request_version = version
+        self.close_connection = (int(numbers[0]), int(numbers[1])) < (1, 1)
+        return True
+
     # Every method goes through dispatch, so unknown ones get a JSON 405 rather than HTML 501.
     def do_GET(self):
         self.dispatch()
@@ -5700,7 +5868,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ \
             else "Unknown"
         lines = ["HTTP/1.1 %d %s" % (status, phrase), "Server: " + self.server_version,
-                 "Date: " + self.date_time_string(), "x-request-id: " + self.request_id]
+                 "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()),
+                 "x-request-id: " + self.request_id]
         lines.extend("%s: %s" % (k, header_value(v)) for k, v in headers.items())
         if self.close_connection:
             lines.append("Connection: close")

@@ -4677,3 +4677,35 @@ def test_all_cooling_429_tells_claude_code_when_to_retry(home, fake, clock):
         assert status == 429 and body["error"]["type"] == "rate_limit_error"
         assert headers["Retry-After"] == "7" and headers["x-should-retry"] == "true"
         assert "glm-4.6" in body["error"]["message"]
+
+
+# ==================================================================================================
+# The header parser (issue 14): every limit the server enforced with the email package, kept
+# ==================================================================================================
+
+@pytest.mark.parametrize("head, status", [
+    (b"X-A: 1\r\n\r\n", None), (b"X-A:1\r\nx-a:  2 \r\n\r\n", None),
+    (b"X-A: 1\r\n folded\r\n\r\n", 400),            # obsolete line folding
+    (b"X A: 1\r\n\r\n", 400), (b"X-A : 1\r\n\r\n", 400), (b": 1\r\n\r\n", 400),
+    (b"no colon here\r\n\r\n", 400), (b"X-A: a\x00b\r\n\r\n", 400), (b"X-A: a\x1bb\r\n\r\n", 400),
+    (b"X-A: " + b"v" * 70000 + b"\r\n\r\n", 431),
+    (b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n", 431)])
+def test_read_headers_limits_and_grammar(head, status):
+    if status is None:
+        headers = ip.read_headers(io.BytesIO(head))
+        assert headers.get("x-a") == headers["X-A"] == "1" and "X-a" in headers
+        assert headers.get_all("X-A") in (["1"], ["1", "2"]) and headers.get("nope", 5) == 5
+        return
+    with pytest.raises(ip.HeaderError) as e:
+        ip.read_headers(io.BytesIO(head))
+    assert e.value.status == status
+    request = b"GET /healthz HTTP/1.1\r\n" + head
+    assert drive(request)[0][0] == status
+
+
+def test_upstream_response_head_is_read_by_the_same_parser(home, fake):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+        conn = server.chat.upstream.pool._idle[next(iter(server.chat.upstream.pool._idle))][0]
+        assert conn.response_class is ip.UpstreamHTTPResponse
