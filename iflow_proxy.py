@@ -286,6 +286,7 @@ def model_spec(model, provider=""):
             return spec
     return UNKNOWN_MODEL
 
+NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")  # accounts and client keys
 MAX_NESTING = 64            # JSON depth accepted from clients (json recursion is per level)
 HEADER_LIMIT = 100          # request headers per request
 SSE_HEAD_LIMIT = 1 << 20    # bytes we read looking for the first SSE event / a JSON error body
@@ -520,6 +521,51 @@ def _key_list(v):
     return None
 
 
+ClientKey = collections.namedtuple("ClientKey", "name key rpm tokens_per_day models expires")
+_CLIENT_KEY_FIELDS = {"name": str, "key": str, "rpm": int, "tokens_per_day": int, "models": list,
+                      "expires": str}
+
+
+def _client_key_list(v):
+    """Client keys: strings, or objects {"name", "key", "rpm", "tokens_per_day", "models",
+    "expires": "YYYY-MM-DD"} (name and key required)."""
+    items = [part for part in v.split(",") if part.strip()] if isinstance(v, str) else v
+    names = []
+    for item in items:
+        if isinstance(item, str) and item.strip():
+            continue
+        if not isinstance(item, dict):
+            return "must be a list of keys (strings) or key objects"
+        for field, value in item.items():
+            kind = _CLIENT_KEY_FIELDS.get(field)
+            if kind is None:
+                return "objects take %s, not %r" % (", ".join(_CLIENT_KEY_FIELDS), field)
+            if not isinstance(value, kind) or isinstance(value, bool) or \
+                    kind is int and value < 0:
+                return "field %r of a key object must be %s" % (field, _TYPE_NAMES[kind])
+        if not item.get("key", "").strip() or not NICKNAME_RE.match(item.get("name", "")):
+            return "a key object needs a 'key' and a 'name' (letters, digits, . _ @ + -)"
+        if item.get("expires") and not re.match(r"\d{4}-\d{2}-\d{2}$", item["expires"]):
+            return "'expires' must be a date, YYYY-MM-DD"
+        if not all(isinstance(m, str) for m in item.get("models", ())):
+            return "'models' of a key object must be a list of names or globs"
+        names.append(item["name"].lower())
+    if len(set(names)) != len(names):
+        return "key names must be unique"
+    return None
+
+
+def client_key(item):
+    """A ClientKey from a config entry; a plain key is named by its fingerprint, never itself."""
+    if isinstance(item, ClientKey):
+        return item
+    if isinstance(item, str):
+        return ClientKey("key-" + fingerprint(item)[:8], item, 0, 0, (), "")
+    return ClientKey(item["name"], item["key"], item.get("rpm", 0),
+                     item.get("tokens_per_day", 0), tuple(item.get("models", ())),
+                     item.get("expires", ""))
+
+
 def _string_list(v):
     return None if all(isinstance(item, str) for item in v) else "must be a list of strings"
 
@@ -574,7 +620,8 @@ SETTINGS = {
     "ca_file": Setting(str, "", "IFLOW_PROXY_CA_FILE", "extra CA bundle (PEM) for upstream TLS",
                        None),
     "client_keys": Setting(list, [], "IFLOW_PROXY_CLIENT_KEYS", "keys clients must send (Bearer "
-                           "or x-api-key); comma-separated in env", _key_list),
+                           "or x-api-key): strings, or objects with a name and limits; "
+                           "comma-separated in env", _client_key_list),
     "client_keys_file": Setting(str, "", "IFLOW_PROXY_CLIENT_KEYS_FILE", "file with one client "
                                 "key per line (keeps keys out of `ps`)", None),
     "api_keys": Setting((list, str), [], "IFLOW_API_KEYS", "pooled iFlow API keys used without "
@@ -668,7 +715,9 @@ Config = dataclasses.make_dataclass(
     "Config", [("home", str)] + [_config_field(n, s) for n, s in SETTINGS.items()], frozen=True,
     namespace={"__doc__": "Every setting (see SETTINGS), resolved once in main() and passed "
                "down; never mutated.",
-               "config_path": property(lambda self: os.path.join(self.home, "config.json"))})
+               "config_path": property(lambda self: os.path.join(self.home, "config.json")),
+               "__post_init__": lambda self: object.__setattr__(  # keys as ClientKey, always
+                   self, "client_keys", tuple(client_key(k) for k in self.client_keys))})
 
 
 def default_home(env=None):
@@ -775,6 +824,7 @@ def load_config(home=None, flags=None, env=None):
     if values["client_keys_file"]:
         values["client_keys"] = list(values["client_keys"]) + read_key_file(
             os.path.expanduser(values["client_keys_file"]))
+    values["client_keys"] = [client_key(k) for k in values["client_keys"]]
     for key, spec in SETTINGS.items():
         if isinstance(spec.default, list):
             values[key] = tuple(dict.fromkeys(values[key]))
@@ -965,7 +1015,6 @@ class FileLock:
         self._thread_lock.release()
 
 
-NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")
 ACCOUNT_KINDS = ("api-key", "oauth", "cookie", "pool")
 ACCOUNT_STATES = ("ok", "needs-login", "disabled")
 
@@ -3354,6 +3403,7 @@ class UsageBook:
         self._lock = threading.Lock()
         self._days = {}   # "YYYY-MM-DD" -> {"account|model": tally}
         self.extra = {}   # other figures saved with these (e.g. token calibration)
+        self._clients = {}  # "YYYY-MM-DD" -> {"client name|model": tally}
         self._dirty = False
         try:
             data = read_json_file(path, "usage file")
@@ -3361,6 +3411,8 @@ class UsageBook:
                 self._days = {d: v for d, v in data["days"].items() if isinstance(v, dict)}
             if isinstance(data.get("extra"), dict):
                 self.extra = data["extra"]
+            if isinstance(data.get("clients"), dict):
+                self._clients = {d: v for d, v in data["clients"].items() if isinstance(v, dict)}
         except FileNotFoundError:
             pass
         except ConfigError as e:  # a damaged usage file must not stop the proxy
@@ -3375,8 +3427,9 @@ class UsageBook:
             self.extra[key] = value
             self._dirty = True
 
-    def record(self, account, model, status, usage, latency_ms):
-        """One finished attempt: ``status`` 200 counts as a success, anything else a failure."""
+    def record(self, account, model, status, usage, latency_ms, client=""):
+        """One finished attempt: ``status`` 200 counts as a success, anything else a failure;
+        answers are also counted per client key name (never the key) when there is one."""
         usage = usage if isinstance(usage, dict) else {}
         details = usage.get("completion_tokens_details")
         reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
@@ -3396,7 +3449,35 @@ class UsageBook:
                 if isinstance(value, int) and not isinstance(value, bool):
                     tally[field] += value
             tally["latency_ms"] += round(latency_ms, 1)
+            if client:
+                self._count_client(client, model, usage)
             self._dirty = True
+
+    def _count_client(self, client, model, usage):
+        clients = self._clients.setdefault(self.today(), {})
+        key = "%s|%s" % (client, model)
+        if key not in clients and len(clients) >= MAX_USAGE_ROWS:
+            key = "%s|%s" % (client, OTHER_MODELS)
+        tally = clients.setdefault(key, {"requests": 0, "input_tokens": 0, "output_tokens": 0})
+        tally["requests"] += 1
+        for field, value in (("input_tokens", usage.get("prompt_tokens")),
+                             ("output_tokens", usage.get("completion_tokens"))):
+            if isinstance(value, int) and not isinstance(value, bool):
+                tally[field] += value
+
+    def client_tokens(self, client, day=None):
+        """Tokens (in + out) a client key used on ``day`` (today)."""
+        with self._lock:
+            rows = self._clients.get(day or self.today(), {})
+            return sum(t["input_tokens"] + t["output_tokens"] for k, t in rows.items()
+                       if k.split("|", 1)[0] == client)
+
+    def client_rows(self):
+        """[{day, client, model, requests, input_tokens, output_tokens}], oldest day first."""
+        with self._lock:
+            return [dict(t, day=day, client=k.split("|", 1)[0], model=k.split("|", 1)[1])
+                    for day, rows in sorted(self._clients.items())
+                    for k, t in sorted(rows.items())]
 
     def summary(self, day=None):
         """{"today": {...}, "total": {...}} with per-account/model rows and overall sums."""
@@ -3435,7 +3516,9 @@ class UsageBook:
             cutoff = time.strftime("%Y-%m-%d", time.localtime(self.clock() -
                                                               self.keep_days * 86400))
             self._days = {d: v for d, v in self._days.items() if d >= cutoff}
-            data = {"version": 1, "days": self._days, "extra": self.extra}
+            self._clients = {d: v for d, v in self._clients.items() if d >= cutoff}
+            data = {"version": 1, "days": self._days, "clients": self._clients,
+                    "extra": self.extra}
             self._dirty = False
             atomic_write_json(self.path, data)
 
@@ -4584,8 +4667,9 @@ class ChatRequest:
     in either upstream protocol.
     """
 
-    def __init__(self, api, body, thinking=None, effort=None, estimate=0, background=False):
-        self.api, self.body = api, body
+    def __init__(self, api, body, thinking=None, effort=None, estimate=0, background=False,
+                 client=""):
+        self.api, self.body, self.client = api, body, client  # client: the client key's name
         self.model, self.stream = body["model"], body.get("stream") is True
         self.thinking, self.effort, self.estimate = thinking, effort, estimate
         self.background = background  # housekeeping (titles, summaries): may wait for others
@@ -4861,7 +4945,8 @@ class ChatExchange:
                                                  self.usage.get("prompt_tokens"))
             self.service.usage.record(self.account.nickname, self.model,
                                       502 if self.error else 200, self.usage,
-                                      (time.monotonic() - self.started) * 1000)
+                                      (time.monotonic() - self.started) * 1000,
+                                      self.request.client)
 
     @property
     def usage(self):
@@ -5194,6 +5279,8 @@ class ChatService:
                 "listen": listen, "strategy": self.config.strategy,
                 "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
                 "token_calibration": self.calibration.status(),
+                "clients_today": [r for r in self.usage.client_rows()
+                                  if r["day"] == self.usage.today()],
                 "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
 
     def _account_status(self, a, today):
@@ -5313,6 +5400,41 @@ def header_value(text):
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
 
 
+class ClientLimits:
+    """Each named client key's own limits: expiry, the models it may use, requests per minute
+    and tokens per day (counted by its name in the usage figures)."""
+
+    def __init__(self, usage, clock=time.time):
+        self.usage, self.clock = usage, clock
+        self._recent = {}   # key name -> times of its requests in the last minute
+        self._lock = threading.Lock()
+
+    def admit(self, key, model):
+        now = self.clock()
+        if key.expires and key.expires < time.strftime("%Y-%m-%d", time.localtime(now)):
+            raise Unauthorized("client key %s expired on %s" % (key.name, key.expires))
+        if key.models and not any(fnmatch.fnmatchcase(model.lower(), p.lower())
+                                  for p in key.models):
+            raise ProxyError("client key %s may not use model %s (it may use: %s)" % (
+                key.name, model, ", ".join(key.models)), status=403, code="model_not_allowed")
+        if key.tokens_per_day and self.usage.client_tokens(key.name) >= key.tokens_per_day:
+            tomorrow = time.mktime(time.localtime(now)[:3] + (24, 0, 0, 0, 0, -1))
+            raise RateLimited("client key %s used its %d tokens for today" % (
+                key.name, key.tokens_per_day), retry_after=max(1, int(tomorrow - now)))
+        if key.rpm:
+            self._count(key, now)
+
+    def _count(self, key, now):
+        with self._lock:
+            times = [t for t in self._recent.get(key.name, ()) if t > now - 60]
+            if len(times) >= key.rpm:
+                self._recent[key.name] = times
+                raise RateLimited("client key %s may send %d requests a minute" % (
+                    key.name, key.rpm), retry_after=max(1, int(times[0] + 60 - now + 0.999)))
+            times.append(now)
+            self._recent[key.name] = times
+
+
 class BodyBudget:
     """Request-body bytes held at once across all requests (0 = unlimited), so that many large
     bodies arriving together can't take the machine's memory."""
@@ -5381,8 +5503,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, config, **chat_options):
         check_bind_safety(config)
         self.config = config
+        limits_clock = chat_options.pop("limits_clock", time.time)
         self.chat = ChatService(config, **chat_options)
         self.bodies = BodyBudget(config.max_inflight_body_bytes)
+        self.limits = ClientLimits(self.chat.usage, limits_clock)
         self._stopping = threading.Event()
         self._gate = threading.Lock()
         self.connections = 0          # client connections being served
@@ -5699,6 +5823,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.client_left = False
         self.body_length, self.body_chunked, self.body_unread = None, False, False
         self.body_reserved = 0
+        self.client_key = None
 
     def _dispatch(self):
         try:
@@ -5761,12 +5886,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # http.client decodes header bytes as Latin-1: encode back to the bytes that were sent,
         # which for a non-ASCII key are its UTF-8 (the encoding our configured keys use)
         sent = presented.encode("latin-1", "replace")
-        matched = False
+        matched = None
         for key in keys:  # compare with every key: timing reveals nothing about which matched
-            matched |= hmac.compare_digest(sent, key.encode("utf-8"))
-        if not matched:
+            if hmac.compare_digest(sent, key.key.encode("utf-8")) and matched is None:
+                matched = key
+        if matched is None:
             raise Unauthorized("missing or invalid client key: send it as 'Authorization: "
                                "Bearer <key>' or 'x-api-key: <key>'")
+        self.client_key = matched
+        self.log_fields["client"] = matched.name
+
+    def admit(self, model):
+        """The client key's own limits, once the model is known (see ClientLimits)."""
+        if self.client_key is not None:
+            self.server.limits.admit(self.client_key, model)
 
     # --- request bodies ---------------------------------------------------------------------
     def read_body(self):
@@ -5994,8 +6127,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_chat_completions(self):
         body = validate_chat_request(self.read_json())
+        self.admit(body["model"])
         chat = self.server.chat
-        request = ChatRequest("openai", body, background=self.is_background(body["model"]))
+        request = ChatRequest("openai", body, background=self.is_background(body["model"]),
+                              client=self.client_name())
         self.relay(chat.exchange(request, openai_conversation_key(body, self.headers),
                                  cancelled=self.has_left), self.write_openai)
 
@@ -6010,6 +6145,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_messages(self):
         config, chat = self.server.config, self.server.chat
         request = validate_anthropic_request(self.read_json())
+        self.admit(request["model"])
         self.log_fields["model"] = request["model"]
         mapped = map_claude_model(request["model"], config.claude_models,
                                   chat.claude_defaults())
@@ -6017,7 +6153,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         thinking, effort = anthropic_thinking(request)
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),
-                                   self.is_background(request["model"]))
+                                   self.is_background(request["model"]), self.client_name())
         conversation = anthropic_conversation_key(request, self.headers)
         body = chat_request.openai()
         if has_images(body) and not is_vision_model(model, config.vision_models):
@@ -6030,6 +6166,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def has_left(self):
         return self.client_left
+
+    def client_name(self):
+        return self.client_key.name if self.client_key is not None else ""
 
     def relay(self, exchange, write):
         """Open the exchange and write its answer; it is closed (and recorded) whatever happens."""
@@ -6779,7 +6918,7 @@ def _local_url(config):
 
 
 def _client_token(config):
-    return config.client_keys[0] if config.client_keys else "iflow-proxy"
+    return config.client_keys[0].key if config.client_keys else "iflow-proxy"
 
 
 def cmd_env(args, config):
@@ -6902,6 +7041,15 @@ def format_status(status):
     lines.append("today: %d requests, %d failures, %d input / %d output tokens" % (
         today["requests"], sum(today["failures"].values()), today["input_tokens"],
         today["output_tokens"]))
+    clients = {}
+    for row in status.get("clients_today", []):
+        mine = clients.setdefault(row["client"], [0, 0, 0])
+        mine[0] += row["requests"]
+        mine[1] += row["input_tokens"]
+        mine[2] += row["output_tokens"]
+    for name, (requests, tokens_in, tokens_out) in sorted(clients.items()):
+        lines.append(printable("  client key %s: %d requests, %d input / %d output tokens today"
+                               % (name, requests, tokens_in, tokens_out)))
     for e in status.get("recent_errors", [])[:5]:
         lines.append(printable("  error %s %s %s: %s (%s)" % (
             time.strftime("%H:%M:%S", time.localtime(e["time"])), e["account"], e["model"],

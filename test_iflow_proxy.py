@@ -780,7 +780,7 @@ def test_config_precedence_flags_env_file_defaults(home):
     c = ip.load_config(home, {"port": 4000}, {"IFLOW_PROXY_PORT": "3000"})
     assert c.port == 4000
     c = ip.load_config(home, {"client_keys": ["flag-key"]}, {"IFLOW_PROXY_CLIENT_KEYS": "e1,e2"})
-    assert c.client_keys == ("e1", "e2", "flag-key")
+    assert [k.key for k in c.client_keys] == ["e1", "e2", "flag-key"]
 
 
 @pytest.mark.parametrize("content,fragment", [
@@ -3464,6 +3464,7 @@ class SocketlessServer:
         self.config = dataclasses.replace(config or ip.Config(home="/x"), **overrides)
         self.chat = chat or ScriptedChat()
         self.bodies = ip.BodyBudget(self.config.max_inflight_body_bytes)
+        self.limits = ip.ClientLimits(usage=None)
         self.server_address = ("127.0.0.1", 11450)
         self.url = "http://127.0.0.1:11450"
 
@@ -3870,7 +3871,7 @@ def test_client_keys_file_and_loose_config_warning(home, tmp_path):
     keys.write_text("# team keys\nck-from-file-1\n\nck-from-file-2\n")
     os.chmod(keys, 0o600)
     config = make_config(home, env={"IFLOW_PROXY_CLIENT_KEYS_FILE": str(keys)})
-    assert config.client_keys == ("ck-from-file-1", "ck-from-file-2")
+    assert [k.key for k in config.client_keys] == ["ck-from-file-1", "ck-from-file-2"]
     assert ip.loose_permission_warnings(config) == []
     write_config(home, {"client_keys": ["ck-in-config"]})
     os.chmod(os.path.join(home, "config.json"), 0o644)
@@ -4709,3 +4710,53 @@ def test_upstream_response_head_is_read_by_the_same_parser(home, fake):
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
         conn = server.chat.upstream.pool._idle[next(iter(server.chat.upstream.pool._idle))][0]
         assert conn.response_class is ip.UpstreamHTTPResponse
+
+
+# ==================================================================================================
+# Named client keys with limits (issue 15, first part)
+# ==================================================================================================
+
+def test_client_keys_with_limits_in_both_formats(home, fake, clock):
+    add_key_account(home, KEYS[0])
+    keys = ["ck-plain-1", {"name": "alice", "key": "ck-alice-1", "rpm": 2},
+            {"name": "bob", "key": "ck-bob-1", "models": ["glm-*"], "tokens_per_day": 30},
+            {"name": "old", "key": "ck-old-1", "expires": "2000-01-01"}]
+    write_config(home, {"client_keys": keys})
+    config = make_config(home, fake)
+    anthropic = {"model": "glm-4.6", "max_tokens": 5, "messages": [{"role": "user",
+                                                                    "content": "hi"}]}
+    clock.now = time.time()  # expiry dates are compared with today
+    with running(config, limits_clock=clock) as server:
+        def chat(key, body=CHAT, path="/v1/chat/completions"):
+            return post_json(server, path, body, {"x-api-key": key,
+                                                  "anthropic-version": "2023-06-01"}
+                             if path == "/v1/messages" else {"Authorization": "Bearer " + key})
+        assert chat("ck-alice-1")[0] == 200 and chat("ck-alice-1")[0] == 200
+        status, headers, body = chat("ck-alice-1")
+        assert status == 429 and headers["Retry-After"] == "60" and "alice" in \
+            body["error"]["message"]
+        status, _, body = chat("ck-alice-1", anthropic, "/v1/messages")
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+        clock.advance(61)
+        assert chat("ck-alice-1")[0] == 200
+        status, _, body = chat("ck-bob-1", dict(CHAT, model="kimi-k2"))
+        assert status == 403 and body["error"]["code"] == "model_not_allowed"
+        status, _, body = chat("ck-bob-1", dict(anthropic, model="kimi-k2"), "/v1/messages")
+        assert status == 403 and body["error"]["type"] == "permission_error"
+        assert chat("ck-bob-1")[0] == 200          # 16 tokens of his 30
+        assert chat("ck-bob-1")[0] == 200          # 32: over, from the next request on
+        status, headers, body = chat("ck-bob-1")
+        assert status == 429 and int(headers["Retry-After"]) > 0 and "30 tokens" in \
+            body["error"]["message"]
+        status, _, body = chat("ck-old-1")
+        assert status == 401 and "expired on 2000-01-01" in body["error"]["message"]
+        assert chat("ck-plain-1")[0] == 200 and chat("ck-nope")[0] == 401
+        today = server.chat.status(server.url)["clients_today"]
+        names = {r["client"] for r in today}
+        assert names == {"alice", "bob", "key-" + ip.fingerprint("ck-plain-1")[:8]}
+        assert next(r for r in today if r["client"] == "bob")["input_tokens"] == 22
+        assert "ck-alice-1" not in json.dumps(server.chat.status(server.url))
+    write_config(home, {"client_keys": [{"name": "x", "key": "k", "colour": "red"}]})
+    with pytest.raises(ip.ConfigError) as e:
+        ip.load_config(home, {}, {})
+    assert "colour" in e.value.message
