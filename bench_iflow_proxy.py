@@ -157,23 +157,23 @@ class Floor(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
 
-def run_floor(port_file, upstream_port):
-    Floor.upstream_port = upstream_port
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Floor)
+def serve(handler, port_file):
+    """Serve ``handler`` on a free loopback port, written to ``port_file``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.request_queue_size = 512
     with open(port_file, "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()
+
+
+def run_floor(port_file, upstream_port):
+    Floor.upstream_port = upstream_port
+    serve(Floor, port_file)
 
 
 def run_upstream(port_file):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    server.daemon_threads = True
-    server.request_queue_size = 512
-    with open(port_file, "w") as f:
-        f.write(str(server.server_address[1]))
-    server.serve_forever()
+    serve(Upstream, port_file)
 
 
 # --- measuring ------------------------------------------------------------------------------
