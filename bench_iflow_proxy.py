@@ -468,8 +468,9 @@ def main(argv=None):
                  q["max_concurrency_1"]["p50_ms"], "+%.2f ms" % (
                      q["max_concurrency_1"]["p50_ms"] - q["unlimited"]["p50_ms"])))
     print("%-38s %12s %12s %12s" % ("measure", "direct", "proxy", "difference"))
-    for name, a, b, diff in rows:
-        print("%-38s %12.2f %12.2f %12s" % (name, a, b, diff))
+    for name, a, b, diff in rows:  # None: nothing completed to measure (see the errors below)
+        print("%-38s %12s %12s %12s" % (name, "-" if a is None else "%.2f" % a,
+                                         "-" if b is None else "%.2f" % b, diff))
     print()
     print("%-38s %10s %18s %18s" % ("against the floor (same run)", "floor", "OpenAI path",
                                      "Anthropic path"))
