@@ -655,6 +655,10 @@ SETTINGS = {
                             _positive),
     "shutdown_grace": Setting(_NUMBER, 10, None, "seconds in-flight requests get to finish on "
                               "SIGTERM", _not_negative),
+    "management_key": Setting(str, "", "IFLOW_PROXY_MANAGEMENT_KEY", "key of the management "
+                              "API (/v0/management/); empty = the API is off", None),
+    "management_allow_remote": Setting(bool, False, None, "accept management calls from other "
+                                       "machines (with client keys and TLS in front)", None),
     "allowed_hosts": Setting(list, [], None, "Host header names accepted besides loopback names, "
                              "IP addresses and the listen address (\"*\" = any)", _string_list),
     "allowed_origins": Setting(list, [], None, "web origins (scheme://host:port) allowed to call "
@@ -1366,6 +1370,39 @@ class AccountEdit:
     def set_status(self, status, reason=""):
         _set_entry_status(self.entry, status, reason)
         self.changed = True
+
+
+def api_key_settings(provider=None, protocol=None, base_url=None, signing=True):
+    """The registry settings of an API-key account: the preset's base URL for the protocol
+    (``base_url`` overrides it, for mirrors and gateways), signing, provider and protocol."""
+    base_url = (base_url or "").rstrip("/")
+    if base_url and not _is_http_url(base_url):
+        raise BadRequest("--base-url must be an http:// or https:// URL, got %r" % base_url)
+    protocol = protocol or "openai"
+    if protocol not in PROTOCOLS:
+        raise BadRequest("unknown protocol %r: use openai or anthropic" % protocol)
+    if not provider:
+        return {"base_url": base_url, "signing": signing, "protocol": protocol}
+    preset = PROVIDERS.get(provider.lower())
+    if preset is None:
+        raise BadRequest("unknown provider %r; the presets are: %s (python iflow_proxy.py "
+                         "providers)" % (provider, ", ".join(PROVIDERS)))
+    preset_base = preset.anthropic if protocol == "anthropic" else preset.openai
+    if not preset_base and not base_url:
+        raise BadRequest("%s has no %s endpoint; use --protocol %s" % (
+            provider, protocol, "openai" if protocol == "anthropic" else "anthropic"))
+    if provider.lower() == "iflow" and not base_url:
+        preset_base = ""  # iFlow accounts follow config api_base / IFLOW_API_BASE
+    return {"base_url": base_url or preset_base, "provider": provider.lower(),
+            "protocol": protocol, "signing": preset.signing and signing}
+
+
+def account_json(a, config):
+    return {"id": a.id, "nickname": a.nickname, "email": a.email, "kind": a.kind,
+            "default": a.default, "status": a.status, "status_reason": a.status_reason,
+            "key": mask_secret(a.api_key), "base_url": a.api_base(config), "signing": a.signing,
+            "provider": a.provider_name or "custom", "protocol": a.protocol,
+            "expires": a.expires, "refresh_error": a.refresh_error}
 
 
 def pool_accounts(config):
@@ -3465,6 +3502,14 @@ class UsageBook:
             if isinstance(value, int) and not isinstance(value, bool):
                 tally[field] += value
 
+    def day_rows(self):
+        """[{day, account, model, requests, input_tokens, output_tokens}], oldest day first."""
+        with self._lock:
+            return [{"day": day, "account": k.split("|", 1)[0], "model": k.split("|", 1)[1],
+                     "requests": t.get("requests", 0), "input_tokens": t.get("input_tokens", 0),
+                     "output_tokens": t.get("output_tokens", 0)}
+                    for day, rows in sorted(self._days.items()) for k, t in sorted(rows.items())]
+
     def client_tokens(self, client, day=None):
         """Tokens (in + out) a client key used on ``day`` (today)."""
         with self._lock:
@@ -4959,6 +5004,88 @@ class ChatExchange:
                 "usage": self.usage, "error": self.error}
 
 
+class ProbeResult:
+    """What one tiny signed request says about an account's upstream."""
+
+    def __init__(self, account, latency_ms=None, error=None, http_status=None):
+        self.account, self.latency_ms, self.error, self.http_status = \
+            account, latency_ms, error, http_status
+
+    @property
+    def reachable(self):
+        return self.error is None or self.error.kind not in ("unreachable", "timeout")
+
+    @property
+    def key_verdict(self):
+        kind = self.error.kind if self.error else None
+        if not self.reachable:
+            return "not checked"
+        return {"key_expired": "expired (439): log in again or use a fresh key",
+                "key_blocked": "blocked or invalid (434/438): this key cannot be used",
+                "auth": "rejected (HTTP %s)" % (self.error.upstream_status if self.error else ""),
+                "rejected": "unknown (request refused with 406)",
+                "transient": "unknown (upstream server error)"}.get(kind, "accepted")
+
+    @property
+    def key_ok(self):
+        return self.key_verdict == "accepted"
+
+    @property
+    def signature_verdict(self):
+        if not self.account.signing:
+            return "off (plain OpenAI-compatible upstream)"
+        kind = self.error.kind if self.error else None
+        if not self.reachable or kind in ("key_expired", "key_blocked", "auth", "transient"):
+            return "not checked"
+        return "rejected (406): check user_agent/extra_headers" if kind == "rejected" \
+            else "accepted"
+
+
+def probe_model(account, config):
+    """The model a probe asks for: config probe_model for iFlow and custom upstreams, else the
+    provider's small (haiku-family) model."""
+    preset = PROVIDERS.get(account.provider_name)
+    return config.probe_model if preset is None or account.provider_name == "iflow" \
+        else preset.claude["haiku"]
+
+
+def probe_account(account, config, upstream, clock=time.monotonic):
+    """Send the smallest possible chat request with ``account`` and classify the answer."""
+    body = {"model": probe_model(account, config), "max_tokens": 1, "stream": False,
+            "messages": [{"role": "user", "content": "ping"}]}
+    base = account.api_base(config)
+    if account.protocol == "anthropic":
+        url, headers = base + "/v1/messages", anthropic_headers(
+            account, PROVIDERS.get(account.provider_name))
+    else:
+        sid, cid = conversation_ids(account.id, "probe")
+        url, headers = base + "/chat/completions", upstream_headers(account, config, sid, cid)
+    started = clock()
+    try:
+        resp = upstream.open("POST", url, headers, json.dumps(body).encode("utf-8"))
+        latency = (clock() - started) * 1000
+        UpstreamAnswer(resp, False, (account.api_key,), SSE_HEAD_LIMIT,
+                       protocol=account.protocol).open()
+        return ProbeResult(account, latency, None, resp.status)
+    except UpstreamError as e:
+        return ProbeResult(account, (clock() - started) * 1000, e, e.upstream_status)
+
+
+def service_verdict(result):
+    """A plain word on an upstream that is gone, or None."""
+    message = result.error.message if result.error else ""
+    live = ", ".join(p for p in PROVIDERS if p != "iflow")
+    if result.account.provider_name == "iflow" and not result.reachable:
+        return ("iFlow's CLI service ended on 2026-04-17 and its API has not answered since; "
+                "providers that live: %s (python iflow_proxy.py providers)" % live)
+    if re.search(r"name or service not known|nodename nor servname|getaddrinfo|"
+                 r"temporary failure in name resolution|no address associated", message, re.I):
+        return "the host name does not resolve (DNS): check the base URL and your network"
+    if re.search(r"deprecat|no longer supported|discontinued", message, re.I):
+        return "upstream says this auth method or API is deprecated; providers that live: " + live
+    return None
+
+
 class ReasoningHeard:
     """What a streamed answer said in reasoning_content, and the ids of its tool calls."""
 
@@ -5126,6 +5253,9 @@ class ChatService:
     def prompt_tokens(self, request, model):
         """The request's size in tokens, as the model's upstream has been seen to count."""
         return int(request.tokens(self.token_estimates) * self.calibration.factor(model))
+
+    def apply_config(self, config):
+        self.config = self.router.config = self.catalog.config = self.refresher.config = config
 
     def claude_defaults(self):
         """Claude family -> model for the accounts configured now (see claude_families)."""
@@ -5435,6 +5565,270 @@ class ClientLimits:
             self._recent[key.name] = times
 
 
+class ManagementGuard:
+    """Who may use the management API: the management key, from this machine unless config
+    management_allow_remote; five failures from one address ban it for BAN_SECONDS."""
+
+    BAN_SECONDS, TRIES = 1800, 5
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self._failures = {}   # address -> (failures, banned until)
+        self._lock = threading.Lock()
+
+    def check(self, config, address, presented):
+        if not config.management_key:
+            raise NotFound("no such endpoint (the management API is off: set "
+                           "management_key or IFLOW_PROXY_MANAGEMENT_KEY)")
+        if not is_loopback(address) and not config.management_allow_remote:
+            raise ProxyError("the management API answers only on this machine (config "
+                             "management_allow_remote)", status=403, code="remote_refused")
+        now = self.clock()
+        with self._lock:
+            failures, until = self._failures.get(address, (0, 0))
+        if until > now:
+            raise ProxyError("too many wrong management keys from %s; try again in %ds"
+                             % (address, until - now), status=403, code="banned",
+                             retry_after=int(until - now) + 1)
+        if hmac.compare_digest(presented.encode("latin-1", "replace"),
+                               config.management_key.encode("utf-8")):
+            with self._lock:
+                self._failures.pop(address, None)
+            return
+        with self._lock:
+            failures += 1
+            self._failures[address] = (failures, now + self.BAN_SECONDS
+                                       if failures >= self.TRIES else 0)
+            while len(self._failures) > 1000:
+                self._failures.pop(next(iter(self._failures)))
+        raise Unauthorized("missing or wrong management key (Authorization: Bearer <key> or "
+                           "X-Management-Key)")
+
+
+# settings the management API may change while the proxy runs
+RUNTIME_SETTINGS = ("claude_models", "model_aliases", "model_fallbacks", "legacy_aliases",
+                    "strategy", "queue_timeout", "max_concurrency")
+_ACCOUNT_PATCH = {"nickname": str, "default": bool, "enabled": bool, "max_concurrency": int,
+                  "priority": int, "models": list, "excluded_models": list}
+
+
+class ManagementAPI:
+    """The /v0/management/ routes: accounts, settings, client keys and usage, JSON in and out.
+    Every change goes to the files (atomically, 0600) and is logged (never a secret)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    @property
+    def chat(self):
+        return self.server.chat
+
+    def route(self, method, parts, body, query):
+        """(status, JSON object or (content type, bytes)) for one call."""
+        table = {("GET", "accounts"): self.list_accounts, ("POST", "accounts"): self.add_account,
+                 ("GET", "settings"): self.settings, ("PATCH", "settings"): self.change_settings,
+                 ("GET", "client-keys"): self.list_keys, ("POST", "client-keys"): self.add_key,
+                 ("GET", "usage"): self.usage}
+        if len(parts) == 1 and (method, parts[0]) in table:
+            return table[(method, parts[0])](body, query)
+        if len(parts) >= 2 and parts[0] == "accounts":
+            entry = self.chat.registry.find(self.chat.registry.read(), parts[1])
+            action = {("PATCH", 2): self.patch_account, ("DELETE", 2): self.remove_account,
+                      ("POST", 3): {"refresh": self.refresh, "check": self.check}.get(
+                          parts[2] if len(parts) == 3 else "")}.get((method, len(parts)))
+            if action:
+                return action(entry, body)
+        if len(parts) == 2 and parts[0] == "client-keys" and method in ("PATCH", "DELETE"):
+            return self.change_key(parts[1], None if method == "DELETE" else body)
+        known = [p for p in ("accounts", "settings", "client-keys", "usage") if parts[:1] == [p]]
+        raise (MethodNotAllowed if known else NotFound)(
+            "no management route %s /v0/management/%s" % (method, "/".join(parts)))
+
+    # --- accounts --------------------------------------------------------------------------
+    def list_accounts(self, body, query):
+        config = self.server.config
+        return 200, {"accounts": [dict(account_json(a, config), state=self.chat.router.state(a)[0])
+                                  for a in self.chat.router.all_accounts()]}
+
+    def add_account(self, body, query):
+        key = body.get("api_key")
+        if not isinstance(key, str) or len(key.strip()) < 8 or any(
+                ord(c) < 33 or ord(c) > 126 for c in key.strip()):
+            raise BadRequest("field 'api_key' must be the key: 8 or more printable characters")
+        for field in ("nickname", "provider", "protocol", "base_url"):
+            if body.get(field) is not None and not isinstance(body[field], str):
+                raise BadRequest("field %r must be a string" % field)
+        if body.get("nickname"):
+            validate_nickname(body["nickname"])
+        settings = api_key_settings(body.get("provider"), body.get("protocol"),
+                                    body.get("base_url"))
+        account = Account(id="new", nickname="new", kind="api-key", api_key=key.strip(),
+                          **settings)
+        if body.get("verify", True):
+            result = probe_account(account, self.server.config, self.chat.upstream)
+            if not (result.reachable and result.key_ok):
+                raise BadRequest("upstream did not accept the key %s: %s" % (
+                    mask_secret(key), result.error.message if result.error else
+                    result.key_verdict))
+        suffix = ":%s/%s" % (settings["provider"], settings["protocol"]) \
+            if settings.get("provider") else ""
+        entry, created = self.chat.registry.upsert(
+            identity_of("api-key", {"api_key": key.strip()}) + suffix, "api-key",
+            {"api_key": key.strip()}, nickname=body.get("nickname"), settings=settings)
+        self.changed("added account %s" % entry["nickname"])
+        return (201 if created else 200), self.account_view(entry["id"])
+
+    def account_view(self, account_id):
+        account = next(a for a in self.chat.registry.load_accounts() if a.id == account_id)
+        return account_json(account, self.server.config)
+
+    def patch_account(self, entry, body):
+        for field, value in body.items():
+            kind = _ACCOUNT_PATCH.get(field)
+            if kind is None or not isinstance(value, kind) or \
+                    isinstance(value, bool) and kind is not bool:
+                raise BadRequest("PATCH takes %s; %r is not one of them (or not %s)" % (
+                    ", ".join(_ACCOUNT_PATCH), field, _TYPE_NAMES.get(kind, "valid")))
+        registry = self.chat.registry
+        if "nickname" in body:
+            registry.rename(entry["nickname"], body["nickname"])
+        if body.get("default"):
+            registry.set_default(body.get("nickname", entry["nickname"]))
+        if "enabled" in body:
+            account = next(a for a in registry.load_accounts() if a.id == entry["id"])
+            registry.set_status(account, "ok" if body["enabled"] else "disabled",
+                                "" if body["enabled"] else "disabled by the management API")
+        fields = {k: body[k] for k in ("max_concurrency", "priority", "models",
+                                       "excluded_models") if k in body}
+        if fields:
+            with registry.edit(entry["id"]) as change:
+                change.update(**fields)
+        self.changed("changed account %s: %s" % (entry["nickname"], ", ".join(sorted(body))))
+        return 200, self.account_view(entry["id"])
+
+    def remove_account(self, entry, body):
+        self.chat.registry.remove(entry["nickname"])
+        self.changed("removed account %s" % entry["nickname"])
+        return 200, {"removed": entry["nickname"]}
+
+    def refresh(self, entry, body):
+        renewed = self.chat.refresher.refresh(entry["id"], force=True)
+        self.changed("refreshed account %s: %s" % (entry["nickname"], renewed))
+        view = self.account_view(entry["id"])
+        return 200, {"renewed": renewed, "refresh_error": view["refresh_error"] or None}
+
+    def check(self, entry, body):
+        account = next(a for a in self.chat.registry.load_accounts() if a.id == entry["id"])
+        result = probe_account(account, self.server.config, self.chat.upstream)
+        return 200, {"nickname": account.nickname, "reachable": result.reachable,
+                     "key": result.key_verdict, "signature": result.signature_verdict,
+                     "latency_ms": round(result.latency_ms or 0, 1),
+                     "error": result.error.message if result.error else None,
+                     "service": service_verdict(result)}
+
+    # --- settings and client keys ----------------------------------------------------------
+    def settings(self, body, query):
+        config = self.server.config
+        return 200, {key: getattr(config, key) for key in RUNTIME_SETTINGS}
+
+    def change_settings(self, body, query):
+        wrong = [k for k in body if k not in RUNTIME_SETTINGS]
+        if wrong:
+            raise BadRequest("these settings can't change at run time: %s (the ones that can: "
+                             "%s)" % (", ".join(wrong), ", ".join(RUNTIME_SETTINGS)))
+        where = "management PATCH /settings"
+        try:
+            for key, value in body.items():
+                _check_type(value, SETTINGS[key].types, where, key)
+                _validate_value(key, value, where)
+        except ConfigError as e:
+            raise BadRequest(e.message)
+        self.write_config(body)
+        self.server.apply_config(**body)
+        self.changed("changed settings: %s" % ", ".join(sorted(body)))
+        return self.settings(None, None)
+
+    def list_keys(self, body, query):
+        return 200, {"client_keys": [self.key_view(k) for k in self.server.config.client_keys]}
+
+    @staticmethod
+    def key_view(key):
+        return {"name": key.name, "key": mask_secret(key.key), "rpm": key.rpm,
+                "tokens_per_day": key.tokens_per_day, "models": list(key.models),
+                "expires": key.expires or None}
+
+    def add_key(self, body, query):
+        item = {k: v for k, v in body.items() if k != "key"}
+        item["key"] = "ck-" + secrets.token_urlsafe(24)
+        keys = self._stored_keys() + [item]
+        self._save_keys(keys)
+        self.changed("created client key %s" % item.get("name"))
+        return 201, dict(self.key_view(client_key(item)), key=item["key"],
+                         note="shown once: store it now")
+
+    def change_key(self, name, body):
+        keys = self._stored_keys()
+        found = next((k for k in keys if k.get("name", "").lower() == name.lower()), None)
+        if found is None:
+            raise NotFound("no client key named %r in config.json" % name)
+        if body is None:
+            keys.remove(found)
+        else:
+            if "key" in body or "name" in body and body["name"] != found["name"]:
+                raise BadRequest("a key's secret and name can't be changed; revoke it and "
+                                 "create another")
+            found.update(body)
+        self._save_keys(keys)
+        self.changed("%s client key %s" % ("revoked" if body is None else "changed", name))
+        return 200, {"client_keys": [self.key_view(k) for k in self.server.config.client_keys]}
+
+    def _stored_keys(self):
+        """The config file's client keys, as objects (a plain key gets its fingerprint name)."""
+        stored = read_config_file(self.server.config.config_path).get("client_keys") or []
+        return [k if isinstance(k, dict) else dict(client_key(k)._asdict(),
+                                                   models=[]) for k in stored]
+
+    def _save_keys(self, keys):
+        problem = _client_key_list(keys)
+        if problem:
+            raise BadRequest("client key %s" % problem)
+        stored = {k["key"] for k in self._stored_keys()}
+        others = tuple(k for k in self.server.config.client_keys if k.key not in stored)
+        self.write_config({"client_keys": keys})  # keys from env, flags or a file stay as well
+        self.server.apply_config(client_keys=tuple(client_key(k) for k in keys) + others)
+
+    def write_config(self, changes):
+        """Merge ``changes`` into config.json, atomically, under the registry's lock."""
+        path = self.server.config.config_path
+        with self.chat.registry.lock:
+            data = read_config_file(path)
+            data.update(changes)
+            atomic_write_json(path, data)
+
+    # --- usage -----------------------------------------------------------------------------
+    def usage(self, body, query):
+        usage = self.chat.usage
+        rows = [dict(r, kind="account") for r in usage.day_rows()] + \
+            [dict(r, kind="client key") for r in usage.client_rows()]
+        if (query.get("format") or [""])[0] == "csv":
+            fields = ("day", "kind", "account", "client", "model", "requests", "input_tokens",
+                      "output_tokens")
+            lines = [",".join(fields)] + [",".join(_csv_cell(r.get(f, "")) for f in fields)
+                                          for r in rows]
+            return 200, ("text/csv; charset=utf-8", ("\r\n".join(lines) + "\r\n").encode())
+        return 200, {"usage": rows}
+
+    def changed(self, what):
+        log.warning("management: %s", what)
+
+
+def _csv_cell(value):
+    text = str(value)
+    if text[:1] in ("=", "+", "-", "@"):  # never a formula in a spreadsheet
+        text = "'" + text
+    return '"%s"' % text.replace('"', '""') if any(c in text for c in ',"\r\n') else text
+
+
 class BodyBudget:
     """Request-body bytes held at once across all requests (0 = unlimited), so that many large
     bodies arriving together can't take the machine's memory."""
@@ -5504,9 +5898,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         check_bind_safety(config)
         self.config = config
         limits_clock = chat_options.pop("limits_clock", time.time)
+        guard_clock = chat_options.pop("guard_clock", time.time)
         self.chat = ChatService(config, **chat_options)
         self.bodies = BodyBudget(config.max_inflight_body_bytes)
         self.limits = ClientLimits(self.chat.usage, limits_clock)
+        self.guard = ManagementGuard(guard_clock)
+        self.management = ManagementAPI(self)
         self._stopping = threading.Event()
         self._gate = threading.Lock()
         self.connections = 0          # client connections being served
@@ -5655,6 +6052,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         up to ``grace`` for their last words and usage records."""
         if self.chat.abort_all("iflow-proxy is shutting down"):
             self.drain(grace)
+
+    def apply_config(self, **changes):
+        """Run on with some settings changed (from the management API), everywhere they are
+        read, without a restart."""
+        self.config = dataclasses.replace(self.config, **changes)
+        self.chat.apply_config(self.config)
 
     @property
     def url(self):
@@ -5852,6 +6255,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ProxyError("Host %r is not served here (add it to config allowed_hosts)"
                              % self.headers.get("Host")[:100], status=403, code="host_not_allowed")
         path = route_path(self.path)
+        if path == "/v0/management" or path.startswith("/v0/management/"):
+            return self.check_management()
         if path.startswith("/v1/messages"):
             self.api = "anthropic"
         methods = ROUTES.get(path)
@@ -5862,17 +6267,42 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                    % (self.command, path, ", ".join(sorted(methods))))
         name, guarded = methods[self.command]
         if guarded:
-            reason = cross_site_reason(self.headers, config)
-            if reason:
-                raise ProxyError("cross-site request refused (%s); add the origin to config "
-                                 "allowed_origins to allow it" % reason, status=403,
-                                 code="cross_site_request")
+            self.check_same_site()
             self.check_client_key()
-            if self.command == "POST" and not is_json_content_type(
-                    self.headers.get("Content-Type")):
-                raise ProxyError("Content-Type must be application/json", status=415,
-                                 code="unsupported_media_type")
         return name
+
+    def check_same_site(self):
+        """Refuse other sites' pages; only JSON bodies (what a page can't send unasked)."""
+        reason = cross_site_reason(self.headers, self.server.config)
+        if reason:
+            raise ProxyError("cross-site request refused (%s); add the origin to config "
+                             "allowed_origins to allow it" % reason, status=403,
+                             code="cross_site_request")
+        if self.command in ("POST", "PATCH", "PUT") and not is_json_content_type(
+                self.headers.get("Content-Type")):
+            raise ProxyError("Content-Type must be application/json", status=415,
+                             code="unsupported_media_type")
+
+    def check_management(self):
+        presented = self.headers.get("X-Management-Key") or ""
+        auth = self.headers.get("Authorization") or ""
+        if not presented and auth[:7].lower() == "bearer ":
+            presented = auth[7:].strip()
+        self.server.guard.check(self.server.config, self.client_address[0], presented)
+        self.check_same_site()
+        return "handle_management"
+
+    def handle_management(self):
+        parts = [urllib.parse.unquote(p) for p in route_path(self.path)[len(
+            "/v0/management"):].strip("/").split("/") if p]
+        body = self.read_json() if self.command in ("POST", "PATCH") and self.body_unread \
+            else {}
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        status, result = self.server.management.route(self.command, parts, body, query)
+        if isinstance(result, tuple):
+            self.send_bytes(status, result[1], result[0])
+        else:
+            self.send_json(status, result)
 
     # --- client authentication --------------------------------------------------------------
     def check_client_key(self):
@@ -6378,88 +6808,6 @@ def start_server(config, **kwargs):
 # CLI: argparse subcommands, one cmd_<name>(args, config) each, and main()
 # ==================================================================================================
 
-class ProbeResult:
-    """What one tiny signed request says about an account's upstream."""
-
-    def __init__(self, account, latency_ms=None, error=None, http_status=None):
-        self.account, self.latency_ms, self.error, self.http_status = \
-            account, latency_ms, error, http_status
-
-    @property
-    def reachable(self):
-        return self.error is None or self.error.kind not in ("unreachable", "timeout")
-
-    @property
-    def key_verdict(self):
-        kind = self.error.kind if self.error else None
-        if not self.reachable:
-            return "not checked"
-        return {"key_expired": "expired (439): log in again or use a fresh key",
-                "key_blocked": "blocked or invalid (434/438): this key cannot be used",
-                "auth": "rejected (HTTP %s)" % (self.error.upstream_status if self.error else ""),
-                "rejected": "unknown (request refused with 406)",
-                "transient": "unknown (upstream server error)"}.get(kind, "accepted")
-
-    @property
-    def key_ok(self):
-        return self.key_verdict == "accepted"
-
-    @property
-    def signature_verdict(self):
-        if not self.account.signing:
-            return "off (plain OpenAI-compatible upstream)"
-        kind = self.error.kind if self.error else None
-        if not self.reachable or kind in ("key_expired", "key_blocked", "auth", "transient"):
-            return "not checked"
-        return "rejected (406): check user_agent/extra_headers" if kind == "rejected" \
-            else "accepted"
-
-
-def probe_model(account, config):
-    """The model a probe asks for: config probe_model for iFlow and custom upstreams, else the
-    provider's small (haiku-family) model."""
-    preset = PROVIDERS.get(account.provider_name)
-    return config.probe_model if preset is None or account.provider_name == "iflow" \
-        else preset.claude["haiku"]
-
-
-def probe_account(account, config, upstream, clock=time.monotonic):
-    """Send the smallest possible chat request with ``account`` and classify the answer."""
-    body = {"model": probe_model(account, config), "max_tokens": 1, "stream": False,
-            "messages": [{"role": "user", "content": "ping"}]}
-    base = account.api_base(config)
-    if account.protocol == "anthropic":
-        url, headers = base + "/v1/messages", anthropic_headers(
-            account, PROVIDERS.get(account.provider_name))
-    else:
-        sid, cid = conversation_ids(account.id, "probe")
-        url, headers = base + "/chat/completions", upstream_headers(account, config, sid, cid)
-    started = clock()
-    try:
-        resp = upstream.open("POST", url, headers, json.dumps(body).encode("utf-8"))
-        latency = (clock() - started) * 1000
-        UpstreamAnswer(resp, False, (account.api_key,), SSE_HEAD_LIMIT,
-                       protocol=account.protocol).open()
-        return ProbeResult(account, latency, None, resp.status)
-    except UpstreamError as e:
-        return ProbeResult(account, (clock() - started) * 1000, e, e.upstream_status)
-
-
-def service_verdict(result):
-    """A plain word on an upstream that is gone, or None."""
-    message = result.error.message if result.error else ""
-    live = ", ".join(p for p in PROVIDERS if p != "iflow")
-    if result.account.provider_name == "iflow" and not result.reachable:
-        return ("iFlow's CLI service ended on 2026-04-17 and its API has not answered since; "
-                "providers that live: %s (python iflow_proxy.py providers)" % live)
-    if re.search(r"name or service not known|nodename nor servname|getaddrinfo|"
-                 r"temporary failure in name resolution|no address associated", message, re.I):
-        return "the host name does not resolve (DNS): check the base URL and your network"
-    if re.search(r"deprecat|no longer supported|discontinued", message, re.I):
-        return "upstream says this auth method or API is deprecated; providers that live: " + live
-    return None
-
-
 def format_probe(result, config):
     a = result.account
     lines = ["%s (%s, key %s) %s" % (a.nickname, a.kind, mask_secret(a.api_key),
@@ -6577,7 +6925,8 @@ def cmd_login(args, config):
     if (args.provider or args.protocol) and not args.api_key:
         raise BadRequest("--provider and --protocol go with --api-key")
     if args.api_key:
-        settings = api_key_settings(args)
+        settings = api_key_settings(args.provider, args.protocol, args.base_url,
+                                    not args.no_signing)
         kind, creds = "api-key", login_api_key(args, config, settings)
         if settings.get("provider"):  # one key may serve a provider over both protocols
             suffix = ":%s/%s" % (settings["provider"], settings["protocol"])
@@ -6606,31 +6955,6 @@ def cmd_login(args, config):
         where, kind, mask_secret(creds.get("api_key")), ", the default" if default else "",
         ", verified" if kind == "api-key" and not args.no_verify else ""))
     return 0
-
-
-def api_key_settings(args):
-    """The registry settings of an API-key account: the preset's base URL for the protocol
-    (--base-url overrides it, for mirrors and gateways), signing, provider and protocol."""
-    base_url = (args.base_url or "").rstrip("/")
-    if base_url and not _is_http_url(base_url):
-        raise BadRequest("--base-url must be an http:// or https:// URL, got %r" % base_url)
-    protocol = args.protocol or "openai"
-    if protocol not in PROTOCOLS:
-        raise BadRequest("unknown protocol %r: use openai or anthropic" % protocol)
-    if not args.provider:
-        return {"base_url": base_url, "signing": not args.no_signing, "protocol": protocol}
-    preset = PROVIDERS.get(args.provider.lower())
-    if preset is None:
-        raise BadRequest("unknown provider %r; the presets are: %s (python iflow_proxy.py "
-                         "providers)" % (args.provider, ", ".join(PROVIDERS)))
-    preset_base = preset.anthropic if protocol == "anthropic" else preset.openai
-    if not preset_base and not base_url:
-        raise BadRequest("%s has no %s endpoint; use --protocol %s" % (
-            args.provider, protocol, "openai" if protocol == "anthropic" else "anthropic"))
-    if args.provider.lower() == "iflow" and not base_url:
-        preset_base = ""  # iFlow accounts follow config api_base / IFLOW_API_BASE
-    return {"base_url": base_url or preset_base, "provider": args.provider.lower(),
-            "protocol": protocol, "signing": preset.signing and not args.no_signing}
 
 
 def login_api_key(args, config, settings):
@@ -6724,14 +7048,6 @@ def cmd_import(args, config):
 def account_rows(config):
     registry = AccountRegistry(config.home)
     return list(registry.load_accounts()) + list(pool_accounts(config))
-
-
-def account_json(a, config):
-    return {"id": a.id, "nickname": a.nickname, "email": a.email, "kind": a.kind,
-            "default": a.default, "status": a.status, "status_reason": a.status_reason,
-            "key": mask_secret(a.api_key), "base_url": a.api_base(config), "signing": a.signing,
-            "provider": a.provider_name or "custom", "protocol": a.protocol,
-            "expires": a.expires, "refresh_error": a.refresh_error}
 
 
 def cmd_providers(args, config):

@@ -4760,3 +4760,123 @@ def test_client_keys_with_limits_in_both_formats(home, fake, clock):
     with pytest.raises(ip.ConfigError) as e:
         ip.load_config(home, {}, {})
     assert "colour" in e.value.message
+
+
+def manage(server, method, path, body=None, key="mk-secret-123", headers=None):
+    head = {"X-Management-Key": key} if key else {}
+    head.update(headers or {})
+    if body is not None:
+        head.setdefault("Content-Type", "application/json")
+    status, hdrs, data = request(server, method, "/v0/management/" + path, body, head)
+    return status, hdrs, (json.loads(data) if data and data[:1] in b"{[" else data)
+
+
+def test_management_api_routes_and_files(home, fake):
+    add_key_account(home, KEYS[0], nickname="work")
+    write_config(home, {"management_key": "mk-secret-123"})
+    config = make_config(home, fake)
+    with running(config) as server:
+        status, _, body = manage(server, "GET", "accounts")
+        assert status == 200 and [a["nickname"] for a in body["accounts"]] == ["work"]
+        assert KEYS[0] not in json.dumps(body) and body["accounts"][0]["state"] == "healthy"
+        status, _, body = manage(server, "POST", "accounts", {"api_key": KEYS[1],
+                                                              "nickname": "home"})
+        assert status == 201 and body["nickname"] == "home" and KEYS[1] not in json.dumps(body)
+        status, _, body = manage(server, "POST", "accounts", {"api_key": "sk-not-accepted-1"})
+        assert status == 400 and "did not accept" in body["error"]["message"]
+        status, _, body = manage(server, "PATCH", "accounts/home", {
+            "default": True, "priority": 3, "models": ["glm-*"], "max_concurrency": 2})
+        assert status == 200 and body["default"] is True
+        stored = json.load(open(os.path.join(home, "accounts.json")))
+        entry = next(e for e in stored["accounts"] if e["nickname"] == "home")
+        assert entry["priority"] == 3 and stored["default"] == entry["id"]
+        assert stat.S_IMODE(os.stat(os.path.join(home, "accounts.json")).st_mode) == 0o600
+        status, _, body = manage(server, "PATCH", "accounts/home", {"nickname": "house",
+                                                                    "enabled": False})
+        assert status == 200 and body["nickname"] == "house" and body["status"] == "disabled"
+        assert manage(server, "PATCH", "accounts/house", {"colour": 1})[0] == 400
+        assert manage(server, "PATCH", "accounts/nobody", {"priority": 1})[0] == 400
+        status, _, body = manage(server, "POST", "accounts/work/check")
+        assert status == 200 and body["reachable"] and body["key"] == "accepted"
+        status, _, body = manage(server, "POST", "accounts/work/refresh")
+        assert status == 200 and body["renewed"] is False
+        assert manage(server, "DELETE", "accounts/house")[0] == 200
+        assert [e["nickname"] for e in json.load(open(os.path.join(home, "accounts.json")))[
+            "accounts"]] == ["work"]
+        # settings: validated like config.json, written to it, applied at once
+        status, _, body = manage(server, "PATCH", "settings", {
+            "claude_models": {"opus": "kimi-k2"}, "model_aliases": {"fast": "qwen3-coder-plus"}})
+        assert status == 200 and body["claude_models"] == {"opus": "kimi-k2"}
+        assert json.load(open(os.path.join(home, "config.json")))["model_aliases"] == {
+            "fast": "qwen3-coder-plus"}
+        assert post_json(server, "/v1/chat/completions", dict(CHAT, model="fast"))[0] == 200
+        assert fake.chat_requests()[-1][2]["model"] == "qwen3-coder-plus"
+        for bad in ({"port": 1}, {"strategy": "random"}, {"claude_models": {"tiny": "x"}}):
+            status, _, body = manage(server, "PATCH", "settings", bad)
+            assert status == 400, bad
+        # client keys: created (shown once), listed masked, limited, revoked
+        status, _, created = manage(server, "POST", "client-keys", {"name": "alice", "rpm": 1})
+        assert status == 201 and created["key"].startswith("ck-")
+        listed = manage(server, "GET", "client-keys")[2]["client_keys"]
+        assert listed[0]["name"] == "alice" and created["key"] not in json.dumps(listed)
+        ok = post_json(server, "/v1/chat/completions", CHAT,
+                       {"Authorization": "Bearer " + created["key"]})
+        assert ok[0] == 200
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 401
+        assert post_json(server, "/v1/chat/completions", CHAT, {
+            "Authorization": "Bearer " + created["key"]})[0] == 429  # rpm 1
+        assert manage(server, "PATCH", "client-keys/alice", {"rpm": 0})[0] == 200
+        assert manage(server, "PATCH", "client-keys/alice", {"key": "x"})[0] == 400
+        assert manage(server, "DELETE", "client-keys/alice")[0] == 200
+        assert manage(server, "DELETE", "client-keys/alice")[0] == 404
+        status, _, body = manage(server, "GET", "usage")
+        assert status == 200 and any(r["kind"] == "client key" and r["client"] == "alice"
+                                     for r in body["usage"])
+        status, headers, csv_bytes = manage(server, "GET", "usage?format=csv")
+        assert status == 200 and headers["Content-Type"].startswith("text/csv")
+        assert csv_bytes.decode().splitlines()[0].startswith("day,kind,account,client,model")
+        assert manage(server, "GET", "nothing")[0] == 404
+        assert manage(server, "PUT", "accounts")[0] == 405
+    config_file = os.path.join(home, "config.json")
+    assert stat.S_IMODE(os.stat(config_file).st_mode) == 0o600
+    assert json.load(open(config_file))["client_keys"] == []
+
+
+def test_management_auth_rules_and_ban(home, fake, clock):
+    with running(make_config(home, fake)) as server:   # no key configured: the API is off
+        assert manage(server, "GET", "accounts")[0] == 404
+    write_config(home, {"management_key": "mk-secret-123"})
+    clock.now = 1000.0
+    with running(make_config(home, fake), guard_clock=clock) as server:
+        assert manage(server, "GET", "accounts", key=None)[0] == 401
+        assert manage(server, "GET", "accounts", headers={
+            "Authorization": "Bearer mk-secret-123"}, key=None)[0] == 200
+        for _ in range(4):
+            assert manage(server, "GET", "accounts", key="wrong")[0] == 401
+        status, headers, body = manage(server, "GET", "accounts", key="wrong")
+        assert status == 401
+        status, headers, body = manage(server, "GET", "accounts")  # banned, even the right key
+        assert status == 403 and body["error"]["code"] == "banned" and \
+            int(headers["Retry-After"]) == 1801
+        clock.advance(1801)
+        assert manage(server, "GET", "accounts")[0] == 200
+        status, _, body = manage(server, "POST", "accounts", {"api_key": KEYS[0]},
+                                 headers={"Content-Type": "text/plain"})
+        assert status == 415
+    # from another machine: refused unless allowed
+    server = SocketlessServer(management_key="mk-secret-123")
+    server.guard = ip.ManagementGuard()
+    raw = req("GET", "/v0/management/accounts", X_Management_Key="mk-secret-123")
+    handler_replies = drive_from(raw, server, ("10.0.0.5", 5555))
+    assert handler_replies[0][0] == 403 and b"this machine" in handler_replies[0][2]
+
+
+def drive_from(raw, server, address):
+    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
+    handler.server, handler.client_address = server, address
+    handler.connection = StubConnection()
+    handler.rfile, handler.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
+    handler.requests_served = 0
+    handler.handle()
+    head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
+    return [(int(head.split()[1]), head, body)]
