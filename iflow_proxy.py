@@ -575,6 +575,15 @@ def _string_values(v):
     return None if bad is None else "value for %r must be a string" % bad
 
 
+def _prices(v):
+    for model, price in v.items():
+        if not isinstance(price, dict) or not price or any(
+                k not in ("input", "output") or not isinstance(p, _NUMBER) or
+                isinstance(p, bool) or p < 0 for k, p in price.items()):
+            return "value for %r must be {\"input\": n, \"output\": n} (per million tokens)" % model
+    return None
+
+
 def _fallback_chains(v):
     for model, chain in v.items():
         if not isinstance(chain, list) or not chain or not all(
@@ -659,6 +668,8 @@ SETTINGS = {
                               "API (/v0/management/); empty = the API is off", None),
     "management_allow_remote": Setting(bool, False, None, "accept management calls from other "
                                        "machines (with client keys and TLS in front)", None),
+    "prices": Setting(dict, {}, None, "model -> {\"input\": …, \"output\": …} price per million "
+                      "tokens, for the dashboard's cost estimate", _prices),
     "allowed_hosts": Setting(list, [], None, "Host header names accepted besides loopback names, "
                              "IP addresses and the listen address (\"*\" = any)", _string_list),
     "allowed_origins": Setting(list, [], None, "web origins (scheme://host:port) allowed to call "
@@ -3428,6 +3439,25 @@ def _new_tally():
             "reasoning_tokens": 0, "latency_ms": 0.0}
 
 
+def _bucket(label, rows, prices=None):
+    """One bar of a usage chart: totals, per account and per model (and cost per model)."""
+    out = {"label": label, "requests": 0, "tokens": 0, "accounts": {}, "models": {}}
+    for key, counts in rows.items():
+        account, model = key.split("|", 1)
+        out["requests"] += counts["requests"]
+        out["tokens"] += counts["tokens"]
+        for group, name in (("accounts", account), ("models", model)):
+            mine = out[group].setdefault(name, {"requests": 0, "tokens": 0})
+            mine["requests"] += counts["requests"]
+            mine["tokens"] += counts["tokens"]
+        price = (prices or {}).get(model)
+        if price and "input" in counts:
+            cost = (counts["input"] * price.get("input", 0) +
+                    counts["output"] * price.get("output", 0)) / 1e6
+            out.setdefault("cost", {})[model] = round(out.get("cost", {}).get(model, 0) + cost, 6)
+    return out
+
+
 class UsageBook:
     """Requests, failures by status, tokens and latency per account and model, per day.
 
@@ -3441,6 +3471,7 @@ class UsageBook:
         self._days = {}   # "YYYY-MM-DD" -> {"account|model": tally}
         self.extra = {}   # other figures saved with these (e.g. token calibration)
         self._clients = {}  # "YYYY-MM-DD" -> {"client name|model": tally}
+        self._hours = {}    # "YYYY-MM-DDTHH" -> {"account|model": [requests, tokens]} (48 h)
         self._dirty = False
         try:
             data = read_json_file(path, "usage file")
@@ -3450,6 +3481,8 @@ class UsageBook:
                 self.extra = data["extra"]
             if isinstance(data.get("clients"), dict):
                 self._clients = {d: v for d, v in data["clients"].items() if isinstance(v, dict)}
+            if isinstance(data.get("hours"), dict):
+                self._hours = {h: v for h, v in data["hours"].items() if isinstance(v, dict)}
         except FileNotFoundError:
             pass
         except ConfigError as e:  # a damaged usage file must not stop the proxy
@@ -3488,6 +3521,13 @@ class UsageBook:
             tally["latency_ms"] += round(latency_ms, 1)
             if client:
                 self._count_client(client, model, usage)
+            hour = self._hours.setdefault(time.strftime("%Y-%m-%dT%H", time.localtime(
+                self.clock())), {})
+            counts = hour.setdefault("%s|%s" % (account, model) if len(hour) < MAX_USAGE_ROWS
+                                     else "%s|%s" % (account, OTHER_MODELS), [0, 0])
+            counts[0] += 1
+            counts[1] += sum(v for v in (usage.get("prompt_tokens"),
+                                         usage.get("completion_tokens")) if isinstance(v, int))
             self._dirty = True
 
     def _count_client(self, client, model, usage):
@@ -3501,6 +3541,25 @@ class UsageBook:
                              ("output_tokens", usage.get("completion_tokens"))):
             if isinstance(value, int) and not isinstance(value, bool):
                 tally[field] += value
+
+    def series(self, prices=None):
+        """Requests and tokens per account and per model, for each of the last 24 hours and
+        30 days (oldest first), and the estimated cost per model and day where ``prices``
+        ({model: {"input": …, "output": …}} per million tokens) say."""
+        now = self.clock()
+        with self._lock:
+            hours = [(time.strftime("%Y-%m-%dT%H", time.localtime(now - h * 3600)),
+                      {k: {"requests": c[0], "tokens": c[1]} for k, c in self._hours.get(
+                          time.strftime("%Y-%m-%dT%H", time.localtime(now - h * 3600)),
+                          {}).items()}) for h in range(23, -1, -1)]
+            days = [(time.strftime("%Y-%m-%d", time.localtime(now - d * 86400)),
+                     {k: {"requests": t.get("requests", 0), "tokens": t.get("input_tokens", 0) +
+                          t.get("output_tokens", 0), "input": t.get("input_tokens", 0),
+                          "output": t.get("output_tokens", 0)} for k, t in self._days.get(
+                         time.strftime("%Y-%m-%d", time.localtime(now - d * 86400)),
+                         {}).items()}) for d in range(29, -1, -1)]
+        return {"hours": [_bucket(label, rows) for label, rows in hours],
+                "days": [_bucket(label, rows, prices) for label, rows in days]}
 
     def day_rows(self):
         """[{day, account, model, requests, input_tokens, output_tokens}], oldest day first."""
@@ -3562,8 +3621,10 @@ class UsageBook:
                                                               self.keep_days * 86400))
             self._days = {d: v for d, v in self._days.items() if d >= cutoff}
             self._clients = {d: v for d, v in self._clients.items() if d >= cutoff}
+            first_hour = time.strftime("%Y-%m-%dT%H", time.localtime(self.clock() - 48 * 3600))
+            self._hours = {h: v for h, v in self._hours.items() if h >= first_hour}
             data = {"version": 1, "days": self._days, "clients": self._clients,
-                    "extra": self.extra}
+                    "hours": self._hours, "extra": self.extra}
             self._dirty = False
             atomic_write_json(self.path, data)
 
@@ -4773,7 +4834,7 @@ class ChatExchange:
         self.abort_reason = None
         self.started = time.monotonic()
         self._connection = None    # the upstream connection in use (abort() cuts it)
-        self._closed = False
+        self._closed = self._released = False
 
     # --- opening ---------------------------------------------------------------------------
     def open(self):
@@ -4813,6 +4874,8 @@ class ChatExchange:
                 self.answer = self._try_account(account, [model] + ([fallback] if fallback
                                                                     else []))
                 self.service.opened(self)
+                if self.answer.payload is not None:  # read whole: the account is free again
+                    self._release()
                 return self
             except UpstreamError as e:
                 if self.cancelled is not None and self.cancelled():
@@ -4984,7 +5047,7 @@ class ChatExchange:
             self.answer.close()
         if self.account is not None:
             self.service.closed(self)
-            self.service.router.release(self.account)
+            self._release()
             if self.request.api == "anthropic" and self.usage and not self.error:
                 self.service.calibration.observe(self.model, self.request.tokens(),
                                                  self.usage.get("prompt_tokens"))
@@ -4992,6 +5055,11 @@ class ChatExchange:
                                       502 if self.error else 200, self.usage,
                                       (time.monotonic() - self.started) * 1000,
                                       self.request.client)
+
+    def _release(self):
+        if not self._released:
+            self._released = True
+            self.service.router.release(self.account)
 
     @property
     def usage(self):
@@ -5409,6 +5477,7 @@ class ChatService:
                 "listen": listen, "strategy": self.config.strategy,
                 "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
                 "token_calibration": self.calibration.status(),
+                "series": self.usage.series(self.config.prices),
                 "clients_today": [r for r in self.usage.client_rows()
                                   if r["day"] == self.usage.today()],
                 "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
@@ -6722,8 +6791,14 @@ border-bottom:1px solid #edf0f3;white-space:nowrap}th{font-size:12px;color:#5b67
 .badge{display:inline-block;border-radius:10px;padding:1px 8px;font-size:12px;color:#fff}
 .healthy{background:#2e8540}.busy{background:#2f6fb3}.cooling{background:#c77800}
 .needs-login,.disabled{background:#b3261e}.muted{color:#6b7781;font-size:12px}
-form{display:flex;gap:8px;flex-wrap:wrap}input{flex:1;min-width:180px;padding:6px}
-#login{display:none}
+form{display:flex;gap:8px;flex-wrap:wrap;margin:4px 0}input,select{flex:1;min-width:120px;
+padding:6px}button{padding:5px 10px;margin:1px;cursor:pointer}
+#login,.manage{display:none}body.managed .manage{display:block}
+body.managed form.manage{display:flex}body.managed th.manage{display:table-cell}.charts{display:grid;grid-template-columns:repeat(auto-fit,
+minmax(300px,1fr));gap:10px}svg{width:100%;height:150px;background:#fafbfc}
+.legend span{display:inline-block;margin-right:10px;font-size:12px}
+.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}
+code{background:#eef1f4;padding:2px 4px;word-break:break-all}
 </style></head><body>
 <header><h1>iflow-proxy</h1><p id="summary">loading…</p></header>
 <main>
@@ -6732,10 +6807,36 @@ form{display:flex;gap:8px;flex-wrap:wrap}input{flex:1;min-width:180px;padding:6p
 <p class="muted">Kept in this browser tab only; never sent in a URL.</p></section>
 <section><h2>Accounts</h2><div class="wrap"><table id="accounts"><thead><tr><th>Account</th>
 <th>State</th><th>Kind</th><th>Key</th><th>In flight</th><th>Cooldown</th><th>Key expires</th>
-<th>Today</th></tr></thead><tbody></tbody></table></div></section>
-<section><h2>Today's usage</h2><div class="wrap"><table id="usage"><thead><tr><th>Account</th>
+<th>Today</th><th class="manage">Actions</th></tr></thead><tbody></tbody></table></div>
+<form id="addform" class="manage"><input id="newkey" type="password" autocomplete="off"
+ placeholder="API key"><input id="newnick" placeholder="nickname"><input id="newprovider"
+ placeholder="provider (deepseek, zhipu…)"><select id="newprotocol"><option>openai</option>
+<option>anthropic</option></select><button>Add account</button></form></section>
+<section><h2>Usage</h2><div class="charts"><div><div class="muted">Requests, last 24 hours,
+ by account</div><svg id="c-hours-req"></svg><div class="legend" id="l-hours-req"></div></div>
+<div><div class="muted">Tokens, last 24 hours, by model</div><svg id="c-hours-tok"></svg>
+<div class="legend" id="l-hours-tok"></div></div><div><div class="muted">Requests, last 30
+ days, by account</div><svg id="c-days-req"></svg><div class="legend" id="l-days-req"></div>
+</div><div><div class="muted">Tokens, last 30 days, by model</div><svg id="c-days-tok"></svg>
+<div class="legend" id="l-days-tok"></div></div></div>
+<div class="wrap"><table id="usage"><thead><tr><th>Account</th>
 <th>Model</th><th>Requests</th><th>Failures</th><th>Input tokens</th><th>Output tokens</th>
-<th>Avg latency</th></tr></thead><tbody></tbody></table></div></section>
+<th>Avg latency</th></tr></thead><tbody></tbody></table></div>
+<div class="wrap"><table id="costs"><thead><tr><th>Model</th><th>Estimated cost today</th>
+<th>Last 30 days</th></tr></thead><tbody></tbody></table></div></section>
+<section><h2>Management</h2><form id="mgmtform"><input id="mgmtkey" type="password"
+ autocomplete="off" placeholder="management key"><button>Use</button></form>
+<p class="muted" id="mgmtnote">Actions appear with the management key (kept in this tab
+ only).</p>
+<div class="manage"><h2>Claude Code models</h2><form id="familyform"><input id="f-opus"
+ placeholder="opus"><input id="f-sonnet" placeholder="sonnet"><input id="f-haiku"
+ placeholder="haiku"><button>Save mapping</button></form>
+<h2>Client keys</h2><div class="wrap"><table id="clientkeys"><thead><tr><th>Name</th>
+<th>Key</th><th>Requests/min</th><th>Tokens/day</th><th>Models</th><th>Expires</th><th></th>
+</tr></thead><tbody></tbody></table></div><form id="newclient"><input id="cname"
+ placeholder="name"><input id="crpm" placeholder="requests/min" inputmode="numeric"><input
+ id="ctokens" placeholder="tokens/day" inputmode="numeric"><button>Create key</button></form>
+<p id="created" class="muted"></p></div></section>
 <section><h2>Recent errors</h2><div class="wrap"><table id="errors"><thead><tr><th>Time</th>
 <th>Account</th><th>Model</th><th>Status</th><th>Kind</th></tr></thead><tbody></tbody></table>
 </div></section>
@@ -6744,51 +6845,141 @@ form{display:flex;gap:8px;flex-wrap:wrap}input{flex:1;min-width:180px;padding:6p
 "use strict";
 var fragment = new URLSearchParams(location.hash.slice(1));
 var key = fragment.get("key") || sessionStorage.getItem("iflowProxyKey") || "";
+var mkey = sessionStorage.getItem("iflowProxyMgmtKey") || "";
 if (fragment.get("key")) { sessionStorage.setItem("iflowProxyKey", key);
   history.replaceState(null, "", location.pathname); }
+var palette = ["#2f6fb3", "#2e8540", "#c77800", "#8e44ad", "#b3261e", "#16a085", "#7f8c8d"];
+function $(id) { return document.getElementById(id); }
 function cell(row, text, cls) { var td = document.createElement("td");
   if (cls) { var b = document.createElement("span"); b.className = "badge " + cls;
     b.textContent = text; td.appendChild(b); } else { td.textContent = text; }
-  row.appendChild(td); }
+  row.appendChild(td); return td; }
 function fill(id, rows, empty) { var body = document.querySelector("#" + id + " tbody");
   body.textContent = ""; rows.forEach(function (cells) { var tr = document.createElement("tr");
-    cells.forEach(function (c) { Array.isArray(c) ? cell(tr, c[0], c[1]) : cell(tr, c); });
-    body.appendChild(tr); });
+    cells.forEach(function (c) { if (c instanceof Node) { var td = document.createElement("td");
+      td.appendChild(c); tr.appendChild(td); } else if (Array.isArray(c)) { cell(tr, c[0], c[1]);
+      } else { cell(tr, c); } }); body.appendChild(tr); });
   if (!rows.length) { var tr = document.createElement("tr"); cell(tr, empty);
     body.appendChild(tr); } }
 function duration(s) { var h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60);
   return h ? h + "h " + m + "m" : m ? m + "m " + (s % 60) + "s" : s + "s"; }
+function manage(method, path, body) {
+  return fetch("v0/management/" + path, {method: method, headers: {"X-Management-Key": mkey,
+    "Content-Type": "application/json"}, body: body ? JSON.stringify(body) : undefined})
+    .then(function (r) { return r.json().then(function (j) { if (!r.ok) {
+      alert((j.error && j.error.message) || ("HTTP " + r.status)); throw r; } return j; }); });
+}
+function button(text, action) { var b = document.createElement("button"); b.textContent = text;
+  b.addEventListener("click", function () { action().then(load, function () {}); });
+  return b; }
+function actions(a) { var span = document.createElement("span");
+  var nick = encodeURIComponent(a.nickname);
+  if (a.kind !== "pool") {
+    span.appendChild(button("Make default", function () {
+      return manage("PATCH", "accounts/" + nick, {"default": true}); }));
+    span.appendChild(button("Rename", function () { var n = prompt("New nickname", a.nickname);
+      return n ? manage("PATCH", "accounts/" + nick, {nickname: n}) : Promise.reject(); }));
+    span.appendChild(button(a.state === "disabled" ? "Enable" : "Disable", function () {
+      return manage("PATCH", "accounts/" + nick, {enabled: a.state === "disabled"}); }));
+    span.appendChild(button("Remove", function () {
+      return confirm("Remove account " + a.nickname + " and its credentials?") ?
+        manage("DELETE", "accounts/" + nick) : Promise.reject(); })); }
+  return span; }
+function chart(svgId, legendId, buckets, metric, group) {
+  var svg = $(svgId), legend = $(legendId), names = [], max = 1, width = 600, height = 150;
+  buckets.forEach(function (b) { max = Math.max(max, b[metric]);
+    Object.keys(b[group]).forEach(function (n) { if (names.indexOf(n) < 0) names.push(n); }); });
+  svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+  svg.setAttribute("preserveAspectRatio", "none"); svg.textContent = "";
+  var w = width / buckets.length, ns = "http://www.w3.org/2000/svg";
+  buckets.forEach(function (b, i) { var y = height;
+    names.forEach(function (n, j) { var v = (b[group][n] || {})[metric] || 0;
+      if (!v) return; var h = v / max * (height - 10), r = document.createElementNS(ns, "rect");
+      r.setAttribute("x", i * w + 1); r.setAttribute("width", Math.max(1, w - 2));
+      r.setAttribute("y", y - h); r.setAttribute("height", h);
+      r.setAttribute("fill", palette[j % palette.length]);
+      var t = document.createElementNS(ns, "title"); t.textContent = b.label + " " + n + ": " + v;
+      r.appendChild(t); svg.appendChild(r); y -= h; }); });
+  legend.textContent = ""; names.forEach(function (n, j) {
+    var s = document.createElement("span"), i = document.createElement("i");
+    i.style.background = palette[j % palette.length]; s.appendChild(i);
+    s.appendChild(document.createTextNode(n)); legend.appendChild(s); });
+  if (!names.length) legend.textContent = "no requests yet"; }
+function costs(days) { var today = {}, month = {};
+  days.forEach(function (d, i) { Object.keys(d.cost || {}).forEach(function (m) {
+    month[m] = (month[m] || 0) + d.cost[m];
+    if (i === days.length - 1) today[m] = (today[m] || 0) + d.cost[m]; }); });
+  fill("costs", Object.keys(month).map(function (m) { return [m, "$" + (today[m] || 0)
+    .toFixed(4), "$" + month[m].toFixed(4)]; }), "no prices configured (config prices)"); }
 function render(s) {
-  document.getElementById("login").style.display = "none";
+  $("login").style.display = "none";
   var t = s.usage.today.sum;
-  document.getElementById("summary").textContent = "v" + s.version + " · " + s.listen +
-    " · up " + duration(s.uptime_s) + " · " + s.strategy + " · " + s.waiting + " waiting · today " +
+  $("summary").textContent = "v" + s.version + " · " + s.listen + " · up " +
+    duration(s.uptime_s) + " · " + s.strategy + " · " + s.waiting + " waiting · today " +
     t.requests + " requests, " + t.input_tokens + "/" + t.output_tokens + " tokens";
   fill("accounts", s.accounts.map(function (a) {
     var cool = a.cooldowns.map(function (c) { return (c.model === "*" ? "all" : c.model) + " " +
       Math.ceil(c.remaining_s) + "s"; }).join(", ");
-    return [a.nickname + (a["default"] ? " (default)" : ""), [a.state, a.state], a.kind, a.key,
-      a.in_flight + "/" + (a.max_concurrency || "∞"), cool || a.status_reason || "–",
-      a.key_expires || "–", a.today.requests + " req, " + a.today.failures + " failed"]; }),
-    "no accounts: run python iflow_proxy.py login");
+    var row = [a.nickname + (a["default"] ? " (default)" : ""), [a.state, a.state], a.kind,
+      a.key, a.in_flight + "/" + (a.max_concurrency || "∞"), cool || a.status_reason || "–",
+      a.key_expires || "–", a.today.requests + " req, " + a.today.failures + " failed"];
+    if (mkey) row.push(actions(a));
+    return row; }), "no accounts: run python iflow_proxy.py login");
   fill("usage", s.usage.today.rows.map(function (r) { return [r.account, r.model, r.requests,
     Object.keys(r.failures).map(function (k) { return k + "×" + r.failures[k]; }).join(" ") || 0,
     r.input_tokens, r.output_tokens, r.requests ? Math.round(r.latency_ms / r.requests) + " ms"
     : "–"]; }), "no requests today");
+  chart("c-hours-req", "l-hours-req", s.series.hours, "requests", "accounts");
+  chart("c-hours-tok", "l-hours-tok", s.series.hours, "tokens", "models");
+  chart("c-days-req", "l-days-req", s.series.days, "requests", "accounts");
+  chart("c-days-tok", "l-days-tok", s.series.days, "tokens", "models");
+  costs(s.series.days);
   fill("errors", s.recent_errors.map(function (e) { return [new Date(e.time * 1000)
     .toLocaleTimeString(), e.account, e.model, e.upstream_status || e.status, e.kind]; }),
     "none");
 }
+function loadManagement() {
+  document.body.classList.toggle("managed", !!mkey);
+  if (!mkey) return;
+  manage("GET", "settings").then(function (s) { ["opus", "sonnet", "haiku"].forEach(
+    function (f) { $("f-" + f).value = (s.claude_models || {})[f] || ""; }); $("mgmtnote")
+    .textContent = "Management key accepted."; });
+  manage("GET", "client-keys").then(function (k) { fill("clientkeys", k.client_keys.map(
+    function (c) { return [c.name, c.key, c.rpm || "–", c.tokens_per_day || "–",
+      (c.models || []).join(", ") || "all", c.expires || "–", button("Revoke", function () {
+        return confirm("Revoke client key " + c.name + "?") ? manage("DELETE", "client-keys/" +
+          encodeURIComponent(c.name)) : Promise.reject(); })]; }), "no client keys"); });
+}
 function load() {
   fetch("status", {headers: key ? {"Authorization": "Bearer " + key} : {}})
-    .then(function (r) { if (r.status === 401) { document.getElementById("login").style.display =
-      "block"; document.getElementById("summary").textContent = "client key required"; return; }
+    .then(function (r) { if (r.status === 401) { $("login").style.display = "block";
+      $("summary").textContent = "client key required"; return; }
       return r.json().then(render); })
-    .catch(function (e) { document.getElementById("summary").textContent = "proxy unreachable"; });
+    .catch(function (e) { $("summary").textContent = "proxy unreachable"; });
+  loadManagement();
 }
-document.getElementById("keyform").addEventListener("submit", function (ev) {
-  ev.preventDefault(); key = document.getElementById("key").value;
-  sessionStorage.setItem("iflowProxyKey", key); load(); });
+$("keyform").addEventListener("submit", function (ev) {
+  ev.preventDefault(); key = $("key").value; sessionStorage.setItem("iflowProxyKey", key);
+  load(); });
+$("mgmtform").addEventListener("submit", function (ev) {
+  ev.preventDefault(); mkey = $("mgmtkey").value; $("mgmtkey").value = "";
+  sessionStorage.setItem("iflowProxyMgmtKey", mkey); load(); });
+$("addform").addEventListener("submit", function (ev) { ev.preventDefault();
+  var body = {api_key: $("newkey").value, protocol: $("newprotocol").value};
+  if ($("newnick").value) body.nickname = $("newnick").value;
+  if ($("newprovider").value) body.provider = $("newprovider").value;
+  manage("POST", "accounts", body).then(function () { $("newkey").value = ""; load(); },
+    function () {}); });
+$("familyform").addEventListener("submit", function (ev) { ev.preventDefault(); var m = {};
+  ["opus", "sonnet", "haiku"].forEach(function (f) { if ($("f-" + f).value) m[f] =
+    $("f-" + f).value; });
+  manage("PATCH", "settings", {claude_models: m}).then(load, function () {}); });
+$("newclient").addEventListener("submit", function (ev) { ev.preventDefault();
+  var body = {name: $("cname").value};
+  if ($("crpm").value) body.rpm = parseInt($("crpm").value, 10);
+  if ($("ctokens").value) body.tokens_per_day = parseInt($("ctokens").value, 10);
+  manage("POST", "client-keys", body).then(function (k) { $("created").textContent =
+    "New key for " + k.name + " (shown once): " + k.key; load(); }, function () {}); });
 load(); setInterval(load, 5000);
 </script></body></html>
 """
@@ -6884,6 +7075,9 @@ def cmd_serve(args, config):
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), stop)
     server.start_background()
+    run_file = os.path.join(config.home, "run.json")  # how `status` finds this server
+    atomic_write_json(run_file, {"url": server.url, "pid": os.getpid(),
+                                 "started": now_rfc3339()})
     try:
         server.serve_forever()
         server.socket.close()  # stop accepting while the in-flight requests finish
@@ -6893,6 +7087,10 @@ def cmd_serve(args, config):
             server.stop_streams()
     finally:
         server.server_close()  # saves usage figures
+        try:
+            os.unlink(run_file)
+        except OSError:
+            pass
     log.warning("stopped")
     return 0
 
@@ -7294,10 +7492,19 @@ def cmd_claude(args, config):
             server.server_close()
 
 
+def running_url(config):
+    """The URL of the server of this home (its run.json), else of the configured port."""
+    try:
+        url = read_json_file(os.path.join(config.home, "run.json"), "run file").get("url")
+    except (FileNotFoundError, ConfigError):
+        url = None
+    return url if isinstance(url, str) and _is_http_url(url) else _local_url(config)
+
+
 def fetch_status(config, timeout=2.0):
-    """/status of a proxy running on this config's port, or None when none answers."""
+    """/status of a proxy running for this home (whatever its port), or None."""
     from urllib import error as url_error, request as url_request
-    req = url_request.Request(_local_url(config) + "/status",
+    req = url_request.Request(running_url(config) + "/status",
                                  headers={"Authorization": "Bearer " + _client_token(config)})
     try:
         with url_request.urlopen(req, timeout=timeout) as resp:

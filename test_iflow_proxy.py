@@ -1436,8 +1436,14 @@ def test_cli_version_and_serve_subprocess(home, fake):
         conn.request("GET", "/healthz")
         assert conn.getresponse().status == 200
         conn.close()
+        run_file = os.path.join(home, "run.json")  # `status` finds it whatever its port
+        assert json.load(open(run_file))["pid"] == proc.pid
+        assert stat.S_IMODE(os.stat(run_file).st_mode) == 0o600
+        code, out, _ = run_cli("status", home=home, env={"IFLOW_PROXY_PORT": "1"})
+        assert code == 0 and "at http://127.0.0.1:%d" % port in out
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+        assert not os.path.exists(run_file)
     finally:
         proc.kill()
         proc.wait()
@@ -2342,7 +2348,7 @@ def test_dashboard_renders_in_headless_chromium(home, fake, tmp_path):
         console = [l for l in dom.stderr.splitlines() + run.stderr.splitlines()
                    if ":CONSOLE" in l]
         assert console == []
-        accounts = dom.stdout[dom.stdout.index('id="accounts"'):dom.stdout.index("Today's")]
+        accounts = dom.stdout[dom.stdout.index('id="accounts"'):dom.stdout.index('id="addform"')]
         assert "work (default)" in accounts and "home" in accounts
         assert 'badge healthy' in accounts and 'badge cooling' in accounts
         assert "ck-dash" not in dom.stdout and KEYS[0] not in dom.stdout
@@ -4880,3 +4886,82 @@ def drive_from(raw, server, address):
     handler.handle()
     head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
     return [(int(head.split()[1]), head, body)]
+
+
+def selenium_chrome(tmp_path, width, height):
+    """A headless Chromium driven by selenium (Debian's chromium-driver); skips without them."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        if os.environ.get("CI"):
+            raise AssertionError(".ci/run installs selenium")
+        pytest.skip("pip install selenium (and apt-get install chromium-driver)")
+    driver_path, browser = shutil.which("chromedriver"), find_chromium()
+    if not driver_path or not browser:
+        pytest.skip("chromium and chromium-driver are not installed")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 "--user-data-dir=" + str(tmp_path / ("profile-%d" % width)),
+                 "--window-size=%d,%d" % (width, height)):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def test_dashboard_actions_and_charts_in_chromium(home, fake, tmp_path):
+    """Type the management key, make another account the default by clicking, see
+    accounts.json change; the charts are drawn (screenshots at phone and desktop size)."""
+    add_key_account(home, KEYS[0], nickname="work")
+    add_key_account(home, KEYS[1], nickname="home")
+    write_config(home, {"management_key": "mk-dash-123", "client_keys": ["ck-dash"],
+                        "prices": {"glm-4.6": {"input": 1.0, "output": 2.0}}})
+    with running(make_config(home, fake)) as server:
+        for i in range(4):
+            post_json(server, "/v1/chat/completions", conversation(i), {"x-api-key": "ck-dash"})
+        post_json(server, "/v1/chat/completions", dict(CHAT, model="<b>bold</b>"),
+                  {"x-api-key": "ck-dash"})  # a model name with markup, in the usage rows
+        from selenium.webdriver.common.by import By
+        for width, height in ((412, 915), (1280, 2000)):
+            driver = selenium_chrome(tmp_path, width, height)
+            try:
+                driver.get(server.url + "/#key=ck-dash")
+                wait_for(lambda: "work" in driver.find_element(By.ID, "accounts").text,
+                         what="accounts rendered")
+                driver.find_element(By.ID, "mgmtkey").send_keys("mk-dash-123")
+                driver.find_element(By.CSS_SELECTOR, "#mgmtform button").click()
+                wait_for(lambda: driver.find_elements(By.XPATH,
+                                                      "//button[text()='Make default']"),
+                         what="actions shown")
+                assert "<b>bold</b>" in driver.find_element(By.ID, "usage").text  # as text
+                assert not driver.find_elements(By.CSS_SELECTOR, "#usage b")  # never markup
+                if width == 412:  # on the phone: make "home" the default by clicking
+                    rows = driver.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")
+                    target = next(r for r in rows if r.text.startswith("home"))
+                    target.find_element(By.XPATH, ".//button[text()='Make default']").click()
+                    first = ip.AccountRegistry(home).read()["accounts"][0]["id"]
+                    wait_for(lambda: json.load(open(os.path.join(home, "accounts.json")))[
+                        "default"] != first, what="accounts.json to change")
+                    wait_for(lambda: "home (default)" in driver.find_element(
+                        By.ID, "accounts").text, what="the page to show it")
+                bars = driver.find_elements(By.CSS_SELECTOR, "#c-days-req rect")
+                assert bars and "$" in driver.find_element(By.ID, "costs").text
+                assert driver.find_element(By.ID, "familyform").is_displayed()
+                driver.execute_script("window.scrollTo(0, 0)")
+                driver.save_screenshot(str(tmp_path / ("dashboard-%d.png" % width)))
+                assert "ck-dash" not in driver.page_source.replace("#key=ck-dash", "")
+                assert "mk-dash-123" not in driver.current_url
+                logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"] \
+                    if hasattr(driver, "get_log") else []
+                assert logs == [], logs
+            finally:
+                driver.quit()
+        stored = json.load(open(os.path.join(home, "accounts.json")))
+        home_entry = next(e for e in stored["accounts"] if e["nickname"] == "home")
+        assert stored["default"] == home_entry["id"]
+        if os.environ.get("IFLOW_PROXY_KEEP_SCREENSHOT"):
+            for width in (412, 1280):
+                shutil.copy(str(tmp_path / ("dashboard-%d.png" % width)),
+                            os.environ["IFLOW_PROXY_KEEP_SCREENSHOT"] + "-%d.png" % width)
