@@ -5692,8 +5692,9 @@ class ManagementAPI:
     def chat(self):
         return self.server.chat
 
-    def route(self, method, parts, body, query):
-        """(status, JSON object or (content type, bytes)) for one call."""
+    def route(self, method, parts, body, query, who="?"):
+        """(status, JSON object or (content type, bytes)) for one call from ``who``."""
+        self.who = who
         table = {("GET", "accounts"): self.list_accounts, ("POST", "accounts"): self.add_account,
                  ("GET", "settings"): self.settings, ("PATCH", "settings"): self.change_settings,
                  ("GET", "client-keys"): self.list_keys, ("POST", "client-keys"): self.add_key,
@@ -5701,7 +5702,7 @@ class ManagementAPI:
         if len(parts) == 1 and (method, parts[0]) in table:
             return table[(method, parts[0])](body, query)
         if len(parts) >= 2 and parts[0] == "accounts":
-            entry = self.chat.registry.find(self.chat.registry.read(), parts[1])
+            entry = self.account_entry(parts[1])
             action = {("PATCH", 2): self.patch_account, ("DELETE", 2): self.remove_account,
                       ("POST", 3): {"refresh": self.refresh, "check": self.check}.get(
                           parts[2] if len(parts) == 3 else "")}.get((method, len(parts)))
@@ -5746,6 +5747,15 @@ class ManagementAPI:
             {"api_key": key.strip()}, nickname=body.get("nickname"), settings=settings)
         self.changed("added account %s" % entry["nickname"])
         return (201 if created else 200), self.account_view(entry["id"])
+
+    def account_entry(self, nickname):
+        data = self.chat.registry.read()
+        entry = next((e for e in data["accounts"]
+                      if e["nickname"].lower() == nickname.lower()), None)
+        if entry is None:
+            raise NotFound("no account named %r (accounts: %s)" % (nickname, ", ".join(
+                e["nickname"] for e in data["accounts"]) or "none"))
+        return entry
 
     def account_view(self, account_id):
         account = next(a for a in self.chat.registry.load_accounts() if a.id == account_id)
@@ -5888,7 +5898,7 @@ class ManagementAPI:
         return 200, {"usage": rows}
 
     def changed(self, what):
-        log.warning("management: %s", what)
+        log.warning("management: %s (from %s)", what, getattr(self, "who", "?"))
 
 
 def _csv_cell(value):
@@ -6367,7 +6377,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         body = self.read_json() if self.command in ("POST", "PATCH") and self.body_unread \
             else {}
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        status, result = self.server.management.route(self.command, parts, body, query)
+        status, result = self.server.management.route(self.command, parts, body, query,
+                                                      self.client_address[0])
         if isinstance(result, tuple):
             self.send_bytes(status, result[1], result[0])
         else:
@@ -6822,6 +6833,9 @@ code{background:#eef1f4;padding:2px 4px;word-break:break-all}
 <div class="wrap"><table id="usage"><thead><tr><th>Account</th>
 <th>Model</th><th>Requests</th><th>Failures</th><th>Input tokens</th><th>Output tokens</th>
 <th>Avg latency</th></tr></thead><tbody></tbody></table></div>
+<div class="wrap"><table id="clients"><thead><tr><th>Client key</th><th>Model</th>
+<th>Requests today</th><th>Input tokens</th><th>Output tokens</th></tr></thead><tbody></tbody>
+</table></div>
 <div class="wrap"><table id="costs"><thead><tr><th>Model</th><th>Estimated cost today</th>
 <th>Last 30 days</th></tr></thead><tbody></tbody></table></div></section>
 <section><h2>Management</h2><form id="mgmtform"><input id="mgmtkey" type="password"
@@ -6934,6 +6948,8 @@ function render(s) {
   chart("c-days-req", "l-days-req", s.series.days, "requests", "accounts");
   chart("c-days-tok", "l-days-tok", s.series.days, "tokens", "models");
   costs(s.series.days);
+  fill("clients", (s.clients_today || []).map(function (r) { return [r.client, r.model,
+    r.requests, r.input_tokens, r.output_tokens]; }), "no client keys used today");
   fill("errors", s.recent_errors.map(function (e) { return [new Date(e.time * 1000)
     .toLocaleTimeString(), e.account, e.model, e.upstream_status || e.status, e.kind]; }),
     "none");

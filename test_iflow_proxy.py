@@ -4801,7 +4801,7 @@ def test_management_api_routes_and_files(home, fake):
                                                                     "enabled": False})
         assert status == 200 and body["nickname"] == "house" and body["status"] == "disabled"
         assert manage(server, "PATCH", "accounts/house", {"colour": 1})[0] == 400
-        assert manage(server, "PATCH", "accounts/nobody", {"priority": 1})[0] == 400
+        assert manage(server, "PATCH", "accounts/nobody", {"priority": 1})[0] == 404
         status, _, body = manage(server, "POST", "accounts/work/check")
         assert status == 200 and body["reachable"] and body["key"] == "accepted"
         status, _, body = manage(server, "POST", "accounts/work/refresh")
