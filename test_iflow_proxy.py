@@ -4888,18 +4888,23 @@ def drive_from(raw, server, address):
     return [(int(head.split()[1]), head, body)]
 
 
-def selenium_chrome(tmp_path, width, height):
-    """A headless Chromium driven by selenium (Debian's chromium-driver); skips without them."""
+def require_selenium():
+    """selenium and Debian's chromium-driver; skips without them (CI installs them)."""
     try:
-        from selenium import webdriver
+        import selenium  # noqa: F401 - only whether it is there
     except ImportError:
         if os.environ.get("CI"):
             raise AssertionError(".ci/run installs selenium")
         pytest.skip("pip install selenium (and apt-get install chromium-driver)")
-    driver_path, browser = shutil.which("chromedriver"), find_chromium()
-    if not driver_path or not browser:
+    if not shutil.which("chromedriver") or not find_chromium():
         pytest.skip("chromium and chromium-driver are not installed")
+
+
+def selenium_chrome(tmp_path, width, height):
+    """A headless Chromium driven by selenium (Debian's chromium-driver)."""
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    driver_path, browser = shutil.which("chromedriver"), find_chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -4914,6 +4919,7 @@ def selenium_chrome(tmp_path, width, height):
 def test_dashboard_actions_and_charts_in_chromium(home, fake, tmp_path):
     """Type the management key, make another account the default by clicking, see
     accounts.json change; the charts are drawn (screenshots at phone and desktop size)."""
+    require_selenium()
     add_key_account(home, KEYS[0], nickname="work")
     add_key_account(home, KEYS[1], nickname="home")
     write_config(home, {"management_key": "mk-dash-123", "client_keys": ["ck-dash"],
