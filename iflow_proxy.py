@@ -275,13 +275,16 @@ def _model_owners():
 MODEL_OWNERS = _model_owners()  # model name (lower case) -> the presets that list it
 
 
+MODEL_SPECS = {(provider, name.lower()): spec for provider, preset in PROVIDERS.items()
+               for name, spec in (preset.models or {}).items()}  # looked up per request
+
+
 def model_spec(model, provider=""):
     """The Model (window, output, thinking, vision) of ``model`` on ``provider`` (else on any
     preset that lists it, else UNKNOWN_MODEL's conservative limits)."""
     name = model.lower()
     for owner in (provider,) + MODEL_OWNERS.get(name, ()):
-        table = PROVIDERS[owner].models if owner in PROVIDERS else None
-        spec = next((m for key, m in (table or {}).items() if key.lower() == name), None)
+        spec = MODEL_SPECS.get((owner, name))
         if spec is not None:
             return spec
     return UNKNOWN_MODEL
@@ -2393,6 +2396,7 @@ class ConnectionPool:
         self._idle = {}
         self._lock = threading.Lock()
         self._ssl_context = None
+        self._routes = {}   # url -> route(url); the environment's proxy settings don't change
 
     def ssl_context(self):
         if self._ssl_context is None:
@@ -2403,7 +2407,15 @@ class ConnectionPool:
         return self._ssl_context
 
     def route(self, url):
-        """(pool key, request target, extra headers) for ``url``."""
+        """(pool key, request target, extra headers) for ``url`` (worked out once per URL)."""
+        known = self._routes.get(url)
+        if known is None:
+            known = self._routes[url] = self._route(url)
+            while len(self._routes) > 256:
+                self._routes.pop(next(iter(self._routes)))
+        return known
+
+    def _route(self, url):
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         proxy = select_proxy(url, self.config.proxy, self._env)
@@ -4779,6 +4791,7 @@ class ChatRequest:
         self.model, self.stream = body["model"], body.get("stream") is True
         self.thinking, self.effort, self.estimate = thinking, effort, estimate
         self.background = background  # housekeeping (titles, summaries): may wait for others
+        self.size = 0                 # the body's size in bytes, when known
         self._forms = {api: body}
 
     def tokens(self, estimate=estimate_tokens):
@@ -4962,8 +4975,10 @@ class ChatExchange:
         """Answer "too long" at once, with no upstream call, when the estimate is far over the
         model's window (beyond any error of the estimate)."""
         window = window_of(model)
+        if not window or self.request.size and self.request.size < window:
+            return  # fewer bytes than the window has tokens: it can't be far over
         tokens = self.service.prompt_tokens(self.request, model)
-        if window and tokens > window * 1.2 + 1000:
+        if tokens > window * 1.2 + 1000:
             raise self._too_long(UpstreamError(
                 "context_length", "the request is about %d tokens, far over the %d-token window "
                 "of %s; not sent upstream" % (tokens, window, model)), model)
@@ -6494,7 +6509,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def read_json(self):
-        return parse_json_body(self.read_body())
+        raw = self.read_body()
+        self.body_size = len(raw)
+        return parse_json_body(raw)
 
     # --- responses --------------------------------------------------------------------------
     def _write(self, data):
@@ -6641,6 +6658,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         chat = self.server.chat
         request = ChatRequest("openai", body, background=self.is_background(body["model"]),
                               client=self.client_name())
+        request.size = self.body_size
         self.relay(chat.exchange(request, openai_conversation_key(body, self.headers),
                                  cancelled=self.has_left), self.write_openai)
 
@@ -6664,6 +6682,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),
                                    self.is_background(request["model"]), self.client_name())
+        chat_request.size = self.body_size
         conversation = anthropic_conversation_key(request, self.headers)
         body = chat_request.openai()
         if has_images(body) and not is_vision_model(model, config.vision_models):
