@@ -1,30 +1,36 @@
 #!/usr/bin/env python3
-"""iflow-proxy: a local OpenAI- and Anthropic-compatible endpoint in front of iFlow (or any
-OpenAI-compatible API).  One file, standard library only, CPython 3.8+.
+"""iflow-proxy: one local OpenAI- and Anthropic-compatible endpoint in front of iFlow and every
+living OpenAI- or Anthropic-compatible provider (DeepSeek, Zhipu GLM / Z.ai, Kimi, Qwen/DashScope,
+MiniMax, SiliconFlow, OpenRouter, ModelScope).  One file, standard library only, CPython 3.8+.
 
+    python iflow_proxy.py login --api-key --provider deepseek [--protocol anthropic]
     python iflow_proxy.py login                # iFlow account in the browser (--no-browser on a
-                                               # headless box; --device, --cookie, --api-key)
+                                               # headless box; --device, --cookie)
     python iflow_proxy.py serve                # http://127.0.0.1:11450 (OpenAI: /v1)
     python iflow_proxy.py claude               # Claude Code through the proxy
     eval "$(python iflow_proxy.py env)"        # ANTHROPIC_* for any Anthropic client
 
-Also: accounts, use, rename, logout, refresh, import, status, check (see --help).
+Also: providers, models, accounts, use, rename, logout, refresh, import, status, check (see
+--help); a management API under /v0/management/ when a management key is set.
 
-Requests are signed the way the official iFlow CLI signs them (HMAC-SHA256 over user-agent,
-session id and timestamp), sent over persistent keep-alive connections, and spread over every
-account and pooled key with one request in flight per account, a fair queue, cooldowns and
-failover.  Anthropic Messages requests are translated to chat completions and back.
+Read top to bottom the file follows a request: constants (the provider presets) -> errors ->
+config (every setting declared once, in SETTINGS) -> storage -> auth -> upstream (signing,
+pooled connections, the one upstream reader) -> routing -> translation -> exchange (one
+ChatExchange per chat request: resolve, take an account, send, classify, fail over, record) ->
+HTTP server (sockets and the handler) -> CLI.
 
 Files (home: ``--home``, else ``$IFLOW_PROXY_HOME``, else ``~/.iflow-proxy``):
 
     config.json             optional settings (see the README's config reference)
     accounts.json           the account registry (nicknames, default, per-account settings)
     auth/iflow-<id>.json    one credential file per account (CLIProxyAPI's field names)
-    usage.json              usage figures per account, model and day
+    usage.json              usage per account, model, client key, day and hour
+    run.json                the running server's address (written by serve, removed at stop)
 
 Security: the server binds 127.0.0.1 by default and refuses a non-loopback address unless client
-keys are configured.  Credential files are 0600 in 0700 directories, written atomically under a
-lock shared with other processes.  Keys and tokens are never printed or logged in full.
+keys are configured; it refuses cross-site requests and foreign Host names, and scrubs keys from
+upstream text.  Credential files are 0600 in 0700 directories, written atomically under a lock
+shared with other processes.  Keys and tokens are never printed or logged in full.
 """
 
 import argparse
@@ -7633,8 +7639,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = _Parser(prog="iflow_proxy.py", description="Local OpenAI-compatible proxy for "
-                     "iFlow and other OpenAI-compatible APIs.")
+    parser = _Parser(prog="iflow_proxy.py", description="One local OpenAI- and Anthropic-"
+                     "compatible endpoint for iFlow and every OpenAI- or Anthropic-compatible "
+                     "provider (see the providers command).")
     parser.add_argument("--version", action="version", version="iflow-proxy " + __version__)
     parser.add_argument("--home", help="state directory (default $IFLOW_PROXY_HOME or "
                         "~/.iflow-proxy)")
