@@ -1615,8 +1615,12 @@ def oauth_credentials(tokens, info, clock=time.time):
                 user_id=str(info.get("userId") or ""), user_name=info.get("userName") or "")
 
 
-def identity_of(kind, creds):
-    """Who an account is: email, else phone, else the key's name or fingerprint."""
+def identity_of(kind, creds, settings=None):
+    """Who an account is: email, else phone, else the key's name or fingerprint (with the
+    provider and protocol: one key may serve a provider over both)."""
+    if settings and settings.get("provider"):
+        return "%s:%s/%s" % (identity_of(kind, creds), settings["provider"],
+                             settings["protocol"])
     if creds.get("email"):
         return "email:" + creds["email"].lower()
     if creds.get("phone"):
@@ -1624,6 +1628,11 @@ def identity_of(kind, creds):
     if creds.get("key_name"):
         return "keyname:" + creds["key_name"]
     return "key:" + fingerprint(creds.get("api_key") or "")
+
+
+def is_key_text(value):
+    """Printable ASCII without spaces: all an API key is made of (a paste error otherwise)."""
+    return all(33 <= ord(c) <= 126 for c in value)
 
 
 def is_headless(env=None):
@@ -5743,8 +5752,7 @@ class ManagementAPI:
 
     def add_account(self, body, query):
         key = body.get("api_key")
-        if not isinstance(key, str) or len(key.strip()) < 8 or any(
-                ord(c) < 33 or ord(c) > 126 for c in key.strip()):
+        if not isinstance(key, str) or len(key.strip()) < 8 or not is_key_text(key.strip()):
             raise BadRequest("field 'api_key' must be the key: 8 or more printable characters")
         for field in ("nickname", "provider", "protocol", "base_url"):
             if body.get(field) is not None and not isinstance(body[field], str):
@@ -5761,11 +5769,10 @@ class ManagementAPI:
                 raise BadRequest("upstream did not accept the key %s: %s" % (
                     mask_secret(key), result.error.message if result.error else
                     result.key_verdict))
-        suffix = ":%s/%s" % (settings["provider"], settings["protocol"]) \
-            if settings.get("provider") else ""
+        creds = {"api_key": key.strip()}
         entry, created = self.chat.registry.upsert(
-            identity_of("api-key", {"api_key": key.strip()}) + suffix, "api-key",
-            {"api_key": key.strip()}, nickname=body.get("nickname"), settings=settings)
+            identity_of("api-key", creds, settings), "api-key", creds,
+            nickname=body.get("nickname"), settings=settings)
         self.changed("added account %s" % entry["nickname"])
         return (201 if created else 200), self.account_view(entry["id"])
 
@@ -7073,7 +7080,7 @@ def read_secret(prompt, stdin):
     value = value.strip()
     if not value:
         raise BadRequest("no key given on stdin")
-    if any(ord(c) < 33 or ord(c) > 126 for c in value):
+    if not is_key_text(value):
         raise BadRequest("the key on stdin has spaces or non-ASCII characters; paste only the key")
     if len(value) < 8:
         raise BadRequest("the key on stdin is too short to be an API key")
@@ -7160,15 +7167,13 @@ def cmd_login(args, config):
         validate_nickname(args.nickname)
     if args.callback_port is not None:
         config = dataclasses.replace(config, callback_port=args.callback_port)
-    settings, suffix = {}, ""
+    settings = {}
     if (args.provider or args.protocol) and not args.api_key:
         raise BadRequest("--provider and --protocol go with --api-key")
     if args.api_key:
         settings = api_key_settings(args.provider, args.protocol, args.base_url,
                                     not args.no_signing)
         kind, creds = "api-key", login_api_key(args, config, settings)
-        if settings.get("provider"):  # one key may serve a provider over both protocols
-            suffix = ":%s/%s" % (settings["provider"], settings["protocol"])
     elif args.cookie:
         kind, creds = "cookie", platform_api_key(config, read_cookie(args.stdin))
     elif args.device:
@@ -7177,9 +7182,9 @@ def cmd_login(args, config):
         kind, creds = "oauth", login_oauth(config, args.stdout, args.stdin,
                                            browser=not args.no_browser)
     registry = AccountRegistry(config.home)
-    identity, nickname = identity_of(kind, creds) + suffix, args.nickname
+    identity, nickname = identity_of(kind, creds, settings), args.nickname
     accounts = registry.read()["accounts"]
-    if suffix and not nickname and not any(e.get("identity") == identity for e in accounts):
+    if settings.get("provider") and not nickname and not any(e.get("identity") == identity for e in accounts):
         nickname = unique_nickname(settings["provider"] + (
             "-anthropic" if settings["protocol"] == "anthropic" else ""),
             [e["nickname"] for e in accounts])
