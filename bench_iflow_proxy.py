@@ -159,9 +159,11 @@ class Floor(http.server.BaseHTTPRequestHandler):
 
 def serve(handler, port_file):
     """Serve ``handler`` on a free loopback port, written to ``port_file``."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    server.request_queue_size = 512
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 512   # the listen() backlog: a class attribute, read in __init__
+
+    server = Server(("127.0.0.1", 0), handler)
     with open(port_file, "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()

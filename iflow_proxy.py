@@ -58,6 +58,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2194,9 +2195,85 @@ def shape_chat_body(body, model, signing=True, thinking=None, effort=None):
     return out
 
 
+# --- sockets: timeouts the kernel keeps -------------------------------------------------------
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec}
+
+
+def _kernel_timeouts(sock):
+    """Switch a plain TCP socket to blocking mode with SO_RCVTIMEO/SO_SNDTIMEO; False (and the
+    socket left as it was) where the platform won't, or for TLS, whose reads must see Python's
+    own timeouts.  CPython polls before every call on a socket that has a timeout, one more
+    system call and one more hand-over of the GIL per read or write: the kernel's own timeouts
+    keep the timeouts and drop the poll."""
+    if os.name != "posix" or isinstance(sock, ssl.SSLSocket) or \
+            not hasattr(socket, "SO_RCVTIMEO"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(1, 0))
+        if _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                           _TIMEVAL.size))[0] != 1:
+            return False
+    except (OSError, struct.error):
+        return False
+    sock.settimeout(None)
+    return True
+
+
+class Timeouts:
+    """The read and write timeout of one socket, set per phase (None: wait for ever)."""
+
+    __slots__ = ("sock", "kernel", "seconds")
+
+    def __init__(self, sock):
+        self.sock, self.seconds = sock, -1
+        self.kernel = _kernel_timeouts(sock)
+
+    def set(self, seconds):
+        if seconds == self.seconds:
+            return
+        self.seconds = seconds
+        if not self.kernel:
+            self.sock.settimeout(seconds)
+            return
+        whole = int(seconds or 0)
+        micro = int(((seconds or 0) - whole) * 1e6)
+        if seconds and not whole and not micro:
+            micro = 1  # a zero timeval would mean "no timeout"
+        value = _TIMEVAL.pack(whole, micro)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class SocketReader(io.RawIOBase):
+    """A socket's bytes for io.BufferedReader (as socket.SocketIO), where a kernel timeout
+    (EAGAIN on a blocking socket) is reported as socket.timeout, like Python's own."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self._sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
+
+
+def send_all(sock, data):
+    """sock.sendall, with a kernel timeout reported as socket.timeout."""
+    try:
+        sock.sendall(data)
+    except BlockingIOError:
+        raise socket.timeout("timed out") from None
+
+
 # --- HTTP header fields: one small parser for both directions ---------------------------------
 
-class HeaderError(http.client.HTTPException):
+class HeaderError(ValueError):
     """A message head that breaks the limits or the grammar; ``status`` for a client's."""
 
     def __init__(self, message, status=400):
@@ -2273,44 +2350,6 @@ def read_headers(fp, limit=HEADER_LIMIT):
         if _FIELD_VALUE_BAD.search(value):
             raise HeaderError("control characters in header %r" % name[:60])
         items.append((name.decode("ascii"), value.decode("latin-1")))
-
-
-class UpstreamHTTPResponse(http.client.HTTPResponse):
-    """http.client's response with the head read by read_headers (HTTPResponse.begin as in
-    CPython, but without the email package's parser, the costliest step of a proxied call)."""
-
-    def begin(self):
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
-                break
-            read_headers(self.fp)  # a 100 Continue's head: skipped
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = read_headers(self.fp)
-        coding = self.headers.get("transfer-encoding")
-        self.chunked = bool(coding) and coding.lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length) if int(length) >= 0 else None
-            except ValueError:
-                self.length = None
-        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
 
 
 def provider_thinking(style, on):
@@ -2449,7 +2488,7 @@ class ConnectionPool:
             idle = self._idle.get(key)
             while idle:
                 conn = idle.pop()
-                if _still_open(conn):
+                if conn.still_open():
                     return conn, True
                 conn.close()
         return self._connect(key), False
@@ -2471,50 +2510,102 @@ class ConnectionPool:
 
     def _connect(self, key):
         scheme, host, port, proxy = key
-        timeout = self.config.connect_timeout
-        if proxy:
-            p = urllib.parse.urlsplit(proxy)
-            addr = (p.hostname, p.port or 80)
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(*addr, timeout=timeout,
-                                                   context=self.ssl_context())
-                conn.set_tunnel(host, port, headers=proxy_auth_header(p))
-            else:
-                conn = http.client.HTTPConnection(*addr, timeout=timeout)
-        elif scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout,
-                                               context=self.ssl_context())
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
         where = "%s://%s:%d%s" % (scheme, host, port, " via proxy %s" % proxy if proxy else "")
+        sock = None
         try:
-            conn.connect()
+            if proxy:
+                p = urllib.parse.urlsplit(proxy)
+                sock = socket.create_connection((p.hostname, p.port or 80),
+                                                self.config.connect_timeout)
+                if scheme == "https":
+                    _open_tunnel(sock, host, port, proxy_auth_header(p))
+            else:
+                sock = socket.create_connection((host, port), self.config.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = self.ssl_context().wrap_socket(sock, server_hostname=host)
         except socket.timeout:
-            conn.close()
+            _close_quietly(sock)
             raise UpstreamError("unreachable", "timed out connecting to %s" % where)
         except ssl.SSLError as e:
-            conn.close()
+            _close_quietly(sock)
             raise UpstreamError("unreachable", "TLS error talking to %s: %s (a corporate proxy "
                                 "may need config ca_file)" % (where, e.reason or e))
-        except (OSError, http.client.HTTPException) as e:
-            conn.close()
+        except (OSError, ValueError) as e:
+            _close_quietly(sock)
             raise UpstreamError("unreachable", "cannot connect to %s: %s"
                                 % (where, getattr(e, "strerror", None) or e))
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.response_class = UpstreamHTTPResponse
-        return conn
+        default_port = 443 if scheme == "https" else 80
+        name = "[%s]" % host if ":" in host else host
+        return UpstreamConnection(sock, name if port == default_port else "%s:%d" % (name, port))
 
 
-def _still_open(conn):
-    """An idle keep-alive socket that is readable has been closed (or broken) by the server."""
-    sock = conn.sock
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
+def _close_quietly(sock):
+    if sock is not None:
+        sock.close()
+
+
+def _open_tunnel(sock, host, port, headers):
+    """Ask an outbound proxy for a tunnel (CONNECT, RFC 9110 section 9.3.6) to host:port."""
+    authority = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
+    lines.extend("%s: %s" % item for item in headers.items())
+    send_all(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    reader = io.BufferedReader(SocketReader(sock), 1)  # nothing past the head may be taken
+    _version, status, reason, _headers = read_status(reader)
+    if not 200 <= status < 300:
+        raise OSError("the proxy refused the tunnel: %d %s" % (status, reason))
+
+
+def read_status(reader):
+    """(version, status, reason, Headers) of an HTTP/1.x answer, interim 1xx answers skipped."""
+    while True:
+        line = reader.readline(MAX_HEADER_LINE + 1)
+        if not line:
+            raise ConnectionResetError("the server closed the connection without answering")
+        parts = line.decode("latin-1").rstrip("\r\n").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3 or \
+                not parts[1].isdigit():
+            raise HeaderError("malformed status line %r" % line[:60])
+        headers = read_headers(reader)
+        status = int(parts[1])
+        if not 100 <= status < 200 or status == 101:
+            return parts[0], status, parts[2] if len(parts) > 2 else "", headers
+
+
+_BAD_OUTGOING = re.compile(r"[\x00\r\n]")
+
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection upstream (directly, through a CONNECT tunnel, or to
+    a proxy taking absolute-form targets).  A request goes out in one write, head and body;
+    the answer's head is read by read_status/read_headers, its body by UpstreamResponse."""
+
+    def __init__(self, sock, host):
+        self.sock, self.host = sock, host
+        self.timeouts = Timeouts(sock)
+        self.reader = io.BufferedReader(SocketReader(sock), 65536)
+
+    def send(self, method, target, headers, body):
+        if _BAD_OUTGOING.search("".join(headers.values())):
+            raise ValueError("a header value for upstream holds CR, LF or NUL")
+        head = ["%s %s HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity" % (method, target,
+                                                                           self.host)]
+        head.extend("%s: %s" % item for item in headers.items())
+        head.append("Content-Length: %d\r\n\r\n" % len(body or b""))
+        send_all(self.sock, "\r\n".join(head).encode("latin-1") + (body or b""))
+
+    def still_open(self):
+        """An idle connection whose socket is readable has been closed (or broken) by the
+        server."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self):
+        self.sock.close()
 
 
 def retry_after_seconds(value, clock=time.time):
@@ -2534,17 +2625,36 @@ def retry_after_seconds(value, clock=time.time):
     return max(0, int(when.timestamp() - clock()))
 
 
-class UpstreamResponse:
-    """One upstream answer; its connection goes back to the pool only when fully read."""
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 
-    def __init__(self, pool, key, conn, resp, idle_timeout):
-        self._pool, self._key, self._conn, self._resp = pool, key, conn, resp
-        self.status = resp.status
-        self.headers = resp.headers
-        self.trace_id = resp.getheader("eagleeye-traceid", "") or ""
-        self.content_type = (resp.getheader("content-type", "") or "").lower()
-        self.idle_timeout = idle_timeout
+
+class UpstreamResponse:
+    """One upstream answer, its body framed by RFC 9112 section 6 (chunked, Content-Length, or
+    until the close); its connection goes back to the pool only when the body was read whole."""
+
+    def __init__(self, pool, key, conn, head, idle_timeout, method="POST"):
+        version, status, _reason, headers = head
+        self._pool, self._key, self._conn = pool, key, conn
+        self.status, self.headers, self.idle_timeout = status, headers, idle_timeout
+        self.trace_id = headers.get("eagleeye-traceid", "") or ""
+        self.content_type = (headers.get("content-type", "") or "").lower()
         self.closed = False
+        coding = (headers.get("transfer-encoding") or "").lower()
+        self._chunked = coding.rsplit(",", 1)[-1].strip() == "chunked"
+        length = headers.get("content-length")
+        self._left = None  # body bytes (of the current chunk, when chunked) still to read
+        if status in (204, 304) or method == "HEAD":
+            self._left = 0
+        elif self._chunked:
+            self._left = -1  # a chunk-size line comes next
+        elif length is not None and not coding:
+            self._left = int(length) if length.isdigit() else None
+        connection = (headers.get("connection") or "").lower()
+        self._reusable = self._left is not None and "close" not in connection and \
+            not (coding and length is not None) and \
+            (version != "HTTP/1.0" or "keep-alive" in connection)
+        if self._left == 0:
+            self.finish()
 
     @property
     def is_event_stream(self):
@@ -2552,18 +2662,51 @@ class UpstreamResponse:
 
     def read1(self):
         """Whatever bytes have arrived (b"" at the end); waits at most idle_timeout."""
+        if self.closed:
+            return b""
         try:
-            data = self._resp.read1(65536)
+            data = self._read_chunk() if self._chunked else self._read_plain()
         except socket.timeout:
             self.close()
             raise UpstreamError("timeout", "upstream sent nothing for %gs" % self.idle_timeout,
                                 trace_id=self.trace_id)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ValueError) as e:
             self.close()
             raise UpstreamError("transient", "upstream connection broke mid-response: %s"
                                 % (e.__class__.__name__,), trace_id=self.trace_id)
         if not data:
             self.finish()
+        return data
+
+    def _read_plain(self):
+        if self._left is None:  # until the connection closes
+            return self._conn.reader.read1(65536)
+        if self._left == 0:
+            return b""
+        data = self._conn.reader.read1(min(self._left, 65536))
+        if not data:
+            raise ConnectionResetError("the body ended early")
+        self._left -= len(data)
+        return data
+
+    def _read_chunk(self):
+        reader = self._conn.reader
+        if self._left <= 0:
+            if self._left == 0 and reader.read(2) != b"\r\n":  # the end of the last chunk
+                raise ValueError("a chunk without its CRLF")
+            line = reader.readline(1026)
+            size = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _CHUNK_SIZE.match(size):
+                raise ValueError("a malformed chunk-size line")
+            self._left = int(size, 16)
+            if self._left == 0:
+                read_headers(reader)  # the trailer section, up to the blank line
+                self._chunked = False  # done: read1 answers b"" from now on
+                return b""
+        data = reader.read1(min(self._left, 65536))
+        if not data:
+            raise ConnectionResetError("the body ended early")
+        self._left -= len(data)
         return data
 
     def read_all(self, limit=None):
@@ -2583,10 +2726,7 @@ class UpstreamResponse:
         if self.closed:
             return
         self.closed = True
-        resp = self._resp
-        if not resp.isclosed() and not resp.chunked and resp.length == 0:
-            resp.close()  # read1 leaves a fully read Content-Length body "open"
-        if resp.isclosed() and not resp.will_close:
+        if self._reusable and self._left == 0:
             self._pool.release(self._key, self._conn)
         else:
             self._conn.close()
@@ -2606,7 +2746,7 @@ class UpstreamClient:
         self.pool = ConnectionPool(config, env=env)
 
     def open(self, method, url, headers, body=None, watch=None):
-        """Send a request and return the UpstreamResponse once its status line arrived.
+        """Send a request and return the UpstreamResponse once its head arrived.
 
         ``watch(connection)`` is told each connection used, so that another thread can cut
         it (a client that left, a proxy that is stopping) while this one waits on it.
@@ -2619,8 +2759,8 @@ class UpstreamClient:
             if watch is not None:
                 watch(conn)
             try:
-                conn.sock.settimeout(self.config.first_byte_timeout)
-                conn.request(method, target, body=body, headers=headers)
+                conn.timeouts.set(self.config.first_byte_timeout)
+                conn.send(method, target, headers, body)
                 break
             except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
                 conn.close()
@@ -2629,22 +2769,21 @@ class UpstreamClient:
             except socket.timeout:
                 conn.close()
                 raise UpstreamError("timeout", "timed out sending the request upstream")
-            except (OSError, http.client.HTTPException) as e:
+            except OSError as e:
                 conn.close()
                 raise UpstreamError("transient", "cannot send upstream: %s" % e)
         try:
-            resp = conn.getresponse()
+            head = read_status(conn.reader)
         except socket.timeout:
             conn.close()
             raise UpstreamError("timeout", "no answer from upstream within %gs (config "
                                 "first_byte_timeout)" % self.config.first_byte_timeout)
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ValueError) as e:
             conn.close()
             raise UpstreamError("transient", "upstream closed the connection without answering "
                                 "(%s)" % e.__class__.__name__)
-        if conn.sock is not None:
-            conn.sock.settimeout(self.config.idle_timeout)
-        return UpstreamResponse(self.pool, key, conn, resp, self.config.idle_timeout)
+        conn.timeouts.set(self.config.idle_timeout)
+        return UpstreamResponse(self.pool, key, conn, head, self.config.idle_timeout, method)
 
     def close(self):
         self.pool.close_all()

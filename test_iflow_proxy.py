@@ -4710,12 +4710,92 @@ def test_read_headers_limits_and_grammar(head, status):
     assert drive(request)[0][0] == status
 
 
-def test_upstream_response_head_is_read_by_the_same_parser(home, fake):
-    add_key_account(home, KEYS[0])
-    with running(make_config(home, fake)) as server:
-        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
-        conn = server.chat.upstream.pool._idle[next(iter(server.chat.upstream.pool._idle))][0]
-        assert conn.response_class is ip.UpstreamHTTPResponse
+class RecordingPool:
+    def __init__(self):
+        self.released = []
+
+    def release(self, key, conn):
+        self.released.append(conn)
+
+
+def upstream_answer(raw, method="POST"):
+    """(UpstreamResponse, pool) for the raw bytes an upstream sent, read over a real socket."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(raw)
+    theirs.close()
+    conn, pool = ip.UpstreamConnection(ours, "up.example"), RecordingPool()
+    return ip.UpstreamResponse(pool, "key", conn, ip.read_status(conn.reader), 5, method), pool
+
+
+@pytest.mark.parametrize("raw, body, reused", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"hello", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n"
+     b"2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abcde", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close", b"until the close",
+     False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", False),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", b"ok", False),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"
+     b"2\r\nok\r\n0\r\n\r\n", b"ok", False),   # both: chunked wins, never reused
+    (b"HTTP/1.1 204 No Content\r\n\r\n", b"", True),
+])
+def test_upstream_answer_framing(raw, body, reused):
+    response, pool = upstream_answer(raw)
+    assert response.read_all() == body
+    assert response.closed and bool(pool.released) == reused
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",              # ends early
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",   # cut mid-chunk
+])
+def test_upstream_answer_broken_bodies_fail_cleanly(raw):
+    response, pool = upstream_answer(raw)
+    with pytest.raises(ip.UpstreamError) as e:
+        response.read_all()
+    assert e.value.kind == "transient" and not pool.released
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",       # the same grammar as requests
+    b"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+    b"ICY 200 OK\r\n\r\n",
+    b"",
+])
+def test_upstream_answer_heads_are_read_by_the_same_parser(raw):
+    with pytest.raises((ValueError, OSError)):
+        upstream_answer(raw)
+
+
+def test_upstream_request_goes_out_in_one_write_and_refuses_header_injection():
+    ours, theirs = socket.socketpair()
+    conn = ip.UpstreamConnection(ours, "up.example:8080")
+    conn.send("POST", "/v1/chat/completions", {"Authorization": "Bearer k"}, b"{}")
+    theirs.settimeout(5)
+    assert theirs.recv(65536) == (b"POST /v1/chat/completions HTTP/1.1\r\nHost: up.example:8080"
+                                  b"\r\nAccept-Encoding: identity\r\nAuthorization: Bearer k\r\n"
+                                  b"Content-Length: 2\r\n\r\n{}")
+    with pytest.raises(ValueError):
+        conn.send("POST", "/", {"X-A": "1\r\nX-Injected: 1"}, b"")
+    conn.close()
+    theirs.close()
+
+
+def test_kernel_timeouts_report_socket_timeout():
+    ours, theirs = socket.socketpair()
+    conn = ip.UpstreamConnection(ours, "up.example")
+    conn.timeouts.set(0.05)
+    with pytest.raises(socket.timeout):
+        conn.reader.read1(10)
+    theirs.sendall(b"late")
+    conn.timeouts.set(None)
+    assert conn.reader.read1(10) == b"late"
+    conn.close()
+    theirs.close()
 
 
 # ==================================================================================================
