@@ -43,6 +43,7 @@ import fnmatch
 import hashlib
 import hmac
 import io
+import itertools
 import http.client
 import http.server
 import ipaddress
@@ -1137,6 +1138,8 @@ class AccountRegistry:
         self.home = home
         self.pool = tuple(pool)   # accounts from config api_keys: no files, status kept here
         self._pool_status = {}    # pool account id -> (status, reason)
+        self._pool_version = 0    # bumped by every pool status change
+        self._all = (None, 0, ())  # (accounts snapshot, pool version, all_accounts())
         self.path = os.path.join(home, "accounts.json")
         self.auth_dir = os.path.join(home, "auth")
         self.lock = FileLock(os.path.join(home, ".lock"))
@@ -1240,11 +1243,17 @@ class AccountRegistry:
         return self._snapshot
 
     def all_accounts(self):
-        """The registered accounts, then the pooled keys (with any status they were given)."""
+        """The registered accounts, then the pooled keys (with any status they were given);
+        the same tuple until either changes (asked several times per request)."""
+        accounts, version = self.accounts(), self._pool_version
+        known = self._all
+        if known[0] is accounts and known[1] == version:
+            return known[2]
         pool = tuple(dataclasses.replace(a, status=self._pool_status[a.id][0],
                                          status_reason=self._pool_status[a.id][1])
                      if a.id in self._pool_status else a for a in self.pool)
-        return self.accounts() + pool
+        self._all = (accounts, version, accounts + pool)
+        return accounts + pool
 
     def invalidate(self):
         with self._cache_lock:
@@ -1320,6 +1329,7 @@ class AccountRegistry:
         if account.kind == "pool":
             with self._cache_lock:
                 self._pool_status[account.id] = (status, reason)
+                self._pool_version += 1
             return
         with self.edit(account.id) as change:
             if change is not None:
@@ -2271,6 +2281,25 @@ def send_all(sock, data):
         raise socket.timeout("timed out") from None
 
 
+class SocketWriter:
+    """A connection's writer: every write goes out at once (no buffer to flush)."""
+
+    closed = False
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def write(self, data):
+        send_all(self._sock, data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 # --- HTTP header fields: one small parser for both directions ---------------------------------
 
 class HeaderError(ValueError):
@@ -2289,13 +2318,20 @@ class Headers:
     __slots__ = ("_items", "_index")
 
     def __init__(self, items=()):
-        self._items = list(items)
-        self._index = {}
-        for name, value in self._items:
-            self._index.setdefault(name.lower(), []).append(value)
+        self._items, index = [], {}
+        for name, value in items:
+            value = value.rstrip(" \t")
+            self._items.append((name, value))
+            key = name.lower()
+            if key in index:
+                index[key].append(value)
+            else:
+                index[key] = [value]
+        self._index = index
 
     def get(self, name, default=None):
-        values = self._index.get(name.lower())
+        """The first value of field ``name`` (any case; lower case is looked up fastest)."""
+        values = self._index.get(name) or self._index.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name, default=None):
@@ -2325,6 +2361,10 @@ class Headers:
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The whole field section at once: each line a token, a colon, a value without control bytes
+# (a tab aside).  One match over the block costs less than checking it line by line.
+_FIELD_LINES = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*\Z")
+_FIELD_LINE = re.compile(r"([^:]+):[ \t]*([^\r\n]*)\r?\n")
 MAX_HEADER_LINE = 65536
 
 
@@ -2332,24 +2372,33 @@ def read_headers(fp, limit=HEADER_LIMIT):
     """The header fields up to the blank line, by RFC 9112 section 5: a field name is a token
     right before its colon, obsolete line folding and control bytes are refused, and the line
     length and field count stay within http.client's limits (65,536 bytes, 100 fields)."""
-    items = []
+    lines, readline = [], fp.readline
     while True:
-        line = fp.readline(MAX_HEADER_LINE + 1)
+        line = readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
             raise HeaderError("a header line is longer than %d bytes" % MAX_HEADER_LINE, 431)
-        if line in (b"\r\n", b"\n", b""):
-            return Headers(items)
-        if len(items) >= limit:
+        if line == b"\r\n" or line == b"\n" or not line:
+            break
+        if len(lines) >= limit:
             raise HeaderError("more than %d header fields" % limit, 431)
+        lines.append(line)
+    text = b"".join(lines).decode("latin-1")
+    if not _FIELD_LINES.match(text):
+        _refuse_field_line(lines)
+    return Headers(_FIELD_LINE.findall(text))
+
+
+def _refuse_field_line(lines):
+    """Say which field line is wrong, and how."""
+    for line in lines:
         if line[:1] in (b" ", b"\t"):
             raise HeaderError("obsolete line folding in the header")
         name, colon, value = line.partition(b":")
-        value = value.strip(b" \t\r\n")
         if not colon or not _TOKEN.match(name):
             raise HeaderError("malformed header line %r" % line[:60])
-        if _FIELD_VALUE_BAD.search(value):
+        if _FIELD_VALUE_BAD.search(value.rstrip(b"\r\n")) or not value.endswith(b"\n"):
             raise HeaderError("control characters in header %r" % name[:60])
-        items.append((name.decode("ascii"), value.decode("latin-1")))
+    raise HeaderError("malformed header")
 
 
 def provider_thinking(style, on):
@@ -3435,6 +3484,11 @@ class Router:
                     ready = [a for a in eligible if not self.cooling_until(a, model, now)]
                     if not ready:
                         raise self.cooling_error(model, eligible, now)
+                    if ticket is None and not self._queue:  # nobody waits: no ticket needed
+                        account = self._choose(None, ready, affinity)
+                        if account is not None:
+                            self._inflight[account.id] = self._inflight.get(account.id, 0) + 1
+                            return account
                     if ticket is None:
                         if len(self._queue) >= MAX_WAITING:
                             raise RateLimited("%d requests are already waiting for an account; "
@@ -3462,16 +3516,18 @@ class Router:
                     self._cond.notify_all()
 
     def _choose(self, ticket, ready, affinity):
+        """The account for ``ticket`` (None: nobody is waiting) once those ahead have picked."""
         free = {a.id: a for a in ready
                 if not self.limit(a) or self._inflight.get(a.id, 0) < self.limit(a)}
-        now = time.monotonic()
-        order = sorted(range(len(self._queue)), key=lambda i: (self._queue[i].rank(now), i))
-        for earlier in (self._queue[i] for i in order):  # those ahead of us pick first
-            if earlier is ticket:
-                break
-            taken = next((i for i in earlier.ids if i in free), None)
-            if taken is not None:
-                del free[taken]
+        if ticket is not None and len(self._queue) > 1:
+            now = time.monotonic()
+            order = sorted(range(len(self._queue)), key=lambda i: (self._queue[i].rank(now), i))
+            for earlier in (self._queue[i] for i in order):  # those ahead of us pick first
+                if earlier is ticket:
+                    break
+                taken = next((i for i in earlier.ids if i in free), None)
+                if taken is not None:
+                    del free[taken]
         candidates = [a for a in ready if a.id in free]
         if not candidates:
             return None
@@ -3509,7 +3565,8 @@ class Router:
                 self._inflight[account.id] = left
             else:
                 self._inflight.pop(account.id, None)
-            self._cond.notify_all()
+            if self._queue:  # every waiter holds a ticket there
+                self._cond.notify_all()
 
     def in_flight(self, account):
         return self._inflight.get(account.id, 0)
@@ -3600,6 +3657,17 @@ MAX_USAGE_ROWS = 300             # (account, model) rows per day before new ones
 OTHER_MODELS = "(other models)"
 
 
+def _row(table, row, account, new):
+    """``table[row]``, made with ``new()`` if missing; once the table holds MAX_USAGE_ROWS rows
+    new models share the account's OTHER_MODELS row (clients choose model names)."""
+    found = table.get(row)
+    if found is None:
+        if len(table) >= MAX_USAGE_ROWS:
+            row = "%s|%s" % (account, OTHER_MODELS)
+        found = table.setdefault(row, new())
+    return found
+
+
 def _new_tally():
     return {"requests": 0, "failures": {}, "input_tokens": 0, "output_tokens": 0,
             "reasoning_tokens": 0, "latency_ms": 0.0}
@@ -3639,6 +3707,7 @@ class UsageBook:
         self._clients = {}  # "YYYY-MM-DD" -> {"client name|model": tally}
         self._hours = {}    # "YYYY-MM-DDTHH" -> {"account|model": [requests, tokens]} (48 h)
         self._dirty = False
+        self._stamp = (None, "", "")
         try:
             data = read_json_file(path, "usage file")
             if isinstance(data.get("days"), dict):
@@ -3655,7 +3724,16 @@ class UsageBook:
             log.error("%s; starting usage figures afresh", e.message)
 
     def today(self):
-        return time.strftime("%Y-%m-%d", time.localtime(self.clock()))
+        return self._stamps()[0]
+
+    def _stamps(self):
+        """("YYYY-MM-DD", "YYYY-MM-DDTHH") now, local time, worked out once a second."""
+        second = int(self.clock())
+        known = self._stamp
+        if known[0] != second:
+            hour = time.strftime("%Y-%m-%dT%H", time.localtime(second))
+            known = self._stamp = (second, hour[:10], hour)
+        return known[1:]
 
     def keep(self, key, value):
         """Save ``value`` under ``key`` with the usage figures."""
@@ -3668,32 +3746,28 @@ class UsageBook:
         answers are also counted per client key name (never the key) when there is one."""
         usage = usage if isinstance(usage, dict) else {}
         details = usage.get("completion_tokens_details")
-        reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
-        key = "%s|%s" % (account, model)
+        counted = [(field, value) for field, value in (
+            ("input_tokens", usage.get("prompt_tokens")),
+            ("output_tokens", usage.get("completion_tokens")),
+            ("reasoning_tokens", details.get("reasoning_tokens")
+             if isinstance(details, dict) else None))
+            if type(value) is int]  # noqa: E721 - bool is not a count
+        row = "%s|%s" % (account, model)
+        today, this_hour = self._stamps()
         with self._lock:
-            day = self._days.setdefault(self.today(), {})
-            if key not in day and len(day) >= MAX_USAGE_ROWS:  # clients choose model names
-                key = "%s|%s" % (account, OTHER_MODELS)
-            tally = day.setdefault(key, _new_tally())
+            tally = _row(self._days.setdefault(today, {}), row, account, _new_tally)
             tally["requests"] += 1
             if status != 200:
-                key = str(status)
-                tally["failures"][key] = tally["failures"].get(key, 0) + 1
-            for field, value in (("input_tokens", usage.get("prompt_tokens")),
-                                 ("output_tokens", usage.get("completion_tokens")),
-                                 ("reasoning_tokens", reasoning)):
-                if isinstance(value, int) and not isinstance(value, bool):
-                    tally[field] += value
+                failures = tally["failures"]
+                failures[str(status)] = failures.get(str(status), 0) + 1
+            for field, value in counted:
+                tally[field] += value
             tally["latency_ms"] += round(latency_ms, 1)
             if client:
                 self._count_client(client, model, usage)
-            hour = self._hours.setdefault(time.strftime("%Y-%m-%dT%H", time.localtime(
-                self.clock())), {})
-            counts = hour.setdefault("%s|%s" % (account, model) if len(hour) < MAX_USAGE_ROWS
-                                     else "%s|%s" % (account, OTHER_MODELS), [0, 0])
+            counts = _row(self._hours.setdefault(this_hour, {}), row, account, lambda: [0, 0])
             counts[0] += 1
-            counts[1] += sum(v for v in (usage.get("prompt_tokens"),
-                                         usage.get("completion_tokens")) if isinstance(v, int))
+            counts[1] += sum(value for field, value in counted if field != "reasoning_tokens")
             self._dirty = True
 
     def _count_client(self, client, model, usage):
@@ -3893,27 +3967,32 @@ def validate_chat_request(body):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("messages[%d] must be an object with a string 'role'" % i)
         content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise BadRequest("messages[%d].content must be a string or a list of parts" % i)
-        for j, part in enumerate(content if isinstance(content, list) else []):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise BadRequest("messages[%d].content[%d] must be an object with a string "
-                                 "'type'" % (i, j))
-        for key, types, what in (("name", str, "a string"), ("tool_call_id", str, "a string"),
-                                 ("tool_calls", list, "a list"),
-                                 ("reasoning_content", str, "a string")):
-            if message.get(key) is not None and not isinstance(message[key], types):
-                raise BadRequest("messages[%d].%s must be %s" % (i, key, what))
-    for key, types, what in _OPENAI_FIELDS:
-        _expect(body, key, types, what)
-    for key in ("max_tokens", "max_completion_tokens", "max_new_tokens", "n"):
-        value = body.get(key)
-        if value is not None and value < 1:
+        if content is not None and not isinstance(content, str):
+            if not isinstance(content, list):
+                raise BadRequest("messages[%d].content must be a string or a list of parts" % i)
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise BadRequest("messages[%d].content[%d] must be an object with a string "
+                                     "'type'" % (i, j))
+        if len(message) > 2:  # most messages are a role and a content, and nothing else
+            for key, value in message.items():
+                spec = _MESSAGE_FIELDS.get(key)
+                if spec is not None and value is not None and not isinstance(value, spec[0]):
+                    raise BadRequest("messages[%d].%s must be %s" % (i, key, spec[1]))
+    for key in body:  # only the fields it has (a request has a few of the many checked)
+        spec = _OPENAI_FIELD_TYPES.get(key)
+        if spec is not None and _expect(body, key, *spec) is not None and \
+                key in _POSITIVE_FIELDS and body[key] < 1:
             raise BadRequest("field %r must be a positive integer" % key)
     for i, tool in enumerate(body.get("tools") or []):
         if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
             raise BadRequest("tools[%d] must be an object with a 'function' object" % i)
     return body
+
+
+_MESSAGE_FIELDS = {"name": (str, "a string"), "tool_call_id": (str, "a string"),
+                   "tool_calls": (list, "a list"), "reasoning_content": (str, "a string")}
+_POSITIVE_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n")
 
 
 # OpenAI request fields the proxy checks (the rest pass through untouched)
@@ -3929,6 +4008,7 @@ _OPENAI_FIELDS = (
     ("top_logprobs", int, "an integer"), ("max_tokens", int, "a positive integer"),
     ("max_completion_tokens", int, "a positive integer"),
     ("max_new_tokens", int, "a positive integer"))
+_OPENAI_FIELD_TYPES = {key: (types, what) for key, types, what in _OPENAI_FIELDS}
 
 
 def openai_conversation_key(body, headers):
@@ -5758,6 +5838,10 @@ def is_json_content_type(value):
                                             media.endswith("+json"))
 
 
+STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+_PLAIN_HEADER_VALUE = re.compile(r"[ -~]*\Z")
+
+
 def header_value(text):
     """``text`` safe for a response header: printable ASCII kept, anything else %-escaped."""
     if all(" " <= ch <= "~" for ch in text):
@@ -6158,6 +6242,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self._idle = {}               # handler waiting for a request -> None, oldest first
         self._evicted = set()         # sockets of idle connections dropped to admit new ones
         self._watched = {}            # handler -> the exchange it relays (client checked)
+        self._request_ids = itertools.count(1)  # x-request-id: this run's prefix, then a count
+        self._request_prefix = "req_%s" % secrets.token_hex(4)
+        self._date = (None, "")       # (second, its HTTP Date text), for response heads
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         try:
@@ -6229,9 +6316,24 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             else:
                 self._idle.pop(handler, None)
 
+    def request_id(self):
+        """A new x-request-id: unique in this run and across runs, without a system call."""
+        return "%s%08x" % (self._request_prefix, next(self._request_ids))
+
+    def http_date(self):
+        """Now as an HTTP Date (RFC 9110 section 5.6.7), worked out once a second."""
+        now = int(time.time())
+        known = self._date
+        if known[0] != now:
+            known = self._date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                                     time.gmtime(now)))
+        return known[1]
+
     # --- deadlines and the client watch ----------------------------------------------------
     def watch(self, handler, seconds, what):
         """Close ``handler``'s connection if it is still ``what`` after ``seconds``."""
+        if seconds is None and handler not in self._deadlines:
+            return  # nothing to cancel (a dict lookup is atomic: no lock needed to ask)
         with self._gate:
             if seconds is None:
                 self._deadlines.pop(handler, None)
@@ -6341,7 +6443,8 @@ ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/complet
 
 def route_path(target):
     """The ROUTES path a request target names (prefix and aliases resolved)."""
-    path = urllib.parse.urlsplit(target).path
+    path = target if target[:1] == "/" and "?" not in target and "#" not in target \
+        else urllib.parse.urlsplit(target).path
     if path.startswith(ROUTE_PREFIX):
         path = path[len(ROUTE_PREFIX):] or "/"
     return ROUTE_ALIASES.get(path, path)
@@ -6356,12 +6459,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     timeout = None  # set per phase: header_timeout, client_idle_timeout, body_timeout
 
     def setup(self):
-        super().setup()
+        """The connection's reader and writer over the socket itself, with kernel timeouts
+        (see Timeouts) in place of Python's per-call poll."""
+        self.connection = self.request
         self.requests_served = 0
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        self.timeouts = Timeouts(self.connection)
+        self.rfile = io.BufferedReader(SocketReader(self.connection), 65536)
+        self.wfile = SocketWriter(self.connection)
 
     def handle_one_request(self):
         """Wait for a request — header_timeout for a connection's first, client_idle_timeout
@@ -6370,8 +6478,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         config = self.server.config
         self.server.set_idle(self, True)
         try:
-            self.connection.settimeout(config.client_idle_timeout if self.requests_served
-                                       else config.header_timeout)
+            self.timeouts.set(config.client_idle_timeout if self.requests_served
+                              else config.header_timeout)
             arrived = self.rfile.peek(1)
         except (OSError, ValueError):
             arrived = b""
@@ -6381,7 +6489,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.requests_served += 1
-        self.connection.settimeout(config.header_timeout)
+        self.timeouts.set(config.header_timeout)
         self.server.watch(self, config.header_timeout, "sending request headers")
         try:
             super().handle_one_request()
@@ -6463,7 +6571,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.log_access()
 
     def _begin(self):
-        self.request_id = "req_" + secrets.token_hex(8)
+        self.request_id = self.server.request_id()
         headers = getattr(self, "headers", None)  # None when the request line was bad
         self.api = "anthropic" if headers and headers.get("anthropic-version") else "openai"
         self.started = time.monotonic()
@@ -6581,7 +6689,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # --- request bodies ---------------------------------------------------------------------
     def read_body(self):
         config = self.server.config
-        self.connection.settimeout(config.body_timeout)
+        self.timeouts.set(config.body_timeout)
         self.server.watch(self, config.body_timeout, "sending the request body")
         try:
             return self._read_body(config.max_body_bytes)
@@ -6594,7 +6702,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              code="request_timeout")
         finally:
             self.server.watch(self, None, None)
-            self.connection.settimeout(None)
+            self.timeouts.set(None)
 
     def _read_body(self, limit):
         if self.body_chunked:
@@ -6654,7 +6762,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            self.connection.settimeout(self.server.config.body_timeout)
+            self.timeouts.set(self.server.config.body_timeout)
             if len(self.rfile.read(self.body_length)) < self.body_length:
                 self.close_connection = True
         except (OSError, ValueError):
@@ -6677,15 +6785,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _head(self, status, headers):
         self.response_status = status
-        phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ \
-            else "Unknown"
-        lines = ["HTTP/1.1 %d %s" % (status, phrase), "Server: " + self.server_version,
-                 "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()),
-                 "x-request-id: " + self.request_id]
-        lines.extend("%s: %s" % (k, header_value(v)) for k, v in headers.items())
+        lines = ["HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nx-request-id: %s" % (
+            status, STATUS_PHRASES.get(status, "Unknown"), self.server_version,
+            self.server.http_date(), self.request_id)]
+        for name, value in headers.items():
+            lines.append("%s: %s" % (name, value if _PLAIN_HEADER_VALUE.match(value)
+                                     else header_value(value)))
         if self.close_connection:
             lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
 
     def send_bytes(self, status, body, content_type="application/json", headers=None):
         """One complete response in a single write (no Nagle delay between head and body)."""
@@ -6758,6 +6867,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_access(self):
         """One line per request; every field from outside is escaped by the log formatter."""
+        if not log.isEnabledFor(logging.INFO):
+            return
         f = dict(self.exchange.log_fields() if self.exchange else {}, **self.log_fields)
         total = (time.monotonic() - self.started) * 1000
         first = (self.first_byte - self.started) * 1000 if self.first_byte else total
@@ -7896,6 +8007,10 @@ def setup_logging(config, verbose=False, quiet=False, stream=None):
     log.handlers[:] = []
     log.propagate = False
     log.setLevel(level)
+    # What our format never shows, logging need not work out per line (the logging HOWTO's
+    # "Optimization" section): the caller's file and line, thread and process names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -7908,9 +8023,21 @@ class EscapingFormatter(logging.Formatter):
     values and upstream texts come from outside, and a newline or an ESC sequence in them must
     not forge a line or rewrite a terminal.  (Tracebacks, ours, keep their lines.)"""
 
+    def __init__(self, fmt):
+        super().__init__(fmt)
+        self._second = (None, "")  # (second, its local time text): one strftime a second
+
     def formatMessage(self, record):
         record.message = printable(record.message)
         return super().formatMessage(record)
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        known = self._second
+        if known[0] != second:
+            known = self._second = (second, time.strftime(
+                "%Y-%m-%d %H:%M:%S", self.converter(second)))
+        return "%s,%03d" % (known[1], record.msecs)
 
 
 def open_log_file(path, formatter):

@@ -3404,6 +3404,9 @@ class StubConnection:
     def setsockopt(self, *args):
         pass
 
+    def getsockopt(self, *args):
+        raise OSError("a stub, not a socket")  # so Timeouts keeps to settimeout
+
     def shutdown(self, how):
         pass
 
@@ -3484,6 +3487,12 @@ class SocketlessServer:
 
     request_finished = request_started
 
+    def request_id(self):
+        return "req_socketless"
+
+    def http_date(self):
+        return "Mon, 23 Nov 2026 00:00:00 GMT"
+
 
 def drive(raw, server=None):
     """Run ProxyHandler over one connection's bytes; the list of (status, headers, body)."""
@@ -3491,6 +3500,7 @@ def drive(raw, server=None):
     handler.server = server or SocketlessServer()
     handler.client_address = ("127.0.0.1", 40000)
     handler.connection = StubConnection()
+    handler.timeouts = ip.Timeouts(handler.connection)
     handler.rfile = io.BufferedReader(io.BytesIO(raw))
     handler.wfile = io.BytesIO()
     handler.requests_served = 0
@@ -4961,6 +4971,7 @@ def drive_from(raw, server, address):
     handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
     handler.server, handler.client_address = server, address
     handler.connection = StubConnection()
+    handler.timeouts = ip.Timeouts(handler.connection)
     handler.rfile, handler.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
     handler.requests_served = 0
     handler.handle()
