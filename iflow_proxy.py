@@ -2231,28 +2231,39 @@ def _kernel_timeouts(sock):
 
 
 class Timeouts:
-    """The read and write timeout of one socket, set per phase (None: wait for ever)."""
+    """A socket's timeouts: reads get one per phase (set(); None waits for ever), writes one for
+    the socket's life.  With kernel timeouts (see _kernel_timeouts) a phase change is one
+    setsockopt; elsewhere Python's settimeout covers reads and writes alike."""
 
     __slots__ = ("sock", "kernel", "seconds")
 
-    def __init__(self, sock):
+    def __init__(self, sock, send=None):
         self.sock, self.seconds = sock, -1
         self.kernel = _kernel_timeouts(sock)
+        if self.kernel and send:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
 
     def set(self, seconds):
         if seconds == self.seconds:
             return
         self.seconds = seconds
-        if not self.kernel:
+        if self.kernel:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        else:
             self.sock.settimeout(seconds)
-            return
-        whole = int(seconds or 0)
-        micro = int(((seconds or 0) - whole) * 1e6)
-        if seconds and not whole and not micro:
-            micro = 1  # a zero timeval would mean "no timeout"
-        value = _TIMEVAL.pack(whole, micro)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+    def reading_done(self):
+        """No reads until the next set(): writes have no time limit from now on."""
+        if not self.kernel:
+            self.set(None)
+
+
+def _timeval(seconds):
+    whole = int(seconds or 0)
+    micro = int(((seconds or 0) - whole) * 1e6)
+    if seconds and not whole and not micro:
+        micro = 1  # a zero timeval would mean "no timeout"
+    return _TIMEVAL.pack(whole, micro)
 
 
 class SocketReader(io.RawIOBase):
@@ -2533,19 +2544,21 @@ class ConnectionPool:
 
     def acquire(self, key):
         """(connection, reused) — an idle one that is still open, else a new one."""
-        with self._lock:
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if conn.still_open():
-                    return conn, True
-                conn.close()
-        return self._connect(key), False
+        while True:
+            with self._lock:  # (the check below waits on a system call: not under the lock)
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return self._connect(key), False
+            if conn.still_open():
+                return conn, True
+            conn.close()
 
     def release(self, key, conn):
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.max_idle:
+                conn.idle_since = time.monotonic()
                 idle.append(conn)
                 return
         conn.close()
@@ -2586,7 +2599,8 @@ class ConnectionPool:
                                 % (where, getattr(e, "strerror", None) or e))
         default_port = 443 if scheme == "https" else 80
         name = "[%s]" % host if ":" in host else host
-        return UpstreamConnection(sock, name if port == default_port else "%s:%d" % (name, port))
+        return UpstreamConnection(sock, name if port == default_port else "%s:%d" % (name, port),
+                                  self.config.first_byte_timeout)
 
 
 def _close_quietly(sock):
@@ -2630,9 +2644,10 @@ class UpstreamConnection:
     a proxy taking absolute-form targets).  A request goes out in one write, head and body;
     the answer's head is read by read_status/read_headers, its body by UpstreamResponse."""
 
-    def __init__(self, sock, host):
+    def __init__(self, sock, host, send_timeout=None):
         self.sock, self.host = sock, host
-        self.timeouts = Timeouts(sock)
+        self.idle_since = 0.0  # set when it goes back to the pool
+        self.timeouts = Timeouts(sock, send_timeout)
         self.reader = io.BufferedReader(SocketReader(sock), 65536)
 
     def send(self, method, target, headers, body):
@@ -2646,7 +2661,11 @@ class UpstreamConnection:
 
     def still_open(self):
         """An idle connection whose socket is readable has been closed (or broken) by the
-        server."""
+        server.  One idle for less than a second is taken as open without asking the kernel:
+        servers end a keep-alive connection after seconds of silence, or say Connection: close
+        with their answer."""
+        if time.monotonic() - self.idle_since < 1.0:
+            return True
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
@@ -6474,7 +6493,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Wait for a request — header_timeout for a connection's first, client_idle_timeout
         between kept-alive ones, either cut short when the connection cap needs the slot —
-        then give its headers header_timeout in all."""
+        then give its headers header_timeout in all.  (Socket timeouts change only when their
+        value does: a setsockopt per request is measurable.)"""
         config = self.server.config
         self.server.set_idle(self, True)
         try:
@@ -6488,8 +6508,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not arrived:
             self.close_connection = True
             return
-        self.requests_served += 1
-        self.timeouts.set(config.header_timeout)
+        self.requests_served += 1  # the watchdog gives the headers header_timeout in all
         self.server.watch(self, config.header_timeout, "sending request headers")
         try:
             super().handle_one_request()
@@ -6540,6 +6559,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _request_version(self, version):
         """Check "HTTP/x.y" (RFC 2145: two integers, leading zeros ignored); False after a 400
         or 505."""
+        if version == "HTTP/1.1":
+            self.request_version, self.close_connection = version, False
+            return True
         numbers = version[5:].split(".") if version.startswith("HTTP/") else []
         if len(numbers) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10
                                         for n in numbers):
@@ -6702,7 +6724,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              code="request_timeout")
         finally:
             self.server.watch(self, None, None)
-            self.timeouts.set(None)
+            self.timeouts.reading_done()
 
     def _read_body(self, limit):
         if self.body_chunked:
