@@ -110,6 +110,8 @@ def stream_shape(body):
     """(chunks, seconds between them) a stream request asks for: its last message says
     "stream CHUNKS DELAY" (in the body, so that it passes through any proxy)."""
     content = (body.get("messages") or [{}])[-1].get("content")
+    if isinstance(content, list):  # content blocks (how a proxy may pass it on)
+        content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
     words = content.split() if isinstance(content, str) else []
     if len(words) == 3 and words[0] == "stream":
         return int(words[1]), float(words[2])
@@ -302,26 +304,42 @@ def streams(target, count, chunks=50, delay=0.02, anthropic=False):
             c.close()
     elapsed = run_together(one, count)
     return {"completed": len(results), "errors": len(errors), "seconds": elapsed,
+            "first_error": errors[0] if errors else None,
             "streams_per_s": len(results) / elapsed,
             "ttfb_p50_ms": percentile([r[0] for r in results], 50) * 1000 if results else None,
             "gap_p99_ms": percentile([g for r in results for g in r[1]], 99) * 1000
             if results else None}
 
 
-def vs_floor(floor, openai, anthropic, seconds):
+def stream_rate(target, seconds, anthropic=False):
+    """Streams/s of batches of 64 concurrent 50-chunk streams (no pause between chunks: what
+    relaying them costs), batch after batch for about ``seconds``."""
+    done, spent = 0, 0.0
+    while spent < seconds:
+        batch = streams(target, 64, delay=0, anthropic=anthropic)
+        if batch["errors"]:
+            raise RuntimeError("%d of 64 streams failed, first: %s" % (batch["errors"],
+                                                                       batch["first_error"]))
+        done, spent = done + batch["completed"], spent + batch["seconds"]
+    return done / spent
+
+
+def vs_floor(floor, openai, anthropic, seconds, rounds):
     """Requests/s at 16 and 64 and streams/s of 64 concurrent 50-chunk streams: the floor,
-    the proxy's OpenAI path and its Anthropic path (an Anthropic-protocol account), in turn."""
-    rows = {}
-    for conc in (16, 64):
-        rows["rps_c%d" % conc] = {
-            "floor": throughput(floor, conc, seconds)["rps"],
-            "openai": throughput(openai, conc, seconds)["rps"],
-            "anthropic": throughput(anthropic, conc, seconds, anthropic=True)["rps"]}
-    rows["streams_c64"] = {  # no pause between chunks: what relaying them costs
-        "floor": streams(floor, 64, delay=0)["streams_per_s"],
-        "openai": streams(openai, 64, delay=0)["streams_per_s"],
-        "anthropic": streams(anthropic, 64, delay=0, anthropic=True)["streams_per_s"]}
-    return rows
+    the proxy's OpenAI path and its Anthropic path (an Anthropic-protocol account), in turn,
+    ``rounds`` times; each figure is the median of its rounds."""
+    measures = {
+        "rps_c16": lambda target, anth: throughput(target, 16, seconds, anth)["rps"],
+        "rps_c64": lambda target, anth: throughput(target, 64, seconds, anth)["rps"],
+        "streams_c64": lambda target, anth: stream_rate(target, seconds, anth)}
+    samples = {key: {"floor": [], "openai": [], "anthropic": []} for key in measures}
+    for _ in range(rounds):
+        for key, measure in measures.items():
+            for name, target, anth in (("floor", floor, False), ("openai", openai, False),
+                                       ("anthropic", anthropic, True)):
+                samples[key][name].append(measure(target, anth))
+    return {key: {name: statistics.median(values) for name, values in row.items()}
+            for key, row in samples.items()}
 
 
 def rss_kb(pid):
@@ -339,7 +357,7 @@ def rss_kb(pid):
 def start_proxy(upstream_port, max_concurrency, python_flags=()):
     home = tempfile.mkdtemp(prefix="iflow-bench-")
     with open(os.path.join(home, "config.json"), "w") as f:
-        json.dump({"max_concurrency": max_concurrency, "log_level": "warning"}, f)
+        json.dump({"max_concurrency": max_concurrency}, f)  # the default log: every request
     env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_API_KEYS=KEY,
                IFLOW_API_BASE="http://127.0.0.1:%d/v1" % upstream_port)
     sock = socket.socket()
@@ -353,7 +371,7 @@ def start_proxy(upstream_port, max_concurrency, python_flags=()):
                    input=KEY + "\n", env=env, capture_output=True, text=True, check=True)
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable] + list(python_flags) +
-                            [os.path.join(HERE, "iflow_proxy.py"), "-q",
+                            [os.path.join(HERE, "iflow_proxy.py"),
                              "serve", "--port", str(port)], env=env,
                             stderr=subprocess.DEVNULL)
     while True:
@@ -433,7 +451,8 @@ def main(argv=None):
         r["anthropic_rps_c16"] = {name: throughput(t, 16, seconds, anthropic=True)
                                   for name, t in (("direct", (up_port, "/anthropic")),
                                                   ("proxy", (px_port, "")))}
-        r["vs_floor"] = vs_floor(floor_target, through, (px_port, ""), seconds)
+        r["vs_floor"] = vs_floor(floor_target, through, (px_port, ""), seconds,
+                                 1 if args.quick else 3)
         r["proxy_rss_kb"] = dict(zip(("current", "peak"), rss_kb(proxy.pid)))
     finally:
         for p in proxies + [upstream]:

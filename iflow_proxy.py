@@ -2659,6 +2659,13 @@ class UpstreamConnection:
         head.append("Content-Length: %d\r\n\r\n" % len(body or b""))
         send_all(self.sock, "\r\n".join(head).encode("latin-1") + (body or b""))
 
+    def abort(self):
+        """Cut it now, from any thread: whoever waits on it wakes to an error."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def still_open(self):
         """An idle connection whose socket is readable has been closed (or broken) by the
         server.  One idle for less than a second is taken as open without asking the kernel:
@@ -2704,6 +2711,7 @@ class UpstreamResponse:
         version, status, _reason, headers = head
         self._pool, self._key, self._conn = pool, key, conn
         self.status, self.headers, self.idle_timeout = status, headers, idle_timeout
+        self._lock = threading.Lock()  # abort() from another thread vs. the pool taking it back
         self.trace_id = headers.get("eagleeye-traceid", "") or ""
         self.content_type = (headers.get("content-type", "") or "").lower()
         self.closed = False
@@ -2791,9 +2799,10 @@ class UpstreamResponse:
 
     def finish(self):
         """Return the connection to the pool if the response was read to its end."""
-        if self.closed:
-            return
-        self.closed = True
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
         if self._reusable and self._left == 0:
             self._pool.release(self._key, self._conn)
         else:
@@ -2801,9 +2810,18 @@ class UpstreamResponse:
 
     def close(self):
         """Drop the connection (a half-read response must never go back to the pool)."""
-        if not self.closed:
+        with self._lock:
+            if self.closed:
+                return
             self.closed = True
-            self._conn.close()
+        self._conn.close()
+
+    def abort(self):
+        """Cut the connection now, from any thread, unless it went back to the pool (where it
+        is no longer this answer's to cut)."""
+        with self._lock:
+            if not self.closed:
+                self._conn.abort()
 
 
 class UpstreamClient:
@@ -2816,8 +2834,9 @@ class UpstreamClient:
     def open(self, method, url, headers, body=None, watch=None):
         """Send a request and return the UpstreamResponse once its head arrived.
 
-        ``watch(connection)`` is told each connection used, so that another thread can cut
-        it (a client that left, a proxy that is stopping) while this one waits on it.
+        ``watch(target)`` is told each connection used, then the response, so that another
+        thread can cut it (a client that left, a proxy that is stopping) with target.abort()
+        while this one waits on it.
         """
         key, target, extra = self.pool.route(url)
         if extra:
@@ -2851,7 +2870,10 @@ class UpstreamClient:
             raise UpstreamError("transient", "upstream closed the connection without answering "
                                 "(%s)" % e.__class__.__name__)
         conn.timeouts.set(self.config.idle_timeout)
-        return UpstreamResponse(self.pool, key, conn, head, self.config.idle_timeout, method)
+        response = UpstreamResponse(self.pool, key, conn, head, self.config.idle_timeout, method)
+        if watch is not None:
+            watch(response)
+        return response
 
     def close(self):
         self.pool.close_all()
@@ -5099,7 +5121,7 @@ class ChatExchange:
         self.error = None          # what went wrong after the answer began
         self.abort_reason = None
         self.started = time.monotonic()
-        self._connection = None    # the upstream connection in use (abort() cuts it)
+        self._connection = None    # the upstream connection, then response, in use (abort())
         self._closed = self._released = False
 
     # --- opening ---------------------------------------------------------------------------
@@ -5293,13 +5315,9 @@ class ChatExchange:
     def abort(self, reason):
         """Cut the upstream connection now, from any thread (client gone, proxy stopping)."""
         self.abort_reason = reason
-        connection = self._connection
-        sock = getattr(connection, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        target = self._connection
+        if target is not None:
+            target.abort()
 
     def fail(self, error):
         """Note a failure after the answer began (the relay reports it to the client)."""

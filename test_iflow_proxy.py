@@ -4781,6 +4781,29 @@ def test_upstream_answer_heads_are_read_by_the_same_parser(raw):
         upstream_answer(raw)
 
 
+def test_an_answer_back_in_the_pool_is_not_cut_by_a_late_abort():
+    """A client that leaves after its answer was read whole must not cut the connection that
+    went back to the pool: another exchange may be using it by then (this cut streams in two
+    under load)."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    conn, pool = ip.UpstreamConnection(ours, "up.example"), RecordingPool()
+    response = ip.UpstreamResponse(pool, "key", conn, ip.read_status(conn.reader), 5)
+    assert response.read_all() == b"ok" and pool.released == [conn]
+    response.abort()
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):  # no end of file: the connection was left alone
+        theirs.recv(1)
+    theirs.setblocking(True)
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    response = ip.UpstreamResponse(pool, "key", conn, ip.read_status(conn.reader), 5)
+    response.abort()  # one still being read is cut
+    theirs.settimeout(5)
+    assert theirs.recv(10) == b""
+    conn.close()
+    theirs.close()
+
+
 def test_upstream_request_goes_out_in_one_write_and_refuses_header_injection():
     ours, theirs = socket.socketpair()
     conn = ip.UpstreamConnection(ours, "up.example:8080")
