@@ -2341,8 +2341,8 @@ class Headers:
         self._index = index
 
     def get(self, name, default=None):
-        """The first value of field ``name`` (any case; lower case is looked up fastest)."""
-        values = self._index.get(name) or self._index.get(name.lower())
+        """The first value of field ``name`` (any case)."""
+        values = self._index.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name, default=None):
@@ -4330,6 +4330,20 @@ def has_images(openai_body):
     return any(isinstance(m.get("content"), list) and
                any(p.get("type") == "image_url" for p in m["content"])
                for m in openai_body["messages"])
+
+
+def anthropic_has_images(body):
+    """Whether an Anthropic request holds an image, in a message or a tool result (asked
+    before translating it: most hold none)."""
+    for message in body["messages"]:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else ():
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "image" or kind == "tool_result" and isinstance(
+                    block.get("content"), list) and any(
+                    isinstance(b, dict) and b.get("type") == "image" for b in block["content"]):
+                return True
+    return False
 
 
 def is_vision_model(model, patterns):
@@ -6987,12 +7001,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                    self.is_background(request["model"]), self.client_name())
         chat_request.size = self.body_size
         conversation = anthropic_conversation_key(request, self.headers)
-        body = chat_request.openai()
-        if has_images(body) and not is_vision_model(model, config.vision_models):
+        if anthropic_has_images(request) and not is_vision_model(model, config.vision_models):
             if not config.describe_images:
                 raise BadRequest("model %s cannot see images and describe_images is off; use a "
                                  "vision model such as %s" % (model, config.vision_model))
-            chat.describe_images(body, conversation)
+            chat.describe_images(chat_request.openai(), conversation)
         exchange = chat.exchange(chat_request, conversation, cancelled=self.has_left)
         self.relay(exchange, lambda ex: self.write_anthropic(ex, request))
 
