@@ -2648,7 +2648,7 @@ class UpstreamConnection:
         self.sock, self.host = sock, host
         self.idle_since = 0.0  # set when it goes back to the pool
         self.timeouts = Timeouts(sock, send_timeout)
-        self.reader = io.BufferedReader(SocketReader(sock), 65536)
+        self.reader = io.BufferedReader(SocketReader(sock))
 
     def send(self, method, target, headers, body):
         if _BAD_OUTGOING.search("".join(headers.values())):
@@ -6519,7 +6519,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.timeouts = Timeouts(self.connection)
-        self.rfile = io.BufferedReader(SocketReader(self.connection), 65536)
+        self.rfile = io.BufferedReader(SocketReader(self.connection))
         self.wfile = SocketWriter(self.connection)
 
     def handle_one_request(self):
@@ -7410,7 +7410,11 @@ def cmd_serve(args, config):
     if not accounts:
         log.warning("no account yet: run `python iflow_proxy.py login` (or `login --api-key`) "
                     "in another shell; the server picks it up without a restart")
-
+    # Run as a script, CPython keeps the file's whole syntax tree (some 17 MB here) until the
+    # script's own code returns.  So on POSIX the server runs in a thread of its own and main()
+    # returns: the interpreter frees the tree, then waits for that thread, and the signal
+    # handlers below still run in the main thread while it waits.
+    elsewhere = getattr(args, "script", False) and os.name == "posix"
     signals = []
 
     def stop(signum, frame):
@@ -7420,15 +7424,31 @@ def cmd_serve(args, config):
             os._exit(1)
         log.warning("signal %d: no new connections; letting in-flight requests finish "
                     "(up to %gs; a second signal exits at once)", signum, config.shutdown_grace)
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        if elsewhere:
+            server.shutdown()  # waits for the serving thread's loop to end
+        else:
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
     for signame in ("SIGINT", "SIGTERM"):
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), stop)
     server.start_background()
+    if not elsewhere:
+        release_free_memory()
+        return serve_until_stopped(server, config)
+    threading.Thread(target=serve_until_stopped, args=(server, config, True),
+                     name="serve").start()
+    return 0
+
+
+def serve_until_stopped(server, config, detached=False):
+    """Serve until shutdown(), let in-flight requests finish, clean up; the exit code."""
     run_file = os.path.join(config.home, "run.json")  # how `status` finds this server
     atomic_write_json(run_file, {"url": server.url, "pid": os.getpid(),
                                  "started": now_rfc3339()})
+    if detached:
+        time.sleep(0.05)  # (main() returning frees the syntax tree meanwhile)
+        release_free_memory()
     try:
         server.serve_forever()
         server.socket.close()  # stop accepting while the in-flight requests finish
@@ -7436,6 +7456,11 @@ def cmd_serve(args, config):
             log.warning("%d request(s) still running after %gs; closing them",
                         server.active_requests, config.shutdown_grace)
             server.stop_streams()
+    except Exception:
+        if not detached:
+            raise
+        log.exception("the server failed")
+        os._exit(1)
     finally:
         server.server_close()  # saves usage figures
         try:
@@ -7444,6 +7469,19 @@ def cmd_serve(args, config):
             pass
     log.warning("stopped")
     return 0
+
+
+def release_free_memory():
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim).  Compiling this
+    file at start-up takes about 20 MB that Python frees at once but the C library keeps;
+    a long-running server need not hold them.  A no-op where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (ImportError, OSError, AttributeError):  # musl, no ctypes: nothing to give back
+        pass
 
 
 def read_cookie(stdin):
@@ -8133,8 +8171,9 @@ def split_claude_argv(argv):
     return ours, theirs[1:] if theirs[:1] == ["--"] else theirs
 
 
-def main(argv=None, stdin=None, stdout=None, stderr=None, env=None):
-    """Run one CLI command; returns the exit code (0 ok, 1 runtime failure, 2 bad input)."""
+def main(argv=None, stdin=None, stdout=None, stderr=None, env=None, script=False):
+    """Run one CLI command; returns the exit code (0 ok, 1 runtime failure, 2 bad input).
+    ``script``: this file runs as a script (see cmd_serve)."""
     stderr = stderr or sys.stderr
     ours, claude_args = split_claude_argv(sys.argv[1:] if argv is None else argv)
     try:
@@ -8149,6 +8188,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None):
     args.stdin = stdin if stdin is not None else sys.stdin
     args.stdout = stdout or sys.stdout
     args.env = os.environ if env is None else env
+    args.script = script
     flags = {key: getattr(args, key, None)
              for key in ("host", "port", "client_keys", "client_keys_file", "log_file",
                          "log_level")}
@@ -8175,4 +8215,4 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(script=True))
