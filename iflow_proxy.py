@@ -5136,7 +5136,7 @@ class ChatExchange:
         self.abort_reason = None
         self.started = time.monotonic()
         self._connection = None    # the upstream connection, then response, in use (abort())
-        self._closed = self._released = False
+        self._closed = self._released = self._settled = False
 
     # --- opening ---------------------------------------------------------------------------
     def open(self):
@@ -5176,8 +5176,8 @@ class ChatExchange:
                 self.answer = self._try_account(account, [model] + ([fallback] if fallback
                                                                     else []))
                 self.service.opened(self)
-                if self.answer.payload is not None:  # read whole: the account is free again
-                    self._release()
+                if self.answer.payload is not None:  # read whole: settled before it is written
+                    self._settle()
                 return self
             except UpstreamError as e:
                 if self.cancelled is not None and self.cancelled():
@@ -5345,7 +5345,13 @@ class ChatExchange:
         self._closed = True
         if self.answer is not None:
             self.answer.close()
-        if self.account is not None:
+        self._settle()
+
+    def _settle(self):
+        """Free the account and record the outcome, once: as soon as a JSON answer was read
+        whole (so a client's next request already sees this one counted), else at close()."""
+        if self.account is not None and not self._settled:
+            self._settled = True
             self.service.closed(self)
             self._release()
             if self.request.api == "anthropic" and self.usage and not self.error:
