@@ -44,8 +44,7 @@ import hashlib
 import hmac
 import io
 import itertools
-import http.client
-import http.server
+import http
 import ipaddress
 import json
 import logging
@@ -1471,6 +1470,7 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
         headers["Content-Type"] = "application/json"
     headers.setdefault("Accept", "application/json")
     headers.setdefault("User-Agent", "iflow-proxy/" + __version__)
+    import http.client
     from urllib import error as url_error, request as url_request
     proxy = select_proxy(url, config.proxy, env)
     context = ssl.create_default_context()
@@ -1662,6 +1662,7 @@ class CallbackListener:
     """A one-shot OAuth redirect listener on 127.0.0.1: checks ``state``, takes one code."""
 
     def __init__(self, port, state, events):
+        import http.server
         listener = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -6273,12 +6274,13 @@ def peer_closed(sock):
         return True
 
 
-class ProxyServer(http.server.ThreadingHTTPServer):
+class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """The listening socket and its connections: the cap, deadlines, idle connections, the
     watch on clients whose answer is being relayed, and the lifecycle.  Chat work goes to
     ``self.chat`` (a ChatService); HTTP in and out is ProxyHandler's."""
 
     daemon_threads = True
+    allow_reuse_address = True  # restart at once on the same port (as http.server does)
     request_queue_size = 512  # socketserver's 5 resets bursts of connecting clients
 
     def __init__(self, config, **chat_options):
@@ -6507,13 +6509,14 @@ def route_path(target):
     return ROUTE_ALIASES.get(path, path)
 
 
-class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """One client connection: parse → check → translate → exchange → write, per request."""
+class ProxyHandler(socketserver.StreamRequestHandler):
+    """One client connection: parse → check → translate → exchange → write, per request.
+    (http.server's request loop, without its dependencies: the email package, http.client.)"""
 
     protocol_version = "HTTP/1.1"
     server_version = "iflow-proxy/" + __version__
-    sys_version = ""
-    timeout = None  # set per phase: header_timeout, client_idle_timeout, body_timeout
+    default_request_version = "HTTP/0.9"
+    METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"))
 
     def setup(self):
         """The connection's reader and writer over the socket itself, with kernel timeouts
@@ -6549,11 +6552,48 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.requests_served += 1  # the watchdog gives the headers header_timeout in all
         self.server.watch(self, config.header_timeout, "sending request headers")
         try:
-            super().handle_one_request()
+            self._read_request()
         except (OSError, ValueError):  # cut by the watchdog, or the client vanished
             self.close_connection = True
         finally:
             self.server.watch(self, None, None)
+
+    def handle(self):
+        """Requests on this connection until one closes it."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def _read_request(self):
+        """The request line, then parse_request, then dispatch (as http.server does)."""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", "", ""
+                self.send_error(414)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            if self.command not in self.METHODS:
+                self.send_error(501, "Unsupported method (%r)" % self.command[:50])
+                return
+            self.dispatch()
+        except socket.timeout:
+            log.debug("%s: request timed out", self.client_address[0])
+            self.close_connection = True
+
+    def handle_expect_100(self):
+        """The interim answer a client that sent Expect: 100-continue waits for."""
+        try:
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
 
     def finish(self):
         try:
@@ -6611,12 +6651,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.request_version = version
         self.close_connection = (int(numbers[0]), int(numbers[1])) < (1, 1)
         return True
-
-    # Every method goes through dispatch, so unknown ones get a JSON 405 rather than HTML 501.
-    def do_GET(self):
-        self.dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
     def dispatch(self):
         self.server.watch(self, None, None)  # headers are in; the body has its own deadline
@@ -6923,7 +6957,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # --- logging ----------------------------------------------------------------------------
     def log_message(self, format, *args):  # http.server's own messages
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.client_address[0], format % args)
 
     def log_access(self):
         """One line per request; every field from outside is escaped by the log formatter."""
@@ -7452,9 +7486,10 @@ def serve_until_stopped(server, config, detached=False):
     run_file = os.path.join(config.home, "run.json")  # how `status` finds this server
     atomic_write_json(run_file, {"url": server.url, "pid": os.getpid(),
                                  "started": now_rfc3339()})
-    if detached:
-        time.sleep(0.05)  # (main() returning frees the syntax tree meanwhile)
-        release_free_memory()
+    if detached:  # once main() has returned and the syntax tree is gone
+        trim = threading.Timer(0.5, release_free_memory)
+        trim.daemon = True
+        trim.start()
     try:
         server.serve_forever()
         server.socket.close()  # stop accepting while the in-flight requests finish

@@ -3534,6 +3534,27 @@ def test_socketless_keep_alive_chat_and_models():
     assert json.loads(replies[0][2])["choices"][0]["message"]["content"] == "ok"
 
 
+def test_socketless_request_line_edge_cases():
+    """The request loop (ours, not http.server's): an over-long request line is 414, an
+    unknown method 405 in JSON, Expect: 100-continue gets its interim answer first."""
+    status, headers, body = drive(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")[0]
+    assert status == 414 and headers["Connection"] == "close" and json.loads(body)["error"]
+    status, _, body = drive(b"BREW /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0]
+    assert status == 405 and "BREW" in json.loads(body)["error"]["message"]
+    handler_bytes = req("POST", "/v1/chat/completions", json.dumps(CHAT).encode(),
+                        Expect="100-continue")
+    server = SocketlessServer()
+    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
+    handler.server, handler.client_address = server, ("127.0.0.1", 40000)
+    handler.connection = StubConnection()
+    handler.timeouts = ip.Timeouts(handler.connection)
+    handler.rfile, handler.wfile = io.BufferedReader(io.BytesIO(handler_bytes)), io.BytesIO()
+    handler.requests_served = 0
+    handler.handle()
+    out = handler.wfile.getvalue()
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+
+
 def test_early_errors_never_leave_the_body_to_be_read_as_a_request():
     """After a 404/405/401 the unread body used to be parsed as the next request (desync)."""
     body = json.dumps(dict(CHAT, input="x" * 500)).encode()
