@@ -480,6 +480,64 @@ def printable(text):
                             else "\\u%04x" % ord(m.group()), text)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+class EscapingFormatter(logging.Formatter):
+    """Every log message with control characters escaped: request paths, model names, header
+    values and upstream texts come from outside, and a newline or an ESC sequence in them must
+    not forge a line or rewrite a terminal.  (Tracebacks, ours, keep their lines.)"""
+
+    def __init__(self, fmt=LOG_FORMAT):
+        super().__init__(fmt)
+        self._second = (None, "")  # (second, its local time text): one strftime a second
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatTime(self, record, datefmt=None):
+        return self._time(record.created)
+
+    def _time(self, created):
+        second = int(created)
+        known = self._second
+        if known[0] != second:
+            known = self._second = (second, time.strftime(
+                "%Y-%m-%d %H:%M:%S", self.converter(second)))
+        return "%s,%03d" % (known[1], (created - second) * 1000)
+
+    def info_line(self, message):
+        """The text format() gives an INFO record of ``message`` (LOG_FORMAT), without the
+        record; None for another format."""
+        if self._fmt != LOG_FORMAT:
+            return None
+        return "%s INFO %s" % (self._time(time.time()), printable(message))
+
+
+def log_info_line(logger, message):
+    """``logger.info("%s", message)`` as its handlers would write it, at a fraction of the
+    cost: no LogRecord (its caller, thread and process looked up), one clock read.  The access
+    log writes a line per request; handlers other than our own streams get the record."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handlers = logger.handlers
+    if logger.filters or not handlers or not all(
+            type(h) in (logging.StreamHandler, logging.FileHandler) and not h.filters and
+            h.level <= logging.INFO and isinstance(h.formatter, EscapingFormatter) and
+            h.formatter._fmt == LOG_FORMAT for h in handlers):
+        logger.info("%s", message)
+        return
+    for handler in handlers:
+        text = handler.formatter.info_line(message) + handler.terminator
+        with handler.lock:
+            try:
+                handler.stream.write(text)
+                handler.stream.flush()
+            except (OSError, ValueError):  # a closed or broken log stream: as logging, go on
+                pass
+
+
 # ==================================================================================================
 # Config: flags > environment > config.json > defaults, validated into one frozen Config
 # ==================================================================================================
@@ -5246,7 +5304,8 @@ class ChatExchange:
                                        self.effort, limit)
             if preset is not None and "reasoning_passback" in preset.quirks:
                 body["messages"] = service.reasoning.restore(body["messages"])
-            session, conversation = conversation_ids(account.id, self.conversation)
+            session, conversation = service.session_ids(account.id, self.conversation) \
+                if account.signing else ("", "")  # only iFlow's signed requests carry them
             url = base + "/chat/completions"
             headers = upstream_headers(account, config, session, conversation,
                                        clock=service.clock)
@@ -5621,9 +5680,23 @@ class ChatService:
         self.calibration = TokenCalibration(self.usage.extra.get("calibration"))
         self._lock = threading.Lock()
         self._open = set()          # exchanges relaying an answer (stopped at shutdown)
+        self._sessions = {}         # (account id, conversation) -> conversation_ids (bounded)
 
     def exchange(self, request, conversation, cancelled=None):
         return ChatExchange(self, request, conversation, cancelled)
+
+    def session_ids(self, account_id, conversation):
+        """conversation_ids(), remembered for the latest 4,096 conversations (two hashes a
+        request otherwise)."""
+        key = (account_id, conversation)
+        ids = self._sessions.get(key)
+        if ids is None:
+            ids = conversation_ids(account_id, conversation)
+            if conversation:  # without one the ids are random: never asked for again
+                self._sessions[key] = ids
+                if len(self._sessions) > 4096:
+                    self._sessions.pop(next(iter(self._sessions)), None)
+        return ids
 
     def prompt_tokens(self, request, model):
         """The request's size in tokens, as the model's upstream has been seen to count."""
@@ -6500,10 +6573,15 @@ ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/complet
                  "/messages/count_tokens": "/v1/messages/count_tokens"}
 
 
+def route_target(target):
+    """The path of a request target (origin form is the usual one: no parsing needed)."""
+    return target if target[:1] == "/" and "?" not in target and "#" not in target \
+        else urllib.parse.urlsplit(target).path
+
+
 def route_path(target):
     """The ROUTES path a request target names (prefix and aliases resolved)."""
-    path = target if target[:1] == "/" and "?" not in target and "#" not in target \
-        else urllib.parse.urlsplit(target).path
+    path = route_target(target)
     if path.startswith(ROUTE_PREFIX):
         path = path[len(ROUTE_PREFIX):] or "/"
     return ROUTE_ALIASES.get(path, path)
@@ -6970,13 +7048,13 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         if f.get("model_sent") and f["model_sent"] != model:
             model += " -> " + f["model_sent"]
         usage = f.get("usage") or {}
-        log.info("%s %s %s %s %s model=%s account=%s attempts=%s status=%s first_byte=%.0fms "
-                 "total=%.0fms tokens=%s/%s%s", self.request_id, self.api, self.command,
-                 urllib.parse.urlsplit(self.path).path[:300], self.client_address[0],
-                 model[:300] or "-", f.get("account") or "-", f.get("attempts", 0),
-                 self.response_status or "-", first, total, usage.get("prompt_tokens", "-"),
-                 usage.get("completion_tokens", "-"),
-                 " error=%r" % f["error"][:200] if f.get("error") else "")
+        log_info_line(log, "%s %s %s %s %s model=%s account=%s attempts=%s status=%s "
+                      "first_byte=%.0fms total=%.0fms tokens=%s/%s%s" % (
+                          self.request_id, self.api, self.command, route_target(self.path)[:300],
+                          self.client_address[0], model[:300] or "-", f.get("account") or "-",
+                          f.get("attempts", 0), self.response_status or "-", first, total,
+                          usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"),
+                          " error=%r" % f["error"][:200] if f.get("error") else ""))
 
     # --- endpoints --------------------------------------------------------------------------
     def handle_healthz(self):
@@ -8144,32 +8222,10 @@ def setup_logging(config, verbose=False, quiet=False, stream=None):
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(EscapingFormatter())
     log.addHandler(handler)
     if config.log_file:
         log.addHandler(open_log_file(config.log_file, handler.formatter))
-
-
-class EscapingFormatter(logging.Formatter):
-    """Every log message with control characters escaped: request paths, model names, header
-    values and upstream texts come from outside, and a newline or an ESC sequence in them must
-    not forge a line or rewrite a terminal.  (Tracebacks, ours, keep their lines.)"""
-
-    def __init__(self, fmt):
-        super().__init__(fmt)
-        self._second = (None, "")  # (second, its local time text): one strftime a second
-
-    def formatMessage(self, record):
-        record.message = printable(record.message)
-        return super().formatMessage(record)
-
-    def formatTime(self, record, datefmt=None):
-        second = int(record.created)
-        known = self._second
-        if known[0] != second:
-            known = self._second = (second, time.strftime(
-                "%Y-%m-%d %H:%M:%S", self.converter(second)))
-        return "%s,%03d" % (known[1], record.msecs)
 
 
 def open_log_file(path, formatter):

@@ -3669,6 +3669,33 @@ def test_access_log_escapes_control_characters(caplog):
     assert "\x85" not in written and len(written.strip().splitlines()) >= 2
 
 
+def test_access_line_fast_path_writes_what_logging_would():
+    """log_info_line skips the LogRecord, not a character of the line: the same text as
+    logger.info through the same formatter, control characters escaped, nothing when the level
+    is above INFO, and a plain logger.info for handlers it does not know."""
+    logger = logging.getLogger("iflow-proxy-test-fast-path")
+    logger.propagate, stream = False, io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ip.EscapingFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        ip.log_info_line(logger, "GET /x\x1b[2J\nforged \u2028")
+        logger.info("%s", "GET /x\x1b[2J\nforged \u2028")
+        fast, slow = stream.getvalue().split("\n")[:2]
+        assert fast.split(" ", 2)[2] == slow.split(" ", 2)[2]
+        assert fast.split(" ", 2)[2].startswith("INFO GET /x\\x1b[2J\\x0aforged ")
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", fast)
+        handler.setFormatter(ip.EscapingFormatter("%(levelname)s|%(message)s"))
+        ip.log_info_line(logger, "other format")
+        assert stream.getvalue().split("\n")[-2] == "INFO|other format"
+        logger.setLevel(logging.WARNING)
+        ip.log_info_line(logger, "quiet")
+        assert "quiet" not in stream.getvalue()
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_client_key_compares_the_bytes_that_were_sent():
     server = SocketlessServer(client_keys=("ключ-секрет",))
     raw = req("GET", "/status").replace(b"\r\n\r\n", b"\r\nx-api-key: " +
