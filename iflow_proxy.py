@@ -5681,6 +5681,7 @@ class ChatService:
         self._lock = threading.Lock()
         self._open = set()          # exchanges relaying an answer (stopped at shutdown)
         self._sessions = {}         # (account id, conversation) -> conversation_ids (bounded)
+        self._families = (None, {})  # (accounts, claude_families of them)
 
     def exchange(self, request, conversation, cancelled=None):
         return ChatExchange(self, request, conversation, cancelled)
@@ -5706,8 +5707,13 @@ class ChatService:
         self.config = self.router.config = self.catalog.config = self.refresher.config = config
 
     def claude_defaults(self):
-        """Claude family -> model for the accounts configured now (see claude_families)."""
-        return claude_families(self.router.all_accounts(), {})
+        """Claude family -> model for the accounts configured now (see claude_families),
+        worked out again only when the accounts change."""
+        accounts = self.router.all_accounts()
+        known = self._families
+        if known[0] is not accounts:
+            known = self._families = (accounts, claude_families(accounts, {}))
+        return dict(known[1])
 
     def output_limit(self, account, model):
         """The largest output this account's model allows (learnt from upstream, else the
@@ -6297,6 +6303,7 @@ class BodyBudget:
     def __init__(self, limit):
         self.limit, self.held = limit, 0
         self._cond = threading.Condition()
+        self._waiting = 0  # takers waiting for room (only they need waking)
 
     def take(self, size, timeout=5.0):
         """Reserve ``size`` bytes, waiting up to ``timeout`` for others to finish; True if so."""
@@ -6308,7 +6315,11 @@ class BodyBudget:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
             self.held += size
             return True
 
@@ -6316,7 +6327,8 @@ class BodyBudget:
         if self.limit and size > 0:
             with self._cond:
                 self.held -= size
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
 
 def _readable(socks):
@@ -7175,16 +7187,17 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         translated from an OpenAI one (pinging in silences either way)."""
         headers = {"x-iflow-proxy-model": exchange.model}
         stops = request.get("stop_sequences") or ()
-        estimate = self.server.chat.prompt_tokens(exchange.request, exchange.model)
+        relayed = exchange.protocol == "anthropic"  # else translated, with a token estimate
+        estimate = None if relayed else \
+            self.server.chat.prompt_tokens(exchange.request, exchange.model)
         if not exchange.stream:
-            if exchange.protocol == "anthropic":
+            if relayed:
                 self.send_bytes(200, exchange.answer.raw, headers=headers)
             else:
                 self.send_json(200, openai_to_anthropic(exchange.answer.payload, request["model"],
                                                         stops, estimate), headers)
             return
-        translator = AnthropicStream(request["model"], estimate, stops) \
-            if exchange.protocol != "anthropic" else None
+        translator = None if relayed else AnthropicStream(request["model"], estimate, stops)
         lock = threading.Lock()
         self.start_stream(headers)
         with Heartbeat(self, self.server.config.ping_interval, lock):
