@@ -16,7 +16,7 @@ machine.  Measurements run interleaved, so every row sees the same machine state
 - requests/s at concurrency 16 and 64 (non-stream), 64 concurrent streams (all must complete);
 - against the floor, as ratios: requests/s at 16 and 64 and streams/s of batches of 64
   concurrent 50-chunk streams, for the OpenAI path (/v1/chat/completions) and the Anthropic
-  path (/v1/messages to an Anthropic-protocol upstream), the median of three rounds;
+  path (/v1/messages to an Anthropic-protocol upstream): medians of interleaved rounds;
 - the proxy's RSS while serving (sampled) and with its start-up, and its start-up time to the
   first healthy response;
 - separately, the cost of the per-account queue (max_concurrency 1, one account).
@@ -331,8 +331,9 @@ def stream_rate(target, seconds, anthropic=False):
 
 def vs_floor(floor, openai, anthropic, seconds, rounds):
     """Requests/s at 16 and 64 and streams/s of 64 concurrent 50-chunk streams: the floor,
-    the proxy's OpenAI path and its Anthropic path (an Anthropic-protocol account), in turn,
-    ``rounds`` times; each figure is the median of its rounds."""
+    the proxy's OpenAI path and its Anthropic path (an Anthropic-protocol account), one after
+    the other, ``rounds`` times.  Each figure is the median of its rounds, each ratio the
+    median of the rounds' own ratios (a round's three rows see the same machine state)."""
     measures = {
         "rps_c16": lambda target, anth: throughput(target, 16, seconds, anth)["rps"],
         "rps_c64": lambda target, anth: throughput(target, 64, seconds, anth)["rps"],
@@ -343,20 +344,14 @@ def vs_floor(floor, openai, anthropic, seconds, rounds):
             for name, target, anth in (("floor", floor, False), ("openai", openai, False),
                                        ("anthropic", anthropic, True)):
                 samples[key][name].append(measure(target, anth))
-    return {key: {name: statistics.median(values) for name, values in row.items()}
-            for key, row in samples.items()}
-
-
-def rss_kb(pid):
-    """(current, peak) resident set size of a process in KiB."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-    except OSError:
-        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
-                             text=True).stdout.strip()
-        return int(out or 0), int(out or 0)
+    rows = {}
+    for key, row in samples.items():
+        rows[key] = {name: statistics.median(values) for name, values in row.items()}
+        for name in ("openai", "anthropic"):
+            rows[key][name + "_ratio"] = statistics.median(
+                path / floor for path, floor in zip(row[name], row["floor"]))
+        rows[key]["rounds"] = row
+    return rows
 
 
 class RssSampler:
@@ -478,8 +473,8 @@ def main(argv=None):
         r["anthropic_rps_c16"] = {name: throughput(t, 16, seconds, anthropic=True)
                                   for name, t in (("direct", (up_port, "/anthropic")),
                                                   ("proxy", (px_port, "")))}
-        r["vs_floor"] = vs_floor(floor_target, through, (px_port, ""), seconds,
-                                 1 if args.quick else 3)
+        r["vs_floor"] = vs_floor(floor_target, through, (px_port, ""), 1.0 if args.quick
+                                 else 2.0, 3 if args.quick else 7)
         r["proxy_rss_kb"] = dict(zip(("current", "peak"), rss_kb(proxy.pid)),
                                  serving_peak=sampler.stop())
     finally:
@@ -528,8 +523,8 @@ def main(argv=None):
                       ("streams_c64", "64 x 50-chunk streams/s")):
         row = r["vs_floor"][key]
         print("%-38s %10.1f %10.1f (x%.2f) %10.1f (x%.2f)" % (
-            name, row["floor"], row["openai"], row["openai"] / row["floor"], row["anthropic"],
-            row["anthropic"] / row["floor"]))
+            name, row["floor"], row["openai"], row["openai_ratio"], row["anthropic"],
+            row["anthropic_ratio"]))
     print()
     print("%-38s %12s %12.1f" % ("proxy peak RSS while serving (MB)", "",
                                   r["proxy_rss_kb"]["serving_peak"] / 1024.0))

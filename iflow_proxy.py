@@ -2708,6 +2708,30 @@ class UpstreamConnection:
         self.idle_since = 0.0  # set when it goes back to the pool
         self.timeouts = Timeouts(sock, send_timeout)
         self.reader = io.BufferedReader(SocketReader(sock))
+        self.step = None  # every read's own timeout (see expect)
+
+    def expect(self, first_byte, idle):
+        """Reads wait at most the smaller of upstream's two timeouts, set once: changing a
+        socket's timeout twice per request costs a system call each, with the GIL held.
+        wait() stretches a wait to the larger one."""
+        self.step = min(first_byte, idle)
+        self.timeouts.set(self.step)
+
+    def wait(self, seconds):
+        """Until a byte (or the end) is there to read, up to ``seconds``, else socket.timeout.
+        A wait no longer than ``step`` is left to the read itself."""
+        if self.step is None or seconds <= self.step:
+            return
+        try:
+            self.reader.peek(1)
+            return
+        except socket.timeout:  # rare and slow already: a system call or two more is nothing
+            pass
+        self.timeouts.set(seconds - self.step)
+        try:
+            self.reader.peek(1)
+        finally:
+            self.timeouts.set(self.step)
 
     def send(self, method, target, headers, body):
         if _BAD_OUTGOING.search("".join(headers.values())):
@@ -2800,6 +2824,8 @@ class UpstreamResponse:
         if self.closed:
             return b""
         try:
+            if self._chunked or self._left != 0:  # more to come: wait up to idle_timeout
+                self._conn.wait(self.idle_timeout)
             data = self._read_chunk() if self._chunked else self._read_plain()
         except socket.timeout:
             self.close()
@@ -2905,7 +2931,7 @@ class UpstreamClient:
             if watch is not None:
                 watch(conn)
             try:
-                conn.timeouts.set(self.config.first_byte_timeout)
+                conn.expect(self.config.first_byte_timeout, self.config.idle_timeout)
                 conn.send(method, target, headers, body)
                 break
             except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
@@ -2919,6 +2945,7 @@ class UpstreamClient:
                 conn.close()
                 raise UpstreamError("transient", "cannot send upstream: %s" % e)
         try:
+            conn.wait(self.config.first_byte_timeout)
             head = read_status(conn.reader)
         except socket.timeout:
             conn.close()
@@ -2928,7 +2955,6 @@ class UpstreamClient:
             conn.close()
             raise UpstreamError("transient", "upstream closed the connection without answering "
                                 "(%s)" % e.__class__.__name__)
-        conn.timeouts.set(self.config.idle_timeout)
         response = UpstreamResponse(self.pool, key, conn, head, self.config.idle_timeout, method)
         if watch is not None:
             watch(response)

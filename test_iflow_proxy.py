@@ -4866,6 +4866,31 @@ def test_upstream_request_goes_out_in_one_write_and_refuses_header_injection():
     theirs.close()
 
 
+def test_upstream_waits_stretch_to_the_larger_timeout():
+    """Reads wait the smaller of first_byte_timeout and idle_timeout (set once per connection);
+    a wait for the larger one is stretched, without losing a byte."""
+    ours, theirs = socket.socketpair()
+    conn = ip.UpstreamConnection(ours, "up.example")
+    conn.expect(first_byte=0.6, idle=0.1)
+    assert conn.step == 0.1
+    timer = threading.Timer(0.25, theirs.sendall, (b"xy",))
+    timer.start()
+    started = time.monotonic()
+    conn.wait(5)  # longer than a read's own 0.1 s: still there when the byte comes
+    assert conn.reader.read1(2) == b"xy" and time.monotonic() - started >= 0.2
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        conn.wait(0.6)
+    assert time.monotonic() - started >= 0.5
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):  # and a read waits its own 0.1 s again
+        conn.reader.read1(1)
+    assert time.monotonic() - started < 0.5
+    timer.join()
+    conn.close()
+    theirs.close()
+
+
 def test_kernel_timeouts_report_socket_timeout():
     ours, theirs = socket.socketpair()
     conn = ip.UpstreamConnection(ours, "up.example")
