@@ -354,6 +354,18 @@ def vs_floor(floor, openai, anthropic, seconds, rounds):
     return rows
 
 
+def rss_kb(pid):
+    """(current, peak) resident set size of a process in KiB."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except OSError:
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True,
+                             text=True).stdout.strip()
+        return int(out or 0), int(out or 0)
+
+
 class RssSampler:
     """The largest resident set a process reaches while it serves (sampled every 20 ms).
     VmHWM would count the start-up too, where CPython compiles the whole script once."""

@@ -3075,10 +3075,15 @@ def _lenient_json(raw):
         return None
 
 
+# Encoders made once: json.dumps builds a new one for every call with options
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_SORTED_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
+
+
 def json_bytes(obj):
     """Compact JSON as UTF-8.  Lone UTF-16 surrogates (an upstream that split an emoji's pair
     across two chunks) are joined when they pair up and replaced with U+FFFD when they don't."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = _COMPACT_JSON.encode(obj)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -4030,6 +4035,10 @@ def _finite_float(text):
     return value
 
 
+# made once (json.loads builds a decoder for every call with options)
+_REQUEST_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def parse_json_body(raw):
     """The request's JSON object, or BadRequest saying exactly what is wrong."""
     if not raw.strip():
@@ -4039,7 +4048,7 @@ def parse_json_body(raw):
     except UnicodeDecodeError as e:
         raise BadRequest("request body is not valid UTF-8 (byte %d)" % e.start)
     try:
-        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        body = _REQUEST_JSON.decode(text)
     except RecursionError:
         raise BadRequest("request JSON is nested too deeply")
     except ValueError as e:
@@ -4142,8 +4151,7 @@ def openai_conversation_key(body, headers):
     explicit = headers.get("x-session-id")
     if explicit:
         return "sid:" + explicit
-    first = json.dumps(body.get("messages", [])[:2], sort_keys=True, ensure_ascii=False,
-                       default=str).encode("utf-8", "replace")
+    first = _SORTED_JSON.encode(body.get("messages", [])[:2]).encode("utf-8", "replace")
     return "msg:" + hashlib.sha256(first).hexdigest()
 
 
@@ -4154,23 +4162,33 @@ def _blocks(content):
     return content
 
 
-def _check_block(block, where):
+def _check_block(block, *where):
+    """Check one content block; ``where`` (a format and its numbers) names it in an error,
+    formatted only then: a long conversation has thousands of blocks, all of them fine."""
+    problem = _block_problem(block)
+    if problem is not None:
+        raise BadRequest(problem % (where[0] % where[1:]))
+
+
+def _block_problem(block):
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-        raise BadRequest("%s must be an object with a string 'type'" % where)
+        return "%s must be an object with a string 'type'"
     kind = block["type"]
-    if kind == "text" and not isinstance(block.get("text"), str):
-        raise BadRequest("%s: a text block needs a string 'text'" % where)
+    if kind == "text":
+        return None if isinstance(block.get("text"), str) else \
+            "%s: a text block needs a string 'text'"
     if kind == "tool_use" and not (isinstance(block.get("id"), str) and
                                    isinstance(block.get("name"), str)):
-        raise BadRequest("%s: a tool_use block needs string 'id' and 'name'" % where)
+        return "%s: a tool_use block needs string 'id' and 'name'"
     if kind == "tool_use" and not isinstance(block.get("input", {}), dict):
-        raise BadRequest("%s: tool_use 'input' must be an object" % where)
+        return "%s: tool_use 'input' must be an object"
     if kind == "tool_result" and not isinstance(block.get("tool_use_id"), str):
-        raise BadRequest("%s: a tool_result block needs a string 'tool_use_id'" % where)
+        return "%s: a tool_result block needs a string 'tool_use_id'"
     if kind == "tool_result" and not isinstance(block.get("content", ""), (str, list)):
-        raise BadRequest("%s: tool_result 'content' must be a string or a list" % where)
+        return "%s: tool_result 'content' must be a string or a list"
     if kind in ("image", "document") and not isinstance(block.get("source"), dict):
-        raise BadRequest("%s: an %s block needs a 'source' object" % (where, kind))
+        return "%%s: an %s block needs a 'source' object" % kind
+    return None
 
 
 def validate_anthropic_request(body):
@@ -4180,23 +4198,22 @@ def validate_anthropic_request(body):
     if max_tokens is not None and max_tokens < 1:
         raise BadRequest("field 'max_tokens' must be a positive integer")
     for i, message in enumerate(messages):
-        where = "messages[%d]" % i
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant",
                                                                           "system"):
-            raise BadRequest("%s must have role 'user', 'assistant' or 'system'" % where)
+            raise BadRequest("messages[%d] must have role 'user', 'assistant' or 'system'" % i)
         content = message.get("content")
         if not isinstance(content, (str, list)):
-            raise BadRequest("%s.content must be a string or a list of blocks" % where)
+            raise BadRequest("messages[%d].content must be a string or a list of blocks" % i)
         for j, block in enumerate(_blocks(content)):
-            _check_block(block, "%s.content[%d]" % (where, j))
+            _check_block(block, "messages[%d].content[%d]", i, j)
             if block["type"] == "tool_result" and isinstance(block.get("content"), list):
                 for k, inner in enumerate(block["content"]):
-                    _check_block(inner, "%s.content[%d].content[%d]" % (where, j, k))
+                    _check_block(inner, "messages[%d].content[%d].content[%d]", i, j, k)
     system = body.get("system")
     if system is not None and not isinstance(system, (str, list)):
         raise BadRequest("field 'system' must be a string or a list of text blocks")
     for j, block in enumerate(_blocks(system or [])):
-        _check_block(block, "system[%d]" % j)
+        _check_block(block, "system[%d]", j)
     _expect(body, "stream", bool, "true or false")
     _expect(body, "metadata", dict, "an object")
     _expect(body, "thinking", dict, "an object")
@@ -4407,7 +4424,7 @@ def anthropic_conversation_key(body, headers):
     explicit = headers.get("x-claude-code-session-id") or headers.get("x-session-id")
     if explicit:
         return "sid:" + explicit
-    first = json.dumps(body.get("messages", [])[:1], sort_keys=True, ensure_ascii=False)
+    first = _SORTED_JSON.encode(body.get("messages", [])[:1])
     return "msg:" + hashlib.sha256(first.encode("utf-8")).hexdigest()
 
 
