@@ -517,8 +517,10 @@ class EscapingFormatter(logging.Formatter):
 
 def log_info_line(logger, message):
     """``logger.info("%s", message)`` as its handlers would write it, at a fraction of the
-    cost: no LogRecord (its caller, thread and process looked up), one clock read.  The access
-    log writes a line per request; handlers other than our own streams get the record."""
+    cost: no LogRecord (its caller, thread and process looked up), one clock read, and for a
+    stream with a file descriptor one write(2) of the whole line without a lock (log lines are
+    far below PIPE_BUF, and FileHandler appends).  The access log writes a line per request;
+    handlers other than our own streams get the record."""
     if not logger.isEnabledFor(logging.INFO):
         return
     handlers = logger.handlers
@@ -530,12 +532,22 @@ def log_info_line(logger, message):
         return
     for handler in handlers:
         text = handler.formatter.info_line(message) + handler.terminator
-        with handler.lock:
-            try:
-                handler.stream.write(text)
-                handler.stream.flush()
-            except (OSError, ValueError):  # a closed or broken log stream: as logging, go on
-                pass
+        try:  # a whole line in one write(2), no lock: requests don't queue behind the log
+            fd = handler.stream.fileno()
+            data = text.encode(getattr(handler.stream, "encoding", None) or "utf-8",
+                               "backslashreplace")
+        except (AttributeError, ValueError, OSError):  # no file descriptor: the stream's lock
+            fd = None
+        try:
+            if fd is None:
+                with handler.lock:
+                    handler.stream.write(text)
+                    handler.stream.flush()
+            else:
+                while data:
+                    data = data[os.write(fd, data):]
+        except (OSError, ValueError):  # a closed or broken log stream: as logging, go on
+            pass
 
 
 # ==================================================================================================

@@ -3696,6 +3696,33 @@ def test_access_line_fast_path_writes_what_logging_would():
         logger.removeHandler(handler)
 
 
+def test_access_lines_from_many_threads_stay_whole(tmp_path):
+    """Lines written without a lock (one write(2) each) never interleave."""
+    logger = logging.getLogger("iflow-proxy-test-threads")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(str(tmp_path / "access.log"), encoding="utf-8")
+    handler.setFormatter(ip.EscapingFormatter())
+    logger.addHandler(handler)
+
+    def write(n):
+        for i in range(200):
+            ip.log_info_line(logger, "thread %d line %d %s 模型" % (n, i, "x" * (i % 50)))
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = (tmp_path / "access.log").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 1601
+    pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO thread \d line \d+ x* 模型\Z")
+    assert all(pattern.match(line) for line in lines[:-1])
+
+
 def test_client_key_compares_the_bytes_that_were_sent():
     server = SocketlessServer(client_keys=("ключ-секрет",))
     raw = req("GET", "/status").replace(b"\r\n\r\n", b"\r\nx-api-key: " +
