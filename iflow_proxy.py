@@ -2166,7 +2166,7 @@ def _read_import(path):
 def sign_request(api_key, user_agent, session_id, timestamp_ms):
     """iFlow's x-iflow-signature: hex HMAC-SHA256(apiKey, "<user-agent>:<session-id>:<ts>")."""
     message = "%s:%s:%s" % (user_agent, session_id, timestamp_ms)
-    return hmac.new(api_key.encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.digest(api_key.encode("utf-8"), message.encode("utf-8"), "sha256").hex()
 
 
 def _derived_uuid(*parts):
