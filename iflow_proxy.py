@@ -3551,7 +3551,8 @@ class Router:
         self.registry = registry
         self.config = config
         self.clock = clock
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # taken directly: Condition's with is Python code
+        self._cond = threading.Condition(self._lock)
         self._inflight = {}      # account id -> requests in flight
         self._queue = []         # _Ticket, oldest first
         self._cooldowns = {}     # (account id, model or "*") -> (until, reason)
@@ -3616,7 +3617,7 @@ class Router:
         wait runs out, ClientGone when ``cancelled()`` turns true while waiting."""
         started = time.monotonic()
         deadline = started + self.config.queue_timeout
-        with self._cond:
+        with self._lock:
             ticket = None
             try:
                 while True:
@@ -3702,7 +3703,7 @@ class Router:
         return chosen
 
     def release(self, account):
-        with self._cond:
+        with self._lock:
             left = self._inflight.get(account.id, 0) - 1
             if left > 0:
                 self._inflight[account.id] = left
@@ -3735,13 +3736,13 @@ class Router:
 
     def record_success(self, account, model):
         if self._strikes:
-            with self._cond:
+            with self._lock:
                 self._strikes.pop((account.id, model), None)
 
     def record_failure(self, account, model, error):
         """Cool the account down, or take it out of rotation, as the failure calls for."""
         now = self.clock()
-        with self._cond:
+        with self._lock:
             self.recent_errors.append({"time": time.time(), "account": account.nickname,
                                        "model": model, "status": error.status,
                                        "upstream_status": error.upstream_status,
