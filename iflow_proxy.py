@@ -53,21 +53,19 @@ import queue
 import re
 import secrets
 import select
-import shutil
 import signal
 import socket
 import socketserver
-import ssl
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 
-# Modules only some CLI commands need (calendar, email.utils, getpass, urllib.request,
-# webbrowser) are imported where they are used: `serve` starts faster and smaller without them.
+# Modules only some commands or paths need (calendar, email.utils, getpass, http.client,
+# http.server, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where they are
+# used: `serve` starts faster and smaller without them.
 
 try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
     import fcntl
@@ -1541,6 +1539,7 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
     headers.setdefault("Accept", "application/json")
     headers.setdefault("User-Agent", "iflow-proxy/" + __version__)
     import http.client
+    import ssl
     from urllib import error as url_error, request as url_request
     proxy = select_proxy(url, config.proxy, env)
     context = ssl.create_default_context()
@@ -2287,7 +2286,8 @@ def _kernel_timeouts(sock):
     own timeouts.  CPython polls before every call on a socket that has a timeout, one more
     system call and one more hand-over of the GIL per read or write: the kernel's own timeouts
     keep the timeouts and drop the poll."""
-    if os.name != "posix" or isinstance(sock, ssl.SSLSocket) or \
+    tls = sys.modules.get("ssl")  # (imported with the first HTTPS connection, not before)
+    if os.name != "posix" or tls is not None and isinstance(sock, tls.SSLSocket) or \
             not hasattr(socket, "SO_RCVTIMEO"):
         return False
     try:
@@ -2584,6 +2584,7 @@ class ConnectionPool:
         self._routes = {}   # url -> route(url); the environment's proxy settings don't change
 
     def ssl_context(self):
+        import ssl
         if self._ssl_context is None:
             ctx = ssl.create_default_context()
             if self.config.ca_file:
@@ -2642,6 +2643,7 @@ class ConnectionPool:
             conn.close()
 
     def _connect(self, key):
+        import ssl  # here, not at start-up: most start-ups never need it before this
         scheme, host, port, proxy = key
         where = "%s://%s:%d%s" % (scheme, host, port, " via proxy %s" % proxy if proxy else "")
         sock = None
@@ -8035,6 +8037,7 @@ def running_proxy_url(config, timeout=1.0):
 
 
 def cmd_claude(args, config):
+    import shutil
     executable = args.claude_bin or os.environ.get("IFLOW_PROXY_CLAUDE_BIN") or \
         shutil.which("claude")
     if not executable or not os.path.exists(executable):
@@ -8057,6 +8060,7 @@ def cmd_claude(args, config):
     extra = list(args.claude_args)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Claude Code
     try:
+        import subprocess
         return subprocess.call([executable] + extra, env=env)
     except OSError as e:
         raise ProxyError("cannot run %s: %s" % (executable, e.strerror or e))
