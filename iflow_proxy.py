@@ -2397,33 +2397,31 @@ class Headers:
     email.message.Message's do (what http.client and http.server hand out), at a fraction of
     the cost — the standard parser goes through the email package for every message."""
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items", "_first")
 
     def __init__(self, items=()):
-        self._items, index = [], {}
+        self._items, first = [], {}
         for name, value in items:
             value = value.rstrip(" \t")
             self._items.append((name, value))
-            key = name.lower()
-            if key in index:
-                index[key].append(value)
-            else:
-                index[key] = [value]
-        self._index = index
+            first.setdefault(name.lower(), value)
+        self._first = first  # lower-case name -> its first value (what get() answers)
 
     def get(self, name, default=None):
         """The first value of field ``name`` (any case)."""
-        values = self._index.get(name.lower())
-        return values[0] if values else default
+        return self._first.get(name.lower(), default)
 
     def get_all(self, name, default=None):
-        return list(self._index.get(name.lower(), ())) or default
+        key = name.lower()
+        if key not in self._first:
+            return default
+        return [value for field, value in self._items if field.lower() == key]
 
     def __getitem__(self, name):
         return self.get(name)
 
     def __contains__(self, name):
-        return name.lower() in self._index
+        return name.lower() in self._first
 
     def __iter__(self):
         return (name for name, _value in self._items)
@@ -3553,6 +3551,8 @@ class Router:
         self.registry = registry
         self.config = config
         self.clock = clock
+        self._eligible = (None, {})   # (accounts snapshot, {(model, pinned): eligible})
+        self._positions = (None, {})  # (accounts snapshot, account id -> its place)
         self._lock = threading.Lock()  # taken directly: Condition's with is Python code
         self._cond = threading.Condition(self._lock)
         self._inflight = {}      # account id -> requests in flight
@@ -3576,8 +3576,20 @@ class Router:
         return None, model
 
     def eligible(self, model, pinned=None):
-        """Accounts that may serve ``model`` (usable, allowed, pinned), or a clear error."""
+        """Accounts that may serve ``model`` (usable, allowed, pinned), or a clear error;
+        remembered per account snapshot (it depends on nothing else)."""
         accounts = self.all_accounts()
+        memo = self._eligible
+        if memo[0] is not accounts:
+            memo = self._eligible = (accounts, {})
+        found = memo[1].get((model, pinned))
+        if found is None:
+            found = self._eligible_now(accounts, model, pinned)
+            if len(memo[1]) < 1000:  # clients choose model names
+                memo[1][(model, pinned)] = found
+        return found
+
+    def _eligible_now(self, accounts, model, pinned):
         if not accounts:
             raise NoAccount("no iFlow account is set up: run `python iflow_proxy.py login` (or "
                             "`login --api-key`, or set IFLOW_API_KEYS) and retry")
@@ -3599,7 +3611,7 @@ class Router:
                            "iflow_proxy.py login --api-key --provider %s)" % (
                                model, ", ".join(owners), "theirs" if len(owners) > 1 else "it",
                                owners[0]), code="model_not_found")
-        return serving
+        return tuple(serving)
 
     def limit(self, account):
         return self.config.max_concurrency if account.max_concurrency is None \
@@ -3691,8 +3703,11 @@ class Router:
         return chosen
 
     def _by_strategy(self, candidates):
-        order = [a.id for a in self.all_accounts()]
-        position = {aid: i for i, aid in enumerate(order)}
+        accounts = self.all_accounts()
+        known = self._positions
+        if known[0] is not accounts:
+            known = self._positions = (accounts, {a.id: i for i, a in enumerate(accounts)})
+        position, order = known[1], accounts
         strategy = self.config.strategy
         if strategy == "fill-first":
             return min(candidates, key=lambda a: (not a.default, position.get(a.id, 0)))
