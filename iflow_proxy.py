@@ -506,10 +506,8 @@ class EscapingFormatter(logging.Formatter):
         return "%s,%03d" % (known[1], (created - second) * 1000)
 
     def info_line(self, message):
-        """The text format() gives an INFO record of ``message`` (LOG_FORMAT), without the
-        record; None for another format."""
-        if self._fmt != LOG_FORMAT:
-            return None
+        """The text format() gives an INFO record of ``message`` when the format is
+        LOG_FORMAT (see log_info_line), without the record."""
         return "%s INFO %s" % (self._time(time.time()), printable(message))
 
 
@@ -2439,11 +2437,13 @@ class Headers:
         return "".join("%s: %s\r\n" % item for item in self._items)
 
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# The whole field section at once: each line a token, a colon, a value without control bytes
-# (a tab aside).  One match over the block costs less than checking it line by line.
-_FIELD_LINES = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n)*\Z")
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 token characters
+_CONTROL = r"\x00-\x08\x0a-\x1f\x7f"     # control bytes a field value may not hold (tab may)
+_TOKEN = re.compile((_TCHAR + r"+\Z").encode())
+_FIELD_VALUE_BAD = re.compile(("[%s]" % _CONTROL).encode())
+# The whole field section at once: each line a token, a colon, a value without control bytes.
+# One match over the block costs less than checking it line by line.
+_FIELD_LINES = re.compile(r"(?:%s+:[^%s]*\r?\n)*\Z" % (_TCHAR, _CONTROL))
 _FIELD_LINE = re.compile(r"([^:]+):[ \t]*([^\r\n]*)\r?\n")
 MAX_HEADER_LINE = 65536
 
@@ -6054,7 +6054,7 @@ _PLAIN_HEADER_VALUE = re.compile(r"[ -~]*\Z")
 
 def header_value(text):
     """``text`` safe for a response header: printable ASCII kept, anything else %-escaped."""
-    if all(" " <= ch <= "~" for ch in text):
+    if _PLAIN_HEADER_VALUE.match(text):
         return text
     return urllib.parse.quote(text, safe=_HEADER_SAFE)
 
@@ -7045,9 +7045,7 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         lines = ["HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nx-request-id: %s" % (
             status, STATUS_PHRASES.get(status, "Unknown"), self.server_version,
             self.server.http_date(), self.request_id)]
-        for name, value in headers.items():
-            lines.append("%s: %s" % (name, value if _PLAIN_HEADER_VALUE.match(value)
-                                     else header_value(value)))
+        lines.extend("%s: %s" % (name, header_value(value)) for name, value in headers.items())
         if self.close_connection:
             lines.append("Connection: close")
         lines.append("\r\n")
@@ -7119,9 +7117,6 @@ class ProxyHandler(socketserver.StreamRequestHandler):
             self._write(b"0\r\n\r\n")
 
     # --- logging ----------------------------------------------------------------------------
-    def log_message(self, format, *args):  # http.server's own messages
-        log.debug("%s %s", self.client_address[0], format % args)
-
     def log_access(self):
         """One line per request; every field from outside is escaped by the log formatter."""
         if not log.isEnabledFor(logging.INFO):
