@@ -7600,7 +7600,25 @@ def _print_table(rows, out):
 def cmd_serve(args, config):
     for warning in loose_permission_warnings(config):
         log.warning("%s", warning)
-    server = ProxyServer(config)
+    # Run as a script, CPython keeps the file's whole syntax tree (some 17 MB here) until the
+    # script's own code returns.  So on POSIX the server runs in a thread of its own and main()
+    # returns: the interpreter frees the tree, then waits for that thread.  The signals below
+    # must then reach the main thread (only it runs Python's handlers, and it sleeps in that
+    # wait): every other thread is started with them blocked.
+    elsewhere = getattr(args, "script", False) and os.name == "posix"
+    stop_signals = {getattr(signal, name) for name in ("SIGINT", "SIGTERM")
+                    if hasattr(signal, name)}
+    if elsewhere:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        server = ProxyServer(config)
+        return _serve(server, config, elsewhere, stop_signals)
+    finally:
+        if elsewhere:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+
+def _serve(server, config, elsewhere, stop_signals):
     accounts = server.chat.router.all_accounts()
     log.warning("iflow-proxy %s listening on %s (OpenAI base URL: %s/v1; %d account%s%s)",
                 __version__, server.url, server.url, len(accounts),
@@ -7609,11 +7627,6 @@ def cmd_serve(args, config):
     if not accounts:
         log.warning("no account yet: run `python iflow_proxy.py login` (or `login --api-key`) "
                     "in another shell; the server picks it up without a restart")
-    # Run as a script, CPython keeps the file's whole syntax tree (some 17 MB here) until the
-    # script's own code returns.  So on POSIX the server runs in a thread of its own and main()
-    # returns: the interpreter frees the tree, then waits for that thread, and the signal
-    # handlers below still run in the main thread while it waits.
-    elsewhere = getattr(args, "script", False) and os.name == "posix"
     signals = []
 
     def stop(signum, frame):
@@ -7628,9 +7641,8 @@ def cmd_serve(args, config):
         else:
             threading.Thread(target=server.shutdown, daemon=True).start()
 
-    for signame in ("SIGINT", "SIGTERM"):
-        if hasattr(signal, signame):
-            signal.signal(getattr(signal, signame), stop)
+    for signum in stop_signals:
+        signal.signal(signum, stop)
     server.start_background()
     if not elsewhere:
         release_free_memory()
