@@ -2284,8 +2284,9 @@ def _kernel_timeouts(sock):
     own timeouts.  CPython polls before every call on a socket that has a timeout, one more
     system call and one more hand-over of the GIL per read or write: the kernel's own timeouts
     keep the timeouts and drop the poll."""
-    tls = sys.modules.get("ssl")  # (imported with the first HTTPS connection, not before)
-    if os.name != "posix" or tls is not None and isinstance(sock, tls.SSLSocket) or \
+    # An exact type check, not isinstance(sock, ssl.SSLSocket): ssl is imported lazily, and a
+    # thread that looked it up while another was still importing it met a half-made module.
+    if os.name != "posix" or type(sock) is not socket.socket or \
             not hasattr(socket, "SO_RCVTIMEO"):
         return False
     try:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -4930,6 +4931,23 @@ def test_kernel_timeouts_report_socket_timeout():
     assert conn.reader.read1(10) == b"late"
     conn.close()
     theirs.close()
+
+
+def test_kernel_timeouts_only_for_plain_sockets_and_never_look_at_ssl(monkeypatch):
+    # ssl is imported lazily; a request thread that looked up ssl.SSLSocket while another thread
+    # was still importing ssl met a half-made module and the connection died (seen in the bench)
+    monkeypatch.setitem(sys.modules, "ssl", types.ModuleType("ssl"))  # half-made: no SSLSocket
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    assert ip._kernel_timeouts(ours) is (os.name == "posix")
+
+    class Wrapped(socket.socket):  # stands for ssl.SSLSocket, a subclass: Python's timeouts
+        pass
+    wrapped = Wrapped(socket.AF_INET, socket.SOCK_STREAM)
+    wrapped.settimeout(5)
+    assert ip._kernel_timeouts(wrapped) is False and wrapped.gettimeout() == 5
+    for s in (ours, theirs, wrapped):
+        s.close()
 
 
 # ==================================================================================================
