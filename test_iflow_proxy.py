@@ -3489,6 +3489,8 @@ class SocketlessServer:
 
     request_finished = request_started
 
+    access_log = None  # access lines written at once
+
     def request_id(self):
         return "req_socketless"
 
@@ -3723,6 +3725,64 @@ def test_access_lines_from_many_threads_stay_whole(tmp_path):
     assert lines[-1] == "" and len(lines) == 1601
     pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO thread \d line \d+ x* 模型\Z")
     assert all(pattern.match(line) for line in lines[:-1])
+
+
+def test_line_writer_keeps_every_line_whole_and_in_order(tmp_path, monkeypatch):
+    """The server's access lines go through a LineWriter: written in batches by its own
+    thread, whole lines of at most PIPE_BUF bytes a write, in order, all of them by close()."""
+    logger = logging.getLogger("iflow-proxy-test-writer")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(str(tmp_path / "access.log"), encoding="utf-8")
+    handler.setFormatter(ip.EscapingFormatter())
+    logger.addHandler(handler)
+    writes, real_write = [], ip.write_fully
+    monkeypatch.setattr(ip, "write_fully", lambda fd, data: (writes.append(bytes(data)),
+                                                             real_write(fd, data)))
+    writer = ip.LineWriter(interval=0.01, backlog=3000)  # small: adders flush too
+
+    def write(n):
+        for i in range(200):
+            ip.log_info_line(logger, "thread %d line %d %s 模型" % (n, i, "x" * (i % 50)),
+                             writer)
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        writer.close()
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = (tmp_path / "access.log").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 1601
+    pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO thread (\d) line (\d+) "
+                         r"x* 模型\Z")
+    seen = {}
+    for line in lines[:-1]:
+        n, i = map(int, pattern.match(line).groups())
+        assert i == seen.get(n, -1) + 1  # each thread's lines in the order it wrote them
+        seen[n] = i
+    assert 1 < len(writes) < 1600 and all(len(w) <= ip.LineWriter.CHUNK and w.endswith(b"\n")
+                                          for w in writes)
+
+
+def test_line_writer_writes_within_its_interval_without_being_asked(tmp_path):
+    path = str(tmp_path / "lines")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    writer = ip.LineWriter(interval=0.02)
+    try:
+        writer.add(fd, b"first\n")
+        deadline = time.monotonic() + 5
+        while open(path, "rb").read() != b"first\n":
+            assert time.monotonic() < deadline, "the line was never written"
+            time.sleep(0.005)
+    finally:
+        writer.close()
+        os.close(fd)
+    writer.add(-1, b"after close, to a closed descriptor\n")
+    writer.flush()  # a broken log stream is passed over, as logging does
 
 
 def test_client_key_compares_the_bytes_that_were_sent():
