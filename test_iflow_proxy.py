@@ -3482,7 +3482,7 @@ class SocketlessServer:
     def watch(self, *args):
         pass
 
-    watch_client = set_idle = watch
+    watch_client = set_idle = watch_silence = watch
 
     def request_started(self):
         pass
