@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import select
@@ -2230,7 +2231,15 @@ def _read_import(path):
 def sign_request(api_key, user_agent, session_id, timestamp_ms):
     """iFlow's x-iflow-signature: hex HMAC-SHA256(apiKey, "<user-agent>:<session-id>:<ts>")."""
     message = "%s:%s:%s" % (user_agent, session_id, timestamp_ms)
-    return hmac.digest(api_key.encode("utf-8"), message.encode("utf-8"), "sha256").hex()
+    # hmac.new, not hmac.digest: the one-shot digest gives the GIL away around a microsecond's
+    # work, and under load the request thread then queues to get it back
+    return hmac.new(api_key.encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def random_hex(digits):
+    """Random hex digits for an id nobody needs to guess (a message, tool call or completion
+    id): from the random module, not os.urandom, whose system call gives the GIL away."""
+    return "%0*x" % (digits, random.getrandbits(digits * 4))
 
 
 def _derived_uuid(*parts):
@@ -3259,7 +3268,7 @@ def sse(data, event=None):
 
 def completion_to_chunks(completion):
     """An OpenAI chat.completion as the chunks of an equivalent stream (for a JSON answer)."""
-    base = {"id": completion.get("id") or "chatcmpl-" + secrets.token_hex(12),
+    base = {"id": completion.get("id") or "chatcmpl-" + random_hex(24),
             "object": "chat.completion.chunk", "created": completion.get("created") or
             int(time.time()), "model": completion.get("model", "")}
     chunks = []
@@ -4644,7 +4653,7 @@ def anthropic_usage(usage, input_estimate=0):
 
 
 def new_message_id():
-    return "msg_" + secrets.token_hex(12)
+    return "msg_" + random_hex(24)
 
 
 def openai_to_anthropic(completion, model, stop_sequences=(), input_estimate=0):
@@ -4679,7 +4688,7 @@ def openai_to_anthropic(completion, model, stop_sequences=(), input_estimate=0):
             log.warning("left out tool call %s: upstream cut its arguments off", printable(name))
             continue
         content.append({"type": "tool_use", "id": call.get("id") or "toolu_" +
-                        secrets.token_hex(12), "name": name, "input": arguments})
+                        random_hex(24), "name": name, "input": arguments})
         stop_reason = "max_tokens" if cut else "tool_use"
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
@@ -4820,7 +4829,7 @@ class AnthropicStream:
         tool = self._tools.get(call.get("index", 0))
         if tool is None:
             tool = self._tools[call.get("index", 0)] = {
-                "id": call.get("id") or "toolu_" + secrets.token_hex(12),
+                "id": call.get("id") or "toolu_" + random_hex(24),
                 "name": function.get("name") or "", "args": [], "end": JsonObjectEnd(),
                 "sent": False}
         fragment = function.get("arguments")
@@ -4920,7 +4929,7 @@ def _tool_use_blocks(calls):
         function = call.get("function") or {}
         name = function.get("name") or ""
         blocks.append({"type": "tool_use", "id": call.get("id") or "toolu_" +
-                       secrets.token_hex(12), "name": name,
+                       random_hex(24), "name": name,
                        "input": tool_input(function.get("arguments"), name)})
     return blocks
 
@@ -5011,7 +5020,7 @@ def anthropic_message_to_completion(message, model):
         reply["reasoning_content"] = "".join(reasoning)
     if calls:
         reply["tool_calls"] = calls
-    completion = {"id": "chatcmpl-" + (message.get("id") or secrets.token_hex(12)),
+    completion = {"id": "chatcmpl-" + (message.get("id") or random_hex(24)),
                   "object": "chat.completion", "created": int(time.time()), "model": model,
                   "choices": [{"index": 0, "message": reply, "finish_reason":
                                _FINISH_REASONS.get(message.get("stop_reason"), "stop")}]}
@@ -5026,7 +5035,7 @@ class OpenAIChunks:
     """Turns Anthropic stream events into OpenAI chat.completion.chunk SSE events (bytes)."""
 
     def __init__(self, model):
-        self.base = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion.chunk",
+        self.base = {"id": "chatcmpl-" + random_hex(24), "object": "chat.completion.chunk",
                      "created": int(time.time()), "model": model}
         self._tools = {}      # Anthropic block index -> OpenAI tool call index
         self._usage = {}
