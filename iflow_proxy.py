@@ -3906,6 +3906,15 @@ def _row(table, row, account, new):
     return found
 
 
+def _count(value):
+    """A token count from upstream's usage (an int, not a bool), else 0."""
+    return value if type(value) is int else 0  # noqa: E721 - bool is not a count
+
+
+def _new_pair():
+    return [0, 0]
+
+
 def _new_tally():
     return {"requests": 0, "failures": {}, "input_tokens": 0, "output_tokens": 0,
             "reasoning_tokens": 0, "latency_ms": 0.0}
@@ -3984,28 +3993,35 @@ class UsageBook:
         answers are also counted per client key name (never the key) when there is one."""
         usage = usage if isinstance(usage, dict) else {}
         details = usage.get("completion_tokens_details")
-        counted = [(field, value) for field, value in (
-            ("input_tokens", usage.get("prompt_tokens")),
-            ("output_tokens", usage.get("completion_tokens")),
-            ("reasoning_tokens", details.get("reasoning_tokens")
-             if isinstance(details, dict) else None))
-            if type(value) is int]  # noqa: E721 - bool is not a count
+        prompt, completion, reasoning = _count(usage.get("prompt_tokens")), \
+            _count(usage.get("completion_tokens")), \
+            _count(details.get("reasoning_tokens") if isinstance(details, dict) else None)
         row = "%s|%s" % (account, model)
         today, this_hour = self._stamps()
         with self._lock:
-            tally = _row(self._days.setdefault(today, {}), row, account, _new_tally)
+            day = self._days.get(today)
+            tally = day.get(row) if day is not None else None
+            if tally is None:
+                tally = _row(self._days.setdefault(today, {}), row, account, _new_tally)
             tally["requests"] += 1
             if status != 200:
                 failures = tally["failures"]
                 failures[str(status)] = failures.get(str(status), 0) + 1
-            for field, value in counted:
-                tally[field] += value
+            if prompt:
+                tally["input_tokens"] += prompt
+            if completion:
+                tally["output_tokens"] += completion
+            if reasoning:
+                tally["reasoning_tokens"] += reasoning
             tally["latency_ms"] += round(latency_ms, 1)
             if client:
                 self._count_client(client, model, usage)
-            counts = _row(self._hours.setdefault(this_hour, {}), row, account, lambda: [0, 0])
+            hour = self._hours.get(this_hour)
+            counts = hour.get(row) if hour is not None else None
+            if counts is None:
+                counts = _row(self._hours.setdefault(this_hour, {}), row, account, _new_pair)
             counts[0] += 1
-            counts[1] += sum(value for field, value in counted if field != "reasoning_tokens")
+            counts[1] += prompt + completion
             self._dirty = True
 
     def _count_client(self, client, model, usage):
@@ -4258,8 +4274,28 @@ def openai_conversation_key(body, headers):
     explicit = headers.get("x-session-id")
     if explicit:
         return "sid:" + explicit
-    first = _SORTED_JSON.encode(body.get("messages", [])[:2]).encode("utf-8", "replace")
-    return "msg:" + hashlib.sha256(first).hexdigest()
+    return first_messages_key(body.get("messages"), 2)
+
+
+def first_messages_key(messages, count):
+    """"msg:" and a sha256 of a conversation's first ``count`` messages: of their roles and
+    texts where they are plain (a role and a string, the usual case: a fraction of the cost),
+    else of their canonical JSON."""
+    first = messages[:count] if isinstance(messages, list) else []
+    parts = []
+    for message in first:
+        if type(message) is not dict or len(message) != 2:  # noqa: E721 - exactly a dict
+            break
+        role, content = message.get("role"), message.get("content")
+        if type(role) is not str or type(content) is not str:  # noqa: E721
+            break
+        parts.append(role)
+        parts.append(content)
+    else:
+        text = "\x00".join(parts)
+        return "msg:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    text = _SORTED_JSON.encode(first)
+    return "msg:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _blocks(content):
@@ -4531,8 +4567,7 @@ def anthropic_conversation_key(body, headers):
     explicit = headers.get("x-claude-code-session-id") or headers.get("x-session-id")
     if explicit:
         return "sid:" + explicit
-    first = _SORTED_JSON.encode(body.get("messages", [])[:1])
-    return "msg:" + hashlib.sha256(first.encode("utf-8")).hexdigest()
+    return first_messages_key(body.get("messages"), 1)
 
 
 def has_images(openai_body):
@@ -5580,12 +5615,6 @@ class ChatExchange:
     @property
     def usage(self):
         return self.answer.usage if self.answer is not None else None
-
-    def log_fields(self):
-        """What the access log says about this exchange."""
-        return {"model": self.asked, "model_sent": self.model, "attempts": self.attempts,
-                "account": self.account.nickname if self.account else None,
-                "usage": self.usage, "error": self.error}
 
 
 class ProbeResult:
@@ -7218,21 +7247,29 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         """One line per request; every field from outside is escaped by the log formatter."""
         if not log.isEnabledFor(logging.INFO):
             return
-        f = dict(self.exchange.log_fields() if self.exchange else {}, **self.log_fields)
+        exchange, mine = self.exchange, self.log_fields
         total = (time.monotonic() - self.started) * 1000
         first = (self.first_byte - self.started) * 1000 if self.first_byte else total
-        model = f.get("model") or ""
-        if f.get("model_sent") and f["model_sent"] != model:
-            model += " -> " + f["model_sent"]
-        usage = f.get("usage") or {}
-        log_info_line(log, "%s %s %s %s %s model=%s account=%s attempts=%s status=%s "
-                      "first_byte=%.0fms total=%.0fms tokens=%s/%s%s" % (
-                          self.request_id, self.api, self.command, route_target(self.path)[:300],
-                          self.client_address[0], model[:300] or "-", f.get("account") or "-",
-                          f.get("attempts", 0), self.response_status or "-", first, total,
-                          usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"),
-                          " error=%r" % f["error"][:200] if f.get("error") else ""),
-                      self.server.access_log)
+        if exchange is None:
+            model, account, attempts, usage, error = mine.get("model") or "", None, 0, None, None
+        else:
+            model = mine.get("model") or exchange.asked or ""
+            if exchange.model and exchange.model != model:
+                model += " -> " + exchange.model
+            account = exchange.account.nickname if exchange.account else None
+            attempts, usage, error = exchange.attempts, exchange.usage, exchange.error
+        usage = usage or {}
+        line = "%s %s %s %s %s model=%s account=%s attempts=%s status=%s first_byte=%.0fms " \
+            "total=%.0fms tokens=%s/%s" % (
+                self.request_id, self.api, self.command, route_target(self.path)[:300],
+                self.client_address[0], model[:300] or "-", account or "-", attempts,
+                self.response_status or "-", first, total, usage.get("prompt_tokens", "-"),
+                usage.get("completion_tokens", "-"))
+        if mine.get("client"):
+            line += " client=" + mine["client"]
+        if error:
+            line += " error=%r" % error[:200]
+        log_info_line(log, line, self.server.access_log)
 
     # --- endpoints --------------------------------------------------------------------------
     def handle_healthz(self):

@@ -1611,6 +1611,26 @@ def test_golden_request_translation_turn2_tool_result():
     assert ip.anthropic_conversation_key(body, {}) == ip.anthropic_conversation_key(first, {})
 
 
+def test_conversation_key_from_the_first_messages():
+    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    key = ip.openai_conversation_key({"messages": plain}, {})
+    later = plain + [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
+    assert key.startswith("msg:") and ip.openai_conversation_key({"messages": later}, {}) == key
+    other = [plain[0], {"role": "user", "content": "hi!"}]
+    assert ip.openai_conversation_key({"messages": other}, {}) != key
+    swapped = [{"role": "user", "content": "be brief"}, {"role": "system", "content": "hi"}]
+    assert ip.openai_conversation_key({"messages": swapped}, {}) != key
+    assert ip.openai_conversation_key({"messages": plain}, {"x-session-id": "s1"}) == "sid:s1"
+    # anything but plain role-and-text messages: canonical JSON, so key order does not matter
+    blocks = [{"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "a"}]
+    reordered = [{"name": "a", "content": [{"text": "hi", "type": "text"}], "role": "user"}]
+    assert ip.first_messages_key(blocks, 1) == ip.first_messages_key(reordered, 1) != \
+        ip.first_messages_key([{"role": "user", "content": "hi"}], 1)
+    lone = ip.first_messages_key([{"role": "user", "content": "\ud800"}], 1)  # JSON allows it
+    assert lone != ip.first_messages_key([{"role": "user", "content": "\ud801"}], 1)
+    assert ip.first_messages_key(None, 2) == ip.first_messages_key([], 2)
+
+
 def test_golden_non_stream_response_for_turn2():
     completion = {"id": "c1", "object": "chat.completion", "model": "glm-4.6", "choices": [{
         "index": 0, "finish_reason": "stop", "message": {
@@ -2304,6 +2324,7 @@ def test_usage_status_and_dashboard(home, fake, tmp_path):
         assert line and "openai POST /v1/chat/completions" in line[0]
         assert "model=glm-4.6" in line[0] and "account=" in line[0] and "status=200" in line[0]
         assert "attempts=1" in line[0] and "first_byte=" in line[0] and "tokens=11/5" in line[0]
+        assert re.search(r" client=\S+", line[0]) and "ck-status-key" not in line[0]
         # `status` from the running server ...
         env = {"IFLOW_PROXY_PORT": str(server.server_address[1]),
                "IFLOW_PROXY_CLIENT_KEYS": "ck-status-key"}
@@ -3443,9 +3464,8 @@ class ScriptedExchange:
     def close(self):
         self.closed = True
 
-    def log_fields(self):
-        return {"model": self.asked, "model_sent": self.model, "account": "stub",
-                "attempts": 1, "usage": None, "error": self.error}
+    account = types.SimpleNamespace(nickname="stub")  # what the access log reads
+    attempts, usage = 1, None
 
 
 class ScriptedChat:
