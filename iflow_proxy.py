@@ -2529,6 +2529,18 @@ def read_headers(fp, limit=HEADER_LIMIT):
     """The header fields up to the blank line, by RFC 9112 section 5: a field name is a token
     right before its colon, obsolete line folding and control bytes are refused, and the line
     length and field count stay within http.client's limits (65,536 bytes, 100 fields)."""
+    peek = getattr(fp, "peek", None)
+    if peek is not None:  # the whole section is usually in the buffer already: take it at once
+        buffered = peek()
+        end = buffered.find(b"\r\n\r\n")
+        if 0 <= end < MAX_HEADER_LINE and buffered[:2] != b"\r\n":
+            block = fp.read(end + 4)[:-2]
+            text = block.decode("latin-1")
+            if text.count("\n") > limit:
+                raise HeaderError("more than %d header fields" % limit, 431)
+            if not _FIELD_LINES.match(text):
+                _refuse_field_line([line + b"\n" for line in block.split(b"\n")[:-1]])
+            return Headers(_FIELD_LINE.findall(text))
     lines, readline = [], fp.readline
     while True:
         line = readline(MAX_HEADER_LINE + 1)

@@ -4877,6 +4877,31 @@ def test_read_headers_limits_and_grammar(head, status):
     assert drive(request)[0][0] == status
 
 
+def test_read_headers_takes_a_buffered_section_at_once_with_the_same_verdicts():
+    """A section already in the buffer is checked as one block; line by line (a reader with
+    no peek, or a section not yet all there) must come to the same fields or the same error."""
+    import random
+    rng = random.Random(20261123)
+    pieces = [b"X-A: 1", b"x-a:  2 ", b"Host: h", b"X A: 1", b"X-A : 1", b": 1", b"no colon",
+              b"X-A: a\x00b", b"X-A: a\x1bb", b" folded", b"\tfolded", b"X-B: caf\xc3\xa9",
+              b"X-C: a\rb", b"X-D:", b"X-E: \x7f", b"X-F: v\tw", b"X-G: " + b"v" * 9000]
+    heads = [b"\r\n", b"\n", b"X-A: 1\n\r\n", b"".join(b"X-H%d: v\r\n" % i for i in range(101)) +
+             b"\r\n", b"".join(b"X-H%d: v\r\n" % i for i in range(100)) + b"\r\n"]
+    for _ in range(400):
+        heads.append(b"".join(rng.choice(pieces) + rng.choice([b"\r\n", b"\r\n", b"\n"])
+                              for _ in range(rng.randrange(1, 6))) + b"\r\n")
+
+    def verdict(fp):
+        try:
+            return list(ip.read_headers(fp).items()), fp.read()
+        except ip.HeaderError as e:
+            return e.status, e.message
+    for head in heads:
+        slow = verdict(io.BytesIO(head + b"BODY"))
+        assert verdict(io.BufferedReader(io.BytesIO(head + b"BODY"), 65536)) == slow, head
+        assert verdict(io.BufferedReader(io.BytesIO(head + b"BODY"), 16)) == slow, head
+
+
 class RecordingPool:
     def __init__(self):
         self.released = []
