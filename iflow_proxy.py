@@ -3264,6 +3264,10 @@ def event_data(event):
     """The joined ``data:`` lines of one SSE event (bytes), or None."""
     if event.startswith(b"data: ") and b"\n" not in event:  # the usual one-line event
         return event[6:]
+    if event.startswith(b"event: "):  # Anthropic's usual two: "event: <type>", "data: {...}"
+        data = event[event.find(b"\n") + 1:]
+        if data.startswith(b"data: ") and b"\n" not in data:
+            return data[6:]
     lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None
              for line in event.split(b"\n")]
     lines = [line for line in lines if line is not None]
@@ -7250,9 +7254,12 @@ class ProxyHandler(socketserver.StreamRequestHandler):
             else:
                 self._write(b"%x\r\n%s\r\n" % (len(data), data))
 
-    def end_stream(self):
-        if self.request_version != "HTTP/1.0":
-            self._write(b"0\r\n\r\n")
+    def end_stream(self, last=b""):
+        """The last event (if any) and the end of the body, in one write."""
+        if self.request_version == "HTTP/1.0":
+            self.write_chunk(last)
+        else:
+            self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
 
     # --- logging ----------------------------------------------------------------------------
     def log_access(self):
@@ -7394,8 +7401,7 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         except UpstreamError as e:
             exchange.fail(e)
             tail = sse(error_body(e, "openai")) + b"data: [DONE]\n\n"
-        self.write_chunk(tail)
-        self.end_stream()
+        self.end_stream(tail)
 
     def write_anthropic(self, exchange, request):
         """The answer for an Anthropic client: relayed event by event from an Anthropic upstream,
@@ -7432,8 +7438,7 @@ class ProxyHandler(socketserver.StreamRequestHandler):
                 exchange.fail(e)
                 out = AnthropicStream.error(e)
             with lock:
-                self.write_chunk(out)
-                self.end_stream()
+                self.end_stream(out)
 
 
 class Heartbeat:

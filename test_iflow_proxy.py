@@ -720,6 +720,9 @@ def test_event_splitter_and_completion_to_chunks():
     assert s.feed(b"data: 1\n") == [] and s.feed(b"\ndata: 2\r") == [b"data: 1"]
     assert s.feed(b"\n\r\ndata: 3") == [b"data: 2"] and s.rest() == b"data: 3"
     assert ip.event_data(b"event: x\ndata: a\ndata: b\n\n") == b"a\nb"
+    assert ip.event_data(b'event: ping\ndata: {"type": "ping"}') == b'{"type": "ping"}'
+    assert ip.event_data(b"event: x") is None and ip.event_data(b"event: x\nid: 1") is None
+    assert ip.event_data(b"event: x\nid: 1\ndata: a") == b"a"
     assert ip.event_data(b": ping\n\n") is None
     chunks = ip.completion_to_chunks({"id": "c", "model": "m", "choices": [{"index": 0,
         "message": {"role": "assistant", "content": "hi", "tool_calls": [{"id": "t", "type":
