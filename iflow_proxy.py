@@ -40,8 +40,6 @@ import binascii
 import collections
 import dataclasses
 import fnmatch
-import hashlib
-import hmac
 import io
 import itertools
 import http
@@ -52,7 +50,6 @@ import os
 import queue
 import random
 import re
-import secrets
 import select
 import signal
 import socket
@@ -66,7 +63,9 @@ import urllib.parse
 
 # Modules only some commands or paths need (calendar, email.utils, getpass, http.client,
 # http.server, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where they are
-# used: `serve` starts faster and smaller without them.
+# used: `serve` starts faster and smaller without them.  So are hashlib, hmac and secrets, which
+# load OpenSSL (about 4 MB): CPython keeps this script's syntax tree (about 20 MB) until the
+# script's top level returns, and what is loaded before then adds to start-up's peak memory.
 
 try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
     import fcntl
@@ -441,6 +440,7 @@ def mask_secret(value):
 
 def fingerprint(secret):
     """A short stable id for a secret, safe to show and to store as an identity."""
+    import hashlib
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
 
 
@@ -1416,9 +1416,9 @@ class AccountRegistry:
             created = entry is None
             if created:
                 taken_ids = {e["id"] for e in data["accounts"]}
-                new_id = secrets.token_hex(4)
+                new_id = os.urandom(4).hex()
                 while new_id in taken_ids:
-                    new_id = secrets.token_hex(4)
+                    new_id = os.urandom(4).hex()
                 base = nickname_base(credentials, kind)
                 entry = {"id": new_id, "identity": identity, "kind": kind,
                          "nickname": nickname or unique_nickname(base, others),
@@ -1633,6 +1633,8 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
 
 def pkce_pair():
     """(verifier, S256 challenge); sent even where unsupported, where it is harmless."""
+    import hashlib
+    import secrets
     verifier = secrets.token_urlsafe(48)
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return verifier, base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
@@ -1797,6 +1799,7 @@ class CallbackListener:
     """A one-shot OAuth redirect listener on 127.0.0.1: checks ``state``, takes one code."""
 
     def __init__(self, port, state, events):
+        import hmac
         import http.server
         listener = self
 
@@ -1855,6 +1858,7 @@ class CallbackListener:
 
 def _read_pasted(stdin, state, redirect_uri, display_uri, events):
     """Read a pasted code (code display) or a pasted callback URL from the terminal."""
+    import hmac
     line = stdin.readline(8192) if stdin is not None else ""
     line = line.strip()
     if not line:
@@ -1879,6 +1883,7 @@ def login_oauth(config, out, stdin, browser=True, open_browser=None, env=None,
 
     Returns the credential fields for the new account.
     """
+    import secrets
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(24)
     headless = not browser or is_headless(env)
@@ -2230,6 +2235,8 @@ def _read_import(path):
 
 def sign_request(api_key, user_agent, session_id, timestamp_ms):
     """iFlow's x-iflow-signature: hex HMAC-SHA256(apiKey, "<user-agent>:<session-id>:<ts>")."""
+    import hashlib
+    import hmac
     message = "%s:%s:%s" % (user_agent, session_id, timestamp_ms)
     # hmac.new, not hmac.digest: the one-shot digest gives the GIL away around a microsecond's
     # work, and under load the request thread then queues to get it back
@@ -2243,6 +2250,7 @@ def random_hex(digits):
 
 
 def _derived_uuid(*parts):
+    import hashlib
     raw = bytearray(hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()[:16])
     raw[6] = raw[6] & 0x0F | 0x40  # version 4
     raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
@@ -2256,6 +2264,7 @@ def conversation_ids(account_id, conversation_key):
     Derived, not stored: the same conversation keeps the same upstream session on an account
     (as the CLI keeps one per session), across requests and restarts, with no table to grow.
     """
+    import secrets
     key = conversation_key or secrets.token_hex(16)
     return ("session-" + _derived_uuid("session", account_id, key),
             _derived_uuid("conversation", account_id, key))
@@ -4297,6 +4306,7 @@ def first_messages_key(messages, count):
     """"msg:" and a sha256 of a conversation's first ``count`` messages: of their roles and
     texts where they are plain (a role and a string, the usual case: a fraction of the cost),
     else of their canonical JSON."""
+    import hashlib
     first = messages[:count] if isinstance(messages, list) else []
     parts = []
     for message in first:
@@ -5986,6 +5996,7 @@ class ChatService:
         return body
 
     def _description(self, url, conversation):
+        import hashlib
         digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
         with self._lock:
             text = self._images.get(digest)
@@ -6231,6 +6242,7 @@ class ManagementGuard:
         self._lock = threading.Lock()
 
     def check(self, config, address, presented):
+        import hmac
         if not config.management_key:
             raise NotFound("no such endpoint (the management API is off: set "
                            "management_key or IFLOW_PROXY_MANAGEMENT_KEY)")
@@ -6420,6 +6432,7 @@ class ManagementAPI:
                 "expires": key.expires or None}
 
     def add_key(self, body, query):
+        import secrets
         item = {k: v for k, v in body.items() if k != "key"}
         item["key"] = "ck-" + secrets.token_urlsafe(24)
         keys = self._stored_keys() + [item]
@@ -6583,7 +6596,7 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._watched = {}            # handler -> the exchange it relays (client checked)
         self._heartbeats = {}         # Heartbeat of a stream being relayed -> None
         self._request_ids = itertools.count(1)  # x-request-id: this run's prefix, then a count
-        self._request_prefix = "req_%s" % secrets.token_hex(4)
+        self._request_prefix = "req_%s" % os.urandom(4).hex()
         self._date = (None, "")       # (second, its HTTP Date text), for response heads
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -7060,6 +7073,7 @@ class ProxyHandler(socketserver.StreamRequestHandler):
 
     # --- client authentication --------------------------------------------------------------
     def check_client_key(self):
+        import hmac
         keys = self.server.config.client_keys
         if not keys:
             return
@@ -7819,6 +7833,7 @@ def _serve(server, config, elsewhere, stop_signals):
     if not elsewhere:
         release_free_memory()
         return serve_until_stopped(server, config)
+    when_script_returns(release_free_memory)  # (registered here, in the main thread: now)
     threading.Thread(target=serve_until_stopped, args=(server, config, True),
                      name="serve").start()
     return 0
@@ -7829,10 +7844,6 @@ def serve_until_stopped(server, config, detached=False):
     run_file = os.path.join(config.home, "run.json")  # how `status` finds this server
     atomic_write_json(run_file, {"url": server.url, "pid": os.getpid(),
                                  "started": now_rfc3339()})
-    if detached:  # once main() has returned and the syntax tree is gone
-        trim = threading.Timer(0.5, release_free_memory)
-        trim.daemon = True
-        trim.start()
     try:
         server.serve_forever()
         server.socket.close()  # stop accepting while the in-flight requests finish
@@ -7854,6 +7865,22 @@ def serve_until_stopped(server, config, detached=False):
             pass
     log.warning("stopped")
     return 0
+
+
+def when_script_returns(func):
+    """Call ``func`` as soon as this script's top level has returned and CPython has freed its
+    syntax tree: from the main thread as it starts waiting for the others (threading's
+    internal _register_atexit, 3.9 and later), else half a second from now."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(func)
+            return
+        except RuntimeError:  # the interpreter is shutting down already
+            pass
+    timer = threading.Timer(0.5, func)
+    timer.daemon = True
+    timer.start()
 
 
 def release_free_memory():
