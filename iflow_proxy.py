@@ -56,7 +56,6 @@ import socket
 import socketserver
 import struct
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -1090,13 +1089,27 @@ def ensure_private_dir(path):
         os.chmod(path, 0o700)  # the umask may have taken bits we want; it is ours, just made
 
 
+def create_private_file(directory, pattern):
+    """A new file in ``directory`` named by ``pattern`` with a random part: (fd, path), opened
+    for writing, mode 0600, never an existing file or a symlink (what tempfile.mkstemp does,
+    without loading tempfile, shutil and their compression modules into every server)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | \
+        getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(directory, pattern % os.urandom(6).hex())
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError("no unused temporary file name in %s" % directory)
+
+
 def atomic_write_json(path, data):
     """Write ``data`` so that ``path`` is always either the old or the new file, mode 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     ensure_private_dir(directory)
     payload = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)  # mkstemp creates it 0600
+    fd, tmp = create_private_file(directory, "." + os.path.basename(path) + ".%s.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -8394,8 +8407,28 @@ def cmd_status(args, config):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``iflow_proxy: error: ...`` and exit code 2."""
 
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", _help_formatter)
+        super().__init__(**kwargs)
+
     def error(self, message):
         raise BadRequest("%s (see %s --help)" % (message, self.prog))
+
+
+def _help_formatter(prog):
+    """argparse's help formatter at the width it would ask shutil for (COLUMNS, else the
+    terminal's, else 80), without importing shutil, which loads the bz2 and lzma modules into
+    every server."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return argparse.HelpFormatter(prog, width=max(columns, 12) - 2)
 
 
 def build_parser():

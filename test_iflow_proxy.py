@@ -822,6 +822,20 @@ def test_cli_bad_config_is_one_line_exit_2(home):
 # Storage: registry, permissions, atomic writes
 # ==================================================================================================
 
+def test_private_temporary_files_never_reuse_a_name_or_follow_a_link(tmp_path, monkeypatch):
+    names = iter([b"\x01" * 6, b"\x01" * 6, b"\x02" * 6])
+    monkeypatch.setattr(ip.os, "urandom", lambda n: next(names))
+    taken = tmp_path / (".x.%s.tmp" % ("01" * 6))
+    taken.symlink_to(tmp_path / "elsewhere")  # a name already there (here a link) is passed by
+    fd, path = ip.create_private_file(str(tmp_path), ".x.%s.tmp")
+    os.write(fd, b"data")
+    os.close(fd)
+    assert path == str(tmp_path / (".x.%s.tmp" % ("02" * 6)))
+    assert not (tmp_path / "elsewhere").exists()
+    if os.name == "posix":
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
 def test_registry_files_are_private_and_identity_deduplicates(home):
     e1 = add_key_account(home, "sk-aaaaaaaaaaaa")
     e2 = add_key_account(home, "sk-bbbbbbbbbbbb")
