@@ -18,7 +18,8 @@ machine.  Measurements run interleaved, so every row sees the same machine state
   concurrent 50-chunk streams, for the OpenAI path (/v1/chat/completions) and the Anthropic
   path (/v1/messages to an Anthropic-protocol upstream): medians of interleaved rounds;
 - the proxy's RSS while serving (sampled) and with its start-up, and its start-up time to the
-  first healthy response;
+  first healthy response; beside them the floor's peak RSS and what ``python -c pass`` costs
+  with the same interpreter and flags (this machine's own share of every figure);
 - separately, the cost of the per-account queue (max_concurrency 1, one account).
 
 Not part of the test suite.  Standard library only.
@@ -386,6 +387,24 @@ class RssSampler:
         return self.peak_kb
 
 
+def interpreter_alone(python_flags):
+    """Peak RSS (KiB) and run time (ms) of ``python -c pass`` with the same flags, the median
+    of 5: what every Python process here costs before any of its own code runs (the site
+    hooks this machine installs included).  None for the RSS where there is no /proc."""
+    peaks, times = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable] + list(python_flags) + ["-c", (
+            "import os\nif os.path.exists('/proc/self/status'):\n"
+            " print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")],
+            capture_output=True, text=True, check=True).stdout
+        times.append((time.perf_counter() - started) * 1000)
+        if out.strip():
+            peaks.append(int(out.split()[1]))
+    return {"peak_kb": statistics.median(peaks) if peaks else None,
+            "run_ms": statistics.median(times)}
+
+
 def start_proxy(upstream_port, max_concurrency, python_flags=()):
     home = tempfile.mkdtemp(prefix="iflow-bench-")
     with open(os.path.join(home, "config.json"), "w") as f:
@@ -460,7 +479,7 @@ def main(argv=None):
         floor_target = (int(open(floor_file).read()), "/v1")
         os.unlink(floor_file)
         direct, through = (up_port, "/v1"), (px_port, "/v1")
-        time.sleep(1)  # (the proxy hands its start-up memory back half a second after start)
+        time.sleep(1)  # (the proxy hands its start-up memory back once started)
         sampler = RssSampler(proxy.pid)
         r = {"startup_ms": statistics.median(startups)}
         r["latency"] = latency({"direct": direct, "proxy": through}, n)
@@ -489,6 +508,8 @@ def main(argv=None):
                                  else 2.0, 3 if args.quick else 7)
         r["proxy_rss_kb"] = dict(zip(("current", "peak"), rss_kb(proxy.pid)),
                                  serving_peak=sampler.stop())
+        r["floor_rss_kb"] = rss_kb(floor.pid)[1]
+        r["interpreter"] = interpreter_alone(args.python_flag)
     finally:
         for p in proxies + [upstream]:
             p.terminate()
@@ -543,6 +564,11 @@ def main(argv=None):
     print("%-38s %12s %12.1f" % ("proxy peak RSS with start-up (MB)", "",
                                   r["proxy_rss_kb"]["peak"] / 1024.0))
     print("%-38s %12s %12.1f" % ("proxy start-up to healthy (ms)", "", r["startup_ms"]))
+    print("%-38s %12s %12.1f" % ("floor peak RSS (MB)", "", r["floor_rss_kb"] / 1024.0))
+    alone = r["interpreter"]
+    print("%-38s %12s %12s" % ("python -c pass: peak RSS (MB)", "", "-" if alone["peak_kb"] is
+                               None else "%.1f" % (alone["peak_kb"] / 1024.0)))
+    print("%-38s %12s %12.1f" % ("python -c pass: run time (ms)", "", alone["run_ms"]))
     for conc in (16, 64):
         for name in ("direct", "proxy"):
             if r["rps_c%d" % conc][name]["errors"]:
