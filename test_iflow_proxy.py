@@ -3742,8 +3742,8 @@ def test_access_lines_from_many_threads_stay_whole_and_in_order(tmp_path, monkey
     """Lines written without a lock (one write(2) each), or handed to a LineWriter (the
     server's: written in batches by its own thread, whole lines of at most PIPE_BUF bytes a
     write), never interleave, keep each thread's order, and are all there (by close())."""
-    logger = logging.getLogger("iflow-proxy-test-threads")
-    logger.propagate = False
+    # a logger of its own: one that exists already, not propagating, gets pytest's handlers
+    logger = logging.Logger("iflow-proxy-test-threads")
     logger.setLevel(logging.INFO)
     handler = logging.FileHandler(str(tmp_path / "access.log"), encoding="utf-8")
     handler.setFormatter(ip.EscapingFormatter())
