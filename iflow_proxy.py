@@ -580,7 +580,7 @@ class LineWriter:
     def add(self, fd, data):
         self._lines.append((fd, data))  # deque.append is atomic: no lock per line
         self._pending += len(data)
-        if self._pending > self.backlog:
+        if self._pending > self.backlog or self._stopped.is_set():  # (closed: write it now)
             self.flush()
 
     def _run(self):

@@ -3795,8 +3795,12 @@ def test_line_writer_writes_within_its_interval_without_being_asked(tmp_path):
     finally:
         writer.close()
         os.close(fd)
-    writer.add(-1, b"after close, to a closed descriptor\n")
-    writer.flush()  # a broken log stream is passed over, as logging does
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    writer.add(fd, b"after close\n")  # a request that ends after shutdown: written at once
+    os.close(fd)
+    assert open(path, "rb").read() == b"first\nafter close\n"
+    writer.add(-1, b"to a closed descriptor\n")  # a broken log stream is passed over, as
+    writer.flush()                                 # logging does
 
 
 def test_client_key_compares_the_bytes_that_were_sent():
