@@ -2555,7 +2555,9 @@ def read_headers(fp, limit=HEADER_LIMIT):
     if peek is not None:  # the whole section is usually in the buffer already: take it at once
         buffered = peek()
         end = buffered.find(b"\r\n\r\n")
-        if 0 <= end < MAX_HEADER_LINE and buffered[:2] != b"\r\n":
+        head = buffered[:end + 2]  # (with no blank line before it: a bare "\n" may end one)
+        if 0 <= end < MAX_HEADER_LINE and head[:1] not in (b"\r", b"\n") and \
+                b"\n\n" not in head and b"\n\r\n" not in head:
             block = fp.read(end + 4)[:-2]
             text = block.decode("latin-1")
             if text.count("\n") > limit:

@@ -4894,10 +4894,12 @@ def test_read_headers_takes_a_buffered_section_at_once_with_the_same_verdicts():
             return list(ip.read_headers(fp).items()), fp.read()
         except ip.HeaderError as e:
             return e.status, e.message
-    for head in heads:
-        slow = verdict(io.BytesIO(head + b"BODY"))
-        assert verdict(io.BufferedReader(io.BytesIO(head + b"BODY"), 65536)) == slow, head
-        assert verdict(io.BufferedReader(io.BytesIO(head + b"BODY"), 16)) == slow, head
+    heads += [b"X-A: 1\n\n", b"X-A: 1\n\r\n", b"X-A: 1\r\n\n", b"\rX-A: 1\r\n\r\n"]
+    for head in heads:  # (a body that holds a blank line must not be taken for the head's end)
+        for body in (b"BODY", b"BODY\r\n\r\nMORE"):
+            slow = verdict(io.BytesIO(head + body))
+            assert verdict(io.BufferedReader(io.BytesIO(head + body), 65536)) == slow, head
+            assert verdict(io.BufferedReader(io.BytesIO(head + body), 16)) == slow, head
 
 
 class RecordingPool:
