@@ -38,7 +38,6 @@ import base64
 import contextlib
 import binascii
 import collections
-import dataclasses
 import fnmatch
 import io
 import itertools
@@ -294,7 +293,6 @@ def model_spec(model, provider=""):
     return UNKNOWN_MODEL
 
 NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")  # accounts and client keys
-MAX_NESTING = 64            # JSON depth accepted from clients (json recursion is per level)
 HEADER_LIMIT = 100          # request headers per request
 SSE_HEAD_LIMIT = 1 << 20    # bytes we read looking for the first SSE event / a JSON error body
 MAX_EVENT_BYTES = 16 << 20  # one upstream SSE event (a tool call with a whole file in it fits)
@@ -438,9 +436,16 @@ def mask_secret(value):
 
 
 def fingerprint(secret):
-    """A short stable id for a secret, safe to show and to store as an identity."""
-    import hashlib
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+    """A short stable id for a secret, safe to show and to store as an identity: the start of
+    its sha256.  Client keys and pooled keys get theirs at start-up, while CPython still holds
+    this script's syntax tree, where hashlib would load OpenSSL on top of it (3.5 MB more at
+    the peak): so CPython's own sha256 is taken, the one hashlib falls back to, where built."""
+    try:
+        sha256 = __import__("_sha2" if sys.version_info >= (3, 12) else "_sha256").sha256
+    except ImportError:  # built without it (some distributions): hashlib's, from OpenSSL
+        import hashlib
+        sha256 = hashlib.sha256
+    return sha256(secret.encode("utf-8")).hexdigest()[:12]
 
 
 # Key-shaped words that upstream error texts echo ("Incorrect API key provided: sk-…").
@@ -616,6 +621,61 @@ class LineWriter:
 # ==================================================================================================
 # Config: flags > environment > config.json > defaults, validated into one frozen Config
 # ==================================================================================================
+
+REQUIRED = object()  # a Record field with no default
+
+
+class Record:
+    """A frozen record of named fields, what a frozen dataclass gives: keyword construction
+    with defaults (a dict default copied for each record), equality and hashing by value, a
+    repr without secrets, and ``replace``.  Written out because importing dataclasses (and
+    inspect with it) and generating their code took 7 ms of every start-up.  A subclass lists
+    its fields in ``FIELDS`` (name -> default, or REQUIRED) and may check or convert them in
+    ``__post_init__``."""
+
+    FIELDS = {}
+    SECRET_FIELDS = ()  # left out of repr()
+
+    def __init__(self, **values):
+        fields = self.FIELDS
+        if values.keys() - fields.keys():
+            raise TypeError("%s has no field %s" % (type(self).__name__, ", ".join(
+                sorted(values.keys() - fields.keys()))))
+        own = self.__dict__
+        for name, default in fields.items():
+            if name in values:
+                own[name] = values[name]
+            elif default is REQUIRED:
+                raise TypeError("%s needs a value for %s" % (type(self).__name__, name))
+            else:
+                own[name] = dict(default) if type(default) is dict else default
+        self.__post_init__()
+
+    def __post_init__(self):
+        pass
+
+    def __setattr__(self, name, value):
+        raise AttributeError("%s is frozen: make another with replace()" % type(self).__name__)
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
+
+    def replace(self, **changes):
+        """A copy with ``changes``, checked and converted as a new record is."""
+        return type(self)(**dict(self.__dict__, **changes))
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self):
+        return hash(tuple(self.__dict__.values()))
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % item for item in self.__dict__.items() if item[0] not in self.SECRET_FIELDS))
+
 
 _NUMBER = (int, float)
 Setting = collections.namedtuple("Setting", "types default env doc check")
@@ -859,23 +919,21 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an obj
                (list, str): "a list or a comma-separated string"}
 
 
-def _config_field(name, setting):
-    """One Config field: lists become tuples, so a Config never holds anything mutable."""
-    default = setting.default
-    if isinstance(default, list):
-        return name, object, dataclasses.field(default=tuple(default))
-    if isinstance(default, dict):
-        return name, object, dataclasses.field(default_factory=lambda d=default: dict(d))
-    return name, object, dataclasses.field(default=default)
+class Config(Record):
+    """Every setting (see SETTINGS), resolved once in main() and passed down; never mutated."""
 
+    # lists become tuples, so a Config never holds anything mutable
+    FIELDS = dict([("home", REQUIRED)] + [(name, tuple(setting.default) if isinstance(
+        setting.default, list) else setting.default) for name, setting in SETTINGS.items()])
+    SECRET_FIELDS = ("api_keys", "client_keys", "management_key", "oauth_client_secret", "proxy",
+                     "extra_headers")  # a proxy URL may hold a password; headers, keys
 
-Config = dataclasses.make_dataclass(
-    "Config", [("home", str)] + [_config_field(n, s) for n, s in SETTINGS.items()], frozen=True,
-    namespace={"__doc__": "Every setting (see SETTINGS), resolved once in main() and passed "
-               "down; never mutated.",
-               "config_path": property(lambda self: os.path.join(self.home, "config.json")),
-               "__post_init__": lambda self: object.__setattr__(  # keys as ClientKey, always
-                   self, "client_keys", tuple(client_key(k) for k in self.client_keys))})
+    def __post_init__(self):  # client keys as ClientKey, always
+        self.__dict__["client_keys"] = tuple(client_key(k) for k in self.client_keys)
+
+    @property
+    def config_path(self):
+        return os.path.join(self.home, "config.json")
 
 
 def default_home(env=None):
@@ -1191,28 +1249,30 @@ ACCOUNT_KINDS = ("api-key", "oauth", "cookie", "pool")
 ACCOUNT_STATES = ("ok", "needs-login", "disabled")
 
 
-@dataclasses.dataclass(frozen=True)
-class Account:
+class Account(Record):
     """One upstream credential as the router sees it (a snapshot; never mutated)."""
 
-    id: str
-    nickname: str
-    kind: str
-    api_key: str
-    email: str = ""
-    base_url: str = ""          # empty: the config's api_base
-    signing: bool = True        # iFlow headers + HMAC; off for plain OpenAI-compatible APIs
-    default: bool = False
-    status: str = "ok"
-    status_reason: str = ""
-    max_concurrency: object = None  # None: the config's max_concurrency; 0 = unlimited
-    priority: int = 0
-    models: tuple = ()
-    excluded_models: tuple = ()
-    expires: str = ""
-    refresh_error: str = ""
-    provider: str = ""          # a PROVIDERS name; "" = a custom OpenAI-compatible upstream
-    protocol: str = "openai"    # what the upstream speaks: "openai" or "anthropic"
+    FIELDS = {
+        "id": REQUIRED,
+        "nickname": REQUIRED,
+        "kind": REQUIRED,
+        "api_key": REQUIRED,
+        "email": "",
+        "base_url": "",           # empty: the config's api_base
+        "signing": True,          # iFlow headers + HMAC; off for plain OpenAI-compatible APIs
+        "default": False,
+        "status": "ok",
+        "status_reason": "",
+        "max_concurrency": None,  # None: the config's max_concurrency; 0 = unlimited
+        "priority": 0,
+        "models": (),
+        "excluded_models": (),
+        "expires": "",
+        "refresh_error": "",
+        "provider": "",           # a PROVIDERS name; "" = a custom OpenAI-compatible upstream
+        "protocol": "openai",     # what the upstream speaks: "openai" or "anthropic"
+    }
+    SECRET_FIELDS = ("api_key",)
 
     def api_base(self, config):
         return (self.base_url or config.api_base).rstrip("/")
@@ -1395,8 +1455,8 @@ class AccountRegistry:
         known = self._all
         if known[0] is accounts and known[1] == version:
             return known[2]
-        pool = tuple(dataclasses.replace(a, status=self._pool_status[a.id][0],
-                                         status_reason=self._pool_status[a.id][1])
+        pool = tuple(a.replace(status=self._pool_status[a.id][0],
+                               status_reason=self._pool_status[a.id][1])
                      if a.id in self._pool_status else a for a in self.pool)
         self._all = (accounts, version, accounts + pool)
         return accounts + pool
@@ -4631,12 +4691,6 @@ def anthropic_conversation_key(body, headers):
     return first_messages_key(body.get("messages"), 1)
 
 
-def has_images(openai_body):
-    return any(isinstance(m.get("content"), list) and
-               any(p.get("type") == "image_url" for p in m["content"])
-               for m in openai_body["messages"])
-
-
 def anthropic_has_images(body):
     """Whether an Anthropic request holds an image, in a message or a tool result (asked
     before translating it: most hold none)."""
@@ -5206,7 +5260,9 @@ COMMON_CJK = frozenset(
 
 
 _CJK_PUNCT = ("\u3000", "\u303f", "\uff00", "\uffef")
-_TOKEN_RUNS = re.compile(
+# A pattern, not a compiled one: compiling its wide classes takes some 3 ms that every start-up
+# would pay; re compiles it on first use and keeps it in its own cache.
+_TOKEN_RUNS = (
     r"[\u3000-\u303f\uff00-\uffef]"                            # CJK / full-width punctuation
     r"|[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]"  # a CJK, kana or hangul char
     r"|[A-Za-z]+|[0-9]+"                                       # a word, a number
@@ -5224,7 +5280,7 @@ def estimate_tokens(text):
     Within about ±12% for English prose, Chinese text and source code.
     """
     total, cjk = 0.0, 0.0
-    for match in _TOKEN_RUNS.finditer(text):
+    for match in re.finditer(_TOKEN_RUNS, text):
         run = match.group()
         first = run[0]
         if first.isascii():
@@ -6810,7 +6866,7 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def apply_config(self, **changes):
         """Run on with some settings changed (from the management API), everywhere they are
         read, without a restart."""
-        self.config = dataclasses.replace(self.config, **changes)
+        self.config = self.config.replace(**changes)
         self.chat.apply_config(self.config)
 
     @property
@@ -7954,7 +8010,7 @@ def cmd_login(args, config):
     if args.nickname:
         validate_nickname(args.nickname)
     if args.callback_port is not None:
-        config = dataclasses.replace(config, callback_port=args.callback_port)
+        config = config.replace(callback_port=args.callback_port)
     settings = {}
     if (args.provider or args.protocol) and not args.api_key:
         raise BadRequest("--provider and --protocol go with --api-key")
@@ -8307,7 +8363,7 @@ def cmd_claude(args, config):
             if isinstance(handler, logging.StreamHandler) and \
                     not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
-        server = start_server(dataclasses.replace(config, host=DEFAULT_HOST, port=0))
+        server = start_server(config.replace(host=DEFAULT_HOST, port=0))
         url = server.url
     ours = claude_env(url, _client_token(config), config, args.model, account_rows(config))
     kept = [k for k in ours if k.startswith("CLAUDE_CODE_") and os.environ.get(k)]

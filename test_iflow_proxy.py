@@ -8,7 +8,6 @@ in flight per key, as the real service does.
 import ast
 import base64
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import http.client
@@ -387,7 +386,7 @@ def make_config(home, fake=None, env=None, **overrides):
     environment = {"IFLOW_API_BASE": fake.url + "/v1"} if fake else {}
     environment.update(env or {})
     config = ip.load_config(home, {"port": 0}, environment)
-    return dataclasses.replace(config, **overrides)
+    return config.replace(**overrides)
 
 
 @contextlib.contextmanager
@@ -596,7 +595,7 @@ def test_upstream_headers_signed_and_plain():
                                                      "1763812345678")
     assert h["user-agent"] == "iFlow-Cli" and h["x-client-type"] == "iflow-cli"
     assert not any(k.lower() == "accept" for k in h)
-    plain = ip.upstream_headers(dataclasses.replace(account, signing=False), config, sid, cid)
+    plain = ip.upstream_headers(account.replace(signing=False), config, sid, cid)
     assert "x-iflow-signature" not in plain and "session-id" not in plain
     assert plain["Authorization"] == "Bearer sk-abc12345"
 
@@ -739,12 +738,12 @@ def test_resolve_model_aliases():
     assert ip.resolve_model("glm-4.7", config) == ("glm-4.7", "glm-4.6", None)
     assert ip.resolve_model("GLM-4.7(high)[1m]", config) == ("GLM-4.7", "glm-4.6", "high")
     assert ip.resolve_model("glm-4.6", config) == ("glm-4.6", None, None)
-    always = dataclasses.replace(config, legacy_aliases={"iflow-default": "always"})
+    always = config.replace(legacy_aliases={"iflow-default": "always"})
     assert ip.resolve_model("iflow-default", always) == ("qwen3-coder-plus", None, None)
     assert ip.resolve_model("glm-4.7", always) == ("glm-4.7", "glm-4.6", None)
-    off = dataclasses.replace(config, legacy_aliases="off")
+    off = config.replace(legacy_aliases="off")
     assert ip.resolve_model("glm-4.7", off) == ("glm-4.7", None, None)
-    user = dataclasses.replace(config, model_aliases={"fast": "qwen3-coder-plus",
+    user = config.replace(model_aliases={"fast": "qwen3-coder-plus",
                                                       "glm-4.7": "glm-5"})
     assert ip.resolve_model("fast", user) == ("qwen3-coder-plus", None, None)
     assert ip.resolve_model("glm-4.7", user) == ("glm-5", None, None)
@@ -816,6 +815,48 @@ def test_cli_bad_config_is_one_line_exit_2(home):
     write_config(home, "{oops")
     code, out, err = run_cli("accounts", home=home)
     assert code == 2 and err.count("\n") == 1 and "config.json" in err and "Traceback" not in err
+
+
+def test_records_are_frozen_values_whose_replace_converts_again():
+    config = ip.Config(home="/x", client_keys=["ck-secret-0001"], management_key="mk-secret-42")
+    assert config.client_keys[0].key == "ck-secret-0001"  # converted to ClientKey at creation
+    again = config.replace(client_keys=["ck-secret-0002"], port=9)
+    assert again.client_keys[0].key == "ck-secret-0002" and again.port == 9
+    assert config.port == ip.SETTINGS["port"].default and again.home == "/x"
+    assert config == ip.Config(home="/x", client_keys=["ck-secret-0001"],
+                               management_key="mk-secret-42") and config != again
+    with pytest.raises(AttributeError):
+        config.port = 1
+    with pytest.raises(AttributeError):
+        del config.port
+    # a dict default is each record's own; lists become tuples
+    first, second = ip.Config(home="/a"), ip.Config(home="/b")
+    assert first.model_aliases == second.model_aliases
+    assert first.model_aliases is not second.model_aliases
+    assert all(not isinstance(v, list) for v in vars(first).values())
+    # secrets stay out of repr, the rest is there
+    for record, secret in ((config, "ck-secret-0001"), (config, "mk-secret-42"),
+                           (ip.Account(id="a", nickname="n", kind="api-key",
+                                       api_key="sk-secret-777"), "sk-secret-777")):
+        text = repr(record)
+        assert secret not in text and ("id='a'" in text or "home='/x'" in text), text
+    account = ip.Account(id="a", nickname="n", kind="api-key", api_key="k")
+    assert hash(account) == hash(account.replace()) and account.replace(priority=3).priority == 3
+    assert account.replace(priority=3) != account and account != ("a", "n")
+    with pytest.raises(TypeError, match="no field colour"):
+        ip.Account(id="a", nickname="n", kind="api-key", api_key="k", colour="red")
+    with pytest.raises(TypeError, match="api_key"):
+        ip.Account(id="a", nickname="n", kind="api-key")
+    with pytest.raises(TypeError, match="no field"):
+        account.replace(colour="red")
+
+
+def test_fingerprint_is_sha256_with_or_without_the_builtin_module(monkeypatch):
+    expected = hashlib.sha256("sk-some-key".encode("utf-8")).hexdigest()[:12]
+    assert ip.fingerprint("sk-some-key") == expected
+    for name in ("_sha2", "_sha256"):  # a Python built without them: hashlib's
+        monkeypatch.setitem(sys.modules, name, None)
+    assert ip.fingerprint("sk-some-key") == expected
 
 
 # ==================================================================================================
@@ -3509,7 +3550,7 @@ class SocketlessServer:
     """What ProxyHandler needs of its server: config, chat, the budget, no-op watches."""
 
     def __init__(self, config=None, chat=None, **overrides):
-        self.config = dataclasses.replace(config or ip.Config(home="/x"), **overrides)
+        self.config = (config or ip.Config(home="/x")).replace(**overrides)
         self.chat = chat or ScriptedChat()
         self.bodies = ip.BodyBudget(self.config.max_inflight_body_bytes)
         self.limits = ip.ClientLimits(usage=None)
@@ -4024,13 +4065,13 @@ def test_log_file_never_changes_an_existing_directory(tmp_path, home):
     loose = shared / "loose.log"
     loose.write_text("")
     os.chmod(loose, 0o644)
-    ip.setup_logging(dataclasses.replace(config, log_file=str(loose)), stream=err)
+    ip.setup_logging(config.replace(log_file=str(loose)), stream=err)
     for h in ip.log.handlers:
         h.close()
     ip.log.handlers[:] = []
     assert "readable by other users" in err.getvalue()
     new_dir = tmp_path / "made" / "logs"
-    ip.setup_logging(dataclasses.replace(config, log_file=str(new_dir / "x.log")), stream=err)
+    ip.setup_logging(config.replace(log_file=str(new_dir / "x.log")), stream=err)
     for h in ip.log.handlers:
         h.close()
     ip.log.handlers[:] = []
@@ -4074,7 +4115,7 @@ def pool_router(tmp_path, n=3, clock=None, **config):
     accounts = [ip.Account(id="p%d" % i, nickname="k%d" % i, kind="pool", api_key="sk-%d" % i,
                            default=i == 0) for i in range(n)]
     registry = ip.AccountRegistry(str(tmp_path), pool=accounts)
-    return ip.Router(registry, dataclasses.replace(ip.Config(home=str(tmp_path)), **config),
+    return ip.Router(registry, ip.Config(home=str(tmp_path)).replace(**config),
                      clock=clock or FakeClock())
 
 
@@ -4101,7 +4142,7 @@ def test_router_queue_times_out_and_leaves_when_cancelled(tmp_path):
     held = router.acquire("m")
     with pytest.raises(ip.RateLimited):
         router.acquire("m")
-    router.config = dataclasses.replace(router.config, queue_timeout=30)
+    router.config = router.config.replace(queue_timeout=30)
     with pytest.raises(ip.ClientGone):
         router.acquire("m", cancelled=lambda: True)
     assert router.waiting() == 0
@@ -4118,7 +4159,7 @@ def test_router_strategies_and_priority(tmp_path):
     first = router.acquire("m")
     assert router.acquire("m").id != first.id
     router = pool_router(tmp_path, max_concurrency=0)
-    router.registry.pool = tuple(dataclasses.replace(a, priority=5 if a.id == "p2" else 0)
+    router.registry.pool = tuple(a.replace(priority=5 if a.id == "p2" else 0)
                                  for a in router.registry.pool)
     assert {router.acquire("m").nickname for _ in range(3)} == {"k2"}
 
@@ -4621,7 +4662,7 @@ def test_kimi_thinking_tool_choice_and_provider_thinking_switch():
     shaped = ip.shape_provider_body(body, "kimi-k2.6", kimi, thinking=True, limit=1000)
     assert shaped["tool_choice"] == "auto" and shaped["thinking"] == {"type": "enabled"}
     assert ip.shape_provider_body(body, "kimi-k2.6", kimi)["tool_choice"] == "required"
-    deepseek = dataclasses.replace(kimi, provider="deepseek")
+    deepseek = kimi.replace(provider="deepseek")
     shaped = ip.shape_provider_body(dict(body, max_tokens=10 ** 6), "deepseek-v4-pro", deepseek,
                                     thinking=False, limit=393216)
     assert shaped["thinking"] == {"type": "disabled"} and shaped["max_tokens"] == 393216
