@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark iflow_proxy.py against a fast fake upstream: what does the proxy add?
 
-    python bench_iflow_proxy.py [--quick] [--out results.json]
+    python bench_iflow_proxy.py [--quick] [--out results.json] [--python-flag=-S]
 
 Processes: a fast fake upstream (OpenAI- and Anthropic-compatible), the proxy
 (`iflow_proxy.py serve` with its default settings and log, its account pool at unlimited
@@ -19,7 +19,8 @@ machine.  Measurements run interleaved, so every row sees the same machine state
   path (/v1/messages to an Anthropic-protocol upstream): medians of interleaved rounds;
 - the proxy's RSS while serving (sampled) and with its start-up, and its start-up time to the
   first healthy response; beside them the floor's peak RSS and what ``python -c pass`` costs
-  with the same interpreter and flags (this machine's own share of every figure);
+  with the same interpreter and flags (this machine's own share of every figure; the floor
+  and the proxy run with the same flags);
 - separately, the cost of the per-account queue (max_concurrency 1, one account).
 
 Not part of the test suite.  Standard library only.
@@ -443,8 +444,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer samples, shorter runs")
     parser.add_argument("--out", help="also write the figures as JSON to this file")
     parser.add_argument("--python-flag", action="append", default=[], metavar="FLAG",
-                        help="interpreter flag for the proxy, e.g. -S to leave out "
-                        "site-packages hooks this machine may have")
+                        help="interpreter flag for the proxy and the floor, e.g. --python-flag=-S to "
+                        "leave out site-packages hooks this machine may have (with '=': "
+                        "the flag starts with a dash)")
     parser.add_argument("--upstream", help=argparse.SUPPRESS)  # internal: run the fake upstream
     parser.add_argument("--floor", nargs=2, help=argparse.SUPPRESS)  # internal: run the floor
     args = parser.parse_args(argv)
@@ -462,8 +464,8 @@ def main(argv=None):
         while not (os.path.exists(port_file) and open(port_file).read()):
             time.sleep(0.01)
         up_port = int(open(port_file).read())
-        startups = []
-        for _ in range(3 if args.quick else 5):
+        startups = []  # nine: a start-up is 0.2 s, and this host's load moves single ones by 50 %
+        for _ in range(3 if args.quick else 9):
             proc, _port, ms = start_proxy(up_port, 0, args.python_flag)
             startups.append(ms)
             proc.terminate()
@@ -471,8 +473,8 @@ def main(argv=None):
         proxy, px_port, _ = start_proxy(up_port, 0, args.python_flag)
         queued, q_port, _ = start_proxy(up_port, 1, args.python_flag)
         floor_file = tempfile.mktemp(prefix="iflow-bench-floor-")
-        floor = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor",
-                                  floor_file, str(up_port)])
+        floor = subprocess.Popen([sys.executable] + args.python_flag +  # the proxy's flags
+                                 [os.path.abspath(__file__), "--floor", floor_file, str(up_port)])
         proxies += [proxy, queued, floor]
         while not (os.path.exists(floor_file) and open(floor_file).read()):
             time.sleep(0.01)
