@@ -658,7 +658,7 @@ class Record:
         raise AttributeError("%s is frozen: make another with replace()" % type(self).__name__)
 
     def __delattr__(self, name):
-        self.__setattr__(name, None)
+        raise AttributeError("%s is frozen: make another with replace()" % type(self).__name__)
 
     def replace(self, **changes):
         """A copy with ``changes``, checked and converted as a new record is."""
@@ -4015,11 +4015,14 @@ MAX_USAGE_ROWS = 300             # (account, model) rows per day before new ones
 OTHER_MODELS = "(other models)"
 
 
-def _row(table, row, account, new):
-    """``table[row]``, made with ``new()`` if missing; once the table holds MAX_USAGE_ROWS rows
-    new models share the account's OTHER_MODELS row (clients choose model names)."""
-    found = table.get(row)
+def _row(tables, key, row, account, new):
+    """``tables[key][row]``, made with ``new()`` if missing; once that table holds
+    MAX_USAGE_ROWS rows new models share the account's OTHER_MODELS row (clients choose model
+    names)."""
+    table = tables.get(key)
+    found = table.get(row) if table is not None else None  # the usual case: both there
     if found is None:
+        table = tables.setdefault(key, {})
         if len(table) >= MAX_USAGE_ROWS:
             row = "%s|%s" % (account, OTHER_MODELS)
         found = table.setdefault(row, new())
@@ -4119,10 +4122,7 @@ class UsageBook:
         row = "%s|%s" % (account, model)
         today, this_hour = self._stamps()
         with self._lock:
-            day = self._days.get(today)
-            tally = day.get(row) if day is not None else None
-            if tally is None:
-                tally = _row(self._days.setdefault(today, {}), row, account, _new_tally)
+            tally = _row(self._days, today, row, account, _new_tally)
             tally["requests"] += 1
             if status != 200:
                 failures = tally["failures"]
@@ -4136,10 +4136,7 @@ class UsageBook:
             tally["latency_ms"] += round(latency_ms, 1)
             if client:
                 self._count_client(client, model, usage)
-            hour = self._hours.get(this_hour)
-            counts = hour.get(row) if hour is not None else None
-            if counts is None:
-                counts = _row(self._hours.setdefault(this_hour, {}), row, account, _new_pair)
+            counts = _row(self._hours, this_hour, row, account, _new_pair)
             counts[0] += 1
             counts[1] += prompt + completion
             self._dirty = True
@@ -4412,10 +4409,7 @@ def first_messages_key(messages, count):
             break
         parts.append(role)
         parts.append(content)
-    else:
-        text = "\x00".join(parts)
-        return "msg:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    text = _SORTED_JSON.encode(first)
+    text = "\x00".join(parts) if len(parts) == 2 * len(first) else _SORTED_JSON.encode(first)
     return "msg:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
