@@ -99,15 +99,6 @@ OAUTH_CLIENT_SECRET = "4Z3YjXycVsQvyGF1etiNlIBB4RsqSDtW"
 ROUTE_PREFIX = "/api/provider/iflow"  # what CCS users already have in ANTHROPIC_BASE_URL
 ANTHROPIC_VERSION = "2023-06-01"      # sent to Anthropic-protocol upstreams
 
-# The official CLI ships its model list built in; /v1/models falls back to it.
-BUILTIN_MODELS = (
-    "glm-4.6", "glm-4.7", "glm-5", "kimi-k2", "kimi-k2-0905", "kimi-k2-thinking", "kimi-k2.5",
-    "qwen3-coder-plus", "qwen3-max", "qwen3-vl-plus", "qwen3-32b", "qwen3-235b-a22b-instruct",
-    "qwen3-235b-a22b-thinking-2507", "deepseek-v3", "deepseek-v3.1", "deepseek-v3.2",
-    "deepseek-v3.2-chat", "deepseek-r1", "minimax-m2", "minimax-m2.1", "minimax-m2.5",
-    "iFlow-ROME-30BA3B",
-)
-
 # CCS's legacy names -> canonical model.  Tried as asked first ("fallback" mode), see resolve_model.
 LEGACY_ALIASES = {
     "iflow-default": "qwen3-coder-plus",
@@ -143,13 +134,15 @@ PROTOCOLS = ("openai", "anthropic")
 _ANTHROPIC_ONLY = ("context_management", "container", "mcp_servers", "service_tier")
 
 
-def _models(thinking, vision=(), **sizes):
-    """{name: Model} from ``name=(window, output)``; names use _ for - and . (see _name)."""
-    return {_name(k): Model(w, o, thinking, _name(k) in vision) for k, (w, o) in sizes.items()}
-
-
-def _name(key):
-    return key.replace("__", ".").replace("_", "-")
+def _models(table):
+    """{name: Model} from lines "name window output [thinking] [vision]": thinking names the
+    request fields that switch it (see provider_thinking), "-" for none."""
+    models = {}
+    for line in table.strip().splitlines():
+        name, window, output, *rest = line.split()
+        models[name] = Model(int(window), int(output), rest[0] if rest and rest[0] != "-"
+                             else None, rest[1:] == ["vision"])
+    return models
 
 
 PROVIDERS = {
@@ -157,19 +150,29 @@ PROVIDERS = {
     # kimi-k2.5 262k, qwen3-coder 256k, deepseek 65k-128k, minimax 128k; output limits as the CLI.
     "iflow": Provider(
         "iFlow (service ended 2026-04-17)", DEFAULT_API_BASE, None, "bearer", True,
-        DEFAULT_CLAUDE_MODELS,
-        dict(_models("iflow", ("qwen3-vl-plus",), glm_4__6=(200000, 32000),
-                     glm_4__7=(200000, 32000), glm_5=(170000, 32000), kimi_k2=(128000, 32768),
-                     kimi_k2_0905=(128000, 32768), kimi_k2_thinking=(128000, 32768),
-                     kimi_k2__5=(262144, 32768), qwen3_coder_plus=(256000, 64000),
-                     qwen3_max=(256000, 32768), qwen3_vl_plus=(128000, 8192),
-                     qwen3_32b=(128000, 8192), qwen3_235b_a22b_instruct=(128000, 8192),
-                     qwen3_235b_a22b_thinking_2507=(128000, 8192), deepseek_v3=(65536, 8192),
-                     deepseek_v3__1=(128000, 8192), deepseek_v3__2=(128000, 64000),
-                     deepseek_v3__2_chat=(128000, 64000), deepseek_r1=(65536, 32768),
-                     minimax_m2=(128000, 64000), minimax_m2__1=(128000, 64000),
-                     minimax_m2__5=(128000, 64000)),
-             **{"iFlow-ROME-30BA3B": Model(128000, 8192, "iflow", False)}),
+        DEFAULT_CLAUDE_MODELS, _models("""
+            glm-4.6                        200000  32000 iflow
+            glm-4.7                        200000  32000 iflow
+            glm-5                          170000  32000 iflow
+            kimi-k2                        128000  32768 iflow
+            kimi-k2-0905                   128000  32768 iflow
+            kimi-k2-thinking               128000  32768 iflow
+            kimi-k2.5                      262144  32768 iflow
+            qwen3-coder-plus               256000  64000 iflow
+            qwen3-max                      256000  32768 iflow
+            qwen3-vl-plus                  128000   8192 iflow vision
+            qwen3-32b                      128000   8192 iflow
+            qwen3-235b-a22b-instruct       128000   8192 iflow
+            qwen3-235b-a22b-thinking-2507  128000   8192 iflow
+            deepseek-v3                     65536   8192 iflow
+            deepseek-v3.1                  128000   8192 iflow
+            deepseek-v3.2                  128000  64000 iflow
+            deepseek-v3.2-chat             128000  64000 iflow
+            deepseek-r1                     65536  32768 iflow
+            minimax-m2                     128000  64000 iflow
+            minimax-m2.1                   128000  64000 iflow
+            minimax-m2.5                   128000  64000 iflow
+            iFlow-ROME-30BA3B              128000   8192 iflow"""),
         (), (), "shared/iflow-protocol.md"),
     # https://api-docs.deepseek.com/quick_start/pricing: both protocols, 1M context, output up
     # to 384K; https://api-docs.deepseek.com/guides/anthropic_api: claude-opus* -> v4-pro, other
@@ -178,9 +181,10 @@ PROVIDERS = {
     "deepseek": Provider(
         "DeepSeek", "https://api.deepseek.com", "https://api.deepseek.com/anthropic", "x-api-key",
         False, {"opus": "deepseek-v4-pro", "sonnet": "deepseek-v4-flash",
-                "haiku": "deepseek-v4-flash"},
-        _models("deepseek", ("deepseek-flash",), deepseek_v4_flash=(1048576, 393216),
-                deepseek_v4_pro=(1048576, 393216), deepseek_flash=(1048576, 393216)),
+                "haiku": "deepseek-v4-flash"}, _models("""
+            deepseek-v4-flash  1048576 393216 deepseek
+            deepseek-v4-pro    1048576 393216 deepseek
+            deepseek-flash     1048576 393216 deepseek vision"""),
         _ANTHROPIC_ONLY, ("reasoning_passback", "max_tokens_range"),
         "https://api-docs.deepseek.com/quick_start/pricing"),
     # https://docs.bigmodel.cn (OpenAI: /api/paas/v4, Anthropic: /api/anthropic); GLM-4.6/4.7/5
@@ -188,9 +192,12 @@ PROVIDERS = {
     "zhipu": Provider(
         "Zhipu GLM (open.bigmodel.cn)", "https://open.bigmodel.cn/api/paas/v4",
         "https://open.bigmodel.cn/api/anthropic", "bearer", False,
-        {"opus": "glm-5", "sonnet": "glm-4.7", "haiku": "glm-4.5-air"},
-        _models("glm", ("glm-4.6v",), glm_4__6=(200000, 128000), glm_4__7=(200000, 128000),
-                glm_5=(200000, 128000), glm_4__5_air=(128000, 96000), glm_4__6v=(128000, 32768)),
+        {"opus": "glm-5", "sonnet": "glm-4.7", "haiku": "glm-4.5-air"}, _models("""
+            glm-4.6      200000 128000 glm
+            glm-4.7      200000 128000 glm
+            glm-5        200000 128000 glm
+            glm-4.5-air  128000  96000 glm
+            glm-4.6v     128000  32768 glm vision"""),
         _ANTHROPIC_ONLY, (), "https://docs.bigmodel.cn/cn/guide/develop/claude"),
     # https://docs.z.ai/devpack/tool/claude (Anthropic: https://api.z.ai/api/anthropic) and
     # https://docs.z.ai/guides/overview/quick-start (OpenAI: https://api.z.ai/api/paas/v4).
@@ -204,8 +211,10 @@ PROVIDERS = {
     "moonshot": Provider(
         "Moonshot Kimi", "https://api.moonshot.ai/v1", "https://api.moonshot.ai/anthropic",
         "bearer", False, {"opus": "kimi-k2.6", "sonnet": "kimi-k2.6", "haiku": "kimi-k2.5"},
-        _models("kimi", ("kimi-k2.6", "kimi-k2.5"), kimi_k2__6=(262144, 262144),
-                kimi_k2__5=(262144, 262144), kimi_k2_thinking=(262144, 262144)),
+        _models("""
+            kimi-k2.6         262144 262144 kimi vision
+            kimi-k2.5         262144 262144 kimi vision
+            kimi-k2-thinking  262144 262144 kimi"""),
         _ANTHROPIC_ONLY, ("thinking_tool_choice_auto",), "https://platform.kimi.ai/docs/models"),
     # https://www.alibabacloud.com/help/en/model-studio/claude-code (Anthropic:
     # /apps/anthropic) and .../model-studio/compatibility-of-openai-with-dashscope (OpenAI:
@@ -213,44 +222,47 @@ PROVIDERS = {
     "dashscope": Provider(
         "Alibaba DashScope / Bailian (Qwen)", "https://dashscope.aliyuncs.com/compatible-mode/v1",
         "https://dashscope.aliyuncs.com/apps/anthropic", "bearer", False,
-        {"opus": "qwen3-max", "sonnet": "qwen3-coder-plus", "haiku": "qwen-flash"},
-        _models("qwen", ("qwen3-vl-plus",), qwen3_coder_plus=(1000000, 65536),
-                qwen3_max=(262144, 65536), qwen3__5_plus=(1000000, 65536),
-                qwen_plus=(1000000, 32768), qwen_flash=(1000000, 32768),
-                qwen3_vl_plus=(262144, 32768)),
+        {"opus": "qwen3-max", "sonnet": "qwen3-coder-plus", "haiku": "qwen-flash"}, _models("""
+            qwen3-coder-plus  1000000 65536 qwen
+            qwen3-max          262144 65536 qwen
+            qwen3.5-plus      1000000 65536 qwen
+            qwen-plus         1000000 32768 qwen
+            qwen-flash        1000000 32768 qwen
+            qwen3-vl-plus      262144 32768 qwen vision"""),
         _ANTHROPIC_ONLY, (), "https://www.alibabacloud.com/help/en/model-studio/claude-code"),
     # https://platform.minimax.io/docs/api-reference/text-anthropic-api (Anthropic:
     # https://api.minimax.io/anthropic; OpenAI: https://api.minimax.io/v1); 204,800 context.
     "minimax": Provider(
         "MiniMax", "https://api.minimax.io/v1", "https://api.minimax.io/anthropic", "bearer", False,
         {"opus": "MiniMax-M2.7", "sonnet": "MiniMax-M2.7", "haiku": "MiniMax-M2.7-highspeed"},
-        {"MiniMax-M2.7": Model(204800, 131072, "minimax", False),
-         "MiniMax-M2.7-highspeed": Model(204800, 131072, "minimax", False),
-         "MiniMax-M2.5": Model(204800, 131072, "minimax", False)},
+        _models("""
+            MiniMax-M2.7            204800 131072 minimax
+            MiniMax-M2.7-highspeed  204800 131072 minimax
+            MiniMax-M2.5            204800 131072 minimax"""),
         _ANTHROPIC_ONLY, (), "https://platform.minimax.io/docs/api-reference/text-anthropic-api"),
     # https://docs.siliconflow.cn/cn/userguide/quickstart (OpenAI: https://api.siliconflow.cn/v1,
     # Anthropic: https://api.siliconflow.cn); names are org/Model.
     "siliconflow": Provider(
         "SiliconFlow", "https://api.siliconflow.cn/v1", "https://api.siliconflow.cn", "bearer",
         False, {"opus": "deepseek-ai/DeepSeek-V3.2", "sonnet": "deepseek-ai/DeepSeek-V3.2",
-                "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"},
-        {"deepseek-ai/DeepSeek-V3.2": Model(163840, 65536, "deepseek", False),
-         "moonshotai/Kimi-K2-Instruct-0905": Model(262144, 32768, None, False),
-         "zai-org/GLM-4.6": Model(200000, 128000, "glm", False),
-         "Qwen/Qwen3-Coder-30B-A3B-Instruct": Model(262144, 65536, None, False)},
+                "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"}, _models("""
+            deepseek-ai/DeepSeek-V3.2          163840  65536 deepseek
+            moonshotai/Kimi-K2-Instruct-0905   262144  32768
+            zai-org/GLM-4.6                    200000 128000 glm
+            Qwen/Qwen3-Coder-30B-A3B-Instruct  262144  65536"""),
         _ANTHROPIC_ONLY, (), "https://docs.siliconflow.cn/cn/userguide/quickstart"),
     # https://openrouter.ai/docs/quickstart (OpenAI: https://openrouter.ai/api/v1) and
     # https://openrouter.ai/docs/guides/claude-code (Anthropic: https://openrouter.ai/api).
     "openrouter": Provider(
         "OpenRouter", "https://openrouter.ai/api/v1", "https://openrouter.ai/api", "bearer", False,
         {"opus": "anthropic/claude-opus-4.5", "sonnet": "anthropic/claude-sonnet-4.5",
-         "haiku": "anthropic/claude-haiku-4.5"},
-        {"anthropic/claude-opus-4.5": Model(200000, 64000, None, True),
-         "anthropic/claude-sonnet-4.5": Model(200000, 64000, None, True),
-         "anthropic/claude-haiku-4.5": Model(200000, 64000, None, True),
-         "deepseek/deepseek-v4-flash": Model(1048576, 393216, "deepseek", False),
-         "z-ai/glm-4.6": Model(200000, 65536, "glm", False),
-         "moonshotai/kimi-k2.6": Model(262144, 262144, None, True)},
+         "haiku": "anthropic/claude-haiku-4.5"}, _models("""
+            anthropic/claude-opus-4.5    200000  64000 - vision
+            anthropic/claude-sonnet-4.5  200000  64000 - vision
+            anthropic/claude-haiku-4.5   200000  64000 - vision
+            deepseek/deepseek-v4-flash  1048576 393216 deepseek
+            z-ai/glm-4.6                 200000  65536 glm
+            moonshotai/kimi-k2.6         262144 262144 - vision"""),
         (), (), "https://openrouter.ai/docs/quickstart"),
     # https://modelscope.cn/docs/model-service/API-Inference/intro (OpenAI-compatible:
     # https://api-inference.modelscope.cn/v1).
@@ -258,13 +270,17 @@ PROVIDERS = {
         "ModelScope", "https://api-inference.modelscope.cn/v1", None, "bearer", False,
         {"opus": "Qwen/Qwen3-Coder-480B-A35B-Instruct",
          "sonnet": "Qwen/Qwen3-Coder-480B-A35B-Instruct",
-         "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"},
-        {"Qwen/Qwen3-Coder-480B-A35B-Instruct": Model(262144, 65536, None, False),
-         "Qwen/Qwen3-Coder-30B-A3B-Instruct": Model(262144, 65536, None, False),
-         "ZhipuAI/GLM-4.6": Model(200000, 128000, "glm", False)},
+         "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"}, _models("""
+            Qwen/Qwen3-Coder-480B-A35B-Instruct  262144  65536
+            Qwen/Qwen3-Coder-30B-A3B-Instruct    262144  65536
+            ZhipuAI/GLM-4.6                      200000 128000 glm"""),
         (), (), "https://modelscope.cn/docs/model-service/API-Inference/intro"),
 }
 PROVIDERS["zai"] = PROVIDERS["zai"]._replace(models=PROVIDERS["zhipu"].models)
+
+# The official CLI ships its model list built in (the iFlow preset's, in its order);
+# /v1/models falls back to it.
+BUILTIN_MODELS = tuple(PROVIDERS["iflow"].models)
 
 
 def _model_owners():
@@ -311,12 +327,8 @@ class ProxyError(Exception):
 
     def __init__(self, message, status=None, code=None, retry_after=None):
         super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if code is not None:
-            self.code = code
-        self.retry_after = retry_after
+        self.message, self.retry_after = message, retry_after
+        self.status, self.code = status or self.status, code or self.code
 
 
 class BadRequest(ProxyError):
@@ -361,10 +373,8 @@ class UpstreamError(ProxyError):
 
     def __init__(self, kind, message, upstream_status=None, trace_id="", retry_after=None):
         status, code, _retry_other = UPSTREAM_KINDS[kind]
-        super().__init__(message, status=status, code=code, retry_after=retry_after)
-        self.kind = kind
-        self.upstream_status = upstream_status
-        self.trace_id = trace_id
+        super().__init__(message, status, code, retry_after)
+        self.kind, self.upstream_status, self.trace_id = kind, upstream_status, trace_id
         self.tokens = self.window = None  # an input too long: its size and the model's window
 
     @property
@@ -394,11 +404,13 @@ _OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error"
                        403: "permission_error", 404: "invalid_request_error",
                        405: "invalid_request_error", 413: "invalid_request_error",
                        429: "rate_limit_error"}
-_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                          403: "permission_error", 404: "not_found_error",
-                          405: "invalid_request_error", 413: "request_too_large",
-                          429: "rate_limit_error", 503: "overloaded_error",
-                          529: "overloaded_error"}
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors) -> the HTTP status they go with
+ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
+                          "permission_error": 403, "not_found_error": 404,
+                          "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                          "overloaded_error": 529}
+_ANTHROPIC_ERROR_TYPES = {**{status: kind for kind, status in ANTHROPIC_ERROR_STATUS.items()},
+                          405: "invalid_request_error", 503: "overloaded_error"}
 
 
 def error_body(err, api="openai"):
@@ -428,10 +440,8 @@ def too_long_message(err, api):
 def mask_secret(value):
     """``sk-abcdef…wxyz`` -> ``sk-ab…yz``: enough to tell keys apart, never enough to use one."""
     value = str(value or "")
-    if not value:
-        return "(none)"
     if len(value) <= 8:
-        return value[:1] + "…"
+        return value[:1] + "…" if value else "(none)"
     return value[:5] + "…" + value[-2:]
 
 
@@ -479,8 +489,8 @@ def printable(text):
     text = text if isinstance(text, str) else str(text)
     if _UNPRINTABLE.search(text) is None:
         return text
-    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
-                            else "\\u%04x" % ord(m.group()), text)
+    return _UNPRINTABLE.sub(lambda m: ("\\x%02x" if m.group() < "\u0100" else "\\u%04x")
+                            % ord(m.group()), text)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -3187,11 +3197,6 @@ def business_error(payload):
     return code, str(message)[:500]
 
 
-# Anthropic's error types (https://docs.anthropic.com/en/api/errors) -> the HTTP status they go with
-ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
-                          "permission_error": 403, "not_found_error": 404,
-                          "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
-                          "overloaded_error": 529}
 _TOO_LONG_FIGURES = re.compile(r"(\d+)\s*tokens?\s*>\s*(\d+)", re.I)
 _TOO_LONG = re.compile(r"prompt is too long|context.length|maximum context|too many (input )?"
                        r"tokens|input (is )?too long", re.I)
@@ -4198,9 +4203,10 @@ class UsageBook:
         """{"today": {...}, "total": {...}} with per-account/model rows and overall sums."""
         with self._lock:
             days = json.loads(json.dumps(self._days))
-        def fold(rows):
-            total = _new_tally()
-            for tally in rows.values():
+
+        def fold(tallies, total=None):
+            total = total or _new_tally()
+            for tally in tallies:
                 for key in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
                             "latency_ms"):
                     total[key] += tally.get(key, 0)
@@ -4211,17 +4217,13 @@ class UsageBook:
         everything = {}
         for rows in days.values():
             for key, tally in rows.items():
-                merged = everything.setdefault(key, _new_tally())
-                for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
-                          "latency_ms"):
-                    merged[k] += tally.get(k, 0)
-                for status, n in tally.get("failures", {}).items():
-                    merged["failures"][status] = merged["failures"].get(status, 0) + n
+                everything[key] = fold([tally], everything.get(key))
+
         def rows(table):
             return [dict(tally, account=key.split("|", 1)[0], model=key.split("|", 1)[1])
                     for key, tally in sorted(table.items())]
-        return {"today": {"rows": rows(today), "sum": fold(today)},
-                "total": {"rows": rows(everything), "sum": fold(everything),
+        return {"today": {"rows": rows(today), "sum": fold(today.values())},
+                "total": {"rows": rows(everything), "sum": fold(everything.values()),
                           "since": min(days) if days else None}}
 
     def save(self):
@@ -4370,20 +4372,15 @@ _MESSAGE_FIELDS = {"name": (str, "a string"), "tool_call_id": (str, "a string"),
 _POSITIVE_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n")
 
 
-# OpenAI request fields the proxy checks (the rest pass through untouched)
-_OPENAI_FIELDS = (
-    ("stream", bool, "true or false"), ("stream_options", dict, "an object"),
-    ("tools", list, "a list"), ("tool_choice", (str, dict), "a string or an object"),
-    ("reasoning_effort", str, "a string"), ("temperature", _NUMBER, "a number"),
-    ("top_p", _NUMBER, "a number"), ("presence_penalty", _NUMBER, "a number"),
-    ("frequency_penalty", _NUMBER, "a number"), ("n", int, "a positive integer"),
-    ("seed", int, "an integer"), ("stop", (str, list), "a string or a list of strings"),
-    ("user", str, "a string"), ("response_format", dict, "an object"),
-    ("parallel_tool_calls", bool, "true or false"), ("logprobs", bool, "true or false"),
-    ("top_logprobs", int, "an integer"), ("max_tokens", int, "a positive integer"),
-    ("max_completion_tokens", int, "a positive integer"),
-    ("max_new_tokens", int, "a positive integer"))
-_OPENAI_FIELD_TYPES = {key: (types, what) for key, types, what in _OPENAI_FIELDS}
+# OpenAI request fields the proxy checks (the rest pass through untouched): field -> (types, what)
+_OPENAI_FIELD_TYPES = {name: spec for names, spec in {
+    "stream parallel_tool_calls logprobs": (bool, "true or false"),
+    "stream_options response_format": (dict, "an object"), "tools": (list, "a list"),
+    "tool_choice": ((str, dict), "a string or an object"), "reasoning_effort user": (str, "a string"),
+    "temperature top_p presence_penalty frequency_penalty": (_NUMBER, "a number"),
+    "n max_tokens max_completion_tokens max_new_tokens": (int, "a positive integer"),
+    "seed top_logprobs": (int, "an integer"), "stop": ((str, list), "a string or a list of strings"),
+}.items() for name in names.split()}
 
 
 def openai_conversation_key(body, headers):
@@ -6141,14 +6138,7 @@ class ChatService:
     def status(self, listen):
         """Everything /status, the dashboard and `status` show; never a secret."""
         usage = self.usage.summary()
-        today = {}
-        for row in usage["today"]["rows"]:
-            mine = today.setdefault(row["account"], {"requests": 0, "failures": 0,
-                                                     "input_tokens": 0, "output_tokens": 0})
-            mine["requests"] += row["requests"]
-            mine["failures"] += sum(row["failures"].values())
-            mine["input_tokens"] += row["input_tokens"]
-            mine["output_tokens"] += row["output_tokens"]
+        today = today_by_account(usage)
         accounts = [self._account_status(a, today) for a in self.router.all_accounts()]
         return {"version": __version__, "uptime_s": int(time.time() - self.started_at),
                 "listen": listen, "strategy": self.config.strategy,
@@ -6167,9 +6157,20 @@ class ChatService:
                 "max_concurrency": self.router.limit(a), "priority": a.priority,
                 "upstream": a.api_base(self.config), "signing": a.signing,
                 "cooldowns": cooldowns, "key_expires": a.expires or None,
-                "refresh": self.refresher.state(a),
-                "today": today.get(a.nickname, {"requests": 0, "failures": 0,
-                                                "input_tokens": 0, "output_tokens": 0})}
+                "refresh": self.refresher.state(a), "today": today[a.nickname]}
+
+
+def today_by_account(summary):
+    """Today's requests, failures and tokens per account name (zeros for one with none),
+    from UsageBook.summary()."""
+    today = collections.defaultdict(lambda: dict.fromkeys(
+        ("requests", "failures", "input_tokens", "output_tokens"), 0))
+    for row in summary["today"]["rows"]:
+        mine = today[row["account"]]
+        for key in ("requests", "input_tokens", "output_tokens"):
+            mine[key] += row[key]
+        mine["failures"] += sum(row["failures"].values())
+    return today
 
 
 # ==================================================================================================
@@ -7860,6 +7861,13 @@ def read_secret(prompt, stdin):
     return value
 
 
+def write_json(obj, out):
+    """``obj`` as indented JSON on its own lines (every command's --json); exit code 0."""
+    json.dump(obj, out, indent=2)
+    out.write("\n")
+    return 0
+
+
 def _print_table(rows, out):
     """Aligned columns; every cell escaped (account reasons and names may hold upstream text)."""
     rows = [[printable(c) for c in row] for row in rows]
@@ -8139,9 +8147,7 @@ def cmd_providers(args, config):
                         for m, spec in (p.models or {}).items()]}
             for name, p in PROVIDERS.items()]
     if args.json:
-        json.dump(rows, args.stdout, indent=2)
-        args.stdout.write("\n")
-        return 0
+        return write_json(rows, args.stdout)
     for row in rows:
         protocols = [p for p in PROTOCOLS if row[p]]
         args.stdout.write("%s — %s (%s)\n" % (row["name"], row["title"], ", ".join(protocols)))
@@ -8178,9 +8184,7 @@ def model_rows(accounts):
 def cmd_models(args, config):
     rows = model_rows([a for a in account_rows(config) if a.usable])
     if args.json:
-        json.dump(rows, args.stdout, indent=2)
-        args.stdout.write("\n")
-        return 0
+        return write_json(rows, args.stdout)
     if not rows:
         args.stdout.write("no usable accounts: add one with python iflow_proxy.py login "
                           "--api-key --provider NAME\n")
@@ -8197,9 +8201,7 @@ def cmd_models(args, config):
 def cmd_accounts(args, config):
     accounts = account_rows(config)
     if args.json:
-        json.dump([account_json(a, config) for a in accounts], args.stdout, indent=2)
-        args.stdout.write("\n")
-        return 0
+        return write_json([account_json(a, config) for a in accounts], args.stdout)
     if not accounts:
         args.stdout.write("no accounts: run `python iflow_proxy.py login` (or `login --api-key`)\n")
         return 0
@@ -8408,16 +8410,10 @@ def fetch_status(config, timeout=2.0):
 
 def offline_status(config):
     """The status we can tell from files alone (no server running)."""
-    usage = UsageBook(os.path.join(config.home, "usage.json"))
-    summary = usage.summary()
-    today = {}
-    for row in summary["today"]["rows"]:
-        mine = today.setdefault(row["account"], {"requests": 0, "failures": 0})
-        mine["requests"] += row["requests"]
-        mine["failures"] += sum(row["failures"].values())
+    summary = UsageBook(os.path.join(config.home, "usage.json")).summary()
+    today = today_by_account(summary)
     accounts = [dict(account_json(a, config), state=a.status, in_flight=0, cooldowns=[],
-                     key_expires=a.expires or None,
-                     today=today.get(a.nickname, {"requests": 0, "failures": 0}))
+                     key_expires=a.expires or None, today=today[a.nickname])
                 for a in account_rows(config)]
     return {"version": __version__, "listen": None, "accounts": accounts, "usage": summary,
             "recent_errors": []}
@@ -8469,10 +8465,8 @@ def format_status(status):
 def cmd_status(args, config):
     status = fetch_status(config) or offline_status(config)
     if args.json:
-        json.dump(status, args.stdout, indent=2)
-        args.stdout.write("\n")
-    else:
-        args.stdout.write(format_status(status))
+        return write_json(status, args.stdout)
+    args.stdout.write(format_status(status))
     return 0
 
 
@@ -8516,7 +8510,16 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("serve", help="run the proxy")
+    def command(func, text, *switches):
+        """The subcommand cmd_<name> (``func``) with its on/off ``switches``: (flag, help)."""
+        p = sub.add_parser(func.__name__[4:], help=text)
+        p.set_defaults(func=func)
+        for flag, doc in switches:
+            p.add_argument(flag, action="store_true", help=doc)
+        return p
+
+    as_json = ("--json", "machine-readable output")
+    p = command(cmd_serve, "run the proxy")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 11450)")
     p.add_argument("--client-key", action="append", dest="client_keys", metavar="KEY",
@@ -8526,16 +8529,15 @@ def build_parser():
                    help="require the client keys in this file, one per line")
     p.add_argument("--log-file", help="also write logs to this file")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("login", help="add an account (browser OAuth by default)")
-    p.add_argument("--api-key", action="store_true",
-                   help="store an API key read from stdin or a hidden prompt")
-    p.add_argument("--no-browser", action="store_true",
-                   help="headless: iFlow's code-display flow, or paste the callback URL")
-    p.add_argument("--device", action="store_true", help="RFC 8628 device-code login")
-    p.add_argument("--cookie", action="store_true",
-                   help="get a platform API key with a browser cookie (BXAuth) from stdin")
+    p = command(cmd_login, "add an account (browser OAuth by default)",
+                ("--api-key", "store an API key read from stdin or a hidden prompt"),
+                ("--no-browser", "headless: iFlow's code-display flow, or paste the callback URL"),
+                ("--device", "RFC 8628 device-code login"),
+                ("--cookie", "get a platform API key with a browser cookie (BXAuth) from stdin"),
+                ("--no-signing", "plain OpenAI-compatible upstream: no iFlow headers or signature"),
+                ("--no-verify", "store without checking upstream"),
+                ("--default", "make it the default account"))
     p.add_argument("--callback-port", type=int, metavar="N",
                    help="port of the local OAuth callback (default 11451)")
     p.add_argument("--nickname", help="name for the account")
@@ -8544,70 +8546,35 @@ def build_parser():
     p.add_argument("--protocol", choices=PROTOCOLS,
                    help="with --provider: the upstream's API (default openai)")
     p.add_argument("--base-url", help="this account's own base URL (overrides the preset's)")
-    p.add_argument("--no-signing", action="store_true",
-                   help="plain OpenAI-compatible upstream: no iFlow headers or signature")
-    p.add_argument("--no-verify", action="store_true", help="store without checking upstream")
-    p.add_argument("--default", action="store_true", help="make it the default account")
-    p.set_defaults(func=cmd_login)
 
-    p = sub.add_parser("providers", help="list the provider presets, their URLs and models")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_providers)
-
-    p = sub.add_parser("models", help="list the models the configured accounts can serve")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("accounts", help="list accounts")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_accounts)
-
-    p = sub.add_parser("use", help="set the default account")
-    p.add_argument("nickname")
-    p.set_defaults(func=cmd_use)
-
-    p = sub.add_parser("rename", help="rename an account")
+    command(cmd_providers, "list the provider presets, their URLs and models", as_json)
+    command(cmd_models, "list the models the configured accounts can serve", as_json)
+    command(cmd_accounts, "list accounts", as_json)
+    command(cmd_use, "set the default account").add_argument("nickname")
+    p = command(cmd_rename, "rename an account")
     p.add_argument("old")
     p.add_argument("new")
-    p.set_defaults(func=cmd_rename)
+    command(cmd_logout, "remove an account (or --all)", ("--all", "remove every account"),
+            ("--yes", "don't ask for confirmation")).add_argument("nickname", nargs="?")
 
-    p = sub.add_parser("logout", help="remove an account (or --all)")
-    p.add_argument("nickname", nargs="?")
-    p.add_argument("--all", action="store_true", help="remove every account")
-    p.add_argument("--yes", action="store_true", help="don't ask for confirmation")
-    p.set_defaults(func=cmd_logout)
-
-    p = sub.add_parser("env", help="print ANTHROPIC_* variables that point clients here")
+    p = command(cmd_env, "print ANTHROPIC_* variables that point clients here",
+                ("--reveal-key", "print a configured client key as ANTHROPIC_AUTH_TOKEN"))
     p.add_argument("--shell", choices=("sh", "bash", "zsh", "fish", "powershell"), default="sh")
     p.add_argument("--model", help="model for ANTHROPIC_MODEL (default: config claude_models)")
-    p.add_argument("--reveal-key", action="store_true",
-                   help="print a configured client key as ANTHROPIC_AUTH_TOKEN")
-    p.set_defaults(func=cmd_env)
 
-    p = sub.add_parser("claude", help="run Claude Code through the proxy")
+    p = command(cmd_claude, "run Claude Code through the proxy")
     p.add_argument("--model", help="model for Claude Code (default: config claude_models)")
     p.add_argument("--claude-bin", help="path of the claude executable (default: on PATH)")
     p.add_argument("claude_args", nargs="*", metavar="CLAUDE_ARG",
                    help="arguments for claude (everything after this command's own options)")
-    p.set_defaults(func=cmd_claude)
 
-    p = sub.add_parser("refresh", help="renew OAuth tokens and cookie keys that are due")
-    p.add_argument("nickname", nargs="?")
-    p.add_argument("--force", action="store_true", help="renew even if not due yet")
-    p.set_defaults(func=cmd_refresh)
-
-    p = sub.add_parser("import", help="import credentials of the iFlow CLI, CCS, CLIProxyAPI")
+    command(cmd_refresh, "renew OAuth tokens and cookie keys that are due",
+            ("--force", "renew even if not due yet")).add_argument("nickname", nargs="?")
+    p = command(cmd_import, "import credentials of the iFlow CLI, CCS, CLIProxyAPI",
+                ("--dry-run", "show what would be imported"))
     p.add_argument("file", nargs="?", help="one credential file to import")
-    p.add_argument("--dry-run", action="store_true", help="show what would be imported")
-    p.set_defaults(func=cmd_import)
-
-    p = sub.add_parser("status", help="show accounts, cooldowns and usage")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("check", help="probe each account's upstream")
-    p.add_argument("nickname", nargs="?")
-    p.set_defaults(func=cmd_check)
+    command(cmd_status, "show accounts, cooldowns and usage", as_json)
+    command(cmd_check, "probe each account's upstream").add_argument("nickname", nargs="?")
     return parser
 
 
