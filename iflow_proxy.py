@@ -134,15 +134,16 @@ PROTOCOLS = ("openai", "anthropic")
 _ANTHROPIC_ONLY = ("context_management", "container", "mcp_servers", "service_tier")
 
 
+def _rows(table):
+    """The whitespace-separated fields of each line of a text table (# starts a comment)."""
+    return [line.split("#")[0].split() for line in table.strip().splitlines()]
+
+
 def _models(table):
     """{name: Model} from lines "name window output [thinking] [vision]": thinking names the
     request fields that switch it (see provider_thinking), "-" for none."""
-    models = {}
-    for line in table.strip().splitlines():
-        name, window, output, *rest = line.split()
-        models[name] = Model(int(window), int(output), rest[0] if rest and rest[0] != "-"
-                             else None, rest[1:] == ["vision"])
-    return models
+    return {name: Model(int(window), int(output), rest[0] if rest and rest[0] != "-" else None,
+                        rest[1:] == ["vision"]) for name, window, output, *rest in _rows(table)}
 
 
 PROVIDERS = {
@@ -382,23 +383,27 @@ class UpstreamError(ProxyError):
         return UPSTREAM_KINDS[self.kind][2]
 
 
-# kind -> (status for the client, error code, worth trying another account)
-UPSTREAM_KINDS = {
-    "concurrency":       (429, "concurrency_limit", True),    # 449: one request per account
-    "rate_limit":        (429, "rate_limit_exceeded", True),  # 429, 8211
-    "key_expired":       (503, "upstream_key_expired", True),  # 439
-    "key_blocked":       (503, "upstream_key_blocked", True),  # 434, 438, "invalid apiKey"
-    "auth":              (503, "upstream_auth_failed", True),  # 401, 403
-    "model_unsupported": (404, "model_not_found", True),       # 435
-    "context_length":    (400, "context_length_exceeded", False),  # 511, 413
-    "model_error":       (502, "upstream_model_error", True),  # 514
-    "rejected":          (502, "upstream_rejected", False),    # 406: headers/signature/reserved
-    "bad_request":       (400, "invalid_request", False),      # other 4xx
-    "transient":         (502, "upstream_unavailable", True),  # 5xx, resets
-    "timeout":           (504, "upstream_timeout", True),
-    "unreachable":       (502, "upstream_unreachable", True),  # DNS, refused, TLS
-    "malformed":         (502, "upstream_malformed", True),    # 200 without choices
-}
+# What upstream failures are: kind, status for the client, error code, worth trying another
+# account, and the HTTP statuses or iFlow business codes that mean it (see kind_for)
+_UPSTREAM_KINDS = _rows("""
+    concurrency        429 concurrency_limit        retry  449   # one request per account
+    rate_limit         429 rate_limit_exceeded      retry  429 8211
+    key_expired        503 upstream_key_expired     retry  439
+    key_blocked        503 upstream_key_blocked     retry  434 438  # and "invalid apiKey"
+    auth               503 upstream_auth_failed     retry  401 403
+    model_unsupported  404 model_not_found          retry  435
+    context_length     400 context_length_exceeded  final  511 413  # and 400 "too long"
+    model_error        502 upstream_model_error     retry  514
+    rejected           502 upstream_rejected        final  406  # headers/signature/reserved
+    bad_request        400 invalid_request          final  # other 4xx
+    transient          502 upstream_unavailable     retry  # 5xx, resets
+    timeout            504 upstream_timeout         retry  408 504
+    unreachable        502 upstream_unreachable     retry  # DNS, refused, TLS
+    malformed          502 upstream_malformed       retry  # 200 without choices
+""")
+UPSTREAM_KINDS = {kind: (int(status), code, retry == "retry")
+                  for kind, status, code, retry, *_codes in _UPSTREAM_KINDS}
+_KIND_OF_CODE = {int(code): row[0] for row in _UPSTREAM_KINDS for code in row[4:]}
 
 _OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                        403: "permission_error", 404: "invalid_request_error",
@@ -976,7 +981,7 @@ def _from_env(key, raw, types):
 def _validate_value(key, value, where):
     """The setting's own check, shared by file, environment and flags."""
     check = SETTINGS[key].check
-    problem = check(value) if check is not None else None
+    problem = check and check(value)
     if problem:
         raise ConfigError("%s: key %r %s" % (where, key, problem))
 
@@ -990,13 +995,11 @@ def read_config_file(path):
     """The settings in ``config.json`` (empty when absent), validated key by key."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            data = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return {}
     except OSError as e:
         raise ConfigError("%s: cannot read: %s" % (path, e.strerror))
-    try:
-        data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError("%s: invalid JSON: %s" % (path, e))
     if not isinstance(data, dict):
@@ -1039,12 +1042,11 @@ def load_config(home=None, flags=None, env=None):
             _validate_value(key, value, "environment variable %s" % spec.env)
             values[key] = value
     for key, value in (flags or {}).items():
-        if value is None:
-            continue
-        if key in ("client_keys",):
-            value = list(values.get(key) or []) + list(value)
-        _validate_value(key, value, "option --%s" % key.replace("_", "-"))
-        values[key] = value
+        if value is not None:
+            if key == "client_keys":
+                value = list(values[key]) + list(value)
+            _validate_value(key, value, "option --%s" % key.replace("_", "-"))
+            values[key] = value
     if isinstance(values["api_keys"], str):
         values["api_keys"] = [k.strip() for k in values["api_keys"].split(",") if k.strip()]
     if values["client_keys_file"]:
@@ -1299,13 +1301,11 @@ class Account(Record):
         return self.status == "ok" and bool(self.api_key)
 
 
-# registry entry key -> (types, default) of the per-account settings a user may edit by hand
-_ENTRY_SETTINGS = {
-    "base_url": (str, ""), "signing": (bool, True), "status": (str, "ok"),
-    "status_reason": (str, ""), "max_concurrency": (int, None), "priority": (int, 0),
-    "models": (list, []), "excluded_models": (list, []), "provider": (str, ""),
-    "protocol": (str, "openai"),
-}
+# registry entry key -> type of the per-account settings a user may edit by hand (defaults:
+# Account.FIELDS)
+_ENTRY_SETTINGS = {"base_url": str, "signing": bool, "status": str, "status_reason": str,
+                   "max_concurrency": int, "priority": int, "models": list,
+                   "excluded_models": list, "provider": str, "protocol": str}
 
 
 def validate_nickname(nickname, taken=()):
@@ -1383,20 +1383,14 @@ class AccountRegistry:
             for key in ("id", "nickname", "kind"):
                 if not isinstance(entry.get(key), str) or not entry.get(key):
                     raise ConfigError("%s: key %r must be a non-empty string" % (where, key))
-            if entry["kind"] not in ACCOUNT_KINDS:
-                raise ConfigError("%s: key 'kind' must be one of %s"
-                                  % (where, ", ".join(ACCOUNT_KINDS)))
-            for key, (types, _default) in _ENTRY_SETTINGS.items():
+            for key, types in _ENTRY_SETTINGS.items():
                 if key in entry:
                     _check_type(entry[key], types, where, key)
-            if entry.get("status", "ok") not in ACCOUNT_STATES:
-                raise ConfigError("%s: key 'status' must be one of %s"
-                                  % (where, ", ".join(ACCOUNT_STATES)))
-            if entry.get("provider", "") not in ("",) + tuple(PROVIDERS):
-                raise ConfigError("%s: key 'provider' must be one of %s"
-                                  % (where, ", ".join(PROVIDERS)))
-            if entry.get("protocol", "openai") not in PROTOCOLS:
-                raise ConfigError("%s: key 'protocol' must be openai or anthropic" % where)
+            for key, choices in (("kind", ACCOUNT_KINDS), ("status", ACCOUNT_STATES),
+                                 ("provider", ("",) + tuple(PROVIDERS)), ("protocol", PROTOCOLS)):
+                if entry.get(key, choices[0]) not in choices:  # (the first is the default)
+                    raise ConfigError("%s: key %r must be one of %s" % (where, key, ", ".join(
+                        c for c in choices if c)))
         data.setdefault("default", "")
         data.setdefault("revision", 0)
         return data
@@ -1412,7 +1406,7 @@ class AccountRegistry:
 
     def _account(self, data, entry):
         creds = self.read_credentials(entry)
-        settings = {key: entry.get(key, default) for key, (_t, default) in _ENTRY_SETTINGS.items()}
+        settings = {key: entry.get(key, Account.FIELDS[key]) for key in _ENTRY_SETTINGS}
         status, reason = settings.pop("status"), settings.pop("status_reason")
         api_key = creds.get("api_key") or creds.get("apiKey") or ""
         if not isinstance(api_key, str):
@@ -2269,47 +2263,44 @@ def find_importable(env=None):
             found.append((source, path, kind, creds, nickname, base_url))
 
     iflow_home = env.get("IFLOW_HOME") or _home_path(env, ".iflow")
-    oauth_key = None
     path = os.path.join(iflow_home, "oauth_creds.json")
-    if os.path.exists(path):
-        data = _read_import(path)
-        if data:
-            add("iflow-cli", path, data)
-            oauth_key = data.get("apiKey")
+    data = _read_import(path)
+    if data:
+        add("iflow-cli", path, data)
+    oauth_key = data.get("apiKey")
     path = os.path.join(iflow_home, "settings.json")
-    if os.path.exists(path):
-        data = _read_import(path)
-        if data and data.get("apiKey") and data.get("apiKey") != oauth_key and \
-                data.get("selectedAuthType") != "oauth-iflow":
-            base = data.get("baseUrl") if isinstance(data.get("baseUrl"), str) else ""
-            add("iflow-cli", path, {"api_key": data["apiKey"]},
-                base_url="" if base.rstrip("/") == DEFAULT_API_BASE else base.rstrip("/"))
+    data = _read_import(path)
+    if data.get("apiKey") and data["apiKey"] != oauth_key and \
+            data.get("selectedAuthType") != "oauth-iflow":
+        base = data.get("baseUrl") if isinstance(data.get("baseUrl"), str) else ""
+        add("iflow-cli", path, {"api_key": data["apiKey"]},
+            base_url="" if base.rstrip("/") == DEFAULT_API_BASE else base.rstrip("/"))
     ccs_dir = _home_path(env, ".ccs", "cliproxy")
-    nicknames = {}
-    registry = _read_import(os.path.join(ccs_dir, "accounts.json")) \
-        if os.path.exists(os.path.join(ccs_dir, "accounts.json")) else None
-    if registry:
-        accounts = ((registry.get("providers") or {}).get("iflow") or {}).get("accounts") or {}
-        for email, info in accounts.items() if isinstance(accounts, dict) else []:
-            if isinstance(info, dict) and info.get("tokenFile"):
-                nicknames[os.path.basename(info["tokenFile"])] = info.get("nickname")
+    registry = _read_import(os.path.join(ccs_dir, "accounts.json"))
+    accounts = ((registry.get("providers") or {}).get("iflow") or {}).get("accounts") or {}
+    nicknames = {os.path.basename(info["tokenFile"]): info.get("nickname")
+                 for info in (accounts.values() if isinstance(accounts, dict) else ())
+                 if isinstance(info, dict) and info.get("tokenFile")}
     for source, folder in (("ccs", os.path.join(ccs_dir, "auth")),
                            ("cliproxyapi", _home_path(env, ".cli-proxy-api"))):
         if os.path.isdir(folder):
             for name in sorted(os.listdir(folder)):
                 if name.startswith("iflow-") and name.endswith(".json"):
                     data = _read_import(os.path.join(folder, name))
-                    if data and data.get("type", "iflow") == "iflow":
+                    if data.get("type", "iflow") == "iflow":
                         add(source, os.path.join(folder, name), data, nicknames.get(name))
     return found
 
 
 def _read_import(path):
+    """The JSON object in ``path``; {} when there is none, with a warning when it is damaged."""
     try:
         return read_json_file(path, "credential file")
-    except (ConfigError, FileNotFoundError) as e:
-        log.warning("skipping %s: %s", path, getattr(e, "message", e))
-        return None
+    except FileNotFoundError:
+        return {}
+    except ConfigError as e:
+        log.warning("skipping %s: %s", path, e.message)
+        return {}
 
 
 # ==================================================================================================
@@ -3204,31 +3195,15 @@ _TOO_LONG = re.compile(r"prompt is too long|context.length|maximum context|too m
 
 def kind_for(code, message=""):
     """The UPSTREAM_KINDS entry for an HTTP status or iFlow business code."""
-    if code == 449:
-        return "concurrency"
-    if code in (429, 8211):
-        return "rate_limit"
-    if code == 439:
-        return "key_expired"
-    if code in (434, 438) or "invalidapikey" in message.lower().replace(" ", ""):
+    kind = _KIND_OF_CODE.get(code)
+    if kind not in ("concurrency", "rate_limit", "key_expired") and \
+            "invalidapikey" in (message or "").lower().replace(" ", ""):
         return "key_blocked"
-    if code == 435:
-        return "model_unsupported"
-    if code in (511, 413) or code == 400 and _TOO_LONG.search(message or ""):
+    if code == 400 and _TOO_LONG.search(message or ""):
         return "context_length"
-    if code == 514:
-        return "model_error"
-    if code == 406:
-        return "rejected"
-    if code in (401, 403):
-        return "auth"
-    if code in (408, 504):
-        return "timeout"
-    if code is not None and 500 <= code < 600:
-        return "transient"
-    if code is not None and 400 <= code < 500:
-        return "bad_request"
-    return None
+    if kind is None and code is not None and 400 <= code < 600:
+        return "transient" if code >= 500 else "bad_request"
+    return kind
 
 
 def classify_answer(http_status, raw, trace_id="", retry_after=None, secrets=()):
@@ -4480,15 +4455,13 @@ def validate_anthropic_request(body):
     choice = _expect(body, "tool_choice", dict, "an object such as {\"type\": \"auto\"}")
     if choice is not None and choice.get("type") not in ("auto", "any", "tool", "none"):
         raise BadRequest("tool_choice.type must be auto, any, tool or none")
-    if choice is not None and choice.get("type") == "tool" and \
-            not isinstance(choice.get("name"), str):
+    if choice and choice["type"] == "tool" and not isinstance(choice.get("name"), str):
         raise BadRequest("tool_choice of type 'tool' needs a string 'name'")
     stops = _expect(body, "stop_sequences", list, "a list of strings") or []
     if not all(isinstance(s, str) and s for s in stops):
         raise BadRequest("field 'stop_sequences' must be a list of non-empty strings")
     for key in ("temperature", "top_p"):
-        if body.get(key) is not None:
-            _expect(body, key, _NUMBER, "a number")
+        _expect(body, key, _NUMBER, "a number")
     return body
 
 
@@ -4576,18 +4549,13 @@ def translate_tool_choice(choice):
 
 def anthropic_thinking(body):
     """(thinking on/off/None, effort) from ``thinking`` and ``output_config.effort``."""
-    effort = (body.get("output_config") or {}).get("effort") \
-        if isinstance(body.get("output_config"), dict) else None
+    config, setting = body.get("output_config"), body.get("thinking")
+    effort = config.get("effort") if isinstance(config, dict) else None
     effort = effort if isinstance(effort, str) else None
-    setting = body.get("thinking")
-    if not isinstance(setting, dict):
-        return None, effort
-    kind = setting.get("type")
-    if kind == "disabled" or setting.get("budget_tokens") == 0:
+    setting = setting if isinstance(setting, dict) else {}
+    if setting.get("type") == "disabled" or setting.get("budget_tokens") == 0:
         return False, effort
-    if kind in ("enabled", "adaptive"):
-        return True, effort
-    return None, effort
+    return (True if setting.get("type") in ("enabled", "adaptive") else None), effort
 
 
 def _assistant_message(blocks):
@@ -4785,8 +4753,8 @@ def anthropic_usage(usage, input_estimate=0):
     usage = usage if isinstance(usage, dict) else {}
     out = {"input_tokens": usage.get("prompt_tokens") or input_estimate,
            "output_tokens": usage.get("completion_tokens") or 0}
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") \
-        if isinstance(usage.get("prompt_tokens_details"), dict) else None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if cached:
         out["cache_read_input_tokens"] = cached
         out["input_tokens"] = max(0, out["input_tokens"] - cached)
@@ -6883,17 +6851,19 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.access_log.close()
 
 
-# path -> {HTTP method: (handler method name, needs a client key)}
-ROUTES = {
-    "/healthz": {"GET": ("handle_healthz", False)},
-    "/api/hello": {"GET": ("handle_healthz", False), "HEAD": ("handle_healthz", False)},
-    "/": {"GET": ("handle_dashboard", False), "HEAD": ("handle_dashboard", False)},
-    "/status": {"GET": ("handle_status", True)},
-    "/v1/models": {"GET": ("handle_models", True)},
-    "/v1/chat/completions": {"POST": ("handle_chat_completions", True)},
-    "/v1/messages": {"POST": ("handle_messages", True)},
-    "/v1/messages/count_tokens": {"POST": ("handle_count_tokens", True)},
-}
+# path -> {HTTP method: (handler method name, needs a client key)}, from lines
+# "methods path handler open|key"
+ROUTES = {path: {method: ("handle_" + name, guard == "key") for method in methods.split(",")}
+          for methods, path, name, guard in _rows("""
+    GET       /healthz                   healthz           open
+    GET,HEAD  /api/hello                 healthz           open
+    GET,HEAD  /                          dashboard         open
+    GET       /status                    status            key
+    GET       /v1/models                 models            key
+    POST      /v1/chat/completions       chat_completions  key
+    POST      /v1/messages               messages          key
+    POST      /v1/messages/count_tokens  count_tokens      key
+""")}
 ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions",
                  "/health": "/healthz", "/messages": "/v1/messages",
                  "/messages/count_tokens": "/v1/messages/count_tokens"}
@@ -7842,16 +7812,19 @@ def format_probe(result, config):
     return printable("\n".join(lines)).replace("\\x0a", "\n")
 
 
-def read_secret(prompt, stdin):
-    """A key from stdin (piped) or a hidden prompt (terminal) — never from argv."""
+def read_hidden(prompt, stdin, what="key", limit=4096):
+    """A line from stdin (piped) or a hidden prompt (terminal) — a secret never comes from argv."""
     if stdin is None:
-        raise BadRequest("no key given: pipe it on stdin or run in a terminal")
+        raise BadRequest("no %s given: pipe it on stdin or run in a terminal" % what)
     if stdin.isatty():
         import getpass
-        value = getpass.getpass(prompt)
-    else:
-        value = stdin.readline(4096)
-    value = value.strip()
+        return getpass.getpass(prompt).strip()
+    return stdin.readline(limit).strip()
+
+
+def read_secret(prompt, stdin):
+    """An API key from stdin or a hidden prompt, checked for paste errors."""
+    value = read_hidden(prompt, stdin)
     if not value:
         raise BadRequest("no key given on stdin")
     if not is_key_text(value):
@@ -7991,14 +7964,7 @@ def release_free_memory():
 
 def read_cookie(stdin):
     """A browser cookie string from stdin (piped) or a hidden prompt."""
-    if stdin is None:
-        raise BadRequest("no cookie given: pipe it on stdin or run in a terminal")
-    if stdin.isatty():
-        import getpass
-        value = getpass.getpass("Cookie from platform.iflow.cn (input hidden): ")
-    else:
-        value = stdin.readline(65536)
-    value = value.strip()
+    value = read_hidden("Cookie from platform.iflow.cn (input hidden): ", stdin, "cookie", 65536)
     if "BXAuth=" not in value:
         raise BadRequest("the cookie must contain BXAuth=… (copy the Cookie header of "
                          "platform.iflow.cn from your browser's developer tools)")
@@ -8006,8 +7972,7 @@ def read_cookie(stdin):
 
 
 def cmd_login(args, config):
-    modes = [flag for flag in ("api_key", "device", "cookie") if getattr(args, flag)]
-    if len(modes) > 1:
+    if args.api_key + args.device + args.cookie > 1:
         raise BadRequest("choose one of --api-key, --device, --cookie")
     if args.nickname:
         validate_nickname(args.nickname)
@@ -8016,7 +7981,7 @@ def cmd_login(args, config):
     settings = {}
     if (args.provider or args.protocol) and not args.api_key:
         raise BadRequest("--provider and --protocol go with --api-key")
-    if args.api_key:
+    if args.api_key:  # (login_api_key names the key's provider in its prompt)
         settings = api_key_settings(args.provider, args.protocol, args.base_url,
                                     not args.no_signing)
         kind, creds = "api-key", login_api_key(args, config, settings)
@@ -8096,11 +8061,10 @@ def cmd_refresh(args, config):
 
 def cmd_import(args, config):
     if args.file:
-        data = read_json_file(os.path.abspath(args.file), "credential file") \
-            if os.path.exists(args.file) else None
-        if data is None:
+        if not os.path.exists(args.file):
             raise BadRequest("no such file: %s" % args.file)
-        kind, creds = _creds_from_file(data)
+        kind, creds = _creds_from_file(read_json_file(os.path.abspath(args.file),
+                                                      "credential file"))
         if not (creds.get("api_key") or creds.get("refresh_token") or creds.get("cookie")):
             raise BadRequest("%s holds no api_key, refresh_token or cookie" % args.file)
         found = [("file", args.file, kind, creds, None, "")]
@@ -8111,7 +8075,6 @@ def cmd_import(args, config):
     if not found:
         args.stdout.write("nothing to import: no credentials of the iFlow CLI, CCS or "
                           "CLIProxyAPI found\n")
-        return 0
     for source, path, kind, creds, nickname, base_url in found:
         identity = identity_of(kind, creds)
         who = creds.get("email") or creds.get("phone") or "key " + mask_secret(
