@@ -112,7 +112,14 @@ STRATEGIES = ("round-robin", "least-busy", "fill-first")
 
 # Claude Code asks for Claude models; each family maps to an iFlow model (config claude_models).
 CLAUDE_FAMILIES = ("opus", "sonnet", "haiku")
-DEFAULT_CLAUDE_MODELS = {"opus": "glm-4.6", "sonnet": "glm-4.6", "haiku": "qwen3-coder-plus"}
+
+
+def _claude(mapping):
+    """{family: model} from "opus=model sonnet=model haiku=model"."""
+    return dict(pair.split("=", 1) for pair in mapping.split())
+
+
+DEFAULT_CLAUDE_MODELS = _claude("opus=glm-4.6 sonnet=glm-4.6 haiku=qwen3-coder-plus")
 
 # Per-family default output limit, sent as max_new_tokens like the official CLI; first match wins.
 MODEL_OUTPUT_LIMITS = (
@@ -181,8 +188,8 @@ PROVIDERS = {
     # {"type": "enabled"|"disabled"}, reasoning_content of tool-call turns must be sent back.
     "deepseek": Provider(
         "DeepSeek", "https://api.deepseek.com", "https://api.deepseek.com/anthropic", "x-api-key",
-        False, {"opus": "deepseek-v4-pro", "sonnet": "deepseek-v4-flash",
-                "haiku": "deepseek-v4-flash"}, _models("""
+        False, _claude("opus=deepseek-v4-pro sonnet=deepseek-v4-flash haiku=deepseek-v4-flash"),
+        _models("""
             deepseek-v4-flash  1048576 393216 deepseek
             deepseek-v4-pro    1048576 393216 deepseek
             deepseek-flash     1048576 393216 deepseek vision"""),
@@ -193,7 +200,7 @@ PROVIDERS = {
     "zhipu": Provider(
         "Zhipu GLM (open.bigmodel.cn)", "https://open.bigmodel.cn/api/paas/v4",
         "https://open.bigmodel.cn/api/anthropic", "bearer", False,
-        {"opus": "glm-5", "sonnet": "glm-4.7", "haiku": "glm-4.5-air"}, _models("""
+        _claude("opus=glm-5 sonnet=glm-4.7 haiku=glm-4.5-air"), _models("""
             glm-4.6      200000 128000 glm
             glm-4.7      200000 128000 glm
             glm-5        200000 128000 glm
@@ -204,14 +211,14 @@ PROVIDERS = {
     # https://docs.z.ai/guides/overview/quick-start (OpenAI: https://api.z.ai/api/paas/v4).
     "zai": Provider(
         "Z.ai GLM (international)", "https://api.z.ai/api/paas/v4", "https://api.z.ai/api/anthropic",
-        "bearer", False, {"opus": "glm-5", "sonnet": "glm-4.7", "haiku": "glm-4.5-air"},
+        "bearer", False, _claude("opus=glm-5 sonnet=glm-4.7 haiku=glm-4.5-air"),
         None, _ANTHROPIC_ONLY, (), "https://docs.z.ai/guides/overview/quick-start"),
     # https://platform.kimi.ai/docs/models: kimi-k2.6 / k2.5 / k2-thinking, 256K context; the
     # API speaks OpenAI (/v1) and Anthropic (/anthropic); thinking models take tool_choice
     # auto/none only.
     "moonshot": Provider(
         "Moonshot Kimi", "https://api.moonshot.ai/v1", "https://api.moonshot.ai/anthropic",
-        "bearer", False, {"opus": "kimi-k2.6", "sonnet": "kimi-k2.6", "haiku": "kimi-k2.5"},
+        "bearer", False, _claude("opus=kimi-k2.6 sonnet=kimi-k2.6 haiku=kimi-k2.5"),
         _models("""
             kimi-k2.6         262144 262144 kimi vision
             kimi-k2.5         262144 262144 kimi vision
@@ -223,7 +230,7 @@ PROVIDERS = {
     "dashscope": Provider(
         "Alibaba DashScope / Bailian (Qwen)", "https://dashscope.aliyuncs.com/compatible-mode/v1",
         "https://dashscope.aliyuncs.com/apps/anthropic", "bearer", False,
-        {"opus": "qwen3-max", "sonnet": "qwen3-coder-plus", "haiku": "qwen-flash"}, _models("""
+        _claude("opus=qwen3-max sonnet=qwen3-coder-plus haiku=qwen-flash"), _models("""
             qwen3-coder-plus  1000000 65536 qwen
             qwen3-max          262144 65536 qwen
             qwen3.5-plus      1000000 65536 qwen
@@ -235,7 +242,7 @@ PROVIDERS = {
     # https://api.minimax.io/anthropic; OpenAI: https://api.minimax.io/v1); 204,800 context.
     "minimax": Provider(
         "MiniMax", "https://api.minimax.io/v1", "https://api.minimax.io/anthropic", "bearer", False,
-        {"opus": "MiniMax-M2.7", "sonnet": "MiniMax-M2.7", "haiku": "MiniMax-M2.7-highspeed"},
+        _claude("opus=MiniMax-M2.7 sonnet=MiniMax-M2.7 haiku=MiniMax-M2.7-highspeed"),
         _models("""
             MiniMax-M2.7            204800 131072 minimax
             MiniMax-M2.7-highspeed  204800 131072 minimax
@@ -245,8 +252,8 @@ PROVIDERS = {
     # Anthropic: https://api.siliconflow.cn); names are org/Model.
     "siliconflow": Provider(
         "SiliconFlow", "https://api.siliconflow.cn/v1", "https://api.siliconflow.cn", "bearer",
-        False, {"opus": "deepseek-ai/DeepSeek-V3.2", "sonnet": "deepseek-ai/DeepSeek-V3.2",
-                "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"}, _models("""
+        False, _claude("""opus=deepseek-ai/DeepSeek-V3.2 sonnet=deepseek-ai/DeepSeek-V3.2
+                          haiku=Qwen/Qwen3-Coder-30B-A3B-Instruct"""), _models("""
             deepseek-ai/DeepSeek-V3.2          163840  65536 deepseek
             moonshotai/Kimi-K2-Instruct-0905   262144  32768
             zai-org/GLM-4.6                    200000 128000 glm
@@ -256,8 +263,8 @@ PROVIDERS = {
     # https://openrouter.ai/docs/guides/claude-code (Anthropic: https://openrouter.ai/api).
     "openrouter": Provider(
         "OpenRouter", "https://openrouter.ai/api/v1", "https://openrouter.ai/api", "bearer", False,
-        {"opus": "anthropic/claude-opus-4.5", "sonnet": "anthropic/claude-sonnet-4.5",
-         "haiku": "anthropic/claude-haiku-4.5"}, _models("""
+        _claude("""opus=anthropic/claude-opus-4.5 sonnet=anthropic/claude-sonnet-4.5
+                   haiku=anthropic/claude-haiku-4.5"""), _models("""
             anthropic/claude-opus-4.5    200000  64000 - vision
             anthropic/claude-sonnet-4.5  200000  64000 - vision
             anthropic/claude-haiku-4.5   200000  64000 - vision
@@ -269,9 +276,9 @@ PROVIDERS = {
     # https://api-inference.modelscope.cn/v1).
     "modelscope": Provider(
         "ModelScope", "https://api-inference.modelscope.cn/v1", None, "bearer", False,
-        {"opus": "Qwen/Qwen3-Coder-480B-A35B-Instruct",
-         "sonnet": "Qwen/Qwen3-Coder-480B-A35B-Instruct",
-         "haiku": "Qwen/Qwen3-Coder-30B-A3B-Instruct"}, _models("""
+        _claude("""opus=Qwen/Qwen3-Coder-480B-A35B-Instruct
+                   sonnet=Qwen/Qwen3-Coder-480B-A35B-Instruct
+                   haiku=Qwen/Qwen3-Coder-30B-A3B-Instruct"""), _models("""
             Qwen/Qwen3-Coder-480B-A35B-Instruct  262144  65536
             Qwen/Qwen3-Coder-30B-A3B-Instruct    262144  65536
             ZhipuAI/GLM-4.6                      200000 128000 glm"""),
@@ -2234,19 +2241,16 @@ def _home_path(env, *parts):
 
 def _creds_from_file(data):
     """Our credential fields from any of the known formats (ours, CLIProxyAPI/CCS, the CLI)."""
-    creds = {
-        "access_token": data.get("access_token") or data.get("oauth_access_token") or "",
-        "refresh_token": data.get("refresh_token") or data.get("oauth_refresh_token") or "",
-        "api_key": data.get("api_key") or data.get("apiKey") or "",
-        "email": data.get("email") or "", "phone": data.get("phone") or "",
-        "cookie": data.get("cookie") or "",
-        "expired": data.get("expired") or (rfc3339(parse_time(data["expiry_date"]))
-                                           if parse_time(data.get("expiry_date")) else "")
-        or data.get("oauth_expires_at") or "",
-        "last_refresh": data.get("last_refresh") or "",
-        "token_type": data.get("token_type") or "", "scope": data.get("scope") or "",
-    }
-    creds = {k: v for k, v in creds.items() if isinstance(v, str) and v}
+    expiry = parse_time(data.get("expiry_date"))  # the CLI's: epoch milliseconds
+    data = dict(data, expiry_date=rfc3339(expiry) if expiry else "")
+    creds = {}
+    for field, names in (("access_token", "oauth_access_token"), ("refresh_token",
+                         "oauth_refresh_token"), ("api_key", "apiKey"), ("email", ""),
+                         ("phone", ""), ("cookie", ""), ("expired", "expiry_date oauth_expires_at"),
+                         ("last_refresh", ""), ("token_type", ""), ("scope", "")):
+        value = next((data[n] for n in [field] + names.split() if data.get(n)), "")
+        if isinstance(value, str) and value:
+            creds[field] = value
     kind = "oauth" if creds.get("refresh_token") else "cookie" if creds.get("cookie") \
         else "api-key"
     return kind, creds
@@ -3627,16 +3631,18 @@ def resolve_model(model, config):
     mode = legacy_mode(config, base) if canonical else "off"
     if mode == "always":
         return canonical, None, effort
-    if mode == "fallback":
-        return base, canonical, effort
-    return base, None, effort
+    return base, canonical if mode == "fallback" else None, effort
+
+
+def matches_any(name, patterns):
+    """Whether ``name`` matches one of the glob ``patterns``, case ignored."""
+    name = name.lower()
+    return any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)
 
 
 def model_allowed(account, model):
-    name = model.lower()
-    if account.models and not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.models):
-        return False
-    return not any(fnmatch.fnmatchcase(name, p.lower()) for p in account.excluded_models)
+    return (not account.models or matches_any(model, account.models)) and \
+        not matches_any(model, account.excluded_models)
 
 
 def serves(account, model):
@@ -4052,26 +4058,24 @@ class UsageBook:
     def __init__(self, path, clock=time.time, keep_days=31):
         self.path, self.clock, self.keep_days = path, clock, keep_days
         self._lock = threading.Lock()
-        self._days = {}   # "YYYY-MM-DD" -> {"account|model": tally}
-        self.extra = {}   # other figures saved with these (e.g. token calibration)
-        self._clients = {}  # "YYYY-MM-DD" -> {"client name|model": tally}
-        self._hours = {}    # "YYYY-MM-DDTHH" -> {"account|model": [requests, tokens]} (48 h)
         self._dirty = False
         self._stamp = (None, "", "")
         try:
             data = read_json_file(path, "usage file")
-            if isinstance(data.get("days"), dict):
-                self._days = {d: v for d, v in data["days"].items() if isinstance(v, dict)}
-            if isinstance(data.get("extra"), dict):
-                self.extra = data["extra"]
-            if isinstance(data.get("clients"), dict):
-                self._clients = {d: v for d, v in data["clients"].items() if isinstance(v, dict)}
-            if isinstance(data.get("hours"), dict):
-                self._hours = {h: v for h, v in data["hours"].items() if isinstance(v, dict)}
         except FileNotFoundError:
-            pass
+            data = {}
         except ConfigError as e:  # a damaged usage file must not stop the proxy
             log.error("%s; starting usage figures afresh", e.message)
+            data = {}
+
+        def table(key):  # a part of the file that is not a table of tables is dropped
+            found = data.get(key)
+            return {k: v for k, v in found.items() if isinstance(v, dict)} \
+                if isinstance(found, dict) else {}
+        self._days = table("days")        # "YYYY-MM-DD" -> {"account|model": tally}
+        self._clients = table("clients")  # "YYYY-MM-DD" -> {"client name|model": tally}
+        self._hours = table("hours")      # "YYYY-MM-DDTHH" -> {"account|model": [n, tokens]}
+        self.extra = table("extra")       # other figures saved with these (token calibration)
 
     def today(self):
         return self._stamps()[0]
@@ -4138,19 +4142,22 @@ class UsageBook:
         30 days (oldest first), and the estimated cost per model and day where ``prices``
         ({model: {"input": …, "output": …}} per million tokens) say."""
         now = self.clock()
+        hours = [time.strftime("%Y-%m-%dT%H", time.localtime(now - h * 3600))
+                 for h in range(23, -1, -1)]
+        days = [time.strftime("%Y-%m-%d", time.localtime(now - d * 86400))
+                for d in range(29, -1, -1)]
+
+        def counts(t):
+            tokens_in, tokens_out = t.get("input_tokens", 0), t.get("output_tokens", 0)
+            return {"requests": t.get("requests", 0), "tokens": tokens_in + tokens_out,
+                    "input": tokens_in, "output": tokens_out}
         with self._lock:
-            hours = [(time.strftime("%Y-%m-%dT%H", time.localtime(now - h * 3600)),
-                      {k: {"requests": c[0], "tokens": c[1]} for k, c in self._hours.get(
-                          time.strftime("%Y-%m-%dT%H", time.localtime(now - h * 3600)),
-                          {}).items()}) for h in range(23, -1, -1)]
-            days = [(time.strftime("%Y-%m-%d", time.localtime(now - d * 86400)),
-                     {k: {"requests": t.get("requests", 0), "tokens": t.get("input_tokens", 0) +
-                          t.get("output_tokens", 0), "input": t.get("input_tokens", 0),
-                          "output": t.get("output_tokens", 0)} for k, t in self._days.get(
-                         time.strftime("%Y-%m-%d", time.localtime(now - d * 86400)),
-                         {}).items()}) for d in range(29, -1, -1)]
-        return {"hours": [_bucket(label, rows) for label, rows in hours],
-                "days": [_bucket(label, rows, prices) for label, rows in days]}
+            hourly = [(hour, {k: {"requests": c[0], "tokens": c[1]}
+                              for k, c in self._hours.get(hour, {}).items()}) for hour in hours]
+            daily = [(day, {k: counts(t) for k, t in self._days.get(day, {}).items()})
+                     for day in days]
+        return {"hours": [_bucket(label, rows) for label, rows in hourly],
+                "days": [_bucket(label, rows, prices) for label, rows in daily]}
 
     def day_rows(self):
         """[{day, account, model, requests, input_tokens, output_tokens}], oldest day first."""
@@ -4351,10 +4358,12 @@ _POSITIVE_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens", "n"
 _OPENAI_FIELD_TYPES = {name: spec for names, spec in {
     "stream parallel_tool_calls logprobs": (bool, "true or false"),
     "stream_options response_format": (dict, "an object"), "tools": (list, "a list"),
-    "tool_choice": ((str, dict), "a string or an object"), "reasoning_effort user": (str, "a string"),
+    "tool_choice": ((str, dict), "a string or an object"),
+    "reasoning_effort user": (str, "a string"),
     "temperature top_p presence_penalty frequency_penalty": (_NUMBER, "a number"),
     "n max_tokens max_completion_tokens max_new_tokens": (int, "a positive integer"),
-    "seed top_logprobs": (int, "an integer"), "stop": ((str, list), "a string or a list of strings"),
+    "seed top_logprobs": (int, "an integer"),
+    "stop": ((str, list), "a string or a list of strings"),
 }.items() for name in names.split()}
 
 
@@ -4662,10 +4671,6 @@ def anthropic_has_images(body):
                     isinstance(b, dict) and b.get("type") == "image" for b in block["content"]):
                 return True
     return False
-
-
-def is_vision_model(model, patterns):
-    return any(fnmatch.fnmatchcase(model.lower(), p.lower()) for p in patterns)
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -6262,8 +6267,7 @@ class ClientLimits:
         now = self.clock()
         if key.expires and key.expires < time.strftime("%Y-%m-%d", time.localtime(now)):
             raise Unauthorized("client key %s expired on %s" % (key.name, key.expires))
-        if key.models and not any(fnmatch.fnmatchcase(model.lower(), p.lower())
-                                  for p in key.models):
+        if key.models and not matches_any(model, key.models):
             raise ProxyError("client key %s may not use model %s (it may use: %s)" % (
                 key.name, model, ", ".join(key.models)), status=403, code="model_not_allowed")
         if key.tokens_per_day and self.usage.client_tokens(key.name) >= key.tokens_per_day:
@@ -7105,12 +7109,15 @@ class ProxyHandler(socketserver.StreamRequestHandler):
             raise ProxyError("Content-Type must be application/json", status=415,
                              code="unsupported_media_type")
 
-    def check_management(self):
-        presented = self.headers.get("X-Management-Key") or ""
+    def presented_key(self, header):
+        """The key a client sent in ``header``, else as ``Authorization: Bearer <key>``."""
         auth = self.headers.get("Authorization") or ""
-        if not presented and auth[:7].lower() == "bearer ":
-            presented = auth[7:].strip()
-        self.server.guard.check(self.server.config, self.client_address[0], presented)
+        return self.headers.get(header) or (auth[7:].strip() if auth[:7].lower() == "bearer "
+                                            else "")
+
+    def check_management(self):
+        self.server.guard.check(self.server.config, self.client_address[0],
+                                self.presented_key("X-Management-Key"))
         self.check_same_site()
         return "handle_management"
 
@@ -7123,9 +7130,8 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         status, result = self.server.management.route(self.command, parts, body, query,
                                                       self.client_address[0])
         if isinstance(result, tuple):
-            self.send_bytes(status, result[1], result[0])
-        else:
-            self.send_json(status, result)
+            return self.send_bytes(status, result[1], result[0])
+        self.send_json(status, result)
 
     # --- client authentication --------------------------------------------------------------
     def check_client_key(self):
@@ -7133,13 +7139,9 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         keys = self.server.config.client_keys
         if not keys:
             return
-        presented = self.headers.get("x-api-key") or ""
-        auth = self.headers.get("Authorization") or ""
-        if not presented and auth[:7].lower() == "bearer ":
-            presented = auth[7:].strip()
-        # http.client decodes header bytes as Latin-1: encode back to the bytes that were sent,
-        # which for a non-ASCII key are its UTF-8 (the encoding our configured keys use)
-        sent = presented.encode("latin-1", "replace")
+        # header values are decoded as Latin-1: encode back to the bytes that were sent, which
+        # for a non-ASCII key are its UTF-8 (the encoding our configured keys use)
+        sent = self.presented_key("x-api-key").encode("latin-1", "replace")
         matched = None
         for key in keys:  # compare with every key: timing reveals nothing about which matched
             if hmac.compare_digest(sent, key.key.encode("utf-8")) and matched is None:
@@ -7423,7 +7425,7 @@ class ProxyHandler(socketserver.StreamRequestHandler):
                                    self.is_background(request["model"]), self.client_name())
         chat_request.size = self.body_size
         conversation = anthropic_conversation_key(request, self.headers)
-        if anthropic_has_images(request) and not is_vision_model(model, config.vision_models):
+        if anthropic_has_images(request) and not matches_any(model, config.vision_models):
             if not config.describe_images:
                 raise BadRequest("model %s cannot see images and describe_images is off; use a "
                                  "vision model such as %s" % (model, config.vision_model))
