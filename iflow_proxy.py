@@ -291,19 +291,18 @@ PROVIDERS["zai"] = PROVIDERS["zai"]._replace(models=PROVIDERS["zhipu"].models)
 BUILTIN_MODELS = tuple(PROVIDERS["iflow"].models)
 
 
+MODEL_SPECS = {(provider, name.lower()): spec for provider, preset in PROVIDERS.items()
+               for name, spec in (preset.models or {}).items()}  # looked up per request
+
+
 def _model_owners():
-    owners = {}
-    for provider, preset in PROVIDERS.items():
-        for name in preset.models or ():
-            owners.setdefault(name.lower(), []).append(provider)
-    return {name: tuple(names) for name, names in owners.items()}
+    owners = collections.defaultdict(tuple)
+    for provider, name in MODEL_SPECS:
+        owners[name] += (provider,)
+    return dict(owners)
 
 
 MODEL_OWNERS = _model_owners()  # model name (lower case) -> the presets that list it
-
-
-MODEL_SPECS = {(provider, name.lower()): spec for provider, preset in PROVIDERS.items()
-               for name, spec in (preset.models or {}).items()}  # looked up per request
 
 
 def model_spec(model, provider=""):
@@ -1194,10 +1193,8 @@ def atomic_write_json(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     if os.name == "posix":  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -1579,10 +1576,8 @@ class AccountRegistry:
                 data["default"] = data["accounts"][0]["id"] if data["accounts"] else ""
             self._write(data)  # registry first: a crash leaves an orphan file, not a dangling entry
             for entry in doomed:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.credential_path(entry))
-                except FileNotFoundError:
-                    pass
             return doomed
 
 
@@ -2635,7 +2630,7 @@ def read_headers(fp, limit=HEADER_LIMIT):
         line = readline(MAX_HEADER_LINE + 1)
         if len(line) > MAX_HEADER_LINE:
             raise HeaderError("a header line is longer than %d bytes" % MAX_HEADER_LINE, 431)
-        if line == b"\r\n" or line == b"\n" or not line:
+        if line in {b"\r\n", b"\n"} or not line:
             break
         if len(lines) >= limit:
             raise HeaderError("more than %d header fields" % limit, 431)
@@ -2936,10 +2931,8 @@ class UpstreamConnection:
 
     def abort(self):
         """Cut it now, from any thread: whoever waits on it wakes to an error."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def still_open(self):
         """An idle connection whose socket is readable has been closed (or broken) by the
@@ -4504,7 +4497,7 @@ def _document_text(block):
         text = source["data"]
     elif kind == "content" and isinstance(source.get("content"), (str, list)):
         text = _text_of(_blocks(source["content"]))
-    elif kind == "base64" and (media.startswith("text/") or media in ("application/json",)):
+    elif kind == "base64" and (media.startswith("text/") or media == "application/json"):
         try:
             text = base64.b64decode(source.get("data") or "").decode("utf-8")
         except (binascii.Error, ValueError):
@@ -5258,9 +5251,7 @@ def estimate_tokens(text):
                 total += len(run) > 1
             else:
                 total += (len(run) + 2) // 3
-        elif _CJK_PUNCT[0] <= first <= _CJK_PUNCT[1] or _CJK_PUNCT[2] <= first <= _CJK_PUNCT[3]:
-            total += 1
-        elif first.isspace():
+        elif _CJK_PUNCT[0] <= first <= _CJK_PUNCT[1] or _CJK_PUNCT[2] <= first <= _CJK_PUNCT[3] or first.isspace():
             total += 1
         else:
             cjk += 0.8 if first in COMMON_CJK else 1.8
@@ -6692,10 +6683,8 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.connections -= 1
         log.info("dropping an idle connection from %s to admit a new one",
                  handler.client_address[0])
-        try:
+        with contextlib.suppress(OSError):
             handler.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _refuse(self, request):
         body = json_bytes(error_body(ProxyError(
@@ -6794,10 +6783,8 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         for handler, what in overdue:
             log.info("closing a connection from %s: too slow %s", handler.client_address[0],
                      what)
-            try:
+            with contextlib.suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _check_clients(self):
         with self._gate:
@@ -6857,7 +6844,7 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 # path -> {HTTP method: (handler method name, needs a client key)}, from lines
 # "methods path handler open|key"
-ROUTES = {path: {method: ("handle_" + name, guard == "key") for method in methods.split(",")}
+ROUTES = {path: dict.fromkeys(methods.split(","), ("handle_" + name, guard == "key"))
           for methods, path, name, guard in _rows("""
     GET       /healthz                   healthz           open
     GET,HEAD  /api/hello                 healthz           open
@@ -6901,10 +6888,8 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         (see Timeouts) in place of Python's per-call poll."""
         self.connection = self.request
         self.requests_served = 0
-        try:
+        with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         self.timeouts = Timeouts(self.connection)
         self.rfile = io.BufferedReader(SocketReader(self.connection))
         self.wfile = SocketWriter(self.connection)
@@ -6974,10 +6959,8 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         return True
 
     def finish(self):
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass
 
     def parse_request(self):
         """The request line (as http.server reads it) and the header fields (by read_headers,
@@ -7287,10 +7270,8 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         if self.body_unread and (self.body_chunked or self.body_length > DRAIN_LIMIT):
             self.close_connection = True  # too much to drain: say so in this answer
         self.log_fields.setdefault("error", err.message)
-        try:
+        with contextlib.suppress(ClientGone):
             self.send_json(err.status, error_body(err, self.api), headers)
-        except ClientGone:
-            pass
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, oversized headers) as JSON too."""
@@ -7303,10 +7284,8 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         elif code >= 500:  # e.g. 505 for "HTTP/9.9": still a malformed request
             code = 400
         err = ProxyError(message, status=code, code="bad_http_request")
-        try:
+        with contextlib.suppress(ClientGone):
             self.send_json(code, error_body(err, self.api))
-        except ClientGone:
-            pass
 
     def start_stream(self, headers=None):
         head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -7927,10 +7906,8 @@ def serve_until_stopped(server, config, detached=False):
         os._exit(1)
     finally:
         server.server_close()  # saves usage figures
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(run_file)
-        except OSError:
-            pass
     log.warning("stopped")
     return 0
 
