@@ -574,6 +574,12 @@ def log_info_line(logger, message, writer=None):
             pass
 
 
+def trim_oldest(table, size):
+    """Drop a dict's oldest entries (first inserted) until it holds at most ``size``."""
+    while len(table) > size:
+        table.pop(next(iter(table)))
+
+
 def write_fully(fd, data):
     while data:
         data = data[os.write(fd, data):]
@@ -675,11 +681,10 @@ class Record:
     def __post_init__(self):
         pass
 
-    def __setattr__(self, name, value):
+    def _frozen(self, *_name_and_value):
         raise AttributeError("%s is frozen: make another with replace()" % type(self).__name__)
 
-    def __delattr__(self, name):
-        raise AttributeError("%s is frozen: make another with replace()" % type(self).__name__)
+    __setattr__ = __delattr__ = _frozen
 
     def replace(self, **changes):
         """A copy with ``changes``, checked and converted as a new record is."""
@@ -1430,6 +1435,10 @@ class AccountRegistry:
         """Every registered account, read from disk now."""
         data = self.read()
         return tuple(self._account(data, entry) for entry in data["accounts"])
+
+    def load(self, account_id):
+        """The account with this id, read from disk now (None if there is none)."""
+        return next((a for a in self.load_accounts() if a.id == account_id), None)
 
     def accounts(self):
         """The cached snapshot; re-read when accounts.json changed (looked at ≤ once a second)."""
@@ -2770,8 +2779,7 @@ class ConnectionPool:
         known = self._routes.get(url)
         if known is None:
             known = self._routes[url] = self._route(url)
-            while len(self._routes) > 256:
-                self._routes.pop(next(iter(self._routes)))
+            trim_oldest(self._routes, 256)
         return known
 
     def _route(self, url):
@@ -3874,8 +3882,7 @@ class Router:
             if affinity:
                 self._affinity.pop(affinity, None)
                 self._affinity[affinity] = chosen.id
-                while len(self._affinity) > 10000:
-                    self._affinity.pop(next(iter(self._affinity)))
+                trim_oldest(self._affinity, 10000)
         return chosen
 
     def _by_strategy(self, candidates):
@@ -5275,8 +5282,7 @@ class TokenEstimates:
             known = estimate_tokens(text)
             with self._lock:
                 self._memo[key] = known
-                while len(self._memo) > self._size:
-                    self._memo.pop(next(iter(self._memo)))
+                trim_oldest(self._memo, self._size)
         return known
 
 
@@ -5328,8 +5334,7 @@ class TokenCalibration:
             ratios = self._ratios.pop(model, [])
             ratios.append(round(ratio, 4))
             self._ratios[model] = ratios[-self.keep:]
-            while len(self._ratios) > self.models:
-                self._ratios.pop(next(iter(self._ratios)))
+            trim_oldest(self._ratios, self.models)
             self.changed = True
 
     def factor(self, model):
@@ -5806,8 +5811,7 @@ class ReasoningMemory:
         with self._lock:
             for tool_id in tool_ids:
                 self._by_call[tool_id] = reasoning
-            while len(self._by_call) > self._size:
-                self._by_call.pop(next(iter(self._by_call)))
+            trim_oldest(self._by_call, self._size)
 
     def remember_completion(self, completion):
         for choice in completion.get("choices") or ():
@@ -5987,8 +5991,7 @@ class ChatService:
                  account.nickname, model, limit)
         with self._lock:
             self._limits[(account.id, model)] = limit
-            while len(self._limits) > 1000:
-                self._limits.pop(next(iter(self._limits)))
+            trim_oldest(self._limits, 1000)
         return True
 
     def resolve(self, requested):
@@ -6003,8 +6006,8 @@ class ChatService:
         if not self.refresher.refresh(account.id, force=True):
             return None
         self.registry.invalidate()
-        return next((a for a in self.registry.load_accounts() if a.id == account.id
-                     and a.usable), None)
+        fresh = self.registry.load(account.id)
+        return fresh if fresh is not None and fresh.usable else None
 
     def opened(self, exchange):
         with self._lock:
@@ -6050,8 +6053,7 @@ class ChatService:
             text = self._describe(url, conversation)
             with self._lock:
                 self._images[digest] = text
-                while len(self._images) > 256:  # history resends old images
-                    self._images.pop(next(iter(self._images)))
+                trim_oldest(self._images, 256)  # history resends old images
         return text
 
     def _describe(self, url, conversation):
@@ -6314,8 +6316,7 @@ class ManagementGuard:
             failures += 1
             self._failures[address] = (failures, now + self.BAN_SECONDS
                                        if failures >= self.TRIES else 0)
-            while len(self._failures) > 1000:
-                self._failures.pop(next(iter(self._failures)))
+            trim_oldest(self._failures, 1000)
         raise Unauthorized("missing or wrong management key (Authorization: Bearer <key> or "
                            "X-Management-Key)")
 
@@ -6402,7 +6403,7 @@ class ManagementAPI:
         return entry
 
     def account_view(self, account_id):
-        account = next(a for a in self.chat.registry.load_accounts() if a.id == account_id)
+        account = self.chat.registry.load(account_id)
         return account_json(account, self.server.config)
 
     def patch_account(self, entry, body):
@@ -6418,7 +6419,7 @@ class ManagementAPI:
         if body.get("default"):
             registry.set_default(body.get("nickname", entry["nickname"]))
         if "enabled" in body:
-            account = next(a for a in registry.load_accounts() if a.id == entry["id"])
+            account = registry.load(entry["id"])
             registry.set_status(account, "ok" if body["enabled"] else "disabled",
                                 "" if body["enabled"] else "disabled by the management API")
         fields = {k: body[k] for k in ("max_concurrency", "priority", "models",
@@ -6441,7 +6442,7 @@ class ManagementAPI:
         return 200, {"renewed": renewed, "refresh_error": view["refresh_error"] or None}
 
     def check(self, entry, body):
-        account = next(a for a in self.chat.registry.load_accounts() if a.id == entry["id"])
+        account = self.chat.registry.load(entry["id"])
         result = probe_account(account, self.server.config, self.chat.upstream)
         return 200, {"nickname": account.nickname, "reachable": result.reachable,
                      "key": result.key_verdict, "signature": result.signature_verdict,
@@ -8021,7 +8022,7 @@ def cmd_refresh(args, config):
     failed = 0
     for account in accounts:
         renewed = refresher.refresh(account.id, force=args.force)
-        after = next(a for a in registry.load_accounts() if a.id == account.id)
+        after = registry.load(account.id)
         if renewed:
             args.stdout.write("%s: renewed (key %s, valid until %s)\n" % (
                 after.nickname, mask_secret(after.api_key), after.expires))
