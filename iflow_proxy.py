@@ -411,27 +411,35 @@ UPSTREAM_KINDS = {kind: (int(status), code, retry == "retry")
                   for kind, status, code, retry, *_codes in _UPSTREAM_KINDS}
 _KIND_OF_CODE = {int(code): row[0] for row in _UPSTREAM_KINDS for code in row[4:]}
 
-_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                       403: "permission_error", 404: "invalid_request_error",
-                       405: "invalid_request_error", 413: "invalid_request_error",
-                       429: "rate_limit_error"}
-# Anthropic's error types (https://docs.anthropic.com/en/api/errors) -> the HTTP status they go with
-ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
-                          "permission_error": 403, "not_found_error": 404,
-                          "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
-                          "overloaded_error": 529}
-_ANTHROPIC_ERROR_TYPES = {**{status: kind for kind, status in ANTHROPIC_ERROR_STATUS.items()},
-                          405: "invalid_request_error", 503: "overloaded_error"}
+# HTTP status -> the error type an OpenAI client gets, and an Anthropic one (Anthropic's types:
+# https://docs.anthropic.com/en/api/errors); other statuses: server_error or
+# invalid_request_error, and api_error
+_ERROR_TYPES = {int(status): (openai, anthropic) for status, openai, anthropic in _rows("""
+    400 invalid_request_error  invalid_request_error
+    401 authentication_error   authentication_error
+    403 permission_error       permission_error
+    404 invalid_request_error  not_found_error
+    405 invalid_request_error  invalid_request_error
+    413 invalid_request_error  request_too_large
+    429 rate_limit_error       rate_limit_error
+    500 server_error           api_error
+    529 server_error           overloaded_error
+    503 server_error           overloaded_error
+""")}
+# Anthropic's error type -> the status it goes with (its first above)
+ANTHROPIC_ERROR_STATUS = {kind: status for status, (_openai, kind) in
+                          reversed(_ERROR_TYPES.items())}
 
 
 def error_body(err, api="openai"):
     """The JSON error object for ``err`` in the client's own API format."""
     message = too_long_message(err, api) or err.message
+    types = _ERROR_TYPES.get(err.status)
     if api == "anthropic":
-        etype = _ANTHROPIC_ERROR_TYPES.get(err.status, "api_error")
-        return {"type": "error", "error": {"type": etype, "message": message}}
-    etype = _OPENAI_ERROR_TYPES.get(err.status, "server_error" if err.status >= 500 else
-                                    "invalid_request_error")
+        return {"type": "error", "error": {"type": types[1] if types else "api_error",
+                                           "message": message}}
+    etype = types[0] if types else "server_error" if err.status >= 500 else \
+        "invalid_request_error"
     return {"error": {"message": message, "type": etype, "param": None, "code": err.code}}
 
 
@@ -743,9 +751,13 @@ def _proxy_url(v):
     return None
 
 
+def _listed(v):
+    """A list setting's items (the environment's form: a comma-separated string)."""
+    return [part for part in v.split(",") if part.strip()] if isinstance(v, str) else v
+
+
 def _key_list(v):
-    items = [part for part in v.split(",") if part.strip()] if isinstance(v, str) else v
-    if not all(isinstance(item, str) and item.strip() for item in items):
+    if not all(isinstance(item, str) and item.strip() for item in _listed(v)):
         return "must be a list of non-empty strings"
     return None
 
@@ -758,9 +770,8 @@ _CLIENT_KEY_FIELDS = {"name": str, "key": str, "rpm": int, "tokens_per_day": int
 def _client_key_list(v):
     """Client keys: strings, or objects {"name", "key", "rpm", "tokens_per_day", "models",
     "expires": "YYYY-MM-DD"} (name and key required)."""
-    items = [part for part in v.split(",") if part.strip()] if isinstance(v, str) else v
     names = []
-    for item in items:
+    for item in _listed(v):
         if isinstance(item, str) and item.strip():
             continue
         if not isinstance(item, dict):
@@ -1516,11 +1527,8 @@ class AccountRegistry:
                 data["accounts"].append(entry)
             if nickname:
                 entry["nickname"] = validate_nickname(nickname, others)
-            entry["kind"] = kind
-            entry["email"] = credentials.get("email", "")
-            entry.update(settings or {})
-            _set_entry_status(entry, "ok", "")
-            entry["refresh_error"] = ""
+            entry.update(settings or {}, kind=kind, email=credentials.get("email", ""),
+                         status="ok", status_reason="", refresh_error="")
             creds = dict(self.read_credentials(entry)) if not created else {}
             creds.update(credentials)
             creds.update({"type": "iflow", "id": entry["id"], "kind": kind,
