@@ -34,19 +34,16 @@ shared with other processes.  Keys and tokens are never printed or logged in ful
 """
 
 import argparse
-import base64
 import contextlib
-import binascii
 import collections
 import fnmatch
 import io
+import ipaddress
 import itertools
 import http
-import ipaddress
 import json
 import logging
 import os
-import queue
 import random
 import re
 import select
@@ -59,9 +56,9 @@ import threading
 import time
 import urllib.parse
 
-# Modules only some commands or paths need (calendar, email.utils, getpass, http.client,
-# http.server, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where they are
-# used: `serve` starts faster and smaller without them.  So are hashlib, hmac and secrets, which
+# Modules only some commands or paths need (base64, calendar, email.utils, getpass, http.client,
+# http.server, queue, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where
+# they are used: `serve` starts faster and smaller without them.  So are hashlib, hmac and secrets, which
 # load OpenSSL (about 4 MB): CPython keeps this script's syntax tree (about 20 MB) until the
 # script's top level returns, and what is loaded before then adds to start-up's peak memory.
 
@@ -1152,6 +1149,7 @@ def select_proxy(url, configured="", env=None):
 def proxy_auth_header(proxy_parts):
     if not proxy_parts.username:
         return {}
+    import base64
     creds = "%s:%s" % (urllib.parse.unquote(proxy_parts.username),
                        urllib.parse.unquote(proxy_parts.password or ""))
     return {"Proxy-Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
@@ -1729,6 +1727,7 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
 
 def pkce_pair():
     """(verifier, S256 challenge); sent even where unsupported, where it is harmless."""
+    import base64
     import hashlib
     import secrets
     verifier = secrets.token_urlsafe(48)
@@ -1750,6 +1749,7 @@ def code_display_uri(config):
 
 
 def _client_auth(config):
+    import base64
     pair = "%s:%s" % (config.oauth_client_id, config.oauth_client_secret)
     return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
@@ -1979,6 +1979,7 @@ def login_oauth(config, out, stdin, browser=True, open_browser=None, env=None,
 
     Returns the credential fields for the new account.
     """
+    import queue
     import secrets
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(24)
@@ -4513,6 +4514,8 @@ def _document_text(block):
     elif kind == "content" and isinstance(source.get("content"), (str, list)):
         text = _text_of(_blocks(source["content"]))
     elif kind == "base64" and (media.startswith("text/") or media == "application/json"):
+        import base64
+        import binascii
         try:
             text = base64.b64decode(source.get("data") or "").decode("utf-8")
         except (binascii.Error, ValueError):
