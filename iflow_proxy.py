@@ -58,9 +58,10 @@ import urllib.parse
 
 # Modules only some commands or paths need (base64, calendar, email.utils, getpass, http.client,
 # http.server, queue, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where
-# they are used: `serve` starts faster and smaller without them.  So are hashlib, hmac and secrets, which
-# load OpenSSL (about 4 MB): CPython keeps this script's syntax tree (about 20 MB) until the
-# script's top level returns, and what is loaded before then adds to start-up's peak memory.
+# they are used: `serve` starts faster and smaller without them.  So are hashlib, hmac and
+# secrets, which load OpenSSL (about 4 MB): CPython keeps this script's syntax tree (about
+# 20 MB) until the script's top level returns, and what is loaded before then adds to
+# start-up's peak memory.
 
 try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
     import fcntl
@@ -2252,16 +2253,20 @@ def _home_path(env, *parts):
     return os.path.join(env.get("HOME") or os.path.expanduser("~"), *parts)
 
 
+_CREDENTIAL_FIELDS = ("access_token", "refresh_token", "api_key", "email", "phone", "cookie",
+                      "expired", "last_refresh", "token_type", "scope")
+_CREDENTIAL_NAMES = {"access_token": "oauth_access_token", "refresh_token": "oauth_refresh_token",
+                     "api_key": "apiKey", "expired": "expiry_date oauth_expires_at"}
+
+
 def _creds_from_file(data):
     """Our credential fields from any of the known formats (ours, CLIProxyAPI/CCS, the CLI)."""
     expiry = parse_time(data.get("expiry_date"))  # the CLI's: epoch milliseconds
     data = dict(data, expiry_date=rfc3339(expiry) if expiry else "")
     creds = {}
-    for field, names in (("access_token", "oauth_access_token"), ("refresh_token",
-                         "oauth_refresh_token"), ("api_key", "apiKey"), ("email", ""),
-                         ("phone", ""), ("cookie", ""), ("expired", "expiry_date oauth_expires_at"),
-                         ("last_refresh", ""), ("token_type", ""), ("scope", "")):
-        value = next((data[n] for n in [field] + names.split() if data.get(n)), "")
+    for field in _CREDENTIAL_FIELDS:  # ours first, then the other formats' names for it
+        value = next((data[n] for n in [field] + _CREDENTIAL_NAMES.get(field, "").split()
+                      if data.get(n)), "")
         if isinstance(value, str) and value:
             creds[field] = value
     kind = "oauth" if creds.get("refresh_token") else "cookie" if creds.get("cookie") \
@@ -5269,7 +5274,8 @@ def estimate_tokens(text):
                 total += len(run) > 1
             else:
                 total += (len(run) + 2) // 3
-        elif _CJK_PUNCT[0] <= first <= _CJK_PUNCT[1] or _CJK_PUNCT[2] <= first <= _CJK_PUNCT[3] or first.isspace():
+        elif _CJK_PUNCT[0] <= first <= _CJK_PUNCT[1] or \
+                _CJK_PUNCT[2] <= first <= _CJK_PUNCT[3] or first.isspace():
             total += 1
         else:
             cjk += 0.8 if first in COMMON_CJK else 1.8
@@ -7972,7 +7978,7 @@ def cmd_login(args, config):
     settings = {}
     if (args.provider or args.protocol) and not args.api_key:
         raise BadRequest("--provider and --protocol go with --api-key")
-    if args.api_key:  # (login_api_key names the key's provider in its prompt)
+    if args.api_key:
         settings = api_key_settings(args.provider, args.protocol, args.base_url,
                                     not args.no_signing)
         kind, creds = "api-key", login_api_key(args, config, settings)
