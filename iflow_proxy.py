@@ -14,10 +14,11 @@ Also: providers, models, accounts, use, rename, logout, refresh, import, status,
 --help); a management API under /v0/management/ when a management key is set.
 
 Read top to bottom the file follows a request: constants (the provider presets) -> errors ->
-config (every setting declared once, in SETTINGS) -> storage -> auth -> upstream (signing,
+config (every setting declared once, in SETTINGS) -> wire (HTTP/1.1 both ways: framing, the
+upstream pool, the server connection) -> storage -> auth -> upstream (signing,
 pooled connections, the one upstream reader) -> routing -> translation -> exchange (one
 ChatExchange per chat request: resolve, take an account, send, classify, fail over, record) ->
-HTTP server (sockets and the handler) -> CLI.
+HTTP server (the listening server and the handler) -> CLI.
 
 Files (home: ``--home``, else ``$IFLOW_PROXY_HOME``, else ``~/.iflow-proxy``):
 
@@ -1468,10 +1469,10 @@ def message_framing(headers, version, status=None, method=None):
     """(length, chunked, reusable) of a message body by RFC 9112 section 6.3, for requests
     (``status`` None) and responses alike.  ``length`` is None for a chunked body, and for a
     response read until the connection closes.  Refused (BadRequest "bad_framing"), as curl,
-    nginx and Go refuse them: Content-Length values that differ or are not digits; in a request,
-    Transfer-Encoding beside Content-Length, any coding but a lone chunked, or chunked in
-    HTTP/1.0.  A response whose Transfer-Encoding and Content-Length say different things is
-    read as chunked and its connection never used again."""
+    nginx and Go refuse them: Content-Length values that differ or are not digits, any
+    transfer coding but a lone chunked (we never offer others), Transfer-Encoding in HTTP/1.0,
+    and in a request Transfer-Encoding beside Content-Length.  A response with both is read as
+    chunked (section 6.3) and its connection never used again."""
     request = status is None
     if not request and (status < 200 or status in (204, 304) or method == "HEAD"):
         return 0, False, True
@@ -1483,12 +1484,10 @@ def message_framing(headers, version, status=None, method=None):
         if request and length_fields:
             raise BadRequest("a request may not have both Transfer-Encoding and Content-Length",
                              code=FRAMING_CODE)
-        if version < (1, 1) or request and codings != ["chunked"]:
+        if version < (1, 1) or codings != ["chunked"]:
             raise BadRequest("Transfer-Encoding %r is not supported: send chunked (HTTP/1.1) "
                              "or a Content-Length" % ", ".join(codings), code=FRAMING_CODE)
-        if codings[-1] == "chunked":
-            return None, True, not length_fields
-        return None, False, False  # a coding we don't decode: until the close
+        return None, True, not length_fields
     if length is not None:
         return length, False, True
     return (0, False, True) if request else (None, False, False)
@@ -6663,7 +6662,7 @@ def today_by_account(summary):
 
 
 # ==================================================================================================
-# HTTP server: sockets, framing, request checks, and writing answers back to the client
+# HTTP server: the listening server, request checks, endpoints, relaying answers to the client
 # ==================================================================================================
 
 def check_bind_safety(config):

@@ -1,0 +1,376 @@
+"""The wire (issue 22): HTTP/1.1 framing both ways from one table, the pool against servers that
+close, reset and over-send, clients that stop reading or trickle, and RFC 9112's request rules.
+"""
+
+import io
+import json
+import select
+import socket
+import threading
+import time
+
+import pytest
+
+import iflow_proxy as ip
+from test_iflow_proxy import (CHAT, KEYS, add_key_account, clock, drive, fake, home,  # noqa: F401
+                              make_config, post_json, req, running, wait_for)
+
+PAYLOAD = json.dumps(CHAT).encode()
+N = len(PAYLOAD)
+
+
+def chunked(data, size_line="%x", trailer=b""):
+    """``data`` in two chunks, then the last chunk and ``trailer`` (field lines)."""
+    half = len(data) // 2
+    parts = [data[:half], data[half:]]
+    return b"".join((size_line % len(p)).encode() + b"\r\n" + p + b"\r\n" for p in parts) + \
+        b"0\r\n" + trailer + b"\r\n"
+
+
+# One table for both directions: (name, HTTP version, framing header fields, body bytes,
+# the status a request framed so gets, the body a response framed so gives (None: refused),
+# whether that response's connection may carry another request).
+FRAMING = [
+    ("content-length", "1.1", [("Content-Length", N)], PAYLOAD, 200, PAYLOAD, True),
+    ("same length twice in a list", "1.1", [("Content-Length", "%d, %d" % (N, N))], PAYLOAD,
+     200, PAYLOAD, True),
+    ("two length fields that differ", "1.1", [("Content-Length", N), ("Content-Length", N + 1)],
+     PAYLOAD, 400, None, False),
+    ("a list of lengths that differ", "1.1", [("Content-Length", "%d, %d" % (N, N - 1))],
+     PAYLOAD, 400, None, False),
+    ("superscript digit", "1.1", [("Content-Length", "²")], PAYLOAD, 400, None, False),
+    ("signed length", "1.1", [("Content-Length", "+%d" % N)], PAYLOAD, 400, None, False),
+    ("chunked", "1.1", [("Transfer-Encoding", "chunked")], chunked(PAYLOAD), 200, PAYLOAD, True),
+    ("chunk extensions and BWS", "1.1", [("Transfer-Encoding", "chunked")],
+     chunked(PAYLOAD, "%x ;ext=1"), 200, PAYLOAD, True),
+    ("a trailer line over 8 KiB taken whole", "1.1", [("Transfer-Encoding", "chunked")],
+     chunked(PAYLOAD, trailer=b"X-Long: " + b"a" * 9000 + b"\r\nX-Two: 2\r\n"), 200, PAYLOAD,
+     True),
+    ("a trailer line over 64 KiB", "1.1", [("Transfer-Encoding", "chunked")],
+     chunked(PAYLOAD, trailer=b"X-Long: " + b"a" * 70000 + b"\r\n"), 431, None, False),
+    ("chunked beside a length", "1.1", [("Transfer-Encoding", "chunked"),
+                                        ("Content-Length", N)], chunked(PAYLOAD), 400, PAYLOAD,
+     False),
+    ("a coding besides chunked", "1.1", [("Transfer-Encoding", "gzip, chunked")],
+     chunked(PAYLOAD), 400, None, False),
+    ("two coding fields", "1.1", [("Transfer-Encoding", "chunked"),
+                                  ("Transfer-Encoding", "identity")], chunked(PAYLOAD), 400,
+     None, False),
+    ("chunked in HTTP/1.0", "1.0", [("Transfer-Encoding", "chunked")], chunked(PAYLOAD), 400,
+     None, False),
+    ("chunk data ended by a bare LF", "1.1", [("Transfer-Encoding", "chunked")],
+     chunked(PAYLOAD).replace(b"\r\n0\r\n", b"\n0\r\n"), 400, None, False),
+    ("a space before the chunk size", "1.1", [("Transfer-Encoding", "chunked")],
+     chunked(PAYLOAD, " %x"), 400, None, False),
+    ("bytes after the last chunk", "1.1", [("Transfer-Encoding", "chunked")],
+     chunked(PAYLOAD) + b"HTTP/1.1 200 OK\r\n", 200, PAYLOAD, False),
+    ("more bytes than the length", "1.1", [("Content-Length", N)],
+     PAYLOAD + b"HTTP/1.1 200 OK\r\n", 200, PAYLOAD, False),
+]
+
+
+def framed(first_line, version, fields, body, extra=()):
+    head = ["%s HTTP/%s" % (first_line, version)] if first_line.startswith("POST") else \
+        ["HTTP/%s %s" % (version, first_line)]
+    head += ["%s: %s" % field for field in list(extra) + list(fields)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+@pytest.mark.parametrize("name, version, fields, body, request_status, response_body, reusable",
+                         FRAMING, ids=[row[0] for row in FRAMING])
+def test_framing_table_both_directions(name, version, fields, body, request_status,
+                                       response_body, reusable):
+    # a request framed so, to the server
+    raw = framed("POST /v1/chat/completions", version, fields, body,
+                 [("Host", "127.0.0.1"), ("Content-Type", "application/json")])
+    replies = drive(raw)
+    assert replies[0][0] == request_status, replies[0][2]
+    if request_status >= 400:
+        assert replies[0][1].get("Connection") == "close"
+    # an answer framed so, from upstream, read by a real pool
+    pool = ip.ConnectionPool(ip.Config(home="/x"))
+    ours, theirs = socket.socketpair()
+    theirs.sendall(framed("200 OK", version, fields, body))
+    conn = ip.UpstreamConnection(ours, "up.example")
+    try:
+        response = ip.UpstreamResponse(pool, "key", conn, ip.read_status(conn.reader), 5)
+        got = response.read_all()
+    except ip.UpstreamError as e:
+        got = None
+        assert e.kind in ("malformed", "transient")
+    assert got == response_body
+    assert (pool._idle.get("key") == [conn]) is reusable
+    conn.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("raw, reusable", [
+    (b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n", False),   # a 204 with a body
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", True),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+])
+def test_answers_without_a_body_leave_nothing_behind(raw, reusable):
+    pool = ip.ConnectionPool(ip.Config(home="/x"))
+    ours, theirs = socket.socketpair()
+    theirs.sendall(raw)
+    conn = ip.UpstreamConnection(ours, "up.example")
+    response = ip.UpstreamResponse(pool, "key", conn, ip.read_status(conn.reader), 5)
+    assert response.read_all() == b""
+    assert (pool._idle.get("key") == [conn]) is reusable
+    theirs.close()
+    conn.close()
+
+
+def test_a_pooled_connection_is_handed_out_only_while_quiet():
+    """Bytes that arrive after an answer (or the server's close) are seen before reuse."""
+    clock_now = [100.0]
+    pool = ip.ConnectionPool(ip.Config(home="/x"), clock=lambda: clock_now[0])
+    ours, theirs = socket.socketpair()
+    conn = ip.UpstreamConnection(ours, "up.example")
+    pool.release("key", conn)
+    theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # nobody asked for it
+    pool._connect = lambda key: "fresh"
+    assert pool.acquire("key") == ("fresh", False)
+    with pytest.raises(OSError):
+        conn.sock.getpeername()  # closed
+    ours, theirs = socket.socketpair()
+    conn = ip.UpstreamConnection(ours, "up.example")
+    pool.release("key", conn)
+    assert pool.acquire("key") == (conn, True)   # quiet and fresh: reused
+    pool.release("key", conn)
+    clock_now[0] += 4.0                          # idle for pool_idle_timeout: dropped
+    assert pool.acquire("key") == ("fresh", False)
+    theirs.close()
+
+
+def test_retry_after_is_read_strictly_and_capped():
+    assert ip.retry_after_seconds("7") == 7
+    assert ip.retry_after_seconds("999999999") == ip.MAX_RETRY_AFTER == 60
+    for bad in ("²", "-1", "1.5", "soon", "Mon, 99 Foo 9999 99:99:99 GMT"):
+        assert ip.retry_after_seconds(bad) is None
+
+
+# --- the pool against servers that close, reset and over-send -----------------------------------
+
+def account_ok(server):
+    return not server.chat.router.recent_errors and all(
+        server.chat.router.state(a)[0] in ("healthy", "busy")
+        for a in server.chat.router.all_accounts())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_server_that_closes_idle_connections(home, fake, stream):
+    add_key_account(home, KEYS[0])
+    fake.keep_alive = 0.2
+    with running(make_config(home, fake)) as server:
+        body = dict(CHAT, stream=stream)
+        assert ip_post(server, body)[0] == 200
+        pool = server.chat.upstream.pool
+        wait_for(lambda: any(not c.quiet() for idle in pool._idle.values() for c in idle),
+                 what="the fake closing the idle connection")
+        status, _headers, _reply = ip_post(server, body)
+        assert status == 200 and fake.connections == 2 and account_ok(server)
+
+
+def ip_post(server, body):
+    """(status, headers, raw bytes) of a POST, stream or not."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def test_connection_close_answers_are_never_reused(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.close_every = 2
+    with running(make_config(home, fake)) as server:
+        for i in range(6):
+            status, _h, reply = ip_post(server, dict(CHAT, stream=i % 3 == 0))
+            assert status == 200, reply
+        assert fake.connections == 3 and account_ok(server)
+
+
+@pytest.mark.parametrize("stream_first", [False, True])
+def test_a_reset_on_a_reused_connection_is_sent_again_without_cooling(home, fake, clock,
+                                                                      stream_first):
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake), router_clock=clock) as server:
+        assert ip_post(server, dict(CHAT, stream=stream_first))[0] == 200
+        fake.reset_reused = 1
+        status, _h, reply = ip_post(server, CHAT)
+        assert status == 200, reply
+        assert fake.connections == 2 and fake.reset_reused == 0 and account_ok(server)
+        assert len(fake.chat_requests()) == 2  # the reset one never reached the handler
+
+
+@pytest.mark.parametrize("poison", [
+    lambda n: ([("Content-Length", n)], b"EXTRA"),                          # more than it said
+    lambda n: ([("Content-Length", n), ("Content-Length", n + 80)], b"x" * 80),  # two lengths
+    lambda n: ([("Transfer-Encoding", "chunked")], None),                   # after the last chunk
+], ids=["longer than its length", "two lengths", "after the last chunk"])
+def test_bytes_left_over_never_become_the_next_answer(home, fake, clock, poison):
+    """Pool poisoning: bytes after an answer were read as the next request's answer, and every
+    later answer shifted by one, across clients."""
+    add_key_account(home, KEYS[0])
+    stolen = json.dumps({"id": "x", "object": "chat.completion", "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": "STOLEN"},
+                         "finish_reason": "stop"}]}).encode()
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d" \
+        b"\r\n\r\n%s" % (len(stolen), stolen)
+
+    def action(n):
+        fields, extra = poison(n)
+        return fields, smuggled, extra is None
+    fake.push(KEYS[0], ("poison", action))
+    replies = []
+    with running(make_config(home, fake), router_clock=clock) as server:
+        for word in ("first", "second", "third"):
+            replies.append(ip_post(server, dict(CHAT, messages=[{"role": "user",
+                                                                 "content": word}])))
+            clock.advance(3600)  # two lengths are a broken answer: past its cooldown
+    texts = [json.loads(r[2])["choices"][0]["message"]["content"] if r[0] == 200 else r[0]
+             for r in replies]
+    assert texts[1:] == ["echo: second", "echo: third"], texts
+    assert "STOLEN" not in json.dumps(texts)
+
+
+# --- clients that stop reading or trickle --------------------------------------------------------
+
+def test_a_client_that_stops_reading_frees_its_slot_after_send_timeout(home, fake):
+    add_key_account(home, KEYS[0])
+    fake.responder = lambda body: {"content": "x" * (8 << 20), "chunk": 1 << 16}
+    config = make_config(home, fake, send_timeout=0.5, queue_timeout=30)
+    with running(config) as server:
+        stuck = socket.create_connection(server.server_address[:2])
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        body = json.dumps(dict(CHAT, stream=True)).encode()
+        stuck.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type:"
+                      b" application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: server.chat.router.state(server.chat.router.all_accounts()[0])[0]
+                 == "busy", what="the stuck stream to start")
+        fake.responder = None
+        wait_for(lambda: server.chat.router.state(server.chat.router.all_accounts()[0])[0]
+                 == "healthy", timeout=20, what="the send timeout to free the account")
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200  # the slot is free
+        stuck.close()
+
+
+def test_the_drain_after_an_early_answer_has_one_deadline(home, fake):
+    """A body nobody reads, trickled a byte at a time, can't hold the connection past
+    body_timeout (each byte used to restart the read's own timeout)."""
+    with running(make_config(home, fake, body_timeout=1)) as server:
+        client = socket.create_connection(server.server_address[:2])
+        client.sendall(b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: 1000\r\n\r\n{")
+        client.settimeout(10)
+        assert client.recv(65536).startswith(b"HTTP/1.1 404")
+        started, closed = time.monotonic(), False
+        while not closed and time.monotonic() - started < 8:
+            try:
+                client.sendall(b" ")
+            except OSError:
+                closed = True
+                break
+            # the trickle's pace (the client's behaviour under test), watching for the close
+            if select.select([client], [], [], 0.2)[0]:
+                try:
+                    closed = client.recv(1) == b""
+                except OSError:
+                    closed = True
+        assert closed, "a trickled body held the connection for 8 s (body_timeout is 1 s)"
+        client.close()
+
+
+# --- RFC 9112's rules for requests, socketless --------------------------------------------------
+
+@pytest.mark.parametrize("raw, statuses", [
+    (b"GET /healthz HTTP/1.1\r\n\r\n", [400]),                                # no Host
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", [400]),          # two
+    (b"GET /healthz HTTP/1.0\r\n\r\n", [200]),                                # 1.0 may omit it
+    (b"GET /healthz HTTP/1.00\r\nHost: 127.0.0.1\r\n\r\n", [400]),            # one digit each
+    (b"GET /healthz HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", [400]),
+    (b"GET\x0b/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", [400]),          # VT: no separator
+    (b"GET\t/healthz\tHTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", [200, 200]),      # HTAB is one
+    (b"GET /health\x00z HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", [400]),         # NUL in the target
+    (b"GET http://[::1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", [400, 200]),  # broken
+    (b"GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", [200, 200]),
+])
+def test_request_line_and_host_rules(raw, statuses):
+    """A head the wire refuses is answered 400 and closes the connection; one it reads (even
+    with a target the router refuses) leaves the connection for the next request."""
+    replies = drive(raw + req("GET", "/healthz"))
+    assert [r[0] for r in replies] == statuses
+    if statuses == [400]:
+        assert replies[0][1]["Connection"] == "close"
+
+
+@pytest.mark.parametrize("fields", [["Connection: TE, close"], ["Connection: keep-alive",
+                                                                "Connection: close"]])
+def test_every_connection_option_is_read(fields):
+    raw = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + \
+        "".join(f + "\r\n" for f in fields).encode() + b"\r\n"
+    replies = drive(raw + req("GET", "/healthz"))
+    assert [r[0] for r in replies] == [200] and replies[0][1]["Connection"] == "close"
+
+
+def test_head_is_answered_wherever_get_is():
+    for path in ("/healthz", "/status", "/", "/api/hello"):
+        raw = req("HEAD", path)
+        handler_out = drive_raw(raw)
+        assert handler_out.startswith(b"HTTP/1.1 200 ") and handler_out.endswith(b"\r\n\r\n")
+        assert b"Content-Length: " in handler_out
+
+
+def drive_raw(raw, server=None):
+    """The bytes ProxyHandler writes for ``raw`` (drive() parses them as bodies follow)."""
+    from test_iflow_proxy import SocketlessServer, StubConnection
+    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
+    handler.server = server or SocketlessServer()
+    handler.client_address = ("127.0.0.1", 40000)
+    handler.connection = StubConnection()
+    handler.timeouts = ip.Timeouts(handler.connection)
+    handler.rfile = io.BufferedReader(io.BytesIO(raw))
+    handler.wfile = io.BytesIO()
+    handler.requests_served = 0
+    handler.handle()
+    return handler.wfile.getvalue()
+
+
+def test_100_continue_only_after_the_checks():
+    from test_iflow_proxy import SocketlessServer
+    body = json.dumps(CHAT).encode()
+    keyed = SocketlessServer(client_keys=(ip.client_key("ck-1"),))
+    out = drive_raw(req("POST", "/v1/chat/completions", body, Expect="100-continue"), keyed)
+    assert out.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in out
+    assert b"Connection: close" in out  # the body it never asked for is not read
+    small = SocketlessServer(max_body_bytes=10)
+    out = drive_raw(req("POST", "/v1/chat/completions", body, Expect="100-continue"), small)
+    assert out.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in out
+    out = drive_raw(req("POST", "/v1/chat/completions", body, Expect="100-continue",
+                        Authorization="Bearer ck-1"), keyed)
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+
+
+def test_a_malformed_origin_is_a_400_not_a_500():
+    status, _h, body = drive(req("POST", "/v1/chat/completions", json.dumps(CHAT).encode(),
+                                 Origin="http://[x"))[0]
+    assert status == 400 and b"Origin" in body
+
+
+def test_head_on_the_model_list_over_sockets(home, fake):
+    import http.client
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("HEAD", "/v1/models")
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.headers["Content-Length"]) > 0
+        assert resp.read() == b""
+        conn.request("GET", "/v1/models")  # the same connection: nothing was left unread
+        assert json.loads(conn.getresponse().read())["data"]
+        conn.close()
