@@ -35,9 +35,12 @@ shared with other processes.  Keys and tokens are never printed or logged in ful
 """
 
 import argparse
+import base64
 import contextlib
 import collections
 import fnmatch
+import hashlib
+import hmac
 import io
 import ipaddress
 import itertools
@@ -47,6 +50,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import select
 import signal
 import socket
@@ -57,12 +61,9 @@ import threading
 import time
 import urllib.parse
 
-# Modules only some commands or paths need (base64, calendar, email.utils, getpass, http.client,
-# http.server, queue, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where
-# they are used: `serve` starts faster and smaller without them.  So are hashlib, hmac and
-# secrets, which load OpenSSL (about 4 MB): CPython keeps this script's syntax tree (about
-# 20 MB) until the script's top level returns, and what is loaded before then adds to
-# start-up's peak memory.
+# Modules only some commands or paths need (calendar, email.utils, getpass, http.client,
+# http.server, queue, shutil, ssl, subprocess, urllib.request, webbrowser) are imported where they
+# are used, each in one place: `serve` starts faster and smaller without them.
 
 try:  # POSIX advisory file locks; Windows falls back to msvcrt below.
     import fcntl
@@ -466,7 +467,6 @@ def mask_secret(value):
 def fingerprint(secret):
     """A short stable id for a secret, safe to show and to store as an identity: the start of
     its sha256."""
-    import hashlib
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
 
 
@@ -1164,7 +1164,6 @@ def select_proxy(url, configured="", env=None):
 def proxy_auth_header(proxy_parts):
     if not proxy_parts.username:
         return {}
-    import base64
     creds = "%s:%s" % (urllib.parse.unquote(proxy_parts.username),
                        urllib.parse.unquote(proxy_parts.password or ""))
     return {"Proxy-Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
@@ -1615,14 +1614,19 @@ class UpstreamConnection:
         except (OSError, ValueError):  # closed
             return -1
 
-    def quiet(self):
+    def quiet(self, ask_kernel=True):
         """Nothing left over and nothing arriving: no byte buffered (TLS's own buffer too), no
         byte nor end of file on the socket.  Only such a connection may carry a request: a
         byte there now would be read as the next request's answer (pool poisoning), an end of
-        file means the server closed it."""
+        file means the server closed it.  (``ask_kernel`` False: the buffers only.)"""
         if self.buffered() != 0 or getattr(self.sock, "pending", lambda: 0)():
             return False
-        return not readable_now([self.sock])
+        if not ask_kernel:
+            return True
+        try:  # one descriptor: select is the cheapest question (poll needs an object made)
+            return not select.select((self.sock,), (), (), 0)[0]
+        except (ValueError, OSError):  # a descriptor past FD_SETSIZE: poll
+            return not readable_now([self.sock])
 
     def abort(self):
         """Cut it now, from any thread: whoever waits on it wakes to an error."""
@@ -1688,9 +1692,13 @@ class UpstreamResponse:
             return self._conn.reader.read1(65536)
         if self._left == 0:
             return b""
-        data = self._conn.reader.read1(min(self._left, 65536))
+        # (not min(left, 65536): a read of exactly what is left would leave bytes sent past
+        # the length in the socket, unseen; read with the rest, they mark the connection)
+        data = self._conn.reader.read1(65536)
         if not data:
             raise ConnectionResetError("the body ended early")
+        if len(data) > self._left:  # more than it said: never carries another request
+            data, self._reusable = data[:self._left], False
         self._left -= len(data)
         return data
 
@@ -1735,6 +1743,14 @@ class UpstreamResponse:
                 self._conn.abort()
 
 
+# A connection idle for less than this is taken back without asking the kernel whether bytes or
+# an end of file wait on it (one system call, and a hand-over of the GIL, per request: 15-20 %
+# of the requests/s at concurrency 16 in the benchmark).  Leftovers of its last answer were
+# looked for in its buffer as it came back (see UpstreamResponse._read_plain, release); a
+# server that closed it in that time is met by the resend (UpstreamClient.open).
+ASK_KERNEL_AFTER = 0.05
+
+
 class ConnectionPool:
     """Idle keep-alive connections per (scheme, host, port, proxy); LIFO so warm ones go first.
     A connection comes back only read to its exact end with nothing left over (see
@@ -1754,12 +1770,8 @@ class ConnectionPool:
         self._routes = {}   # url -> route(url); the environment's proxy settings don't change
 
     def ssl_context(self):
-        import ssl
         if self._ssl_context is None:
-            ctx = ssl.create_default_context()
-            if self.config.ca_file:
-                ctx.load_verify_locations(self.config.ca_file)
-            self._ssl_context = ctx
+            self._ssl_context = tls_context(self.config.ca_file)
         return self._ssl_context
 
     def route(self, url):
@@ -1791,7 +1803,9 @@ class ConnectionPool:
                 conn = idle.pop() if idle else None
             if conn is None:
                 return self._connect(key), False
-            if self.clock() - conn.idle_since < self.config.pool_idle_timeout and conn.quiet():
+            idle_for = self.clock() - conn.idle_since
+            if idle_for < self.config.pool_idle_timeout and \
+                    conn.quiet(ask_kernel=idle_for >= ASK_KERNEL_AFTER):
                 return conn, True
             conn.close()
 
@@ -1821,7 +1835,6 @@ class ConnectionPool:
             conn.close()
 
     def _connect(self, key):
-        import ssl  # here, not at start-up: most start-ups never need it before this
         scheme, host, port, proxy = key
         where = "%s://%s:%d%s" % (scheme, host, port, " via proxy %s" % proxy if proxy else "")
         sock = None
@@ -1840,18 +1853,33 @@ class ConnectionPool:
         except socket.timeout:
             _close_quietly(sock)
             raise UpstreamError("unreachable", "timed out connecting to %s" % where)
-        except ssl.SSLError as e:
-            _close_quietly(sock)
-            raise UpstreamError("unreachable", "TLS error talking to %s: %s (a corporate proxy "
-                                "may need config ca_file)" % (where, e.reason or e))
         except (OSError, ValueError) as e:
             _close_quietly(sock)
+            if is_tls_error(e):
+                raise UpstreamError("unreachable", "TLS error talking to %s: %s (a corporate "
+                                    "proxy may need config ca_file)" % (where, e.reason or e))
             raise UpstreamError("unreachable", "cannot connect to %s: %s"
                                 % (where, getattr(e, "strerror", None) or e))
         default_port = 443 if scheme == "https" else 80
         name = "[%s]" % host if ":" in host else host
         return UpstreamConnection(sock, name if port == default_port else "%s:%d" % (name, port),
                                   self.config.first_byte_timeout)
+
+
+def tls_context(ca_file=""):
+    """A client TLS context checking certificates (ssl is imported here, its one place: most
+    start-ups never need it), with config ca_file's certificates added."""
+    import ssl
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    return context
+
+
+def is_tls_error(error):
+    """Whether ``error`` is ssl's (which is loaded only once a TLS connection was tried)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(error, ssl.SSLError)
 
 
 def _close_quietly(sock):
@@ -2819,12 +2847,9 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
     headers.setdefault("Accept", "application/json")
     headers.setdefault("User-Agent", "iflow-proxy/" + __version__)
     import http.client
-    import ssl
     from urllib import error as url_error, request as url_request
     proxy = select_proxy(url, config.proxy, env)
-    context = ssl.create_default_context()
-    if config.ca_file:
-        context.load_verify_locations(config.ca_file)
+    context = tls_context(config.ca_file)
     opener = url_request.build_opener(
         url_request.ProxyHandler({urllib.parse.urlsplit(url).scheme: proxy} if proxy else {}),
         url_request.HTTPSHandler(context=context))
@@ -2847,9 +2872,6 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
 
 def pkce_pair():
     """(verifier, S256 challenge); sent even where unsupported, where it is harmless."""
-    import base64
-    import hashlib
-    import secrets
     verifier = secrets.token_urlsafe(48)
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return verifier, base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
@@ -2869,7 +2891,6 @@ def code_display_uri(config):
 
 
 def _client_auth(config):
-    import base64
     pair = "%s:%s" % (config.oauth_client_id, config.oauth_client_secret)
     return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
@@ -3015,7 +3036,6 @@ class CallbackListener:
     """A one-shot OAuth redirect listener on 127.0.0.1: checks ``state``, takes one code."""
 
     def __init__(self, port, state, events):
-        import hmac
         import http.server
         listener = self
 
@@ -3074,7 +3094,6 @@ class CallbackListener:
 
 def _read_pasted(stdin, state, redirect_uri, display_uri, events):
     """Read a pasted code (code display) or a pasted callback URL from the terminal."""
-    import hmac
     line = stdin.readline(8192) if stdin is not None else ""
     line = line.strip()
     if not line:
@@ -3100,7 +3119,6 @@ def login_oauth(config, out, stdin, browser=True, open_browser=None, env=None,
     Returns the credential fields for the new account.
     """
     import queue
-    import secrets
     verifier, challenge = pkce_pair()
     state = secrets.token_urlsafe(24)
     headless = not browser or is_headless(env)
@@ -3450,8 +3468,6 @@ def _read_import(path):
 
 def sign_request(api_key, user_agent, session_id, timestamp_ms):
     """iFlow's x-iflow-signature: hex HMAC-SHA256(apiKey, "<user-agent>:<session-id>:<ts>")."""
-    import hashlib
-    import hmac
     message = "%s:%s:%s" % (user_agent, session_id, timestamp_ms)
     # hmac.new, not hmac.digest: the one-shot digest gives the GIL away around a microsecond's
     # work, and under load the request thread then queues to get it back
@@ -3465,7 +3481,6 @@ def random_hex(digits):
 
 
 def _derived_uuid(*parts):
-    import hashlib
     raw = bytearray(hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()[:16])
     raw[6] = raw[6] & 0x0F | 0x40  # version 4
     raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
@@ -3479,7 +3494,6 @@ def conversation_ids(account_id, conversation_key):
     Derived, not stored: the same conversation keeps the same upstream session on an account
     (as the CLI keeps one per session), across requests and restarts, with no table to grow.
     """
-    import secrets
     key = conversation_key or secrets.token_hex(16)
     return ("session-" + _derived_uuid("session", account_id, key),
             _derived_uuid("conversation", account_id, key))
@@ -4898,7 +4912,6 @@ def first_messages_key(messages, count):
     """"msg:" and a sha256 of a conversation's first ``count`` messages: of their roles and
     texts where they are plain (a role and a string, the usual case: a fraction of the cost),
     else of their canonical JSON."""
-    import hashlib
     first = messages[:count] if isinstance(messages, list) else []
     parts = []
     for message in first:
@@ -5024,7 +5037,6 @@ def _document_text(block):
     elif kind == "content" and isinstance(source.get("content"), (str, list)):
         text = _text_of(_blocks(source["content"]))
     elif kind == "base64" and (media.startswith("text/") or media == "application/json"):
-        import base64
         import binascii
         try:
             text = base64.b64decode(source.get("data") or "").decode("utf-8")
@@ -6567,7 +6579,6 @@ class ChatService:
         return body
 
     def _description(self, url, conversation):
-        import hashlib
         digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
         with self._lock:
             text = self._images.get(digest)
@@ -6775,7 +6786,6 @@ class ManagementGuard:
         self._lock = threading.Lock()
 
     def check(self, config, address, presented):
-        import hmac
         if not config.management_key:
             raise NotFound("no such endpoint (the management API is off: set "
                            "management_key or IFLOW_PROXY_MANAGEMENT_KEY)")
@@ -6964,7 +6974,6 @@ class ManagementAPI:
                 "expires": key.expires or None}
 
     def add_key(self, body, query):
-        import secrets
         item = {k: v for k, v in body.items() if k != "key"}
         item["key"] = "ck-" + secrets.token_urlsafe(24)
         keys = self._stored_keys() + [item]
@@ -7429,7 +7438,6 @@ class ProxyHandler(ServerConnection):
 
     # --- client authentication --------------------------------------------------------------
     def check_client_key(self):
-        import hmac
         keys = self.server.config.client_keys
         if not keys:
             return
@@ -8413,17 +8421,27 @@ def cmd_env(args, config):
     return 0
 
 
+def ask_local_proxy(config, url, headers=None, timeout=1.0):
+    """(status, body) of a GET to an iflow-proxy on this machine, or None when nothing, or
+    something else, answers there."""
+    client = UpstreamClient(config.replace(proxy="direct", connect_timeout=timeout,
+                                           first_byte_timeout=timeout, idle_timeout=timeout))
+    try:
+        response = client.open("GET", url, headers or {})
+        body = response.read_all(SSE_HEAD_LIMIT)
+    except ProxyError:
+        return None
+    finally:
+        client.close()
+    if not (response.headers.get("Server") or "").startswith("iflow-proxy/"):
+        return None
+    return response.status, body
+
+
 def running_proxy_url(config, timeout=1.0):
     """The URL of an iflow-proxy already serving this config's port, or None."""
-    from urllib import request as url_request
     url = _local_url(config)
-    try:
-        with url_request.urlopen(url + "/healthz", timeout=timeout) as resp:
-            if resp.headers.get("Server", "").startswith("iflow-proxy/"):
-                return url
-    except (OSError, ValueError):
-        pass
-    return None
+    return url if ask_local_proxy(config, url + "/healthz", timeout=timeout) else None
 
 
 def cmd_claude(args, config):
@@ -8472,20 +8490,18 @@ def running_url(config):
 
 def fetch_status(config, timeout=2.0):
     """/status of a proxy running for this home (whatever its port), or None."""
-    from urllib import error as url_error, request as url_request
-    req = url_request.Request(running_url(config) + "/status",
-                                 headers={"Authorization": "Bearer " + _client_token(config)})
-    try:
-        with url_request.urlopen(req, timeout=timeout) as resp:
-            if not resp.headers.get("Server", "").startswith("iflow-proxy/"):
-                return None
-            return json.loads(resp.read().decode("utf-8"))
-    except url_error.HTTPError as e:
-        if e.code == 401:
-            raise ProxyError("the running proxy at %s wants a client key this config doesn't "
-                             "have" % _local_url(config))
+    url = running_url(config)
+    answer = ask_local_proxy(config, url + "/status", {
+        "Authorization": "Bearer " + _client_token(config)}, timeout)
+    if answer is None:
         return None
-    except (OSError, ValueError):
+    status, body = answer
+    if status == 401:
+        raise ProxyError("the running proxy at %s wants a client key this config doesn't "
+                         "have" % url)
+    try:
+        return json.loads(body.decode("utf-8")) if status == 200 else None
+    except ValueError:
         return None
 
 
@@ -8715,6 +8731,12 @@ def split_claude_argv(argv):
     return ours, theirs[1:] if theirs[:1] == ["--"] else theirs
 
 
+def print_traceback(stream):
+    """The exception being handled, with its traceback (for --verbose)."""
+    import traceback
+    traceback.print_exc(file=stream)
+
+
 def main(argv=None, stdin=None, stdout=None, stderr=None, env=None, script=False):
     """Run one CLI command; returns the exit code (0 ok, 1 runtime failure, 2 bad input).
     ``script``: this file runs as a script (see cmd_serve)."""
@@ -8742,8 +8764,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None, script=False
         return args.func(args, config)
     except ProxyError as e:
         if args.verbose:
-            import traceback
-            traceback.print_exc(file=stderr)
+            print_traceback(stderr)
         stderr.write("iflow_proxy: error: %s\n" % e.message)
         return e.exit_code
     except KeyboardInterrupt:
@@ -8751,8 +8772,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None, script=False
         return 130
     except OSError as e:
         if args.verbose:
-            import traceback
-            traceback.print_exc(file=stderr)
+            print_traceback(stderr)
         stderr.write("iflow_proxy: error: %s%s\n" % (e.strerror or e, ": " + e.filename
                                                       if getattr(e, "filename", None) else ""))
         return 1

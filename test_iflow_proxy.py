@@ -933,6 +933,19 @@ def test_fingerprint_is_sha256():
     assert ip.fingerprint("sk-some-key") == expected
 
 
+def test_each_lazily_imported_module_has_one_import_site():
+    tree = ast.parse(open(os.path.join(HERE, "iflow_proxy.py"), encoding="utf-8").read())
+    top = {id(node) for node in tree.body}
+    sites = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module]
+            for name in names:
+                sites.setdefault(name, []).append(node.lineno)
+    assert all(len(lines) == 1 for lines in sites.values()), sites
+
+
 def test_only_public_apis_of_the_standard_library():
     """No private module or attribute of the standard library (their names start with an
     underscore): they change without notice between CPython versions."""

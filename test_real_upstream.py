@@ -177,3 +177,31 @@ def test_both_sdks_both_protocols_in_any_order_with_pauses(home, llama, pool_idl
         # (an answer's usage is recorded as its exchange closes, just after the client has it)
         wait_for(lambda: recorded_tokens(server)[2] == len(plan), what="usage recorded")
         assert recorded_tokens(server) == (seen_in, seen_out, len(plan))
+
+
+def test_real_claude_code_through_the_claude_command(home, llama, tmp_path):
+    """`python iflow_proxy.py claude -p …` with the real Claude Code, through an
+    OpenAI-protocol account on llama-server: Claude Code's own requests (its system prompt, its
+    tools, stream on) are translated, answered and relayed until it prints an answer and exits
+    0, with every request answered 200."""
+    if os.environ.get("IFLOW_TEST_SKIP_SLOW"):
+        pytest.skip("IFLOW_TEST_SKIP_SLOW: the main run of .ci/run has this one")
+    claude = find_claude_code()
+    if claude is None:
+        pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
+    add_llama_accounts(home, llama)
+    log = tmp_path / "proxy.log"
+    env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_PROXY_PORT=str(free_port()),
+               IFLOW_PROXY_LOG_FILE=str(log), HOME=str(tmp_path / "h"), DISABLE_TELEMETRY="1",
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+    env.pop("CI", None)
+    work = tmp_path / "project"
+    work.mkdir()
+    out = subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "claude",
+                          "--model", "llo/" + MODEL_ID, "--claude-bin", claude, "-p",
+                          "Say hello.", "--max-turns", "1"], cwd=str(work), env=env,
+                         capture_output=True, text=True, timeout=900)
+    lines = [line for line in log.read_text().splitlines() if " POST /v1/messages " in line]
+    assert out.returncode == 0, out.stdout + out.stderr + "\n".join(lines)
+    assert lines and all(" status=200 " in line for line in lines), "\n".join(lines)
+    assert all("account=llo" in line for line in lines), "\n".join(lines)
