@@ -3737,9 +3737,20 @@ def business_error(payload):
     return code, str(message)[:500]
 
 
-_TOO_LONG_FIGURES = re.compile(r"(\d+)\s*tokens?\s*>\s*(\d+)", re.I)
+# "... 210000 tokens > 200000 maximum" (Anthropic's words), and llama.cpp's server's: "request
+# (16464 tokens) exceeds the available context size (16384 tokens)"
+_TOO_LONG_FIGURES = re.compile(r"(\d+)\s*tokens?\s*>\s*(\d+)|\((\d+) tokens\) exceeds the "
+                               r"available context size \((\d+) tokens\)", re.I)
 _TOO_LONG = re.compile(r"prompt is too long|context.length|maximum context|too many (input )?"
-                       r"tokens|input (is )?too long", re.I)
+                       r"tokens|input (is )?too long|exceeds the available context size", re.I)
+
+
+def too_long_figures(message):
+    """(tokens, window) an input-too-long error names, or None."""
+    found = _TOO_LONG_FIGURES.search(message or "")
+    if found is None:
+        return None
+    return int(found.group(1) or found.group(3)), int(found.group(2) or found.group(4))
 
 
 def kind_for(code, message=""):
@@ -6131,9 +6142,9 @@ class ChatExchange:
     def _too_long(self, error, model, provider=""):
         """Give an input-too-long error its size and the model's window (see too_long_message):
         upstream's own figures when it names them, else the estimate and the table."""
-        found = _TOO_LONG_FIGURES.search(error.message)
-        tokens = int(found.group(1)) if found else self.service.prompt_tokens(self.request, model)
-        window = int(found.group(2)) if found else \
+        found = too_long_figures(error.message)
+        tokens = found[0] if found else self.service.prompt_tokens(self.request, model)
+        window = found[1] if found else \
             model_spec(model, provider).window if provider else window_of(model) or \
             UNKNOWN_MODEL.window
         error.tokens, error.window = max(tokens, window + 1), window  # upstream said: over

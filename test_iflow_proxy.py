@@ -3682,18 +3682,23 @@ class SocketlessServer:
         return "Mon, 23 Nov 2026 00:00:00 GMT"
 
 
-def drive(raw, server=None):
-    """Run ProxyHandler over one connection's bytes; the list of (status, headers, body)."""
+def drive_raw(raw, server=None, address=("127.0.0.1", 40000)):
+    """Run ProxyHandler over one connection's bytes; the bytes it wrote back."""
     handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
     handler.server = server or SocketlessServer()
-    handler.client_address = ("127.0.0.1", 40000)
+    handler.client_address = address
     handler.connection = StubConnection()
     handler.timeouts = ip.Timeouts(handler.connection)
     handler.rfile = io.BufferedReader(io.BytesIO(raw))
     handler.wfile = io.BytesIO()
     handler.requests_served = 0
     handler.handle()
-    replies, data = [], handler.wfile.getvalue()
+    return handler.wfile.getvalue()
+
+
+def drive(raw, server=None):
+    """Run ProxyHandler over one connection's bytes; the list of (status, headers, body)."""
+    replies, data = [], drive_raw(raw, server)
     while data:
         head, _, data = data.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -3731,15 +3736,7 @@ def test_socketless_request_line_edge_cases():
     assert status == 405 and "BREW" in json.loads(body)["error"]["message"]
     handler_bytes = req("POST", "/v1/chat/completions", json.dumps(CHAT).encode(),
                         Expect="100-continue")
-    server = SocketlessServer()
-    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
-    handler.server, handler.client_address = server, ("127.0.0.1", 40000)
-    handler.connection = StubConnection()
-    handler.timeouts = ip.Timeouts(handler.connection)
-    handler.rfile, handler.wfile = io.BufferedReader(io.BytesIO(handler_bytes)), io.BytesIO()
-    handler.requests_served = 0
-    handler.handle()
-    out = handler.wfile.getvalue()
+    out = drive_raw(handler_bytes)
     assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
 
 
@@ -4881,6 +4878,16 @@ def test_model_list_and_probes_for_claude_code(home, fake):
             glm["description"]
 
 
+def test_llama_cpp_context_error_is_context_length():
+    text = ("request (16464 tokens) exceeds the available context size (16384 tokens), try "
+            "increasing it")
+    assert ip.kind_for(400, text) == "context_length"
+    assert ip.too_long_figures(text) == (16464, 16384)
+    assert ip.too_long_figures("prompt is too long: 210000 tokens > 200000 maximum") == \
+        (210000, 200000)
+    assert ip.too_long_figures("nothing here") is None
+
+
 def test_input_too_long_in_the_words_each_client_acts_on(home, fake):
     """Upstream's "input too long" (iFlow 511 here) reaches Anthropic clients as Claude Code's
     "prompt is too long: N tokens > M maximum" and OpenAI clients as context_length_exceeded;
@@ -5362,14 +5369,7 @@ def test_management_auth_rules_and_ban(home, fake, clock):
 
 
 def drive_from(raw, server, address):
-    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
-    handler.server, handler.client_address = server, address
-    handler.connection = StubConnection()
-    handler.timeouts = ip.Timeouts(handler.connection)
-    handler.rfile, handler.wfile = io.BufferedReader(io.BytesIO(raw)), io.BytesIO()
-    handler.requests_served = 0
-    handler.handle()
-    head, _, body = handler.wfile.getvalue().partition(b"\r\n\r\n")
+    head, _, body = drive_raw(raw, server, address).partition(b"\r\n\r\n")
     return [(int(head.split()[1]), head, body)]
 
 

@@ -27,6 +27,11 @@ LLAMA_DIR = os.path.join(HERE, ".cache", "llama")
 MODEL_ID = "gemma-3-270m"
 API_KEY = "sk-llama-real-tier-1234"
 MAX_TOKENS = 12          # every answer's cap (the server's own -n is the backstop)
+# A base model this small never ends its turn by itself (it writes "<|im_end|>" as text and goes
+# on), and Claude Code takes an answer cut at its output limit for an error: every answer is
+# held to a few words and a full stop, after which the grammar ends it (stop / end_turn).
+ANSWER_GRAMMAR = 'root ::= [A-Za-z ,]{1,40} "."'
+
 
 
 def llama_paths():
@@ -76,8 +81,9 @@ def llama(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("llama") / "llama-server.log"
     log_file = open(log_path, "wb")
     proc = subprocess.Popen([binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
-                             "-n", "48", "-c", "32768", "-np", "2", "-t", "2", "--no-webui",
-                             "-a", MODEL_ID, "--api-key", API_KEY, "--no-warmup"],
+                             "-n", "48", "-c", "32768", "-np", "1", "-t", "2", "--no-webui",
+                             "-a", MODEL_ID, "--api-key", API_KEY, "--no-warmup",
+                             "--grammar", ANSWER_GRAMMAR],
                             stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     try:
@@ -179,6 +185,32 @@ def test_both_sdks_both_protocols_in_any_order_with_pauses(home, llama, pool_idl
         assert recorded_tokens(server) == (seen_in, seen_out, len(plan))
 
 
+def test_input_over_the_window_is_context_length_in_each_clients_words(home, llama):
+    """llama-server's own 400 for a prompt over its context ("request (N tokens) exceeds the
+    available context size (M tokens)") reaches an OpenAI client as context_length_exceeded
+    and an Anthropic one (Claude Code compacts on it) as "prompt is too long", through either
+    protocol, and never cools the account."""
+    openai, anthropic = sdk("openai"), sdk("anthropic")
+    add_llama_accounts(home, llama)
+    long_text = "hello " * 40000
+    with running(make_config(home, max_concurrency=0)) as server:
+        oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        an = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        for account in ("llo", "lla"):
+            model = "%s/%s" % (account, MODEL_ID)
+            with pytest.raises(openai.BadRequestError) as e:
+                oa.chat.completions.create(model=model, max_tokens=MAX_TOKENS, messages=[
+                    {"role": "user", "content": long_text}])
+            assert e.value.code == "context_length_exceeded", e.value
+            with pytest.raises(anthropic.BadRequestError) as e:
+                an.messages.create(model=model, max_tokens=MAX_TOKENS, messages=[
+                    {"role": "user", "content": long_text}])
+            assert "prompt is too long" in str(e.value), e.value
+        assert openai_call(oa, "llo", False)[1] > 0 and anthropic_call(an, "lla", True)[1] > 0
+        for account in server.chat.router.all_accounts():
+            assert server.chat.router.state(account)[0] in ("healthy", "busy")
+
+
 def test_real_claude_code_through_the_claude_command(home, llama, tmp_path):
     """`python iflow_proxy.py claude -p …` with the real Claude Code, through an
     OpenAI-protocol account on llama-server: Claude Code's own requests (its system prompt, its
@@ -191,9 +223,10 @@ def test_real_claude_code_through_the_claude_command(home, llama, tmp_path):
         pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
     add_llama_accounts(home, llama)
     log = tmp_path / "proxy.log"
+    # (the grammar ends every answer within 41 tokens; Claude Code's limit is the backstop)
     env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_PROXY_PORT=str(free_port()),
                IFLOW_PROXY_LOG_FILE=str(log), HOME=str(tmp_path / "h"), DISABLE_TELEMETRY="1",
-               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", CLAUDE_CODE_MAX_OUTPUT_TOKENS="256")
     env.pop("CI", None)
     work = tmp_path / "project"
     work.mkdir()

@@ -2,7 +2,6 @@
 close, reset and over-send, clients that stop reading or trickle, and RFC 9112's request rules.
 """
 
-import io
 import json
 import select
 import socket
@@ -12,8 +11,8 @@ import time
 import pytest
 
 import iflow_proxy as ip
-from test_iflow_proxy import (CHAT, KEYS, add_key_account, clock, drive, fake, home,  # noqa: F401
-                              make_config, post_json, req, running, wait_for)
+from test_iflow_proxy import (CHAT, KEYS, add_key_account, clock, drive, drive_raw,  # noqa: F401
+                              fake, home, make_config, post_json, req, running, wait_for)
 
 PAYLOAD = json.dumps(CHAT).encode()
 N = len(PAYLOAD)
@@ -346,21 +345,6 @@ def test_head_is_answered_wherever_get_is():
         handler_out = drive_raw(raw)
         assert handler_out.startswith(b"HTTP/1.1 200 ") and handler_out.endswith(b"\r\n\r\n")
         assert b"Content-Length: " in handler_out
-
-
-def drive_raw(raw, server=None):
-    """The bytes ProxyHandler writes for ``raw`` (drive() parses them as bodies follow)."""
-    from test_iflow_proxy import SocketlessServer, StubConnection
-    handler = ip.ProxyHandler.__new__(ip.ProxyHandler)
-    handler.server = server or SocketlessServer()
-    handler.client_address = ("127.0.0.1", 40000)
-    handler.connection = StubConnection()
-    handler.timeouts = ip.Timeouts(handler.connection)
-    handler.rfile = io.BufferedReader(io.BytesIO(raw))
-    handler.wfile = io.BytesIO()
-    handler.requests_served = 0
-    handler.handle()
-    return handler.wfile.getvalue()
 
 
 def test_100_continue_only_after_the_checks():
