@@ -121,6 +121,13 @@ def _claude(mapping):
 
 DEFAULT_CLAUDE_MODELS = _claude("opus=glm-4.6 sonnet=glm-4.6 haiku=qwen3-coder-plus")
 
+# What a request is, as Claude Code says with CLAUDE_CODE_GATEWAY_HINT_HEADERS=1 (header
+# x-claude-code-request-class), and its queue lane: main turns (and the compaction the user
+# waits on) first, then subagents and workflows, then housekeeping (titles, summaries, web
+# search side requests).  A lower lane waits for higher ones only for BACKGROUND_WAIT seconds.
+REQUEST_LANES = {"main": 0, "compaction": 0, "subagent": 1, "workflow": 1, "auxiliary": 2,
+                 "side_reply": 2}
+
 # Per-family default output limit, sent as max_new_tokens like the official CLI; first match wins.
 MODEL_OUTPUT_LIMITS = (
     ("glm-", 32000), ("kimi-", 32768), ("minimax-", 64000), ("qwen3-coder", 64000),
@@ -847,6 +854,13 @@ def _claude_families(v):
     return _string_values(v)
 
 
+def _class_models(v):
+    bad = next((k for k in v if k not in REQUEST_LANES), None)
+    if bad is not None:
+        return "takes the request classes %s, got %r" % (", ".join(REQUEST_LANES), bad)
+    return _string_values(v)
+
+
 def _legacy_modes(v):
     bad = next((m for m in (v.values() if isinstance(v, dict) else [v])
                 if m not in LEGACY_MODES), None)
@@ -950,6 +964,10 @@ SETTINGS = {
                             _not_negative),
     "claude_models": Setting(dict, {}, None, "Claude family (opus/sonnet/haiku) -> iFlow model",
                              _claude_families),
+    "class_models": Setting(dict, {}, None, "request class (auxiliary, side_reply, subagent, "
+                            "workflow, compaction, main) -> model its requests go to, e.g. "
+                            "housekeeping on a small fast model, compaction on a long window",
+                            _class_models),
     "vision_model": Setting(str, "qwen3-vl-plus", None, "model that describes images for text "
                             "models", None),
     "describe_images": Setting(bool, True, None, "describe images for text-only models (else "
@@ -4225,17 +4243,17 @@ MAX_WAITING = 1000      # requests waiting for an account at once; more get 429 
 
 
 class _Ticket:
-    """A request waiting for an account: main turns first come, first served; a background
-    one (Claude Code's titles and summaries) lets them go first until it has waited
-    BACKGROUND_WAIT seconds, then takes its place by arrival — it is never starved."""
+    """A request waiting for an account: main turns first come, first served; one in a lower
+    lane (see REQUEST_LANES: subagents, then housekeeping) lets those above go first until it
+    has waited BACKGROUND_WAIT seconds, then takes its place by arrival — never starved."""
 
-    __slots__ = ("ids", "background", "since")
+    __slots__ = ("ids", "lane", "since")
 
-    def __init__(self, ids, background=False, since=0.0):
-        self.ids, self.background, self.since = ids, background, since
+    def __init__(self, ids, lane=0, since=0.0):
+        self.ids, self.lane, self.since = ids, lane, since
 
     def rank(self, now):
-        return 1 if self.background and now - self.since < BACKGROUND_WAIT else 0
+        return self.lane if now - self.since < BACKGROUND_WAIT else 0
 
 
 # failure kind -> (cooldown key scope, seconds); rate limits back off exponentially instead
@@ -4334,8 +4352,7 @@ class Router:
         return until if until > now else 0
 
     # --- taking and giving back a slot ---------------------------------------------------
-    def acquire(self, model, pinned=None, affinity=None, exclude=(), cancelled=None,
-                background=False):
+    def acquire(self, model, pinned=None, affinity=None, exclude=(), cancelled=None, lane=0):
         """An account with a free slot for ``model`` (call release() after), or None when every
         eligible account was excluded.  Raises RateLimited when all are cooling down or the queue
         wait runs out, ClientGone when ``cancelled()`` turns true while waiting."""
@@ -4359,7 +4376,7 @@ class Router:
                         if len(self._queue) >= MAX_WAITING:
                             raise RateLimited("%d requests are already waiting for an account; "
                                               "retry shortly" % len(self._queue), retry_after=1)
-                        ticket = _Ticket([a.id for a in ready], background, started)
+                        ticket = _Ticket([a.id for a in ready], lane, started)
                         self._queue.append(ticket)
                     ticket.ids = [a.id for a in ready]
                     account = self._choose(ticket, ready, affinity)
@@ -4372,7 +4389,7 @@ class Router:
                             "all %d account(s) for model %s stayed busy for %gs (config "
                             "queue_timeout); add accounts or raise max_concurrency"
                             % (len(ready), model, self.config.queue_timeout), retry_after=1)
-                    self._cond.wait(min(remaining, 0.25) if cancelled or background
+                    self._cond.wait(min(remaining, 0.25) if cancelled or lane
                                     else remaining)
                     if cancelled is not None and cancelled():
                         raise ClientGone()
@@ -4461,6 +4478,11 @@ class Router:
 
     def waiting(self):
         return len(self._queue)
+
+    def waiting_by_lane(self):
+        """How many requests wait in each lane (see REQUEST_LANES)."""
+        lanes = collections.Counter(ticket.lane for ticket in list(self._queue))
+        return {lane: lanes.get(lane, 0) for lane in sorted(set(REQUEST_LANES.values()))}
 
     # --- outcomes --------------------------------------------------------------------------
     def cooling_error(self, model, eligible, now=None):
@@ -5015,6 +5037,70 @@ def validate_anthropic_request(body):
     for key in ("temperature", "top_p"):
         _expect(body, key, _NUMBER, "a number")
     return body
+
+
+def load_deferred_tools(body):
+    """Claude Code's deferred tools (tool search,
+    https://platform.claude.com/docs/en/agents-and-tools/tool-use/tool-search-tool) as any
+    upstream understands them: a ``defer_loading`` tool is offered only once a
+    ``tool_reference`` block in a tool result has loaded it (as Anthropic's own API expands it),
+    without the flag, so a tool never loaded (Claude Code's DeferredToolPlaceholder: "never
+    call this tool") is not offered at all; and each tool_reference becomes a text block with
+    the loaded tool's schema, in the <functions> form ToolSearch's description promises the
+    model.  A copy; the body itself when it has neither."""
+    tools = body.get("tools") or []
+    deferred = [t for t in tools if isinstance(t, dict) and t.get("defer_loading")]
+    loaded = _referenced_tools(body["messages"])
+    if not deferred and not loaded:
+        return body
+    schemas = {t.get("name"): t for t in tools if isinstance(t, dict)}
+    out = dict(body)
+    out["tools"] = [{k: v for k, v in t.items() if k != "defer_loading"} for t in tools
+                    if not (isinstance(t, dict) and t.get("defer_loading")) or
+                    t.get("name") in loaded]
+    if loaded:
+        out["messages"] = [_with_references_as_text(m, schemas) for m in body["messages"]]
+    return out
+
+
+def _referenced_tools(messages):
+    """The names every tool_reference block in the conversation's tool results loads."""
+    names = set()
+    for message in messages:
+        for block in message["content"] if isinstance(message["content"], list) else ():
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                names.update(inner.get("tool_name") for inner in block["content"]
+                             if inner.get("type") == "tool_reference")
+    names.discard(None)
+    return names
+
+
+def _with_references_as_text(message, schemas):
+    if not isinstance(message["content"], list) or not any(
+            b.get("type") == "tool_result" and isinstance(b.get("content"), list)
+            for b in message["content"]):
+        return message
+    blocks = []
+    for block in message["content"]:
+        if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+            block = dict(block, content=[_reference_text(inner, schemas)
+                                         if inner.get("type") == "tool_reference" else inner
+                                         for inner in block["content"]])
+        blocks.append(block)
+    return dict(message, content=blocks)
+
+
+def _reference_text(reference, schemas):
+    """A tool_reference as the text that loads it: the tool's JSON schema in <functions>."""
+    name = str(reference.get("tool_name") or "")
+    tool = schemas.get(name)
+    if tool is None:
+        return {"type": "text", "text": "Tool %s was loaded, but its definition is not in "
+                "this request." % name}
+    definition = {"name": name, "description": tool.get("description") or "",
+                  "parameters": tool.get("input_schema") or {"type": "object"}}
+    return {"type": "text", "text": "<functions>\n<function>%s</function>\n</functions>"
+            % json.dumps(definition, ensure_ascii=False)}
 
 
 def _text_of(blocks, sep="\n\n"):
@@ -5940,12 +6026,13 @@ class ChatRequest:
     in either upstream protocol.
     """
 
-    def __init__(self, api, body, thinking=None, effort=None, estimate=0, background=False,
+    def __init__(self, api, body, thinking=None, effort=None, estimate=0, request_class="main",
                  client=""):
         self.api, self.body, self.client = api, body, client  # client: the client key's name
         self.model, self.stream = body["model"], body.get("stream") is True
         self.thinking, self.effort, self.estimate = thinking, effort, estimate
-        self.background = background  # housekeeping (titles, summaries): may wait for others
+        self.request_class = request_class  # see REQUEST_LANES
+        self.lane = REQUEST_LANES.get(request_class, 0)
         self.size = 0                 # the body's size in bytes, when known
         self._forms = {api: body}
 
@@ -6028,7 +6115,7 @@ class ChatExchange:
         while limit is None or len(tried) < limit:
             try:
                 account = self.service.router.acquire(model, pinned, self.conversation, tried,
-                                                      self.cancelled, self.request.background)
+                                                      self.cancelled, self.request.lane)
             except (RateLimited, NotFound):
                 if not fallback:
                     raise
@@ -6474,6 +6561,8 @@ class ChatService:
         self.catalog = ModelCatalog(config, self.upstream, self.router)
         self.token_estimates = TokenEstimates()
         self.started_at = time.time()
+        self.class_counts = collections.Counter()  # requests by class since start-up
+        self._class_lock = threading.Lock()
         self._images = {}           # sha256 of an image -> its description (bounded)
         self._limits = {}           # (account id, model) -> output limit upstream named
         self.reasoning = ReasoningMemory()
@@ -6645,6 +6734,11 @@ class ChatService:
         except OSError as e:
             log.error("cannot save usage figures to %s: %s", self.usage.path, e)
 
+    def count_class(self, request_class):
+        """One more request of ``request_class`` (shown in /status)."""
+        with self._class_lock:
+            self.class_counts[request_class] += 1
+
     def status(self, listen):
         """Everything /status, the dashboard and `status` show; never a secret."""
         usage = self.usage.summary()
@@ -6653,6 +6747,9 @@ class ChatService:
         return {"version": __version__, "uptime_s": int(time.time() - self.started_at),
                 "listen": listen, "strategy": self.config.strategy,
                 "waiting": self.router.waiting(), "accounts": accounts, "usage": usage,
+                "waiting_by_lane": dict(zip(("main", "subagent", "auxiliary"),
+                                            self.router.waiting_by_lane().values())),
+                "requests_by_class": dict(self.class_counts),
                 "token_calibration": self.calibration.status(),
                 "series": self.usage.series(self.config.prices),
                 "clients_today": [r for r in self.usage.client_rows()
@@ -6825,8 +6922,8 @@ class ManagementGuard:
 
 
 # settings the management API may change while the proxy runs
-RUNTIME_SETTINGS = ("claude_models", "model_aliases", "model_fallbacks", "legacy_aliases",
-                    "strategy", "queue_timeout", "max_concurrency")
+RUNTIME_SETTINGS = ("claude_models", "class_models", "model_aliases", "model_fallbacks",
+                    "legacy_aliases", "strategy", "queue_timeout", "max_concurrency")
 _ACCOUNT_PATCH = {"nickname": str, "default": bool, "enabled": bool, "max_concurrency": int,
                   "priority": int, "models": list, "excluded_models": list}
 
@@ -7501,6 +7598,8 @@ class ProxyHandler(ServerConnection):
                 self.client_address[0], model[:300] or "-", account or "-", attempts,
                 self.response_status or "-", first, total, usage.get("prompt_tokens", "-"),
                 usage.get("completion_tokens", "-"))
+        if mine.get("class"):
+            line += " class=" + mine["class"]
         if mine.get("client"):
             line += " client=" + mine["client"]
         if error:
@@ -7533,6 +7632,7 @@ class ProxyHandler(ServerConnection):
         body = self.read_json()
         _expect(body, "messages", list, "a list of messages", required=True)
         validate_anthropic_request(dict(body, model=body.get("model") or "counting"))
+        body = load_deferred_tools(body)  # counted as it would be sent
         model = chat.resolve(map_claude_model(body.get("model") or "", self.server.config
                                               .claude_models, chat.claude_defaults()))[1]
         self.send_json(200, {"input_tokens": chat.prompt_tokens(
@@ -7540,34 +7640,47 @@ class ProxyHandler(ServerConnection):
 
     def handle_chat_completions(self):
         body = validate_chat_request(self.read_json())
+        request_class = self.request_class(body["model"])
         self.admit(body["model"])
+        body = dict(body, model=self.class_model(request_class, body["model"]))
         chat = self.server.chat
-        request = ChatRequest("openai", body, background=self.is_background(body["model"]),
+        request = ChatRequest("openai", body, request_class=request_class,
                               client=self.client_name())
         request.size = self.body_size
         self.relay(chat.exchange(request, openai_conversation_key(body, self.headers),
                                  cancelled=self.has_left), self.write_openai)
 
-    def is_background(self, model):
-        """Housekeeping that may wait for main turns: Claude Code's small/fast (haiku) family,
-        or a client that says so (x-iflow-proxy-priority: background)."""
-        said = (self.headers.get("x-iflow-proxy-priority") or "").strip().lower()
-        if said in ("background", "interactive"):
-            return said == "background"
-        return model.lower().startswith("claude") and "haiku" in model.lower()
+    def request_class(self, model):
+        """What the request is (see REQUEST_LANES): as Claude Code says (its gateway hint
+        header), else as a client says with x-iflow-proxy-priority (background/interactive),
+        else housekeeping for Claude Code's small/fast (haiku) family and main for the rest."""
+        said = (self.headers.get("x-claude-code-request-class") or "").strip().lower()
+        if said not in REQUEST_LANES:
+            priority = (self.headers.get("x-iflow-proxy-priority") or "").strip().lower()
+            said = {"background": "auxiliary", "interactive": "main"}.get(priority) or (
+                "auxiliary" if model.lower().startswith("claude") and "haiku" in model.lower()
+                else "main")
+        self.log_fields["class"] = said
+        self.server.chat.count_class(said)
+        return said
+
+    def class_model(self, request_class, model):
+        """The model config class_models sends this class of request to, else ``model``."""
+        return self.server.config.class_models.get(request_class) or model
 
     def handle_messages(self):
         config, chat = self.server.config, self.server.chat
-        request = validate_anthropic_request(self.read_json())
+        request = load_deferred_tools(validate_anthropic_request(self.read_json()))
+        request_class = self.request_class(request["model"])
         self.admit(request["model"])
         self.log_fields["model"] = request["model"]
-        mapped = map_claude_model(request["model"], config.claude_models,
-                                  chat.claude_defaults())
+        mapped = self.class_model(request_class, map_claude_model(
+            request["model"], config.claude_models, chat.claude_defaults()))
         _pinned, model, _fallback, _effort = chat.resolve(mapped)
         thinking, effort = anthropic_thinking(request)
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),
-                                   self.is_background(request["model"]), self.client_name())
+                                   request_class, self.client_name())
         chat_request.size = self.body_size
         conversation = anthropic_conversation_key(request, self.headers)
         if anthropic_has_images(request) and not matches_any(model, config.vision_models):
@@ -8391,7 +8504,9 @@ def claude_env(base_url, token, config, model=None, accounts=()):
             "ANTHROPIC_SMALL_FAST_MODEL": families["haiku"],
             "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(spec.window),
             "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(compact_window(spec)),
-            "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1"}
+            "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+            # every request says what it is (x-claude-code-request-class): see REQUEST_LANES
+            "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1"}
 
 
 def compact_window(spec):

@@ -3645,6 +3645,9 @@ class ScriptedChat:
     def claude_defaults(self):
         return ip.DEFAULT_CLAUDE_MODELS
 
+    def count_class(self, request_class):
+        pass
+
     def resolve(self, requested):
         return (None,) + ip.resolve_model(requested, ip.Config(home="/x"))
 
@@ -4949,7 +4952,7 @@ def test_background_request_ages_and_is_not_starved(tmp_path, monkeypatch):
     held = router.acquire("m")
     got = []
     background, _ = in_thread(lambda: got.append("bg") or router.release(
-        router.acquire("m", background=True)))
+        router.acquire("m", lane=2)))
     wait_for(lambda: router.waiting() == 1, what="background queued")
     wait_for(lambda: router._queue[0].rank(time.monotonic()) == 0,
              what="the background request to age")
