@@ -3649,9 +3649,13 @@ def shape_messages_body(body, model, limit, rejects=()):
 def alternating_turns(messages):
     """Messages whose roles alternate, user first, as compatible upstreams demand.
 
-    Claude Code puts ``role: "system"`` messages mid-conversation, which only Anthropic's own
-    API takes: they become a user-turn <system-reminder> block where they stood, and turns of
-    one role next to each other are joined.
+    Claude Code puts ``role: "system"`` messages mid-conversation (since 2.1.154), which only
+    Anthropic's own API takes, and some chat templates refuse after the first message: each
+    becomes a user-turn <system-reminder> block where it stood (the form Claude Code gives its
+    own reminders), so no text is lost, the one system prompt stays first and the prompt's
+    prefix stays the same from turn to turn (what providers' prefix caches key on).  A system
+    turn with no text (only an output_config, say) adds nothing.  Turns of one role next to
+    each other are joined.
     """
     turns = []
     for message in messages:
@@ -3659,10 +3663,13 @@ def alternating_turns(messages):
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
             list(content)
         if role == "system":
-            role, blocks = "user", [{"type": "text", "text": "<system-reminder>\n%s\n"
-                                     "</system-reminder>" % "\n\n".join(
-                                         b.get("text", "") for b in blocks
-                                         if b.get("type") == "text")}]
+            text = "\n\n".join(b["text"] for b in blocks
+                                if b.get("type") == "text" and b.get("text"))
+            if not text:
+                continue
+            message, role = {"role": "user"}, "user"
+            blocks = [{"type": "text", "text": "<system-reminder>\n%s\n</system-reminder>"
+                       % text}]
         if turns and turns[-1]["role"] == role:
             turns[-1] = dict(turns[-1], content=turns[-1]["content"] + blocks)
         else:
@@ -5250,11 +5257,9 @@ def anthropic_to_openai(body, model, max_output=None):
     system = system_text(body.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
-    for message in body["messages"]:
-        role, blocks = message["role"], _blocks(message["content"])
-        if role == "system":
-            messages.append({"role": "system", "content": _text_of(blocks)})
-        elif role == "assistant":
+    for message in alternating_turns(body["messages"]):  # (system turns: see there)
+        role, blocks = message["role"], message["content"]
+        if role == "assistant":
             messages.append(_assistant_message(blocks))
         else:
             messages.extend(_user_messages(blocks))

@@ -87,6 +87,11 @@ def test_recorded_requests_through_an_openai_protocol_account(home, fake, name):
     assert status == 200, data[:300]
     sent = fake.chat_requests()[-1][2]
     check_replayed(recorded, sent)
+    roles = [m["role"] for m in sent["messages"]]
+    assert roles.count("system") == 1 and roles[0] == "system"  # mid-conversation ones merged
+    if any(m["role"] == "system" for m in recorded["body"]["messages"]):
+        assert any("<system-reminder>\n# Environment" in (m.get("content") or "")
+                   for m in sent["messages"][1:] if m["role"] == "user")
 
 
 @pytest.mark.parametrize("name", RECORDED)
@@ -194,3 +199,18 @@ def make_config_file(home, data):
     with open(os.path.join(home, "config.json"), "w") as f:
         json.dump(data, f)
     return ip.load_config(home, {}, {})
+
+
+def test_system_turns_without_text_add_nothing():
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "system", "content": []},                      # (an output_config-only turn)
+        {"role": "user", "content": "again"}]}
+    out = ip.anthropic_to_openai(body, "glm-4.6")
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant", "user"]
+    assert out["messages"][0]["content"] == "hi\n\n<system-reminder>\nBe brief.\n</system-reminder>"
+    assert out["messages"][2]["content"] == "again"
+    assert ip.alternating_turns(body["messages"])[2]["content"] == [
+        {"type": "text", "text": "again"}]
