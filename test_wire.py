@@ -12,7 +12,8 @@ import pytest
 
 import iflow_proxy as ip
 from test_iflow_proxy import (CHAT, KEYS, add_key_account, clock, drive, drive_raw,  # noqa: F401
-                              fake, home, make_config, post_json, req, running, wait_for)
+                              fake, home, make_config, post_json, req, request, running,
+                              wait_for)
 
 PAYLOAD = json.dumps(CHAT).encode()
 N = len(PAYLOAD)
@@ -380,3 +381,46 @@ def test_head_on_the_model_list_over_sockets(home, fake):
         conn.request("GET", "/v1/models")  # the same connection: nothing was left unread
         assert json.loads(conn.getresponse().read())["data"]
         conn.close()
+
+
+# --- issue 27 items that live on the request path -----------------------------------------------
+
+def test_an_expired_client_key_opens_no_route(home, fake):
+    """The README says expired -> 401: /status, /v1/models and count_tokens too, not only chat."""
+    add_key_account(home, KEYS[0])
+    keys = ({"name": "old", "key": "ck-old-1", "expires": "2000-01-01"},
+            {"name": "ok", "key": "ck-ok-1"})
+    with running(make_config(home, fake, client_keys=tuple(ip.client_key(k) for k in keys))) \
+            as server:
+        count = {"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "hi"}]}
+        for key, expected in (("ck-old-1", 401), ("ck-ok-1", 200)):
+            auth = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+            for method, path, body in (("GET", "/status", None), ("GET", "/v1/models", None),
+                                       ("POST", "/v1/messages/count_tokens", count),
+                                       ("POST", "/v1/chat/completions", CHAT)):
+                status, _h, data = request(server, method, path, body, auth)
+                assert status == expected, (key, path, data[:200])
+                if expected == 401:
+                    assert b"expired on 2000-01-01" in data
+
+
+@pytest.mark.skipif(not hasattr(select, "POLLRDHUP"), reason="POLLRDHUP is Linux's")
+def test_a_client_that_left_is_seen_behind_a_byte_it_sent_more(home, fake):
+    """A CRLF after the body hid the client's FIN from a peek: its account slot stayed held
+    until first_byte_timeout."""
+    add_key_account(home, KEYS[0])
+    fake.hold = threading.Event()
+    with running(make_config(home, fake)) as server:
+        sock = socket.create_connection(server.server_address[:2])
+        body = json.dumps(dict(CHAT, stream=True)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        account = server.chat.router.all_accounts()[0]
+        wait_for(lambda: server.chat.router.in_flight(account) == 1, what="request upstream")
+        sock.sendall(b"\r\n")        # one byte more, after the body was read ...
+        sock.shutdown(socket.SHUT_WR)  # ... and gone, with it still unread
+        wait_for(lambda: server.chat.router.in_flight(account) == 0, timeout=5,
+                 what="the slot to be freed")
+        sock.close()
+        fake.hold.set()
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
