@@ -6912,41 +6912,80 @@ class ClientLimits:
 
 class ManagementGuard:
     """Who may use the management API: the management key, from this machine unless config
-    management_allow_remote; five failures from one address ban it for BAN_SECONDS."""
+    management_allow_remote.
 
-    BAN_SECONDS, TRIES = 1800, 5
+    A request without a key (and, checked before this, one from another site's page) is
+    refused without counting as a guess: any web page can send those.  Wrong keys are slowed
+    for everyone at once: past the first TRIES in GUESS_WINDOW seconds each one is answered
+    after a delay that doubles with every further one (up to MAX_DELAY), one wrong guess at a
+    time, so guessing from many addresses gains nothing.  An address of another machine is
+    banned for BAN_SECONDS after TRIES wrong keys; this machine's never are, so the owner with
+    the right key always gets in."""
 
-    def __init__(self, clock=time.time):
-        self.clock = clock
-        self._failures = {}   # address -> (failures, banned until)
+    BAN_SECONDS, TRIES, GUESS_WINDOW, MAX_DELAY = 1800, 5, 900, 30.0
+    MAX_TRACKED = 1000  # other machines' addresses whose failures are remembered
+
+    def __init__(self, clock=time.time, sleep=time.sleep):
+        self.clock, self.sleep = clock, sleep
+        self._recent = collections.deque(maxlen=10000)  # times of wrong keys, from anywhere
+        self._remote = {}   # another machine's address -> (wrong keys, banned until)
         self._lock = threading.Lock()
+        self._guessing = threading.Lock()  # wrong guesses are answered one at a time
 
     def check(self, config, address, presented):
         if not config.management_key:
             raise NotFound("no such endpoint (the management API is off: set "
                            "management_key or IFLOW_PROXY_MANAGEMENT_KEY)")
-        if not is_loopback(address) and not config.management_allow_remote:
+        remote = not is_loopback(address)
+        if remote and not config.management_allow_remote:
             raise ProxyError("the management API answers only on this machine (config "
                              "management_allow_remote)", status=403, code="remote_refused")
+        if not presented:
+            raise Unauthorized("missing management key (Authorization: Bearer <key> or "
+                               "X-Management-Key)")
         now = self.clock()
         with self._lock:
-            failures, until = self._failures.get(address, (0, 0))
+            until = self._remote.get(address, (0, 0))[1] if remote else 0
         if until > now:
             raise ProxyError("too many wrong management keys from %s; try again in %ds"
                              % (address, until - now), status=403, code="banned",
                              retry_after=int(until - now) + 1)
         if hmac.compare_digest(presented.encode("latin-1", "replace"),
                                config.management_key.encode("utf-8")):
-            with self._lock:
-                self._failures.pop(address, None)
+            if remote:
+                with self._lock:
+                    self._remote.pop(address, None)
             return
-        with self._lock:
-            failures += 1
-            self._failures[address] = (failures, now + self.BAN_SECONDS
-                                       if failures >= self.TRIES else 0)
-            trim_oldest(self._failures, 1000)
-        raise Unauthorized("missing or wrong management key (Authorization: Bearer <key> or "
+        self._wrong_key(address if remote else None, now)
+        raise Unauthorized("wrong management key (Authorization: Bearer <key> or "
                            "X-Management-Key)")
+
+    def _wrong_key(self, remote_address, now):
+        """Count a wrong key (and ban another machine's address after TRIES), then wait the
+        delay that all recent wrong keys together call for."""
+        with self._guessing:
+            with self._lock:
+                while self._recent and self._recent[0] <= now - self.GUESS_WINDOW:
+                    self._recent.popleft()
+                self._recent.append(now)
+                recent = len(self._recent)
+                if remote_address is not None:
+                    self._count_remote(remote_address, now)
+            if recent > self.TRIES:
+                self.sleep(min(self.MAX_DELAY, 0.25 * 2 ** min(recent - self.TRIES - 1, 16)))
+
+    def _count_remote(self, address, now):
+        failures, until = self._remote.pop(address, (0, 0))
+        if until and until <= now:
+            failures = 0  # a ban that lapsed starts again from nothing
+        failures += 1
+        self._remote[address] = (failures, now + self.BAN_SECONDS
+                                 if failures >= self.TRIES else 0)
+        if len(self._remote) > self.MAX_TRACKED:  # forget counts first, never a ban in force
+            for stale in [a for a, (_f, u) in self._remote.items() if u <= now]:
+                del self._remote[stale]
+                if len(self._remote) <= self.MAX_TRACKED:
+                    break
 
 
 # settings the management API may change while the proxy runs
@@ -7095,8 +7134,9 @@ class ManagementAPI:
                 _validate_value(key, value, where)
         except ConfigError as e:
             raise BadRequest(e.message)
-        self.write_config(body)
-        self.server.apply_config(**body)
+        with self.chat.registry.lock:  # file and running config change together, in order
+            self.write_config(body)
+            self.server.apply_config(**body)
         self.changed("changed settings: %s" % ", ".join(sorted(body)))
         return self.settings(None, None)
 
@@ -7112,25 +7152,29 @@ class ManagementAPI:
     def add_key(self, body, query):
         item = {k: v for k, v in body.items() if k != "key"}
         item["key"] = "ck-" + secrets.token_urlsafe(24)
-        keys = self._stored_keys() + [item]
-        self._save_keys(keys)
+        with self.chat.registry.lock:  # read, change and write the list whole (see change_key)
+            self._save_keys(self._stored_keys() + [item])
         self.changed("created client key %s" % item.get("name"))
         return 201, dict(self.key_view(client_key(item)), key=item["key"],
                          note="shown once: store it now")
 
     def change_key(self, name, body):
-        keys = self._stored_keys()
-        found = next((k for k in keys if k.get("name", "").lower() == name.lower()), None)
-        if found is None:
-            raise NotFound("no client key named %r in config.json" % name)
-        if body is None:
-            keys.remove(found)
-        else:
-            if "key" in body or "name" in body and body["name"] != found["name"]:
-                raise BadRequest("a key's secret and name can't be changed; revoke it and "
-                                 "create another")
-            found.update(body)
-        self._save_keys(keys)
+        # The whole read-modify-write under the lock, the file read inside it: two changes at
+        # once each read the list the other was writing, and one lost the other's revocation
+        # or creation although both were acknowledged.
+        with self.chat.registry.lock:
+            keys = self._stored_keys()
+            found = next((k for k in keys if k.get("name", "").lower() == name.lower()), None)
+            if found is None:
+                raise NotFound("no client key named %r in config.json" % name)
+            if body is None:
+                keys.remove(found)
+            else:
+                if "key" in body or "name" in body and body["name"] != found["name"]:
+                    raise BadRequest("a key's secret and name can't be changed; revoke it and "
+                                     "create another")
+                found.update(body)
+            self._save_keys(keys)
         self.changed("%s client key %s" % ("revoked" if body is None else "changed", name))
         return 200, {"client_keys": [self.key_view(k) for k in self.server.config.client_keys]}
 
@@ -7230,10 +7274,11 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.config = config
         limits_clock = chat_options.pop("limits_clock", time.time)
         guard_clock = chat_options.pop("guard_clock", time.time)
+        guard_sleep = chat_options.pop("guard_sleep", time.sleep)
         self.chat = ChatService(config, **chat_options)
         self.bodies = BodyBudget(config.max_inflight_body_bytes)
         self.limits = ClientLimits(self.chat.usage, limits_clock)
-        self.guard = ManagementGuard(guard_clock)
+        self.guard = ManagementGuard(guard_clock, guard_sleep)
         self.management = ManagementAPI(self)
         self._stopping = threading.Event()
         self._gate = threading.Lock()
@@ -7554,9 +7599,9 @@ class ProxyHandler(ServerConnection):
                                             else "")
 
     def check_management(self):
+        self.check_same_site()  # another site's page is refused before its key can count
         self.server.guard.check(self.server.config, self.client_address[0],
                                 self.presented_key("X-Management-Key"))
-        self.check_same_site()
         return "handle_management"
 
     def handle_management(self):
@@ -7945,8 +7990,14 @@ function manage(method, path, body) {
   return fetch("v0/management/" + path, {method: method, headers: {"X-Management-Key": mkey,
     "Content-Type": "application/json"}, body: body ? JSON.stringify(body) : undefined})
     .then(function (r) { return r.json().then(function (j) { if (!r.ok) {
-      alert((j.error && j.error.message) || ("HTTP " + r.status)); throw r; } return j; }); });
+      var why = (j.error && j.error.message) || ("HTTP " + r.status);
+      if (r.status === 401 || r.status === 403) { refused(why); } else { alert(why); }
+      throw r; } return j; }); });
 }
+function refused(why) { mkey = ""; sessionStorage.removeItem("iflowProxyMgmtKey");
+  document.body.classList.remove("managed");
+  $("mgmtnote").textContent = "The management key was refused (" + why + "). This page " +
+    "stopped asking with it; enter the key again to retry."; }
 function button(text, action) { var b = document.createElement("button"); b.textContent = text;
   b.addEventListener("click", function () { action().then(load, function () {}); });
   return b; }

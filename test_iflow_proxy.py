@@ -5350,28 +5350,50 @@ def test_management_auth_rules_and_ban(home, fake, clock):
         assert manage(server, "GET", "accounts")[0] == 404
     write_config(home, {"management_key": "mk-secret-123"})
     clock.now = 1000.0
-    with running(make_config(home, fake), guard_clock=clock) as server:
-        assert manage(server, "GET", "accounts", key=None)[0] == 401
+    delays = []
+    with running(make_config(home, fake), guard_clock=clock, guard_sleep=delays.append) \
+            as server:
+        for _ in range(10):  # no key, or another site's page: refused, never counted
+            assert manage(server, "GET", "accounts", key=None)[0] == 401
+            assert manage(server, "GET", "accounts", key="wrong", headers={
+                "Sec-Fetch-Site": "cross-site"})[0] == 403
         assert manage(server, "GET", "accounts", headers={
             "Authorization": "Bearer mk-secret-123"}, key=None)[0] == 200
-        for _ in range(4):
+        for _ in range(8):
             assert manage(server, "GET", "accounts", key="wrong")[0] == 401
-        status, headers, body = manage(server, "GET", "accounts", key="wrong")
-        assert status == 401
-        status, headers, body = manage(server, "GET", "accounts")  # banned, even the right key
-        assert status == 403 and body["error"]["code"] == "banned" and \
-            int(headers["Retry-After"]) == 1801
-        clock.advance(1801)
-        assert manage(server, "GET", "accounts")[0] == 200
+        assert delays == [0.25, 0.5, 1.0]  # slowed past 5 wrong keys, doubling
+        status, headers, body = manage(server, "GET", "accounts")  # this machine: never banned
+        assert status == 200
         status, _, body = manage(server, "POST", "accounts", {"api_key": KEYS[0]},
                                  headers={"Content-Type": "text/plain"})
         assert status == 415
-    # from another machine: refused unless allowed
+        clock.advance(ip.ManagementGuard.GUESS_WINDOW)  # old guesses no longer slow new ones
+        assert manage(server, "GET", "accounts", key="wrong")[0] == 401 and len(delays) == 3
+    # from another machine: refused unless allowed; allowed, banned after five wrong keys
     server = SocketlessServer(management_key="mk-secret-123")
     server.guard = ip.ManagementGuard()
     raw = req("GET", "/v0/management/accounts", X_Management_Key="mk-secret-123")
     handler_replies = drive_from(raw, server, ("10.0.0.5", 5555))
     assert handler_replies[0][0] == 403 and b"this machine" in handler_replies[0][2]
+    guard = ip.ManagementGuard(clock, sleep=delays.append)
+    config = ip.Config(home="/x", management_key="mk-secret-123", management_allow_remote=True)
+    for _ in range(5):
+        with pytest.raises(ip.Unauthorized):
+            guard.check(config, "10.0.0.5", "wrong")
+    with pytest.raises(ip.ProxyError) as banned:  # banned, even with the right key
+        guard.check(config, "10.0.0.5", "mk-secret-123")
+    assert banned.value.code == "banned" and banned.value.retry_after == 1801
+    guard.check(config, "10.0.0.6", "mk-secret-123")  # another address is not
+    for i in range(2000):  # failures from many other addresses never evict a ban in force
+        with pytest.raises(ip.Unauthorized):
+            guard.check(config, "10.1.%d.%d" % (i // 250, i % 250), "wrong")
+    with pytest.raises(ip.ProxyError, match="too many wrong"):
+        guard.check(config, "10.0.0.5", "mk-secret-123")
+    clock.advance(1801)
+    guard.check(config, "10.0.0.5", "mk-secret-123")  # the ban lapsed
+    with pytest.raises(ip.Unauthorized):  # and one more wrong key does not bring it back
+        guard.check(config, "10.0.0.5", "wrong")
+    guard.check(config, "10.0.0.5", "mk-secret-123")
 
 
 def drive_from(raw, server, address):

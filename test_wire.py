@@ -424,3 +424,67 @@ def test_a_client_that_left_is_seen_behind_a_byte_it_sent_more(home, fake):
         sock.close()
         fake.hold.set()
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_concurrent_client_key_changes_lose_nothing_acknowledged(home, fake):
+    """20 x (revoke || create), all acknowledged: every revoked key refused, every created one
+    accepted, all in config.json (a read-modify-write outside the lock lost them)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from test_iflow_proxy import manage, write_config
+    add_key_account(home, KEYS[0])
+    write_config(home, {"management_key": "mk-secret-123", "client_keys": [
+        {"name": "old-%d" % i, "key": "ck-old-key-%04d" % i} for i in range(20)]})
+    with running(make_config(home, fake, max_connections=64)) as server:
+        def revoke(i):
+            return manage(server, "DELETE", "client-keys/old-%d" % i)[0]
+
+        def create(i):
+            status, _h, body = manage(server, "POST", "client-keys", {"name": "new-%d" % i})
+            return status, body.get("key")
+        with ThreadPoolExecutor(8) as pool:
+            revoked = pool.map(revoke, range(20))
+            created = pool.map(create, range(20))
+            revoked, created = list(revoked), list(created)
+        assert revoked == [200] * 20 and [s for s, _k in created] == [201] * 20
+        stored = json.load(open(server.config.config_path))["client_keys"]
+        assert sorted(k["name"] for k in stored) == sorted("new-%d" % i for i in range(20))
+        for i in range(20):
+            old = {"Authorization": "Bearer ck-old-key-%04d" % i}
+            assert request(server, "GET", "/v1/models", None, old)[0] == 401
+        for _status, key in created:
+            assert request(server, "GET", "/v1/models", None,
+                           {"Authorization": "Bearer " + key})[0] == 200
+
+
+def test_the_dashboard_stops_asking_with_a_refused_management_key(home, fake, tmp_path):
+    """Its 5-second refresh with a mistyped key used to count as guesses until this machine
+    was banned; now the page stops after the first 401 and says why."""
+    from test_iflow_proxy import require_selenium, selenium_chrome, write_config
+    require_selenium()
+    from selenium.webdriver.common.by import By
+    add_key_account(home, KEYS[0], nickname="work")
+    write_config(home, {"management_key": "mk-dash-123"})
+    with running(make_config(home, fake)) as server:
+        driver = selenium_chrome(tmp_path, 1280, 900)
+        try:
+            driver.get(server.url + "/")
+            wait_for(lambda: "work" in driver.find_element(By.ID, "accounts").text,
+                     what="accounts rendered")
+            driver.find_element(By.ID, "mgmtkey").send_keys("mk-mistyped")
+            driver.find_element(By.CSS_SELECTOR, "#mgmtform button").click()
+            wait_for(lambda: "refused" in driver.find_element(By.ID, "mgmtnote").text,
+                     what="the page to say the key was refused")
+            guesses = len(server.guard._recent)
+            assert 1 <= guesses <= 2  # (the page asks for settings and keys at once)
+            wait_for(lambda: "up " in driver.find_element(By.ID, "summary").text,
+                     what="a refresh")
+            refreshed = driver.find_element(By.ID, "summary").text
+            wait_for(lambda: driver.find_element(By.ID, "summary").text != refreshed,
+                     timeout=15, what="another refresh")  # (the status line ticks)
+            assert len(server.guard._recent) == guesses  # no more guesses from the page
+            driver.save_screenshot(str(tmp_path / "dashboard-refused.png"))
+            driver.set_window_size(412, 915)  # and on a phone
+            driver.execute_script("document.getElementById('mgmtnote').scrollIntoView()")
+            driver.save_screenshot(str(tmp_path / "dashboard-refused-phone.png"))
+        finally:
+            driver.quit()
