@@ -2545,6 +2545,11 @@ def now_rfc3339(clock=time.time):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
 
 
+# What atomic_write_json leaves when killed mid-write, and a credential file's name
+_LEFTOVER_TEMP = re.compile(r"\..+\.[0-9a-f]{12}\.tmp\Z")
+_CREDENTIAL_FILE = re.compile(r"iflow-[^/]+\.json\Z")
+
+
 class AccountRegistry:
     """``accounts.json`` plus one credential file per account, shared with other processes.
 
@@ -2777,7 +2782,35 @@ class AccountRegistry:
             for entry in doomed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.credential_path(entry))
+            self.clean_leftovers()
             return doomed
+
+    def clean_leftovers(self, older_than=60.0, now=None):
+        """Remove what a killed process left of this home's own writes: temporary files of
+        atomic writes (they may hold API keys) and credential files of accounts the registry
+        no longer names (a crash between its two steps, see remove()).  Only files older than
+        ``older_than`` seconds: another process may be writing right now.  The names removed."""
+        now = time.time() if now is None else now
+        removed = []
+        with self.lock:
+            known = {self.credential_path(e) for e in self.read()["accounts"]}
+            for directory in (self.home, self.auth_dir):
+                try:
+                    names = os.listdir(directory)
+                except OSError:
+                    continue
+                for name in names:
+                    path = os.path.join(directory, name)
+                    ours = _LEFTOVER_TEMP.match(name) or directory == self.auth_dir and \
+                        _CREDENTIAL_FILE.match(name) and path not in known
+                    with contextlib.suppress(OSError):
+                        if ours and now - os.lstat(path).st_mtime >= older_than:
+                            os.unlink(path)
+                            removed.append(name)
+        if removed:
+            log.warning("removed %d file(s) a stopped process left behind: %s", len(removed),
+                        ", ".join(sorted(removed)))
+        return removed
 
 
 def _set_entry_status(entry, status, reason):
@@ -8203,6 +8236,7 @@ def cmd_serve(args, config):
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         server = ProxyServer(config)
+        server.chat.registry.clean_leftovers()  # what a kill -9 left of this home's writes
         return _serve(server, config, elsewhere, stop_signals)
     finally:
         if elsewhere:

@@ -488,3 +488,29 @@ def test_the_dashboard_stops_asking_with_a_refused_management_key(home, fake, tm
             driver.save_screenshot(str(tmp_path / "dashboard-refused-phone.png"))
         finally:
             driver.quit()
+
+
+def test_leftovers_of_killed_writes_are_cleaned(home):
+    """kill -9 mid-write left temporary files holding API keys, and credential files of
+    removed accounts; serve and logout remove them (only old ones: a writer may be at work)."""
+    import os
+    entry = add_key_account(home, KEYS[0], nickname="kept")
+    registry = ip.AccountRegistry(home)
+    auth = registry.auth_dir
+    leftovers = [os.path.join(home, ".accounts.json.0123456789ab.tmp"),
+                 os.path.join(home, ".usage.json.ba9876543210.tmp"),
+                 os.path.join(auth, ".iflow-x.json.00aa11bb22cc.tmp"),
+                 os.path.join(auth, "iflow-removed-account.json")]
+    fresh = os.path.join(home, ".config.json.ffffffffffff.tmp")
+    mine = [os.path.join(home, "notes.tmp"), os.path.join(home, "config.json")]
+    for path in leftovers + [fresh] + mine:
+        with open(path, "w") as f:
+            f.write('{"api_key": "sk-secret"}')
+    old = time.time() - 3600
+    for path in leftovers + mine:
+        os.utime(path, (old, old))
+    removed = registry.clean_leftovers()
+    assert sorted(removed) == sorted(os.path.basename(p) for p in leftovers)
+    assert all(os.path.exists(p) for p in [fresh] + mine)
+    assert os.path.exists(registry.credential_path(entry)) and \
+        registry.read()["accounts"][0]["nickname"] == "kept"
