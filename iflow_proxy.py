@@ -7324,6 +7324,7 @@ class ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._heartbeats = {}         # Heartbeat of a stream being relayed -> None
         self._request_ids = itertools.count(1)  # x-request-id: this run's prefix, then a count
         self._request_prefix = "req_%s" % os.urandom(4).hex()
+        self.status_token = "st-" + secrets.token_urlsafe(24)  # see serve_until_stopped
         self._date = (None, "")       # (second, its HTTP Date text), for response heads
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -7657,6 +7658,11 @@ class ProxyHandler(ServerConnection):
         # header values are decoded as Latin-1: encode back to the bytes that were sent, which
         # for a non-ASCII key are its UTF-8 (the encoding our configured keys use)
         sent = self.presented_key("x-api-key").encode("latin-1", "replace")
+        token = getattr(self.server, "status_token", None)
+        if token and route_path(self.path) == "/status" and self.command in ("GET", "HEAD") \
+                and hmac.compare_digest(sent, token.encode("ascii")):
+            self.log_fields["client"] = "home owner"  # the token in this home's run.json
+            return
         matched = None
         for key in keys:  # compare with every key: timing reveals nothing about which matched
             if hmac.compare_digest(sent, key.key.encode("utf-8")) and matched is None:
@@ -8282,7 +8288,10 @@ def serve_until_stopped(server, config, detached=False):
     """Serve until shutdown(), let in-flight requests finish, clean up; the exit code."""
     run_file = os.path.join(config.home, "run.json")  # how `status` finds this server
     atomic_write_json(run_file, {"url": server.url, "pid": os.getpid(),
-                                 "started": now_rfc3339()})
+                                 "started": now_rfc3339(),
+                                 # GET /status for whoever can read this home (0600 in 0700):
+                                 # its owner, who may not hold a client key
+                                 "status_token": server.status_token})
     try:
         server.serve_forever()
         server.socket.close()  # stop accepting while the in-flight requests finish
@@ -8720,18 +8729,24 @@ def cmd_claude(args, config):
 
 def running_url(config):
     """The URL of the server of this home (its run.json), else of the configured port."""
-    try:
-        url = read_json_file(os.path.join(config.home, "run.json"), "run file").get("url")
-    except (FileNotFoundError, ConfigError):
-        url = None
+    url = run_file(config).get("url")
     return url if isinstance(url, str) and _is_http_url(url) else _local_url(config)
+
+
+def run_file(config):
+    """What the server of this home wrote in run.json ({} when none runs)."""
+    try:
+        return read_json_file(os.path.join(config.home, "run.json"), "run file")
+    except (FileNotFoundError, ConfigError):
+        return {}
 
 
 def fetch_status(config, timeout=2.0):
     """/status of a proxy running for this home (whatever its port), or None."""
     url = running_url(config)
-    answer = ask_local_proxy(config, url + "/status", {
-        "Authorization": "Bearer " + _client_token(config)}, timeout)
+    token = run_file(config).get("status_token")
+    answer = ask_local_proxy(config, url + "/status", {"Authorization": "Bearer " + (
+        token if isinstance(token, str) and token else _client_token(config))}, timeout)
     if answer is None:
         return None
     status, body = answer

@@ -514,3 +514,30 @@ def test_leftovers_of_killed_writes_are_cleaned(home):
     assert all(os.path.exists(p) for p in [fresh] + mine)
     assert os.path.exists(registry.credential_path(entry)) and \
         registry.read()["accounts"][0]["nickname"] == "kept"
+
+
+def test_the_homes_owner_gets_status_without_a_client_key(home, fake):
+    """`serve --client-key K`, then `status` from the same home (no key): the owner, who can
+    read the home's 0600 run.json, is let in to /status with its token, and to nothing else."""
+    import os
+    import subprocess
+    import sys
+    from test_iflow_proxy import HERE, serve_subprocess
+    add_key_account(home, KEYS[0])
+    proc, port = serve_subprocess(home, fake, "--client-key", "ck-only-mine")
+    try:
+        env = dict(os.environ, IFLOW_PROXY_HOME=home)
+        out = subprocess.run([sys.executable, "iflow_proxy.py", "status"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "127.0.0.1:%d" % port in out.stdout and "wants a client key" not in out.stderr
+        token = json.load(open(os.path.join(home, "run.json")))["status_token"]
+        server = type("S", (), {"server_address": ("127.0.0.1", port)})
+        assert request(server, "GET", "/status", None, {"Authorization": "Bearer " + token})[0] \
+            == 200
+        for path, method in (("/v1/models", "GET"), ("/v1/chat/completions", "POST")):
+            assert request(server, method, path, CHAT if method == "POST" else None, {
+                "Authorization": "Bearer " + token, "Content-Type": "application/json"})[0] == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
