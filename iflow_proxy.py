@@ -370,6 +370,11 @@ class PayloadTooLarge(ProxyError):
     status, code = 413, "request_too_large"
 
 
+class ModelNotAllowed(ProxyError):
+    """A client key's model list does not hold the model a request would be sent to."""
+    status, code = 403, "model_not_allowed"
+
+
 class RateLimited(ProxyError):
     status, code = 429, "rate_limited"
 
@@ -6088,9 +6093,18 @@ class ChatRequest:
         self.model, self.stream = body["model"], body.get("stream") is True
         self.thinking, self.effort, self.estimate = thinking, effort, estimate
         self.request_class = request_class  # see REQUEST_LANES
+        self.key = None  # the client key (its model globs), set by the handler
         self.lane = REQUEST_LANES.get(request_class, 0)
         self.size = 0                 # the body's size in bytes, when known
         self._forms = {api: body}
+
+    def check_model(self, model):
+        """ModelNotAllowed unless the client key may use ``model``, the one about to be sent
+        upstream (after aliases, Claude families, fallbacks), not the name the client asked."""
+        key = self.key
+        if key is not None and key.models and not matches_any(model, key.models):
+            raise ModelNotAllowed("client key %s may not use model %s (it may use: %s)" % (
+                key.name, model, ", ".join(key.models)))
 
     def tokens(self, estimate=estimate_tokens):
         """The prompt's estimated size in tokens (as given, else counted now)."""
@@ -6151,20 +6165,32 @@ class ChatExchange:
     def open(self):
         """Send the request upstream and classify the answer's head; returns self."""
         chain = model_chain(self.asked, self.service.config.model_fallbacks)
+        failure = None
         for i, asked in enumerate(chain):
             try:
                 return self._open_model(asked)
+            except ModelNotAllowed:
+                if failure is None:  # the model asked for: the client hears why
+                    raise
+                log.info("fallback %s is not allowed for this client key; skipped", asked)
             except (RateLimited, NotFound, NoAccount, UpstreamError) as e:
                 later = chain[i + 1:]
                 if not later or isinstance(e, UpstreamError) and not e.retry_other_account:
                     raise
+                failure = e
                 log.info("model %s can't answer now (%s); trying %s", asked, e.message, later[0])
-        raise NoAccount("no model left to try")  # not reached: the last model raises
+        raise failure  # every later model was one the client key may not use
 
     def _open_model(self, requested):
         pinned, model, fallback, hint = self.service.resolve(requested)
         if hint is not None:  # an explicit model suffix wins
             self.effort, self.thinking = hint, hint != "none"
+        self.request.check_model(model)
+        if fallback is not None:
+            try:
+                self.request.check_model(fallback)
+            except ModelNotAllowed:
+                fallback = None  # a canonical name the key may not use is not tried
         self._check_size(model)
         tried, last = set(), None
         limit = self.service.config.max_attempts or None
@@ -6921,10 +6947,8 @@ class ClientLimits:
 
     def admit(self, key, model):
         now = self.clock()
-        self.check_expiry(key)
-        if key.models and not matches_any(model, key.models):
-            raise ProxyError("client key %s may not use model %s (it may use: %s)" % (
-                key.name, model, ", ".join(key.models)), status=403, code="model_not_allowed")
+        self.check_expiry(key)  # (its model list is checked against the model sent: see
+        # ChatRequest.check_model, at every step of the exchange)
         if key.tokens_per_day and self.usage.client_tokens(key.name) >= key.tokens_per_day:
             tomorrow = time.mktime(time.localtime(now)[:3] + (24, 0, 0, 0, 0, -1))
             raise RateLimited("client key %s used its %d tokens for today" % (
@@ -7758,7 +7782,7 @@ class ProxyHandler(ServerConnection):
         chat = self.server.chat
         request = ChatRequest("openai", body, request_class=request_class,
                               client=self.client_name())
-        request.size = self.body_size
+        request.size, request.key = self.body_size, self.client_key
         self.relay(chat.exchange(request, openai_conversation_key(body, self.headers),
                                  cancelled=self.has_left), self.write_openai)
 
@@ -7793,7 +7817,7 @@ class ProxyHandler(ServerConnection):
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),
                                    request_class, self.client_name())
-        chat_request.size = self.body_size
+        chat_request.size, chat_request.key = self.body_size, self.client_key
         conversation = anthropic_conversation_key(request, self.headers)
         if anthropic_has_images(request) and not matches_any(model, config.vision_models):
             if not config.describe_images:

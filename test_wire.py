@@ -541,3 +541,29 @@ def test_the_homes_owner_gets_status_without_a_client_key(home, fake):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_model_globs_hold_for_the_model_actually_sent(home, fake, clock):
+    """A key limited to glm-* got qwen3-coder-plus through an alias named glm-fast or a
+    fallback chain, while a Claude name that maps to glm was refused."""
+    add_key_account(home, KEYS[0])
+    keys = (ip.client_key({"name": "bob", "key": "ck-bob-1", "models": ["glm-*"]}),)
+    config = make_config(home, fake, client_keys=keys,
+                         model_aliases={"glm-fast": "qwen3-coder-plus"},
+                         model_fallbacks={"glm-4.6": ["qwen3-coder-plus"]},
+                         claude_models={"sonnet": "glm-4.6"})
+    auth = {"Authorization": "Bearer ck-bob-1", "Content-Type": "application/json"}
+    with running(config, router_clock=clock) as server:
+        status, _h, data = request(server, "POST", "/v1/chat/completions",
+                                   dict(CHAT, model="glm-fast"), auth)
+        assert status == 403 and b"qwen3-coder-plus" in data
+        status, _h, data = request(server, "POST", "/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 20,
+            "messages": [{"role": "user", "content": "hi"}]}, dict(auth, **{
+                "anthropic-version": "2023-06-01"}))
+        assert status == 200, data  # the Claude name maps to glm-4.6: allowed
+        fake.push(KEYS[0], ("http", 503))  # glm-4.6 fails: the chain's next model is not glm
+        status, _h, data = request(server, "POST", "/v1/chat/completions", CHAT, auth)
+        assert status in (502, 503), data
+        sent = [r[2]["model"] for r in fake.chat_requests()]
+        assert "qwen3-coder-plus" not in sent, sent
