@@ -4067,6 +4067,8 @@ class UpstreamAnswer:
         self.raw = b""             # ... and its bytes, relayed as they came
         self.finish_reason = None  # (Anthropic: the stop_reason)
         self.usage = None          # always counted the OpenAI way (prompt/completion tokens)
+        self.usage_final = False   # the answer's last usage report arrived (see relayed_usage)
+        self.relayed = []          # output text seen in stream events, for an estimate
         self.done = False          # [DONE] (Anthropic: message_stop) seen
         self._splitter = EventSplitter(event_limit)
         self._head = []            # data of the events read while opening
@@ -4080,6 +4082,7 @@ class UpstreamAnswer:
                                       self.secrets)
             self.payload = self._check_message(payload) if self.anthropic else \
                 self._check_completion(payload)
+            self.usage_final = self.usage is not None  # a whole answer: its report is all
             return self
         seen = 0
         while not self._head:  # up to the first data event: iFlow may put an error there
@@ -4133,6 +4136,10 @@ class UpstreamAnswer:
                 self._unreadable(data)
         for choice in choices or ():
             reason = choice.get("finish_reason") if type(choice) is dict else None
+            delta = choice.get("delta") if type(choice) is dict else None
+            if type(delta) is dict:
+                self._note_output(delta.get("content"), delta.get("reasoning_content"),
+                                  delta.get("tool_calls"))
             if reason:
                 if reason == "network_error":
                     raise UpstreamError("transient", "upstream stream ended with finish_reason "
@@ -4140,20 +4147,50 @@ class UpstreamAnswer:
                 self.finish_reason = reason
         usage = chunk.get("usage")
         if type(usage) is dict:
-            self.usage = usage
+            self.usage, self.usage_final = usage, True
         return chunk
+
+    def _note_output(self, *pieces):
+        """Keep the output text an event carries (text, reasoning, tool arguments)."""
+        for piece in pieces:
+            if type(piece) is str:
+                self.relayed.append(piece)
+            elif type(piece) is list:  # tool-call deltas
+                for call in piece:
+                    function = call.get("function") if type(call) is dict else None
+                    if type(function) is dict and type(function.get("arguments")) is str:
+                        self.relayed.append(function["arguments"])
+
+    def relayed_usage(self, prompt_estimate, estimate):
+        """The usage to record: upstream's own report when its last one arrived; else (a
+        client that left, a stream cut before its end) what was relayed, counted here: the
+        prompt as upstream reported it or as ``prompt_estimate()`` counts it, and the output
+        text seen as ``estimate(text)`` counts it.  So a budget (tokens_per_day) can't be dodged by leaving before the end."""
+        if self.usage_final:
+            return self.usage
+        usage = self.usage or {}
+        output = estimate("".join(self.relayed)) if self.relayed else 0
+        return {"prompt_tokens": usage.get("prompt_tokens") or prompt_estimate(),
+                "completion_tokens": max(usage.get("completion_tokens") or 0, output),
+                "estimated": True}
 
     def _check_event(self, data, event):
         kind = event.get("type") if type(event) is dict else None
         if kind is None or kind == "error":
             self._unreadable(data)
-        if kind == "message_delta":
+        if kind == "content_block_delta":
+            delta = event.get("delta")
+            if type(delta) is dict:
+                self._note_output(delta.get("text"), delta.get("thinking"),
+                                  delta.get("partial_json"))
+        elif kind == "message_delta":
             delta = event.get("delta")
             if type(delta) is dict and delta.get("stop_reason"):
                 self.finish_reason = delta["stop_reason"]
             usage = event.get("usage")
             if type(usage) is dict:
                 self.usage = openai_usage(dict((self._anthropic_usage or {}), **usage))
+                self.usage_final = True
         elif kind == "message_start" and type(event.get("message")) is dict:
             self._anthropic_usage = event["message"].get("usage")
             self.usage = openai_usage(self._anthropic_usage)
@@ -6390,7 +6427,8 @@ class ChatExchange:
             self._settled = True
             self.service.closed(self)
             self._release()
-            if self.request.api == "anthropic" and self.usage and not self.error:
+            if self.request.api == "anthropic" and self.usage and not self.error and \
+                    not self.usage.get("estimated"):
                 self.service.calibration.observe(self.model, self.request.tokens(),
                                                  self.usage.get("prompt_tokens"))
             self.service.usage.record(self.account.nickname, self.model,
@@ -6405,7 +6443,9 @@ class ChatExchange:
 
     @property
     def usage(self):
-        return self.answer.usage if self.answer is not None else None
+        answer = self.answer
+        return answer.relayed_usage(self.request.tokens, self.service.token_estimates) \
+            if answer is not None else None
 
 
 class ProbeResult:

@@ -567,3 +567,28 @@ def test_model_globs_hold_for_the_model_actually_sent(home, fake, clock):
         assert status in (502, 503), data
         sent = [r[2]["model"] for r in fake.chat_requests()]
         assert "qwen3-coder-plus" not in sent, sent
+
+
+def test_a_stream_left_before_its_usage_report_is_still_counted(home, fake):
+    """tokens_per_day was dodged by leaving before the last chunk (where usage comes): what was
+    relayed is counted instead, the prompt estimated and the output text seen."""
+    add_key_account(home, KEYS[0])
+    keys = (ip.client_key({"name": "bob", "key": "ck-bob-1", "tokens_per_day": 100000}),)
+    fake.responder = lambda body: {"content": "The quick brown fox jumps over the lazy dog. " * 8,
+                                   "chunk": 10000}
+    fake.gate = threading.Event()  # the fake stops after its first chunk: no usage yet
+    with running(make_config(home, fake, client_keys=keys)) as server:
+        sock = socket.create_connection(server.server_address[:2])
+        body = json.dumps(dict(CHAT, stream=True)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                     b"Bearer ck-bob-1\r\nContent-Type: application/json\r\nContent-Length: %d"
+                     b"\r\n\r\n%s" % (len(body), body))
+        sock.settimeout(10)
+        seen = b""
+        while b"lazy dog" not in seen:
+            seen += sock.recv(65536)
+        sock.close()  # every word read, the usage report never
+        wait_for(lambda: server.chat.usage.client_tokens("bob") > 0, what="usage recorded")
+        fake.gate.set()
+        rows = [r for r in server.chat.usage.client_rows() if r["client"] == "bob"]
+        assert rows[0]["input_tokens"] > 0 and rows[0]["output_tokens"] >= 50, rows
