@@ -6427,12 +6427,13 @@ class ChatExchange:
             self._settled = True
             self.service.closed(self)
             self._release()
-            if self.request.api == "anthropic" and self.usage and not self.error and \
-                    not self.usage.get("estimated"):
+            usage = self.usage  # (worked out once: an estimate when upstream's never came)
+            if self.request.api == "anthropic" and usage and not self.error and \
+                    not usage.get("estimated"):
                 self.service.calibration.observe(self.model, self.request.tokens(),
-                                                 self.usage.get("prompt_tokens"))
+                                                 usage.get("prompt_tokens"))
             self.service.usage.record(self.account.nickname, self.model,
-                                      502 if self.error else 200, self.usage,
+                                      502 if self.error else 200, usage,
                                       (time.monotonic() - self.started) * 1000,
                                       self.request.client)
 
@@ -7659,7 +7660,7 @@ class ProxyHandler(ServerConnection):
         if not host_allowed(self.headers.get("Host"), config, self.server.server_address[0]):
             raise ProxyError("Host %r is not served here (add it to config allowed_hosts)"
                              % self.headers.get("Host")[:100], status=403, code="host_not_allowed")
-        path = route_path(self.path)
+        path = self.route = route_path(self.path)
         if path == "/v0/management" or path.startswith("/v0/management/"):
             return self.check_management()
         if path.startswith("/v1/messages"):
@@ -7723,7 +7724,7 @@ class ProxyHandler(ServerConnection):
         # for a non-ASCII key are its UTF-8 (the encoding our configured keys use)
         sent = self.presented_key("x-api-key").encode("latin-1", "replace")
         token = getattr(self.server, "status_token", None)
-        if token and route_path(self.path) == "/status" and self.command in ("GET", "HEAD") \
+        if token and self.route == "/status" and self.command in ("GET", "HEAD") \
                 and hmac.compare_digest(sent, token.encode("ascii")):
             self.log_fields["client"] = "home owner"  # the token in this home's run.json
             return
