@@ -144,8 +144,15 @@ Model = collections.namedtuple("Model", "window output thinking vision")
 Provider = collections.namedtuple("Provider", "title openai anthropic auth signing claude models "
                                               "rejects quirks doc")
 UNKNOWN_MODEL = Model(128000, 8192, None, False)
+ADAPTIVE_THINKING_BUDGET = 31999  # what Claude Code asks for as enabled thinking (2.1.332)
 PROTOCOLS = ("openai", "anthropic")
-_ANTHROPIC_ONLY = ("context_management", "container", "mcp_servers", "service_tier")
+# What compatible Anthropic endpoints don't take (shape_messages_body): Anthropic-only fields;
+# "field.key" removes one key of a field, "field:key,key" keeps only those keys, and
+# "thinking.adaptive" sends adaptive thinking as enabled thinking with a budget.  None of the
+# presets' pages lists output_config, adaptive thinking or thinking.display among the fields
+# its endpoint takes, except DeepSeek's (its entry).
+_ANTHROPIC_ONLY = ("context_management", "container", "mcp_servers", "service_tier",
+                   "output_config", "thinking.adaptive", "thinking.display")
 
 
 def _rows(table):
@@ -200,7 +207,10 @@ PROVIDERS = {
             deepseek-v4-flash  1048576 393216 deepseek
             deepseek-v4-pro    1048576 393216 deepseek
             deepseek-flash     1048576 393216 deepseek vision"""),
-        _ANTHROPIC_ONLY, ("reasoning_passback", "max_tokens_range"),
+        # https://api-docs.deepseek.com/guides/anthropic_api: "thinking: Supported
+        # (budget_tokens is ignored)", "output_config: Only effort is supported"
+        ("context_management", "container", "mcp_servers", "service_tier", "output_config:effort",
+         "thinking.adaptive", "thinking.display"), ("reasoning_passback", "max_tokens_range"),
         "https://api-docs.deepseek.com/quick_start/pricing"),
     # https://docs.bigmodel.cn (OpenAI: /api/paas/v4, Anthropic: /api/anthropic); GLM-4.6/4.7/5
     # 200K context, 128K output; GLM-4.5-Air 128K/96K; thinking {"type": "enabled"|"disabled"}.
@@ -395,6 +405,7 @@ class UpstreamError(ProxyError):
         super().__init__(message, status, code, retry_after)
         self.kind, self.upstream_status, self.trace_id = kind, upstream_status, trace_id
         self.tokens = self.window = None  # an input too long: its size and the model's window
+        self.said = ""  # upstream's own words (scrubbed), relayed as they are for a 400
 
     @property
     def retry_other_account(self):
@@ -446,6 +457,8 @@ ANTHROPIC_ERROR_STATUS = {kind: status for status, (_openai, kind) in
 def error_body(err, api="openai"):
     """The JSON error object for ``err`` in the client's own API format."""
     message = too_long_message(err, api) or err.message
+    if getattr(err, "kind", None) == "bad_request" and err.said:
+        message = err.said  # clients match a refused feature's words (Claude Code's fallbacks)
     types = _ERROR_TYPES.get(err.status)
     if api == "anthropic":
         return {"type": "error", "error": {"type": types[1] if types else "api_error",
@@ -3697,9 +3710,33 @@ def shape_messages_body(body, model, limit, rejects=()):
     """An Anthropic Messages body for an Anthropic-protocol upstream: the model it serves, the
     output limit it allows, turns that alternate, and without the fields it rejects."""
     out = {k: v for k, v in body.items() if k not in rejects}
+    for rule in rejects:
+        field, keep = rule.split(":", 1) if ":" in rule else (rule, None)
+        field, _dot, key = field.partition(".")
+        value = out.get(field)
+        if not isinstance(value, dict) or not (key or keep):
+            continue
+        if keep is not None:
+            value = {k: v for k, v in value.items() if k in keep.split(",")}
+        elif key == "adaptive" and value.get("type") == "adaptive":
+            value = dict(value, type="enabled", budget_tokens=ADAPTIVE_THINKING_BUDGET)
+        else:
+            value = {k: v for k, v in value.items() if k != key}
+        if value:
+            out[field] = value
+        else:
+            out.pop(field)
     out["model"] = model
     out["messages"] = alternating_turns(body["messages"])
-    return clamp_output(out, limit, ("max_tokens",))
+    out = clamp_output(out, limit, ("max_tokens",))
+    thinking, most = out.get("thinking"), out.get("max_tokens")
+    if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) and \
+            isinstance(most, int) and thinking["budget_tokens"] >= most:
+        if most > 1024:  # a budget is 1024 or more, and less than max_tokens (Anthropic's rule)
+            out["thinking"] = dict(thinking, budget_tokens=most - 1)
+        elif (body.get("thinking") or {}).get("type") == "adaptive":
+            out.pop("thinking")  # adaptive: the model may answer without thinking
+    return out
 
 
 def alternating_turns(messages):
@@ -3870,10 +3907,13 @@ def classify_answer(http_status, raw, trace_id="", retry_after=None, secrets=())
         kind, message = "malformed", "not a JSON object: %r" % raw[:120]
     if kind is None:
         return payload
-    detail = message or (raw[:200].decode("utf-8", "replace") if raw else "empty body")
+    detail = scrub_secrets(message or (raw[:200].decode("utf-8", "replace") if raw else
+                                       "empty body"), secrets)
     where = "HTTP %d" % http_status + (", code %s" % code if code != http_status else "")
-    raise UpstreamError(kind, "upstream: %s (%s)" % (scrub_secrets(detail, secrets), where),
-                        upstream_status=code, trace_id=trace_id, retry_after=retry_after)
+    error = UpstreamError(kind, "upstream: %s (%s)" % (detail, where), upstream_status=code,
+                          trace_id=trace_id, retry_after=retry_after)
+    error.said = detail if message else ""
+    raise error
 
 
 def _lenient_json(raw):
@@ -5139,6 +5179,78 @@ def validate_anthropic_request(body):
     return body
 
 
+def resolve_turns(body):
+    """Claude Code's mid-conversation instructions (2.1.332, read from its binary) settled
+    into what any upstream takes: a system turn with ``clear_at: "next_user_message"`` is
+    dropped once a user turn follows it; a turn's ``output_config.effort`` is the effort from
+    there on, so the last one becomes the request's own; ``tool_addition`` /
+    ``tool_removal`` blocks (``{"tool": {"type": "tool_reference", "name"}}`` or
+    ``{"type": "tool_definition", "definition"}``, beta mid-conversation-tool-changes) change
+    the ``tools`` offered and leave a line where they stood saying so.  Then deferred tools
+    are loaded (load_deferred_tools).  A copy; the body itself when there is nothing to do."""
+    messages = body["messages"]
+    if not any(m.get("role") == "system" for m in messages):
+        return load_deferred_tools(body)
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    declared = {t.get("name"): t for t in tools}
+    added, removed, effort, kept = {}, set(), None, []
+    for i, message in enumerate(messages):
+        if message.get("role") != "system":
+            kept.append(message)
+            continue
+        if message.get("clear_at") == "next_user_message" and any(
+                m.get("role") == "user" for m in messages[i + 1:]):
+            continue
+        config = message.get("output_config")
+        if isinstance(config, dict) and isinstance(config.get("effort"), str):
+            effort = config["effort"]
+        blocks, changes = [], {"tool_addition": [], "tool_removal": []}
+        for block in _blocks(message["content"]):
+            if block.get("type") not in changes:
+                blocks.append(block)
+                continue
+            name, definition = _tool_change(block, declared)
+            if name is None:
+                continue
+            changes[block["type"]].append(name)
+            if block["type"] == "tool_addition":
+                removed.discard(name)
+                added[name] = definition
+            else:
+                added.pop(name, None)
+                removed.add(name)
+        for kind, words in (("tool_addition", "now available"),
+                            ("tool_removal", "no longer available")):
+            if changes[kind]:
+                blocks.append({"type": "text", "text": "Tools %s: %s." % (
+                    words, ", ".join(changes[kind]))})
+        kept.append({"role": "system", "content": blocks})
+    out = dict(body, messages=kept)
+    if tools or added:
+        offered = [dict(t) for t in tools if t.get("name") not in removed]
+        for tool in offered:
+            if tool.get("name") in added:
+                tool.pop("defer_loading", None)
+        offered += [dict(d) for n, d in added.items() if d is not None and n not in declared]
+        out["tools"] = offered
+    if effort is not None:
+        out["output_config"] = dict(body.get("output_config") or {}, effort=effort)
+    return load_deferred_tools(out)
+
+
+def _tool_change(block, declared):
+    """(name, definition) a tool_addition/tool_removal block names; (None, None) if none."""
+    tool = block.get("tool") if isinstance(block.get("tool"), dict) else {}
+    if tool.get("type") == "tool_definition" and isinstance(tool.get("definition"), dict):
+        definition = tool["definition"]
+        name = definition.get("name")
+        return (name, definition) if isinstance(name, str) and name else (None, None)
+    name = tool.get("name") or tool.get("tool_name")
+    if not isinstance(name, str) or not name:
+        return None, None
+    return name, declared.get(name)
+
+
 def load_deferred_tools(body):
     """Claude Code's deferred tools (tool search,
     https://platform.claude.com/docs/en/agents-and-tools/tool-use/tool-search-tool) as any
@@ -6283,7 +6395,8 @@ class ChatExchange:
                         if fresh is not None:  # same account, new key: once more
                             account = fresh
                             continue
-                    self.service.router.record_failure(account, name, e)
+                    if e.kind != "bad_request":
+                        self.service.router.record_failure(account, name, e)
                     if e.kind == "context_length":
                         self._too_long(e, name, account.provider_name)
                     if len(names) > 1 and e.kind in ("model_unsupported", "rejected"):
@@ -6363,6 +6476,9 @@ class ChatExchange:
 
     def _failed(self, account, model, error):
         error.message = "account %s: %s" % (account.nickname, error.message)
+        if error.kind == "bad_request":  # the request's fault (a feature this upstream lacks)
+            log.info("upstream refused the request (model %s): %s", model, error.message)
+            return
         log.warning("upstream error (%s, model %s): %s%s", error.kind, model, error.message,
                     " [eagleeye-traceid %s]" % error.trace_id if error.trace_id else "")
         self.service.usage.record(account.nickname, model, error.upstream_status or error.status,
@@ -7809,7 +7925,7 @@ class ProxyHandler(ServerConnection):
         body = self.read_json()
         _expect(body, "messages", list, "a list of messages", required=True)
         validate_anthropic_request(dict(body, model=body.get("model") or "counting"))
-        body = load_deferred_tools(body)  # counted as it would be sent
+        body = resolve_turns(body)  # counted as it would be sent
         model = chat.resolve(map_claude_model(body.get("model") or "", self.server.config
                                               .claude_models, chat.claude_defaults()))[1]
         self.send_json(200, {"input_tokens": chat.prompt_tokens(
@@ -7847,7 +7963,7 @@ class ProxyHandler(ServerConnection):
 
     def handle_messages(self):
         config, chat = self.server.config, self.server.chat
-        request = load_deferred_tools(validate_anthropic_request(self.read_json()))
+        request = resolve_turns(validate_anthropic_request(self.read_json()))
         request_class = self.request_class(request["model"])
         self.admit(request["model"])
         self.log_fields["model"] = request["model"]
@@ -8669,31 +8785,93 @@ def cmd_check(args, config):
     return 1 if failed else 0
 
 
-def claude_env(base_url, token, config, model=None, accounts=()):
-    """The variables that point Claude Code (or any Anthropic client) at this proxy.
+# Claude Code (2.1.332) knows Claude models only.  For any other id it prints
+# "[claude-code:unrecognized_model]", turns every feature on and takes its window from
+# CLAUDE_CODE_MAX_CONTEXT_TOKENS; a settings ``modelPicker.options`` row with ``behavesAs``
+# names a model it knows whose handling applies instead (read from its settings schema), and
+# then the window is that model's: 200K, or 1M for an id ending in "[1m]" (never sent
+# upstream).  The proxy settles everything sonnet-4-6's handling sends (adaptive thinking,
+# effort, system turns, tool changes) for every upstream, so every model behaves as it, and
+# CLAUDE_CODE_AUTO_COMPACT_WINDOW compacts before the real window fills.
+CLAUDE_CODE_BEHAVES_AS = "claude-sonnet-4-6"
+CLAUDE_CODE_WINDOWS = (200000, 1000000)  # the windows a behavesAs row can give
 
-    Claude Code knows the windows of Claude models only: for any other model it takes the
-    window from CLAUDE_CODE_MAX_CONTEXT_TOKENS, and compacts when CLAUDE_CODE_AUTO_COMPACT_WINDOW
-    is reached (both read from the 2.1.x binary).  They are set from the provider table for the
-    model the main turn maps to, with room left for the answer.
-    """
+
+def launcher_models(config, model=None, accounts=()):
+    """{family: (model as the launcher names it, its Model)} for Claude Code's three tiers."""
     families = claude_families(accounts, config.claude_models)
-    main_model = model or families["sonnet"]
-    name = main_model.split("/", 1)[1] if "/" in main_model and any(
-        a.nickname == main_model.split("/", 1)[0] for a in accounts) else main_model
-    providers = [a.provider_name for a in accounts if a.usable and serves(a, name)]
-    spec = model_spec(split_model_suffix(name)[0], providers[0] if providers else "")
+    chosen = {"opus": model or families["opus"], "sonnet": model or families["sonnet"],
+              "haiku": families["haiku"]}
+    out = {}
+    for family, name in chosen.items():
+        bare = name.split("/", 1)[1] if "/" in name and any(
+            a.nickname == name.split("/", 1)[0] for a in accounts) else name
+        providers = [a.provider_name for a in accounts if a.usable and serves(a, bare)]
+        spec = model_spec(split_model_suffix(bare)[0], providers[0] if providers else "")
+        out[family] = (name, spec)
+    return out
+
+
+def claude_window(spec):
+    """The window Claude Code works with for a model behaving as CLAUDE_CODE_BEHAVES_AS."""
+    return CLAUDE_CODE_WINDOWS[1] if spec.window > CLAUDE_CODE_WINDOWS[0] else \
+        CLAUDE_CODE_WINDOWS[0]
+
+
+def claude_model_id(name, spec):
+    """The id the launcher gives Claude Code: "[1m]" asks for the 1M window."""
+    return name + "[1m]" if claude_window(spec) > CLAUDE_CODE_WINDOWS[0] and \
+        not name.endswith("]") else name
+
+
+def claude_capabilities(models):
+    """CLAUDE_CODE_MODEL_CAPABILITIES ("glob=cap,-cap;…"): what each model can do through the
+    proxy, for a Claude Code without the settings rows (``env``).  Context management is
+    Anthropic's server-side clearing, which no other upstream does; effort and adaptive
+    thinking need a thinking switch."""
+    rules = []
+    for name, spec in dict(models.values()).items():
+        caps = ["mid_conv_system", "mid_conv_tool_change", "-context_management"]
+        caps += ["adaptive_thinking", "effort", "per_turn_effort"] if spec.thinking else \
+            ["-adaptive_thinking", "-effort", "-per_turn_effort"]
+        rules.append("%s=%s" % (name, ",".join(caps)))
+    return ";".join(rules)
+
+
+def claude_env(base_url, token, config, model=None, accounts=(), rows=False):
+    """The variables that point Claude Code (or any Anthropic client) at this proxy: the
+    model of each tier, the window from the provider table (CLAUDE_CODE_MAX_CONTEXT_TOKENS,
+    for a Claude Code without claude_settings' ``rows``) and when to compact, what each model
+    can do, and request classes on every request."""
+    models = launcher_models(config, model, accounts)
+    ids = {family: claude_model_id(name, spec) if rows else name
+           for family, (name, spec) in models.items()}
+    spec = models["sonnet"][1]
     return {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_AUTH_TOKEN": token,
-            "ANTHROPIC_MODEL": main_model,
-            "ANTHROPIC_DEFAULT_OPUS_MODEL": model or families["opus"],
-            "ANTHROPIC_DEFAULT_SONNET_MODEL": main_model,
-            "ANTHROPIC_DEFAULT_HAIKU_MODEL": families["haiku"],
-            "ANTHROPIC_SMALL_FAST_MODEL": families["haiku"],
+            "ANTHROPIC_MODEL": ids["sonnet"],
+            "ANTHROPIC_DEFAULT_OPUS_MODEL": ids["opus"],
+            "ANTHROPIC_DEFAULT_SONNET_MODEL": ids["sonnet"],
+            "ANTHROPIC_DEFAULT_HAIKU_MODEL": ids["haiku"],
+            "ANTHROPIC_SMALL_FAST_MODEL": ids["haiku"],
             "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(spec.window),
             "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(compact_window(spec)),
+            "CLAUDE_CODE_MODEL_CAPABILITIES": claude_capabilities(models),
             "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
             # every request says what it is (x-claude-code-request-class): see REQUEST_LANES
             "CLAUDE_CODE_GATEWAY_HINT_HEADERS": "1"}
+
+
+def claude_settings(config, model=None, accounts=()):
+    """Settings for ``claude --settings``: a /model row per model, behaving as a Claude model
+    Claude Code knows (see CLAUDE_CODE_BEHAVES_AS)."""
+    rows, seen = [], set()
+    for name, spec in launcher_models(config, model, accounts).values():
+        if name not in seen:
+            seen.add(name)
+            rows.append({"model": claude_model_id(name, spec), "behavesAs": CLAUDE_CODE_BEHAVES_AS,
+                         "label": name, "description": "%s via iflow-proxy (%dK window)"
+                         % (name, spec.window // 1000)})
+    return {"modelPicker": {"options": rows}}
 
 
 def compact_window(spec):
@@ -8773,12 +8951,15 @@ def cmd_claude(args, config):
                 handler.setLevel(logging.ERROR)
         server = start_server(config.replace(host=DEFAULT_HOST, port=0))
         url = server.url
-    ours = claude_env(url, _client_token(config), config, args.model, account_rows(config))
+    accounts, extra = account_rows(config), list(args.claude_args)
+    rows = not any(a == "--settings" or a.startswith("--settings=") for a in extra)
+    if rows:  # the user's own --settings stand alone
+        extra = ["--settings", json.dumps(claude_settings(config, args.model, accounts))] + extra
+    ours = claude_env(url, _client_token(config), config, args.model, accounts, rows)
     kept = [k for k in ours if k.startswith("CLAUDE_CODE_") and os.environ.get(k)]
     for key in kept:  # the user's own settings win over the ones derived from the table
         ours.pop(key)
     env = dict(os.environ, **ours)
-    extra = list(args.claude_args)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Claude Code
     try:
         import subprocess

@@ -214,3 +214,206 @@ def test_system_turns_without_text_add_nothing():
     assert out["messages"][2]["content"] == "again"
     assert ip.alternating_turns(body["messages"])[2]["content"] == [
         {"type": "text", "text": "again"}]
+
+
+# --- mid-conversation instructions: clear_at, per-turn effort, tool changes ---------------------
+
+TOOL_A = {"name": "Alpha", "description": "A.", "input_schema": {"type": "object"}}
+TOOL_B = {"name": "Beta", "description": "B.", "input_schema": {"type": "object"},
+          "defer_loading": True}
+TOOL_C = {"name": "Gamma", "description": "C.", "input_schema": {"type": "object",
+          "properties": {"x": {"type": "string"}}}}
+
+
+def changes_body(last_role="user"):
+    """A conversation as 2.1.332 shapes one (shapes read from its binary): a turn-scoped
+    reminder, per-turn effort, tools added by reference and by definition, one removed."""
+    messages = [
+        {"role": "user", "content": "start"},
+        {"role": "system", "content": [{"type": "text", "text": "Only until the user speaks."}],
+         "clear_at": "next_user_message"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "system", "content": [], "output_config": {"effort": "low"}},
+        {"role": "user", "content": "more"},
+        {"role": "system", "content": [
+            {"type": "text", "text": "New tools."},
+            {"type": "tool_addition", "tool": {"type": "tool_reference", "name": "Beta"}},
+            {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": TOOL_C}},
+            {"type": "tool_removal", "tool": {"type": "tool_reference", "name": "Alpha"}}]},
+        {"role": "assistant", "content": "noted"},
+        {"role": "system", "content": [], "output_config": {"effort": "max"}},
+        {"role": "user", "content": "go"} if last_role == "user" else
+        {"role": "system", "content": [{"type": "text", "text": "Says the last word."}],
+         "clear_at": "next_user_message"}]
+    return {"model": "m", "max_tokens": 100, "messages": messages, "tools": [TOOL_A, TOOL_B],
+            "output_config": {"effort": "high"}, "thinking": {"type": "adaptive"}}
+
+
+def test_tool_changes_clear_at_and_turn_effort_settle_into_one_request():
+    out = ip.resolve_turns(changes_body())
+    assert offered_names(out) == ["Beta", "Gamma"]
+    assert all("defer_loading" not in t for t in out["tools"])
+    assert out["output_config"] == {"effort": "max"}  # the last turn's effort holds
+    dumped = json.dumps(out)
+    assert "Only until the user speaks." not in dumped  # a user turn came after it
+    assert "tool_addition" not in dumped and "tool_removal" not in dumped
+    assert "Tools now available: Beta, Gamma." in dumped and \
+        "Tools no longer available: Alpha." in dumped
+    kept = ip.resolve_turns(changes_body(last_role="system"))
+    assert "Says the last word." in json.dumps(kept)  # no user turn after it yet
+    body = changes_body()
+    assert ip.resolve_turns(body) is not body and body["tools"] == [TOOL_A, TOOL_B]  # a copy
+    openai = ip.anthropic_to_openai(out, "glm-4.6")
+    assert [t["function"]["name"] for t in openai["tools"]] == ["Beta", "Gamma"]
+    assert ip.anthropic_thinking(out) == (True, "max")
+
+
+def test_tool_changes_reach_both_protocols(home, fake, anthropic_fake):
+    add_key_account(home, KEYS[0])
+    add_provider_account(home, "sk-anthropic-1111", "zhipu", "anthropic", anthropic_fake.url,
+                         nickname="zp")
+    anthropic_fake.models, anthropic_fake.max_output = ("glm-4.7",), 128000
+    anthropic_fake.auth = "bearer"  # as zhipu takes its key
+    headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    with running(make_config(home, fake)) as server:
+        for model in ("api-key/glm-4.6", "zp/glm-4.7"):
+            status, _h, data = request(server, "POST", "/v1/messages",
+                                       dict(changes_body(), model=model), headers)
+            assert status == 200, data[:300]
+    openai, anthropic = fake.chat_requests()[-1][2], anthropic_fake.requests[-1][2]
+    assert offered_names(openai) == offered_names(anthropic) == ["Beta", "Gamma"]
+    for sent in (openai, anthropic):
+        dumped = upstream_text(sent)
+        assert "Tools now available: Beta, Gamma." in dumped and "clear_at" not in dumped
+    # zhipu's page lists neither adaptive thinking nor effort; 100 tokens leave no budget
+    assert "output_config" not in anthropic and "thinking" not in anthropic
+
+
+def test_anthropic_endpoints_get_only_the_fields_their_pages_list():
+    body = dict(fixture(RECORDED[0])["body"], max_tokens=64000)
+    deepseek = ip.shape_messages_body(body, "deepseek-v4-pro", 384000,
+                                      ip.PROVIDERS["deepseek"].rejects)
+    assert deepseek["output_config"] == {"effort": "high"}  # "only effort is supported"
+    assert deepseek["thinking"] == {"type": "enabled", "budget_tokens": 31999}
+    assert "context_management" not in deepseek
+    kimi = ip.shape_messages_body(dict(body, output_config={"effort": "low", "format": {}}),
+                                  "kimi-k2.6", 32000, ip.PROVIDERS["moonshot"].rejects)
+    assert "output_config" not in kimi and kimi["max_tokens"] == 32000 and \
+        kimi["thinking"] == {"type": "enabled", "budget_tokens": 31999}
+    assert all(m["role"] in ("user", "assistant") for m in kimi["messages"])
+
+
+def test_a_feature_the_upstream_refuses_is_the_requests_fault(home, anthropic_fake):
+    """An Anthropic-protocol upstream's 400 reaches the client in the upstream's own words
+    (Claude Code matches them to fall back, e.g. "Invalid effort level"), and the account
+    stays healthy: no cooldown, no error in its usage."""
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url,
+                         nickname="ds")
+    anthropic_fake.script = [{"status": 400, "message": "Invalid effort level"}]
+    body = {"model": "deepseek-v4-flash", "max_tokens": 50, "output_config": {"effort": "max"},
+            "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    with running(make_config(home)) as server:
+        status, _h, data = request(server, "POST", "/v1/messages", body, headers)
+        assert status == 400 and json.loads(data) == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Invalid effort level"}}
+        body.pop("output_config")  # Claude Code's fallback: the same turn without it
+        status, _h, data = request(server, "POST", "/v1/messages", body, headers)
+        assert status == 200, data
+        account = server.chat.router.all_accounts()[0]
+        assert server.chat.router.state(account)[0] == "healthy"
+        assert not server.chat.router.recent_errors
+        rows = server.chat.usage.day_rows()
+        assert sum(r["requests"] for r in rows) == 1  # the refused attempt is not the account's
+
+
+# --- the real Claude Code -----------------------------------------------------------------------
+
+def run_launcher(home, fake, tmp_path, *claude_args, model=None):
+    """`python iflow_proxy.py claude …` with the real Claude Code, its own proxy in-process
+    on the fake, a log file: (completed process, access log lines)."""
+    import os
+    import subprocess
+    import sys
+    from test_iflow_proxy import HERE, find_claude_code
+    claude = find_claude_code()
+    if claude is None:
+        pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
+    log = tmp_path / "proxy.log"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path / "h"),
+           "IFLOW_PROXY_HOME": home, "IFLOW_API_BASE": fake.url + "/v1",
+           "IFLOW_PROXY_PORT": "1", "IFLOW_PROXY_LOG_FILE": str(log), "DISABLE_TELEMETRY": "1",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    work = tmp_path / "project"
+    work.mkdir(exist_ok=True)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "claude"] +
+                         (["--model", model] if model else []) + ["--claude-bin", claude] +
+                         list(claude_args), cwd=str(work), env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = log.read_text().splitlines() if log.exists() else []
+    return out, [line for line in lines if " POST /v1/messages" in line]
+
+
+@pytest.mark.parametrize("model", ["kimi-k2", "qwen3-coder-plus"])
+def test_claude_code_knows_every_model_the_launcher_gives_it(home, fake, tmp_path, model):
+    """No "[claude-code:unrecognized_model]" from the real Claude Code for the launcher's
+    models, and the window it works with holds the provider table's window with compaction
+    set before the table's window fills."""
+    from test_iflow_proxy import claude_code_responder
+    add_key_account(home, KEYS[0])
+    fake.responder = claude_code_responder()
+    out, lines = run_launcher(home, fake, tmp_path, "-p", "say hi", "--output-format", "json",
+                              model=model)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "unrecognized_model" not in out.stderr and "doesn't recognize" not in out.stderr, \
+        out.stderr
+    spec = ip.model_spec(model, "iflow")
+    usage = json.loads(out.stdout)["modelUsage"][ip.claude_model_id(model, spec)]
+    told = ip.claude_env("http://x", "t", make_config(home), model, ip.account_rows(
+        make_config(home)), rows=True)
+    assert usage["contextWindow"] == ip.claude_window(spec) >= min(spec.window, 10 ** 6)
+    assert int(told["CLAUDE_CODE_AUTO_COMPACT_WINDOW"]) < spec.window  # compacts in time
+    assert lines and all("class=" in line for line in lines), lines
+
+
+def tool_search_responder(asked):
+    """Scripted turns: load CronList with ToolSearch, call it once it is offered, then say
+    what it answered.  ``asked`` collects the bodies of the main turns."""
+    def respond(body):
+        messages = body["messages"]
+        names = [t["function"]["name"] for t in body.get("tools") or []]
+        if "ToolSearch" not in names:  # a side request (title, summary)
+            return {"content": "Cron check"}
+        asked.append(body)
+        results = [m for m in messages if m["role"] == "tool"]
+        if not results:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_ts_1", "type": "function", "function": {
+                    "name": "ToolSearch",
+                    "arguments": json.dumps({"query": "select:CronList", "max_results": 1})}}]}
+        if len(results) == 1:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_cl_1", "type": "function", "function": {
+                    "name": "CronList", "arguments": "{}"}}]}
+        return {"content": "CronList answered: " + results[-1]["content"][:60]}
+    return respond
+
+
+def test_real_claude_code_loads_a_deferred_tool_and_calls_it(home, fake, tmp_path):
+    asked = []
+    add_key_account(home, KEYS[0])
+    fake.responder = tool_search_responder(asked)
+    out, lines = run_launcher(home, fake, tmp_path, "-p", "List my scheduled cron jobs.",
+                              "--allowedTools", "ToolSearch,CronList")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "CronList answered" in out.stdout and "unrecognized_model" not in out.stderr
+    assert len(asked) == 3, [offered_names(b) for b in asked]
+    first, second, third = asked
+    assert "CronList" not in offered_names(first) and "DeferredToolPlaceholder" not in \
+        offered_names(first)
+    loaded = next(m for m in second["messages"] if m["role"] == "tool")["content"]
+    assert "<functions>" in loaded and '"name": "CronList"' in loaded  # not "(no output)"
+    assert "CronList" in offered_names(second)
+    assert [m["tool_call_id"] for m in third["messages"] if m["role"] == "tool"] == \
+        ["call_ts_1", "call_cl_1"]
+    assert any("class=main" in line for line in lines), lines

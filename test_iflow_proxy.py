@@ -2221,7 +2221,16 @@ def test_claude_command_runs_claude_against_the_proxy(home, fake, tmp_path):
                           "--claude-bin", str(script), "-p", "hello", "--verbose"],
                          cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 7, out.stderr
-    assert out.stdout.splitlines() == ["echo: -p hello --verbose", "qwen3-coder-plus"]
+    echo, haiku = out.stdout.splitlines()
+    assert echo.startswith("echo: --settings {") and echo.endswith("} -p hello --verbose")
+    rows = json.loads(echo[len("echo: --settings "):-len(" -p hello --verbose")])
+    assert rows["modelPicker"]["options"] == [  # Claude Code knows them: see test_claude_code
+        {"model": "kimi-k2", "behavesAs": "claude-sonnet-4-6", "label": "kimi-k2",
+         "description": "kimi-k2 via iflow-proxy (128K window)"},
+        {"model": "qwen3-coder-plus[1m]", "behavesAs": "claude-sonnet-4-6",
+         "label": "qwen3-coder-plus", "description": "qwen3-coder-plus via iflow-proxy (256K "
+         "window)"}]
+    assert haiku == "qwen3-coder-plus[1m]"  # a window over 200K: the 1M one, compacted early
     assert fake.chat_requests()[0][2]["model"] == "kimi-k2"
     missing = subprocess.run([sys.executable, "iflow_proxy.py", "claude", "--claude-bin",
                               str(tmp_path / "nope")], cwd=HERE, env=env, capture_output=True,
@@ -4306,6 +4315,8 @@ def test_router_cooldowns_follow_the_injected_clock(tmp_path):
 ANTHROPIC_FIELDS = {"model", "messages", "system", "max_tokens", "stream", "temperature", "top_p",
                     "top_k", "stop_sequences", "tools", "tool_choice", "metadata", "thinking",
                     "output_config"}
+# the content blocks DeepSeek's Anthropic endpoint lists (api-docs.deepseek.com/guides/anthropic_api)
+ANTHROPIC_BLOCKS = {"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"}
 
 
 class FakeAnthropic(FakeServer):
@@ -4356,7 +4367,18 @@ class FakeAnthropicHandler(QuietHandler):
         if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > srv.max_output:
             return 400, "invalid_request_error", "max_tokens: %s > %d, which is the maximum " \
                 "allowed number of output tokens" % (body.get("max_tokens"), srv.max_output)
+        thinking = body.get("thinking")
+        if thinking is not None and (thinking.get("type") not in ("enabled", "disabled") or
+                                     set(thinking) - {"type", "budget_tokens"}):
+            return 400, "invalid_request_error", "thinking: type must be enabled or disabled"
+        if set(body.get("output_config") or {}) - {"effort"}:  # DeepSeek: "only effort"
+            return 400, "invalid_request_error", "output_config: only effort is supported"
         messages = body.get("messages") or []
+        for m in messages:
+            for block in m.get("content") if isinstance(m.get("content"), list) else ():
+                if block.get("type") not in ANTHROPIC_BLOCKS:
+                    return 400, "invalid_request_error", "messages: unknown content block " \
+                        "type %s" % block.get("type")
         if not messages or messages[0].get("role") != "user" or any(
                 m.get("role") not in ("user", "assistant") for m in messages) or any(
                 a["role"] == b["role"] for a, b in zip(messages, messages[1:])):
@@ -4377,6 +4399,8 @@ class FakeAnthropicHandler(QuietHandler):
             return self.error(*problem)
         if action == 429:
             return self.error(429, "rate_limit_error", "slow down", {"retry-after": "9"})
+        if isinstance(action, dict):  # {"status": 400, "message": "..."}
+            return self.error(action["status"], "invalid_request_error", action["message"])
         if action in (529, 401):
             return self.error(action, "overloaded_error" if action == 529 else
                               "authentication_error", "scripted %d" % action)

@@ -238,3 +238,25 @@ def test_real_claude_code_through_the_claude_command(home, llama, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr + "\n".join(lines)
     assert lines and all(" status=200 " in line for line in lines), "\n".join(lines)
     assert all("account=llo" in line for line in lines), "\n".join(lines)
+    assert "unrecognized_model" not in out.stderr, out.stderr  # the launcher's row knows it
+    assert all("class=" in line for line in lines), "\n".join(lines)
+
+
+@pytest.mark.parametrize("account", ["llo", "lla"])
+def test_claude_code_2_1_332_after_tool_search_through_either_protocol(home, llama, account):
+    """The recorded 2.1.332 request after a ToolSearch (a tool_reference result, system turns,
+    adaptive thinking, effort, the loaded tool in tools) as the proxy sends it, accepted by a
+    real server's chat template and Messages endpoint: a whole answer in Anthropic's grammar."""
+    if os.environ.get("IFLOW_TEST_SKIP_SLOW"):
+        pytest.skip("IFLOW_TEST_SKIP_SLOW: the main run of .ci/run has this one")
+    from test_iflow_proxy import fixture, request
+    recorded = fixture("claude-code-2.1.332/02-main-after-toolsearch-tool-reference.json")
+    add_llama_accounts(home, llama)
+    headers = {k: v for k, v in recorded["headers"].items() if k.lower() not in (
+        "host", "content-length", "connection", "accept-encoding")}
+    body = dict(recorded["body"], model="%s/%s" % (account, MODEL_ID), max_tokens=MAX_TOKENS)
+    with running(make_config(home, max_concurrency=0)) as server:
+        status, _headers, data = request(server, "POST", "/v1/messages", body, headers)
+    assert status == 200, data[:500]
+    events = [line for line in data.decode().splitlines() if line.startswith("event: ")]
+    assert events[0] == "event: message_start" and events[-1] == "event: message_stop", events
