@@ -417,3 +417,22 @@ def test_real_claude_code_loads_a_deferred_tool_and_calls_it(home, fake, tmp_pat
     assert [m["tool_call_id"] for m in third["messages"] if m["role"] == "tool"] == \
         ["call_ts_1", "call_cl_1"]
     assert any("class=main" in line for line in lines), lines
+
+
+def test_real_claude_code_falls_back_when_an_upstream_refuses_a_feature(home, anthropic_fake,
+                                                                       tmp_path):
+    """DeepSeek's Anthropic endpoint takes output_config.effort; one that answers "Invalid
+    effort level" (Anthropic's words for an effort a model lacks) has the real Claude Code
+    send the turn again on its own, and the account stays healthy."""
+    add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url,
+                         nickname="ds")
+    anthropic_fake.max_output = 400000
+    anthropic_fake.script = [{"status": 400, "message": "Invalid effort level"}]
+    out, lines = run_launcher(home, anthropic_fake, tmp_path, "-p", "say hi",
+                              model="deepseek-v4-flash")
+    assert out.returncode == 0, out.stdout + out.stderr + "\n".join(lines)
+    sent = [r[2] for r in anthropic_fake.requests if r[0].endswith("/v1/messages")]
+    assert sent[0]["output_config"]["effort"], sent[0].get("output_config")
+    assert len(sent) >= 2 and sent[1].get("output_config") != sent[0]["output_config"]
+    assert [line.split(" status=")[1].split()[0] for line in lines][:2] == ["400", "200"], lines
+    assert "account=ds" in lines[1] and "attempts=1" in lines[1]  # not cooled: served at once
