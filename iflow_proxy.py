@@ -927,6 +927,9 @@ SETTINGS = {
                                   _positive),
     "idle_timeout": Setting(_NUMBER, 120, None, "seconds of upstream silence allowed "
                             "mid-response", _positive),
+    "responses_store": Setting(int, 1000, None, "Responses API answers kept in memory for "
+                               "previous_response_id and GET /v1/responses/{id}; 0 keeps none",
+                               _not_negative),
     "pool_idle_timeout": Setting(_NUMBER, 4, None, "seconds an idle upstream connection is "
                                  "kept for reuse (below the 5 s after which uvicorn and "
                                  "llama.cpp close theirs)", _positive),
@@ -5997,10 +6000,14 @@ class OpenAIChunks:
     def _chunk(self, delta=None, finish=None, **extra):
         choices = [] if delta is None else [{"index": 0, "delta": delta,
                                              "finish_reason": finish}]
-        return sse(dict(self.base, choices=choices, **extra))
+        return [dict(self.base, choices=choices, **extra)]
 
     def feed(self, event):
         """OpenAI events for one Anthropic event (a parsed dict)."""
+        return b"".join(sse(chunk) for chunk in self.chunks(event))
+
+    def chunks(self, event):
+        """The chunks (dicts) for one Anthropic event."""
         kind = event.get("type")
         if kind == "message_start":
             self._usage = dict((event.get("message") or {}).get("usage") or {})
@@ -6008,7 +6015,7 @@ class OpenAIChunks:
         if kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") != "tool_use":
-                return b""
+                return []
             index = self._tools[event.get("index")] = len(self._tools)
             return self._chunk({"tool_calls": [{"index": index, "id": block.get("id"),
                                                 "type": "function", "function": {
@@ -6023,7 +6030,7 @@ class OpenAIChunks:
             return self._chunk({}, _FINISH_REASONS.get(reason, "stop")) + self._chunk(
                 usage=dict(usage, total_tokens=usage["prompt_tokens"] +
                            usage["completion_tokens"]))
-        return b""
+        return []
 
     def _delta(self, index, delta):
         kind = delta.get("type")
@@ -6034,7 +6041,7 @@ class OpenAIChunks:
         if kind == "input_json_delta" and index in self._tools and delta.get("partial_json"):
             return self._chunk({"tool_calls": [{"index": self._tools[index], "function": {
                 "arguments": delta["partial_json"]}}]})
-        return b""
+        return []
 
 
 # --- token estimate (count_tokens) -----------------------------------------------------------
@@ -6271,6 +6278,573 @@ class ChatRequest:
         if "anthropic" not in self._forms:
             self._forms["anthropic"] = openai_to_anthropic_request(self.body)
         return self._forms["anthropic"]
+
+
+# ==================================================================================================
+# Responses API: /v1/responses (Codex) as chat completions, and chat answers as Responses events
+# ==================================================================================================
+
+# Item types a Responses request may carry that have no chat form (web search calls, image
+# generation, compaction, …): skipped, never a 400.
+RESPONSES_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what chat upstreams accept
+
+
+def _expect_text(item, key, where):
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise BadRequest("%s.%s must be a string" % (where, key))
+    return value
+
+
+def validate_responses_request(body):
+    """A Responses request's own checks (https://platform.openai.com/docs/api-reference/
+    responses/create): a 400 naming the field for what can't be read; unknown fields and item
+    or tool types ignored."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"].strip():
+        raise BadRequest("field 'model' must be a non-empty string")
+    items = body.get("input")
+    if items is None and not body.get("previous_response_id"):
+        raise BadRequest("field 'input' is required (a string or a list of items)")
+    if items is not None and not isinstance(items, (str, list)):
+        raise BadRequest("field 'input' must be a string or a list of items")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        _check_response_item(item, "input[%d]" % i)
+    for i, tool in enumerate(_expect(body, "tools", list, "a list of tools") or ()):
+        where = "tools[%d]" % i
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise BadRequest("%s must be an object with a string 'type'" % where)
+        if tool["type"] in ("function", "custom", "namespace"):
+            _expect_text(tool, "name", where)
+        if tool["type"] == "namespace":
+            inner = tool.get("tools")
+            if not isinstance(inner, list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) for t in inner):
+                raise BadRequest("%s.tools must be a list of named tools" % where)
+    most = _expect(body, "max_output_tokens", int, "a positive integer")
+    if most is not None and most < 1:
+        raise BadRequest("field 'max_output_tokens' must be a positive integer")
+    _expect(body, "instructions", str, "a string")
+    _expect(body, "previous_response_id", str, "a string")
+    _expect(body, "stream", bool, "true or false")
+    _expect(body, "store", bool, "true or false")
+    _expect(body, "reasoning", dict, "an object")
+    _expect(body, "text", dict, "an object")
+    for key in ("temperature", "top_p"):
+        _expect(body, key, _NUMBER, "a number")
+    return body
+
+
+def _check_response_item(item, where):
+    if not isinstance(item, dict):
+        raise BadRequest("%s must be an object" % where)
+    kind = item.get("type") or ("message" if "role" in item else None)
+    if kind == "message":
+        if item.get("role") not in ("user", "assistant", "system", "developer"):
+            raise BadRequest("%s.role must be user, assistant, system or developer" % where)
+        content = item.get("content")
+        if not isinstance(content, (str, list)):
+            raise BadRequest("%s.content must be a string or a list of parts" % where)
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest("%s.content[%d] must be an object with a string 'type'"
+                                 % (where, j))
+            if part["type"] in ("input_text", "output_text"):
+                _expect_text(part, "text", "%s.content[%d]" % (where, j))
+    elif kind in ("function_call", "custom_tool_call"):
+        _expect_text(item, "call_id", where)
+        _expect_text(item, "name", where)
+        _expect_text(item, "arguments" if kind == "function_call" else "input", where)
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        _expect_text(item, "call_id", where)
+        if not isinstance(item.get("output"), (str, list)):
+            raise BadRequest("%s.output must be a string or a list of parts" % where)
+    elif kind is None:
+        raise BadRequest("%s needs a 'type' (or a 'role' for a message)" % where)
+
+
+class ResponsesTools:
+    """The client's Responses tools as chat functions, and the way back: a ``custom`` tool
+    (freeform input, e.g. Codex's apply_patch) is a function with one string argument,
+    ``input``; a ``namespace``'s tools are functions under their own name where no other tool
+    has it, else ``namespace__name``.  Other tool types (web_search, …) have no chat form."""
+
+    def __init__(self, tools):
+        self.functions, self.custom, self.by_flat, self.dropped = [], set(), {}, []
+        entries = []
+        for tool in tools or ():
+            if tool.get("type") == "namespace":
+                entries += [(tool["name"], inner, tool.get("description") or "")
+                            for inner in tool.get("tools") or ()]
+            elif tool.get("type") in ("function", "custom"):
+                entries.append((None, tool, ""))
+            else:
+                self.dropped.append(str(tool.get("type")))
+        counts = collections.Counter(t["name"] for _ns, t, _d in entries)
+        for namespace, tool, about in entries:
+            flat = tool["name"] if namespace is None or counts[tool["name"]] == 1 else \
+                "%s__%s" % (namespace, tool["name"])
+            if not RESPONSES_TOOL_NAME.match(flat):
+                flat = re.sub(r"[^A-Za-z0-9_-]", "_", flat)[:55] + "_" + \
+                    hashlib.sha256(flat.encode()).hexdigest()[:8]
+            self.by_flat[flat] = (namespace, tool["name"])
+            if tool.get("type") == "custom":
+                self.custom.add(flat)
+            self.functions.append(self._function(flat, tool, about))
+
+    @staticmethod
+    def _function(flat, tool, about):
+        description = tool.get("description") or ""
+        if about:
+            description = ("%s\n\n%s" % (about, description)).strip()
+        if tool.get("type") != "custom":
+            function = {"name": flat, "description": description,
+                        "parameters": tool.get("parameters") or {"type": "object",
+                                                                 "properties": {}}}
+            return {"type": "function", "function": function}
+        form = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+        if form.get("type") == "grammar" and isinstance(form.get("definition"), str):
+            description += "\n\nThe input follows this %s grammar:\n%s" % (
+                form.get("syntax") or "", form["definition"])
+        schema = {"type": "object", "properties": {"input": {
+            "type": "string", "description": "The tool's whole input, as free text."}},
+                  "required": ["input"]}
+        return {"type": "function", "function": {"name": flat, "description": description,
+                                                 "parameters": schema}}
+
+    def flat(self, name, namespace=None):
+        """The chat name of a tool a client names (with its namespace, if any)."""
+        for flat, (ns, tool) in self.by_flat.items():
+            if tool == name and (namespace is None or ns == namespace):
+                return flat
+        return "%s__%s" % (namespace, name) if namespace else name
+
+    def item(self, flat, call_id, arguments):
+        """A chat tool call as a Responses output item (without its id)."""
+        namespace, name = self.by_flat.get(flat, (None, flat))
+        if flat in self.custom:
+            item = {"type": "custom_tool_call", "call_id": call_id, "name": name,
+                    "input": custom_input(arguments)}
+        else:
+            item = {"type": "function_call", "call_id": call_id, "name": name,
+                    "arguments": arguments}
+        if namespace:
+            item["namespace"] = namespace
+        return item
+
+
+def custom_input(arguments):
+    """A custom tool's input from the arguments of the function standing in for it."""
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except ValueError:
+        return arguments
+    return parsed["input"] if isinstance(parsed, dict) and isinstance(parsed.get("input"),
+                                                                        str) else arguments
+
+
+def responses_to_chat(body, history=(), tools=None):
+    """A Responses request (after ``history``, the items of the responses it continues) as an
+    OpenAI chat-completions body."""
+    tools = tools or ResponsesTools(body.get("tools"))
+    items = list(history)
+    given = body.get("input")
+    items += [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) \
+        else list(given or ())
+    system = [body["instructions"]] if body.get("instructions") else []
+    out = {"model": body["model"], "messages": _chat_messages(items, tools, system)}
+    if tools.functions:
+        out["tools"] = tools.functions
+        choice = _chat_tool_choice(body.get("tool_choice"), tools)
+        if choice is not None:
+            out["tool_choice"] = choice
+        if isinstance(body.get("parallel_tool_calls"), bool):
+            out["parallel_tool_calls"] = body["parallel_tool_calls"]
+    if body.get("max_output_tokens"):
+        out["max_tokens"] = body["max_output_tokens"]
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    effort = (body.get("reasoning") or {}).get("effort")
+    if isinstance(effort, str):
+        out["reasoning_effort"] = effort
+    form = (body.get("text") or {}).get("format")
+    if isinstance(form, dict) and form.get("type") == "json_schema":
+        out["response_format"] = {"type": "json_schema", "json_schema": {
+            k: form[k] for k in ("name", "schema", "strict", "description") if k in form}}
+    elif isinstance(form, dict) and form.get("type") == "json_object":
+        out["response_format"] = {"type": "json_object"}
+    if body.get("stream") is True:
+        out["stream"], out["stream_options"] = True, {"include_usage": True}
+    return out
+
+
+def _chat_tool_choice(choice, tools):
+    if choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom") and \
+            isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": tools.flat(choice["name"])}}
+    return None  # allowed_tools, hosted tools: the upstream's own choice
+
+
+def _chat_messages(items, tools, system):
+    """Responses items as chat messages: system and developer messages before the first other
+    item join the system prompt, later ones become a <system-reminder> in a user turn (chat
+    templates refuse a system message after the first); a function call joins the assistant
+    turn before it; a reasoning item's text goes with the assistant turn after it."""
+    messages, reasoning = [], None
+    for item in items:
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "reasoning":
+            reasoning = _reasoning_text(item) or reasoning
+        elif kind == "message" and item.get("role") in ("system", "developer"):
+            text = _part_text(item.get("content"))
+            if not messages:
+                system.append(text)
+            elif text:
+                _add_user(messages, "<system-reminder>\n%s\n</system-reminder>" % text)
+        elif kind == "message" and item.get("role") == "user":
+            _add_user(messages, _user_content(item.get("content")))
+        elif kind == "message":
+            _assistant(messages, reasoning)["content"] = _part_text(item.get("content"))
+            reasoning = None
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = item.get("arguments") if kind == "function_call" else \
+                json.dumps({"input": item.get("input")}, ensure_ascii=False)
+            turn = _assistant(messages, reasoning, calls=True)
+            turn.setdefault("tool_calls", []).append({
+                "id": item["call_id"], "type": "function", "function": {
+                    "name": tools.flat(item["name"], item.get("namespace")),
+                    "arguments": arguments or "{}"}})
+            reasoning = None
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": _part_text(item.get("output")) or "(no output)"})
+    system = "\n\n".join(s for s in system if s)
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _assistant(messages, reasoning, calls=False):
+    """The assistant turn to add to: the last one when it is still open for tool calls."""
+    last = messages[-1] if messages else None
+    if not (calls and last is not None and last["role"] == "assistant"):
+        last = {"role": "assistant", "content": None}
+        messages.append(last)
+    if reasoning:
+        last["reasoning_content"] = reasoning
+    return last
+
+
+def _add_user(messages, content):
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "user" and isinstance(content, str) and \
+            isinstance(last["content"], str):
+        last["content"] += "\n\n" + content
+    else:
+        messages.append({"role": "user", "content": content})
+
+
+def _part_text(content):
+    if isinstance(content, str):
+        return content
+    return "\n".join(p.get("text") or "" for p in content or ()
+                     if isinstance(p, dict) and p.get("type") in (
+                         "input_text", "output_text", "text", "refusal", "summary_text"))
+
+
+def _user_content(content):
+    """A user message's parts: text alone as a string, with images as chat parts."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind in ("input_text", "output_text"):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise BadRequest("input_image needs an image_url (a URL or a data: URL); "
+                                 "file_id is not supported")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "input_file":
+            raise BadRequest("input_file parts are not supported; send the file's text as "
+                             "input_text")
+    if all(p["type"] == "text" for p in parts):
+        return "\n\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _reasoning_text(item):
+    """A reasoning item's text: its reasoning_text content (whole), else its summary."""
+    for key in ("content", "summary"):
+        parts = [p.get("text") for p in item.get(key) or ()
+                 if isinstance(p, dict) and isinstance(p.get("text"), str) and p.get("text")]
+        if parts:
+            return "\n".join(parts)
+    return ""
+
+
+def responses_thinking(body):
+    """(thinking on/off/None, effort) from a Responses request's ``reasoning.effort``."""
+    effort = (body.get("reasoning") or {}).get("effort")
+    if not isinstance(effort, str):
+        return None, None
+    return effort not in ("none", "minimal"), effort
+
+
+def responses_conversation_key(body, chat_body, headers):
+    """One key per client conversation: Codex's session-id header or prompt_cache_key (its
+    session), else a hash of the first messages."""
+    explicit = headers.get("session-id") or headers.get("x-session-id") or \
+        body.get("prompt_cache_key")
+    if isinstance(explicit, str) and explicit:
+        return "sid:" + explicit
+    return first_messages_key(chat_body.get("messages"), 2)
+
+
+def responses_usage(usage):
+    """OpenAI chat usage as a Responses usage object."""
+    usage = usage if isinstance(usage, dict) else {}
+    prompt = usage.get("prompt_tokens") or 0
+    output = usage.get("completion_tokens") or 0
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or \
+        usage.get("prompt_cache_hit_tokens") or 0
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + output}
+
+
+class ResponsesStream:
+    """OpenAI chat chunks (dicts) as Responses API events (bytes), in its grammar
+    (https://platform.openai.com/docs/api-reference/responses-streaming): response.created,
+    response.in_progress, per output item ``response.output_item.added`` … ``.done`` (the
+    ``.done`` item whole: Codex reads items only there), then exactly one of
+    response.completed, response.incomplete (max_output_tokens) or response.failed; every
+    event numbered by ``sequence_number``.  ``complete()`` builds a non-streamed response the
+    same way."""
+
+    def __init__(self, body, tools, model, clock=time.time):
+        self.tools = tools
+        self.response = {
+            "id": "resp_" + random_hex(32), "object": "response", "created_at": int(clock()),
+            "status": "in_progress", "model": model, "output": [], "usage": None,
+            "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": body.get("reasoning") or {"effort": None, "summary": None},
+            "store": body.get("store", True), "temperature": body.get("temperature"),
+            "text": body.get("text") or {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "top_p": body.get("top_p"), "truncation": "disabled",
+            "metadata": body.get("metadata") or {}}
+        self.sequence = 0
+        self.open = None      # the text or reasoning item being written: [item, index, text]
+        self.calls = {}       # chat tool-call index -> [item, output index, argument pieces]
+        self.finish_reason = self.usage = None
+
+    def _event(self, kind, **fields):
+        fields["type"], fields["sequence_number"] = kind, self.sequence
+        self.sequence += 1
+        return sse(fields, kind)
+
+    def _snapshot(self):
+        return dict(self.response, output=list(self.response["output"]))
+
+    def start(self):
+        return self._event("response.created", response=self._snapshot()) + \
+            self._event("response.in_progress", response=self._snapshot())
+
+    def _add(self, item):
+        index = len(self.response["output"])
+        self.response["output"].append(item)
+        return index, self._event("response.output_item.added", output_index=index,
+                                  item=dict(item))
+
+    def feed(self, chunk):
+        """The events for one chat chunk."""
+        out = []
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(thought, str) and thought:
+                out.append(self._write("reasoning", thought))
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                out.append(self._write("message", delta["content"]))
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    out.append(self._call(call))
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return b"".join(out)
+
+    def _write(self, kind, text):
+        out = b""
+        if self.open is None or self.open[0]["type"] != kind:
+            out = self._close_open()
+            if kind == "message":
+                item = {"id": "msg_" + random_hex(32), "type": "message",
+                        "status": "in_progress", "role": "assistant", "content": []}
+            else:
+                item = {"id": "rs_" + random_hex(32), "type": "reasoning", "summary": []}
+            index, added = self._add(item)
+            self.open = [item, index, []]
+            part = {"type": "output_text", "text": "", "annotations": []} \
+                if kind == "message" else {"type": "summary_text", "text": ""}
+            out += added + (self._event("response.content_part.added", item_id=item["id"],
+                                        output_index=index, content_index=0, part=part)
+                            if kind == "message" else
+                            self._event("response.reasoning_summary_part.added",
+                                        item_id=item["id"], output_index=index,
+                                        summary_index=0, part=part))
+        item, index, pieces = self.open
+        pieces.append(text)
+        if kind == "message":
+            return out + self._event("response.output_text.delta", item_id=item["id"],
+                                     output_index=index, content_index=0, delta=text,
+                                     logprobs=[])
+        return out + self._event("response.reasoning_summary_text.delta", item_id=item["id"],
+                                 output_index=index, summary_index=0, delta=text)
+
+    def _close_open(self):
+        if self.open is None:
+            return b""
+        (item, index, pieces), self.open = self.open, None
+        text, at = "".join(pieces), {"item_id": item["id"], "output_index": index}
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item.update(content=[part], status="completed")
+            out = self._event("response.output_text.done", content_index=0, text=text,
+                              logprobs=[], **at) + \
+                self._event("response.content_part.done", content_index=0, part=part, **at)
+        else:
+            part = {"type": "summary_text", "text": text}
+            item.update(summary=[part], content=[{"type": "reasoning_text", "text": text}])
+            out = self._event("response.reasoning_summary_text.done", summary_index=0,
+                              text=text, **at) + \
+                self._event("response.reasoning_summary_part.done", summary_index=0,
+                            part=part, **at)
+        return out + self._event("response.output_item.done", output_index=index,
+                                 item=dict(item))
+
+    def _call(self, call):
+        function = call.get("function") or {}
+        state, out = self.calls.get(call.get("index", 0)), b""
+        if state is None:
+            out = self._close_open()
+            item = self.tools.item(function.get("name") or "", call.get("id") or
+                                   "call_" + random_hex(24), "")
+            item["id"] = ("ctc_" if item["type"] == "custom_tool_call" else "fc_") + \
+                random_hex(32)
+            item["status"] = "in_progress"
+            index, added = self._add(item)
+            state = self.calls[call.get("index", 0)] = [item, index, []]
+            out += added
+        item, index, pieces = state
+        piece = function.get("arguments")
+        if isinstance(piece, str) and piece:
+            pieces.append(piece)
+            if item["type"] == "function_call":
+                out += self._event("response.function_call_arguments.delta",
+                                   item_id=item["id"], output_index=index, delta=piece)
+        return out
+
+    def _close_calls(self):
+        out = []
+        for item, index, pieces in sorted(self.calls.values(), key=lambda s: s[1]):
+            arguments, at = "".join(pieces), {"item_id": item["id"], "output_index": index}
+            if item["type"] == "function_call":
+                item["arguments"] = arguments
+                out.append(self._event("response.function_call_arguments.done",
+                                       arguments=arguments, **at))
+            else:
+                item["input"] = custom_input(arguments)
+                out.append(self._event("response.custom_tool_call_input.delta",
+                                       delta=item["input"], **at) +
+                           self._event("response.custom_tool_call_input.done",
+                                       input=item["input"], **at))
+            item["status"] = "completed"
+            out.append(self._event("response.output_item.done", output_index=index,
+                                   item=dict(item)))
+        self.calls = {}
+        return b"".join(out)
+
+    def finish(self):
+        """The closing events: response.completed, or response.incomplete for an answer cut
+        at its output limit."""
+        out = self._close_open() + self._close_calls()
+        self.response["usage"] = responses_usage(self.usage)
+        reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(
+            self.finish_reason)
+        if reason:
+            self.response.update(status="incomplete", incomplete_details={"reason": reason})
+            return out + self._event("response.incomplete", response=self._snapshot())
+        self.response["status"] = "completed"
+        return out + self._event("response.completed", response=self._snapshot())
+
+    def failed(self, error):
+        """response.failed for an error after the first event, with the codes Codex acts on
+        (context_length_exceeded; rate_limit_exceeded, whose "try again in Ns" it waits)."""
+        code, message = "server_error", error.message
+        if getattr(error, "kind", None) == "context_length":
+            code = "context_length_exceeded"
+        elif error.status == 429:
+            code = "rate_limit_exceeded"
+            message += " Please try again in %ss." % (error.retry_after or 1)
+        self.response.update(status="failed", error={"code": code, "message": message},
+                             usage=responses_usage(self.usage))
+        return self._event("response.failed", response=self._snapshot())
+
+    def complete(self, completion):
+        """A whole chat.completion as the final response object (not streamed)."""
+        for chunk in completion_to_chunks(completion):
+            self.feed(chunk)
+        self.finish()
+        return self.response
+
+
+class ResponseStore:
+    """The last ``size`` responses stored (``store``, true unless the client says false), for
+    ``previous_response_id`` and ``GET /v1/responses/{id}``: in memory, each readable only by
+    the client key that made it, gone on restart."""
+
+    def __init__(self, size):
+        self.size, self._lock = size, threading.Lock()
+        self._responses = collections.OrderedDict()  # id -> (owner, response, input items)
+
+    def put(self, owner, response, items):
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._responses[response["id"]] = (owner, response, list(items))
+            while len(self._responses) > self.size:
+                self._responses.popitem(last=False)
+
+    def get(self, owner, response_id):
+        """(response, its input items), or NotFound naming the id."""
+        with self._lock:
+            found = self._responses.get(response_id)
+        if found is None or not hmac.compare_digest(found[0].encode(), owner.encode()):
+            raise NotFound("no stored response with id %r (responses are kept in memory, the "
+                           "last %d, and only with store: true)" % (response_id, self.size))
+        return found[1], found[2]
+
+    def history(self, owner, response_id):
+        """The items a response continues from: its input and its output."""
+        if not response_id:
+            return []
+        try:
+            response, items = self.get(owner, response_id)
+        except NotFound as e:
+            raise BadRequest("previous_response_id: " + e.message)
+        return items + [dict(item) for item in response["output"]]
 
 
 # ==================================================================================================
@@ -6805,6 +7379,7 @@ class ChatService:
         self._images = {}           # sha256 of an image -> its description (bounded)
         self._limits = {}           # (account id, model) -> output limit upstream named
         self.reasoning = ReasoningMemory()
+        self.responses = ResponseStore(config.responses_store)
         self.calibration = TokenCalibration(self.usage.extra.get("calibration"))
         self._lock = threading.Lock()
         self._open = set()          # exchanges relaying an answer (stopped at shutdown)
@@ -7715,10 +8290,15 @@ ROUTES = {path: dict.fromkeys(methods.split(",") + ["HEAD"] * ("GET" in methods)
     POST      /v1/chat/completions       chat_completions  key
     POST      /v1/messages               messages          key
     POST      /v1/messages/count_tokens  count_tokens      key
+    POST      /v1/responses              responses         key
+    POST      /v1/responses/input_tokens response_tokens   key
+    GET       /v1/responses/*            stored_response   key
 """)}
 ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions",
                  "/health": "/healthz", "/messages": "/v1/messages",
-                 "/messages/count_tokens": "/v1/messages/count_tokens"}
+                 "/messages/count_tokens": "/v1/messages/count_tokens",
+                 "/responses": "/v1/responses", "/responses/input_tokens":
+                 "/v1/responses/input_tokens"}
 
 
 def route_target(target):
@@ -7736,7 +8316,11 @@ def route_path(target):
     path = route_target(target)
     if path.startswith(ROUTE_PREFIX):
         path = path[len(ROUTE_PREFIX):] or "/"
-    return ROUTE_ALIASES.get(path, path)
+    path = ROUTE_ALIASES.get(path, path)
+    if path.startswith(("/v1/responses/", "/responses/")) and path.count("/") == \
+            path.startswith("/v1/") + 2 and not path.endswith("/input_tokens"):
+        return "/v1/responses/*"  # one stored response, by id
+    return path
 
 
 class ProxyHandler(ServerConnection):
@@ -7984,6 +8568,48 @@ class ProxyHandler(ServerConnection):
         exchange = chat.exchange(chat_request, conversation, cancelled=self.has_left)
         self.relay(exchange, lambda ex: self.write_anthropic(ex, request))
 
+    def handle_responses(self):
+        """POST /v1/responses (Codex, the SDKs' responses API): as chat completions through the
+        same routing, queue, limits and usage, answered as a Responses stream or object."""
+        self.api = "responses"
+        chat, owner = self.server.chat, self.client_name()
+        body = validate_responses_request(self.read_json())
+        request_class = self.request_class(body["model"])
+        self.admit(body["model"])
+        history = chat.responses.history(owner, body.get("previous_response_id"))
+        tools = ResponsesTools(body.get("tools"))
+        if tools.dropped:  # (web search: see the web-search work)
+            log.info("%s tools with no chat form left out: %s", self.request_id,
+                     ", ".join(tools.dropped))
+        chat_body = responses_to_chat(body, history, tools)
+        chat_body["model"] = self.class_model(request_class, body["model"])
+        thinking, effort = responses_thinking(body)
+        request = ChatRequest("openai", chat_body, thinking, effort, request_class=request_class,
+                              client=owner)
+        request.size, request.key = self.body_size, self.client_key
+        given = body.get("input")
+        items = history + ([{"type": "message", "role": "user", "content": given}]
+                           if isinstance(given, str) else list(given or ()))
+        conversation = responses_conversation_key(body, chat_body, self.headers)
+        self.relay(chat.exchange(request, conversation, cancelled=self.has_left),
+                   lambda ex: self.write_responses(ex, body, tools, items))
+
+    def handle_response_tokens(self):
+        """POST /v1/responses/input_tokens: the local estimate of a Responses request."""
+        self.api, chat = "responses", self.server.chat
+        body = validate_responses_request(self.read_json())
+        history = chat.responses.history(self.client_name(), body.get("previous_response_id"))
+        chat_body = responses_to_chat(body, history)
+        model = chat.resolve(body["model"])[1]
+        self.send_json(200, {"object": "response.input_tokens", "input_tokens":
+                             chat.prompt_tokens(ChatRequest("openai", chat_body), model)})
+
+    def handle_stored_response(self):
+        """GET /v1/responses/{id}: a stored response, to the client key that made it."""
+        self.api = "responses"
+        response_id = urllib.parse.unquote(route_target(self.path).rstrip("/").rsplit("/", 1)[1])
+        self.send_json(200, self.server.chat.responses.get(self.client_name(), response_id)[0])
+
     def has_left(self):
         return self.client_left
 
@@ -8062,6 +8688,34 @@ class ProxyHandler(ServerConnection):
                 out = AnthropicStream.error(e)
             with lock:
                 self.end_stream(out)
+
+
+    def write_responses(self, exchange, body, tools, items):
+        """The answer for a Responses client, built from the chat answer (translated first
+        from an Anthropic upstream's), then stored unless the client said ``store: false``."""
+        headers = {"x-iflow-proxy-model": exchange.model}
+        stream = ResponsesStream(body, tools, body["model"])
+        translator = OpenAIChunks(exchange.model) if exchange.protocol == "anthropic" else None
+        if not exchange.stream:
+            payload = exchange.answer.payload if translator is None else \
+                anthropic_message_to_completion(exchange.answer.payload, exchange.model)
+            self.send_json(200, stream.complete(payload), headers)
+        else:
+            self.start_stream(headers)
+            self.write_chunk(stream.start())
+            try:
+                for _data, chunk in exchange.chunks():
+                    for piece in translator.chunks(chunk) if translator else (chunk,):
+                        out = stream.feed(piece)
+                        if out:
+                            self.write_chunk(out)
+                tail = stream.finish()
+            except UpstreamError as e:
+                exchange.fail(e)
+                tail = stream.failed(e)
+            self.end_stream(tail)
+        if body.get("store", True) and stream.response["status"] != "failed":
+            self.server.chat.responses.put(self.client_name(), stream.response, items)
 
 
 class Heartbeat:

@@ -573,7 +573,7 @@ def test_sections_follow_the_data_path_and_only_look_up():
     sections = file_sections()
     assert [title for title, _ in sections] == [
         "Constants", "Errors", "Config", "Wire", "Storage", "Auth", "Upstream", "Routing",
-        "Translation", "Exchange", "HTTP server", "CLI"]
+        "Translation", "Responses API", "Exchange", "HTTP server", "CLI"]
 
     def section_of(lineno):
         return sum(1 for _title, start in sections if start <= lineno) - 1
@@ -3208,7 +3208,7 @@ def test_fuzz_malformed_requests_get_json_4xx(home, fake):
                     {"Content-Length": "+%d" % len(body)}, {"Transfer-Encoding": "identity"}):
         cases.append(http_bytes("POST", chat, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
                                 dict(headers, **{"Content-Type": "application/json"})))
-    for method, path in (("POST", "/v1/responses"), ("PUT", chat), ("POST", "/healthz")):
+    for method, path in (("POST", "/v1/embeddings"), ("PUT", chat), ("POST", "/healthz")):
         cases.append(http_bytes(method, path, body) + http_bytes("GET", "/healthz"))
     for text in (b'"\\ud800"', b'"\\udfff x"', b'"\\ud83d\\ude00"'):
         cases.append(http_bytes("POST", chat, body.replace(b'"hi"', text)))
@@ -3758,7 +3758,7 @@ def test_socketless_request_line_edge_cases():
 def test_early_errors_never_leave_the_body_to_be_read_as_a_request():
     """After a 404/405/401 the unread body used to be parsed as the next request (desync)."""
     body = json.dumps(dict(CHAT, input="x" * 500)).encode()
-    replies = drive(req("POST", "/v1/responses", body) + req("DELETE", "/healthz", body)
+    replies = drive(req("POST", "/v1/embeddings", body) + req("DELETE", "/healthz", body)
                     + req("GET", "/healthz"))
     assert [r[0] for r in replies] == [404, 405, 200]
     keyed = SocketlessServer(client_keys=("ck-1",))
