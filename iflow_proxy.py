@@ -9561,7 +9561,12 @@ def cmd_env(args, config):
         token = "<client key: add --reveal-key to print it>"
         sys.stderr.write("iflow_proxy: client keys are configured; --reveal-key prints one "
                          "into the output\n")
-    variables = claude_env(_local_url(config), token, config, args.model, account_rows(config))
+    accounts = account_rows(config)
+    if args.codex:
+        model, spec = codex_models(config, args.model, accounts)[0]
+        args.stdout.write(codex_toml(_local_url(config), model, spec))
+        return 0
+    variables = claude_env(_local_url(config), token, config, args.model, accounts)
     args.stdout.write(format_env(variables, args.shell))
     return 0
 
@@ -9589,22 +9594,49 @@ def running_proxy_url(config, timeout=1.0):
     return url if ask_local_proxy(config, url + "/healthz", timeout=timeout) else None
 
 
-def cmd_claude(args, config):
+def find_agent(explicit, variable, name, package):
+    """The path of an agent's executable: given, from ``variable``, or on PATH."""
     import shutil
-    executable = args.claude_bin or os.environ.get("IFLOW_PROXY_CLAUDE_BIN") or \
-        shutil.which("claude")
+    executable = explicit or os.environ.get(variable) or shutil.which(name)
     if not executable or not os.path.exists(executable):
-        raise ProxyError("Claude Code is not installed (no `claude` on PATH): install it with "
-                         "`npm install -g @anthropic-ai/claude-code`, or pass --claude-bin")
-    server = None
+        raise ProxyError("%s is not installed (no `%s` on PATH): install it with `npm install "
+                         "-g %s`, or pass --%s-bin" % (name.title(), name, package, name))
+    return executable
+
+
+def start_launcher_proxy(config):
+    """(url, server or None): a proxy already serving this config's port, else one started
+    in-process on a free loopback port, its log kept off the agent's terminal."""
     url = running_proxy_url(config)
-    if url is None:
-        for handler in log.handlers:  # keep Claude Code's terminal clean
-            if isinstance(handler, logging.StreamHandler) and \
-                    not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.ERROR)
-        server = start_server(config.replace(host=DEFAULT_HOST, port=0))
-        url = server.url
+    if url is not None:
+        return url, None
+    for handler in log.handlers:
+        if isinstance(handler, logging.StreamHandler) and \
+                not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+    server = start_server(config.replace(host=DEFAULT_HOST, port=0))
+    return server.url, server
+
+
+def run_agent(argv, env, server):
+    """Run an agent with Ctrl-C its own; returns its exit code; stops ``server`` after."""
+    import subprocess
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.call(argv, env=env)
+    except OSError as e:
+        raise ProxyError("cannot run %s: %s" % (argv[0], e.strerror or e))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def cmd_claude(args, config):
+    executable = find_agent(args.claude_bin, "IFLOW_PROXY_CLAUDE_BIN", "claude",
+                            "@anthropic-ai/claude-code")
+    url, server = start_launcher_proxy(config)
     accounts, extra = account_rows(config), list(args.claude_args)
     rows = not any(a == "--settings" or a.startswith("--settings=") for a in extra)
     if rows:  # the user's own --settings stand alone
@@ -9613,18 +9645,131 @@ def cmd_claude(args, config):
     kept = [k for k in ours if k.startswith("CLAUDE_CODE_") and os.environ.get(k)]
     for key in kept:  # the user's own settings win over the ones derived from the table
         ours.pop(key)
-    env = dict(os.environ, **ours)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to Claude Code
+    return run_agent([executable] + extra, dict(os.environ, **ours), server)
+
+
+# --- Codex ---------------------------------------------------------------------------------------
+# Codex (0.171) speaks only the Responses API.  The launcher points it at the proxy with `-c`
+# overrides (a model provider with wire_api "responses", its key from an environment variable,
+# never on the command line) and a model catalog (config model_catalog_json): Codex has no model
+# discovery and, for a model missing from its catalog, warns "Model metadata for … not found"
+# and assumes generic limits.  A catalog entry needs Codex's own instructions; they are taken,
+# when it runs, from the catalog bundled with the installed Codex (`codex debug models
+# --bundled`), from the newest entry that is not code-mode only, so nothing of Codex's is
+# copied here and the prompt stays the one that Codex version ships.
+CODEX_PROVIDER = "iflow_proxy"
+CODEX_KEY_VARIABLE = "IFLOW_PROXY_CODEX_KEY"
+CODEX_DROPPED = ("max_context_window", "comp_hash", "upgrade", "availability_nux",
+                 "additional_speed_tiers", "service_tiers", "tool_mode", "multi_agent_version",
+                 "multi_agent_reasoning_effort", "use_responses_lite")
+
+
+def codex_models(config, model=None, accounts=()):
+    """[(model, Model)] for Codex's catalog: the chosen model first, then every model the
+    usable accounts' providers list (iFlow's for iFlow accounts), each once."""
+    chosen = model or launcher_models(config, None, accounts)["sonnet"][0]
+    names = [chosen]
+    for account in accounts:
+        if account.usable:
+            preset = PROVIDERS.get(account.provider_name or "iflow")
+            names += list((preset.models if preset else None) or ())
+    out, seen = [], set()
+    for name in names:
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            bare = split_model_suffix(name.split("/", 1)[1] if name.split("/", 1)[0] in {
+                a.nickname for a in accounts} else name)[0]
+            owner = next((a.provider_name for a in accounts if a.usable and serves(a, bare)),
+                         "")
+            out.append((name, model_spec(bare, owner)))
+    return out
+
+
+def codex_template(bundled):
+    """The entry of Codex's bundled catalog whose instructions and tool setup a proxied model
+    takes: the first (newest) that is not code-mode only, else the first; None if none."""
+    entries = [m for m in (bundled or {}).get("models") or () if isinstance(m, dict) and
+               (m.get("base_instructions") or (m.get("model_messages") or {}).get(
+                   "instructions_template"))]
+    plain = [m for m in entries if m.get("tool_mode") in (None, "")]
+    return (plain or entries or [None])[0]
+
+
+def codex_catalog(template, models):
+    """A Codex model catalog (its /models shape) for ``models``: each from ``template`` with
+    the model's own name, window, compaction point, reasoning levels and input kinds."""
+    out = []
+    for priority, (name, spec) in enumerate(models, 1):
+        entry = {k: v for k, v in template.items() if k not in CODEX_DROPPED}
+        efforts = [{"effort": e, "description": "%s thinking" % e.title()}
+                   for e in ("low", "medium", "high")] if spec.thinking else []
+        entry.update(slug=name, display_name=name, priority=priority, visibility="list",
+                     description="%s through iflow-proxy (%dK window)" % (name,
+                                                                         spec.window // 1000),
+                     context_window=spec.window, auto_compact_token_limit=compact_window(spec),
+                     effective_context_window_percent=95, supported_in_api=True,
+                     supported_reasoning_levels=efforts,
+                     default_reasoning_level="medium" if efforts else None,
+                     supports_reasoning_summaries=bool(efforts), support_verbosity=False,
+                     default_verbosity=None, experimental_supported_tools=[],
+                     supports_search_tool=False, supports_reasoning_effort_updates=False,
+                     input_modalities=["text", "image"] if spec.vision else ["text"])
+        out.append(entry)
+    return {"models": out}
+
+
+def codex_overrides(url, model, spec, catalog_path=None):
+    """Codex's `-c key=value` overrides (TOML values) that send it through the proxy."""
+    provider = "{name=\"iflow-proxy\", base_url=%s, env_key=\"%s\", wire_api=\"responses\"}" % (
+        json.dumps(url + "/v1"), CODEX_KEY_VARIABLE)
+    pairs = [("model_providers." + CODEX_PROVIDER, provider),
+             ("model_provider", json.dumps(CODEX_PROVIDER)), ("model", json.dumps(model)),
+             ("model_context_window", str(spec.window)),
+             ("model_auto_compact_token_limit", str(compact_window(spec)))]
+    if catalog_path:
+        pairs.append(("model_catalog_json", json.dumps(catalog_path)))
+    return [arg for key, value in pairs for arg in ("-c", "%s=%s" % (key, value))]
+
+
+def codex_toml(url, model, spec):
+    """The same as a config.toml block (``env --codex``)."""
+    return ("# in ~/.codex/config.toml; export %s=<a client key, or anything without keys>\n"
+            "model_provider = \"%s\"\nmodel = %s\nmodel_context_window = %d\n"
+            "model_auto_compact_token_limit = %d\n\n[model_providers.%s]\n"
+            "name = \"iflow-proxy\"\nbase_url = %s\nenv_key = \"%s\"\nwire_api = \"responses\"\n"
+            % (CODEX_KEY_VARIABLE, CODEX_PROVIDER, json.dumps(model), spec.window,
+               compact_window(spec), CODEX_PROVIDER, json.dumps(url + "/v1"),
+               CODEX_KEY_VARIABLE))
+
+
+def bundled_codex_catalog(executable, env, timeout=60):
+    """The catalog bundled with the installed Codex (`codex debug models --bundled`), or None
+    when this Codex can't say."""
+    import subprocess
     try:
-        import subprocess
-        return subprocess.call([executable] + extra, env=env)
-    except OSError as e:
-        raise ProxyError("cannot run %s: %s" % (executable, e.strerror or e))
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        out = subprocess.run([executable, "debug", "models", "--bundled"], env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        return json.loads(out.stdout.decode("utf-8")) if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def cmd_codex(args, config):
+    executable = find_agent(args.codex_bin, "IFLOW_PROXY_CODEX_BIN", "codex", "@openai/codex")
+    accounts = account_rows(config)
+    models = codex_models(config, args.model, accounts)
+    env = dict(os.environ, **{CODEX_KEY_VARIABLE: _client_token(config)})
+    template = codex_template(bundled_codex_catalog(executable, env))
+    catalog_path = None
+    if template is not None:
+        catalog_path = os.path.join(config.home, "codex-models.json")
+        atomic_write_json(catalog_path, codex_catalog(template, models))
+    else:
+        log.warning("this Codex can't list its bundled models; it will warn that it has no "
+                    "metadata for %s", models[0][0])
+    url, server = start_launcher_proxy(config)
+    overrides = codex_overrides(url, models[0][0], models[0][1], catalog_path)
+    return run_agent([executable] + overrides + list(args.codex_args), env, server)
 
 
 def running_url(config):
@@ -9813,11 +9958,20 @@ def build_parser():
     p.add_argument("--shell", choices=("sh", "bash", "zsh", "fish", "powershell"), default="sh")
     p.add_argument("--model", help="model for ANTHROPIC_MODEL (default: config claude_models)")
 
+    p.add_argument("--codex", action="store_true",
+                   help="print a Codex config.toml block instead")
+
     p = command(cmd_claude, "run Claude Code through the proxy")
     p.add_argument("--model", help="model for Claude Code (default: config claude_models)")
     p.add_argument("--claude-bin", help="path of the claude executable (default: on PATH)")
     p.add_argument("claude_args", nargs="*", metavar="CLAUDE_ARG",
                    help="arguments for claude (everything after this command's own options)")
+
+    p = command(cmd_codex, "run Codex through the proxy (the Responses API)")
+    p.add_argument("--model", help="model for Codex (default: config claude_models' sonnet)")
+    p.add_argument("--codex-bin", help="path of the codex executable (default: on PATH)")
+    p.add_argument("codex_args", nargs="*", metavar="CODEX_ARG",
+                   help="arguments for codex (everything after this command's own options)")
 
     command(cmd_refresh, "renew OAuth tokens and cookie keys that are due",
             ("--force", "renew even if not due yet")).add_argument("nickname", nargs="?")
@@ -9862,27 +10016,32 @@ def open_log_file(path, formatter):
     return file_handler
 
 
-def split_claude_argv(argv):
-    """(argv for our parser, argv for claude): our options come first, the rest is claude's."""
+AGENTS = ("claude", "codex")  # the launcher commands: the rest of the line is the agent's
+
+
+def split_agent_argv(argv):
+    """(argv for our parser, argv for the agent, the agent): a launcher's own options come
+    first, the rest is the agent's (claude's or codex's)."""
     argv = list(argv)
     for i, token in enumerate(argv):
-        if token == "claude" and (i == 0 or argv[i - 1] != "--home"):
+        if token in AGENTS and (i == 0 or argv[i - 1] != "--home"):
             break
     else:
-        return argv, None
+        return argv, None, None
+    agent, own = argv[i], ("--model", "--%s-bin" % argv[i])
     ours, rest, j = argv[:i + 1], argv[i + 1:], 0
     while j < len(rest):
         token = rest[j]
-        if token in ("--model", "--claude-bin") and j + 1 < len(rest):
+        if token in own and j + 1 < len(rest):
             ours += rest[j:j + 2]
             j += 2
-        elif token.startswith(("--model=", "--claude-bin=")):
+        elif token.startswith(tuple(o + "=" for o in own)):
             ours.append(token)
             j += 1
         else:
             break
     theirs = rest[j:]
-    return ours, theirs[1:] if theirs[:1] == ["--"] else theirs
+    return ours, theirs[1:] if theirs[:1] == ["--"] else theirs, agent
 
 
 def print_traceback(stream):
@@ -9895,11 +10054,11 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None, script=False
     """Run one CLI command; returns the exit code (0 ok, 1 runtime failure, 2 bad input).
     ``script``: this file runs as a script (see cmd_serve)."""
     stderr = stderr or sys.stderr
-    ours, claude_args = split_claude_argv(sys.argv[1:] if argv is None else argv)
+    ours, agent_args, agent = split_agent_argv(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(ours)
-        if claude_args is not None:
-            args.claude_args = claude_args
+        if agent is not None:
+            setattr(args, agent + "_args", agent_args)
     except BadRequest as e:
         stderr.write("iflow_proxy: error: %s\n" % e.message)
         return 2

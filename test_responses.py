@@ -399,3 +399,119 @@ def test_codex_recordings_replayed_through_both_protocols(home, fake, anthropic_
         assert text in json.dumps(openai_body) and text in json.dumps(anthropic_body)
     assert {t["name"] for t in anthropic_body["tools"]} == {
         t["function"]["name"] for t in openai_body["tools"]}
+
+
+# --- the real Codex ------------------------------------------------------------------------------
+
+def find_codex():
+    import os
+    import shutil
+    from test_iflow_proxy import HERE
+    for candidate in (os.environ.get("IFLOW_PROXY_TEST_CODEX_BIN"),
+                      os.path.join(HERE, ".cache", "codex", "node_modules", ".bin", "codex"),
+                      shutil.which("codex")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def run_codex(home, upstream_env, tmp_path, *codex_args, model=None):
+    """`python iflow_proxy.py codex …` with the real Codex: (process, JSON events, log lines)."""
+    import os
+    import subprocess
+    import sys
+    from test_iflow_proxy import HERE
+    codex = find_codex()
+    if codex is None:
+        pytest.skip("Codex is not installed (.ci/run installs it with npm into .cache)")
+    log = tmp_path / "proxy.log"
+    work = tmp_path / "project"
+    work.mkdir(exist_ok=True)
+    env = dict({"PATH": os.environ.get("PATH", ""), "HOME": str(work / "h"),
+                "CODEX_HOME": str(work / "codex-home"), "IFLOW_PROXY_HOME": home,
+                "IFLOW_PROXY_PORT": "1", "IFLOW_PROXY_LOG_FILE": str(log)}, **upstream_env)
+    os.makedirs(env["CODEX_HOME"], exist_ok=True)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "codex"] +
+                         (["--model", model] if model else []) + ["--codex-bin", codex] +
+                         list(codex_args), cwd=str(work), env=env, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=600)
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    lines = log.read_text().splitlines() if log.exists() else []
+    return out, events, [line for line in lines if " POST /v1/responses" in line]
+
+
+def test_real_codex_runs_a_tool_through_the_codex_command(home, fake, tmp_path):
+    """`codex exec` through the launcher on the fake: its exec_command call is run and the
+    result goes back; Codex knows the model (its catalog came from the launcher) and the
+    proxy logs every request as a Responses one."""
+    add_key_account(home, KEYS[0])
+    fake.responder = tool_responder("exec_command", '{"cmd": "echo hi from codex"}')
+    out, events, lines = run_codex(home, {"IFLOW_API_BASE": fake.url + "/v1"}, tmp_path,
+                                   "exec", "--skip-git-repo-check", "--json",
+                                   "--dangerously-bypass-approvals-and-sandbox", "run echo hi")
+    assert out.returncode == 0, out.stdout + out.stderr
+    kinds = [e.get("item", {}).get("type") for e in events if e["type"] == "item.completed"]
+    assert "error" not in kinds, events  # e.g. "Model metadata for … not found"
+    ran = [e["item"] for e in events if e["type"] == "item.completed" and
+           e["item"]["type"] == "command_execution"]
+    assert ran and "hi from codex" in ran[0]["aggregated_output"] and ran[0]["exit_code"] == 0
+    sent = [r[2] for r in fake.chat_requests()]
+    assert len(sent) == 2 and sent[1]["messages"][-1]["role"] == "tool" and \
+        "hi from codex" in sent[1]["messages"][-1]["content"]
+    assert "You are Codex" in sent[0]["messages"][0]["content"]  # Codex's own instructions
+    assert len(lines) == 2 and all(" responses POST " in line and "status=200" in line
+                                   for line in lines), lines
+
+
+def test_codex_catalog_overrides_and_config_block(home):
+    template = {"slug": "gpt-x", "base_instructions": "You are Codex.", "tool_mode": None,
+                "shell_type": "unified_exec", "apply_patch_tool_type": "freeform",
+                "truncation_policy": {"mode": "tokens", "limit": 10000}, "comp_hash": "1",
+                "max_context_window": 999}
+    code_only = dict(template, slug="gpt-y", tool_mode="code_mode_only")
+    assert ip.codex_template({"models": [code_only, template]}) is template
+    assert ip.codex_template({"models": [code_only]}) is code_only
+    assert ip.codex_template(None) is None and ip.codex_template({"models": [{}]}) is None
+    kimi, qwen = ip.model_spec("kimi-k2", "iflow"), ip.model_spec("qwen3-vl-plus", "iflow")
+    catalog = ip.codex_catalog(template, [("kimi-k2", kimi), ("qwen3-vl-plus", qwen),
+                                          ("local", ip.UNKNOWN_MODEL)])["models"]
+    assert [m["slug"] for m in catalog] == ["kimi-k2", "qwen3-vl-plus", "local"]
+    first = catalog[0]
+    assert first["base_instructions"] == "You are Codex." and "comp_hash" not in first and \
+        "max_context_window" not in first
+    assert first["context_window"] == 128000 and first["auto_compact_token_limit"] == \
+        ip.compact_window(kimi) < 128000
+    assert [e["effort"] for e in first["supported_reasoning_levels"]] == ["low", "medium",
+                                                                          "high"]
+    assert catalog[1]["input_modalities"] == ["text", "image"] and \
+        catalog[0]["input_modalities"] == ["text"]
+    assert catalog[2]["supported_reasoning_levels"] == [] and \
+        catalog[2]["default_reasoning_level"] is None
+    args = ip.codex_overrides("http://127.0.0.1:5", "kimi-k2", kimi, "/h/codex-models.json")
+    pairs = dict(a.split("=", 1) for a in args[1::2])
+    assert args[::2] == ["-c"] * len(pairs)
+    assert pairs["model_provider"] == '"iflow_proxy"' and pairs["model"] == '"kimi-k2"'
+    assert 'wire_api="responses"' in pairs["model_providers.iflow_proxy"] and \
+        'env_key="IFLOW_PROXY_CODEX_KEY"' in pairs["model_providers.iflow_proxy"] and \
+        '"http://127.0.0.1:5/v1"' in pairs["model_providers.iflow_proxy"]
+    assert pairs["model_catalog_json"] == '"/h/codex-models.json"'
+    from test_iflow_proxy import run_cli
+    code, out, _ = run_cli("env", "--codex", "--model", "kimi-k2", home=home)
+    assert code == 0 and 'model = "kimi-k2"' in out and "model_context_window = 128000" in out
+    assert 'base_url = "http://127.0.0.1:11450/v1"' in out and 'wire_api = "responses"' in out
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        return
+    parsed = tomllib.loads(out)
+    assert parsed["model_providers"]["iflow_proxy"]["env_key"] == "IFLOW_PROXY_CODEX_KEY"
+
+
+def test_codex_argv_split():
+    assert ip.split_agent_argv(["codex", "--model", "m", "exec", "--json", "hi"]) == (
+        ["codex", "--model", "m"], ["exec", "--json", "hi"], "codex")
+    assert ip.split_agent_argv(["--home", "codex", "status"]) == (
+        ["--home", "codex", "status"], None, None)
+    assert ip.split_agent_argv(["claude", "--codex-bin", "x"]) == (["claude"],
+                                                                   ["--codex-bin", "x"],
+                                                                   "claude")
