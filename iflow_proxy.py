@@ -210,7 +210,9 @@ PROVIDERS = {
         # https://api-docs.deepseek.com/guides/anthropic_api: "thinking: Supported
         # (budget_tokens is ignored)", "output_config: Only effort is supported"
         ("context_management", "container", "mcp_servers", "service_tier", "output_config:effort",
-         "thinking.adaptive", "thinking.display"), ("reasoning_passback", "max_tokens_range"),
+         "thinking.adaptive", "thinking.display"),
+        # https://api-docs.deepseek.com/guides/responses_api: POST {base}/responses, stateless
+        ("reasoning_passback", "max_tokens_range", "responses_native"),
         "https://api-docs.deepseek.com/quick_start/pricing"),
     # https://docs.bigmodel.cn (OpenAI: /api/paas/v4, Anthropic: /api/anthropic); GLM-4.6/4.7/5
     # 200K context, 128K output; GLM-4.5-Air 128K/96K; thinking {"type": "enabled"|"disabled"}.
@@ -288,7 +290,8 @@ PROVIDERS = {
             deepseek/deepseek-v4-flash  1048576 393216 deepseek
             z-ai/glm-4.6                 200000  65536 glm
             moonshotai/kimi-k2.6         262144 262144 - vision"""),
-        (), (), "https://openrouter.ai/docs/quickstart"),
+        # https://openrouter.ai/docs/api-reference/responses: POST /api/v1/responses (beta)
+        (), ("responses_native",), "https://openrouter.ai/docs/quickstart"),
     # https://modelscope.cn/docs/model-service/API-Inference/intro (OpenAI-compatible:
     # https://api-inference.modelscope.cn/v1).
     "modelscope": Provider(
@@ -4087,6 +4090,21 @@ def openai_usage(usage):
     return out
 
 
+def chat_usage(usage):
+    """A Responses API usage counted the chat-completions way."""
+    if not isinstance(usage, dict):
+        return None
+    out = {"prompt_tokens": usage.get("input_tokens") or 0,
+           "completion_tokens": usage.get("output_tokens") or 0}
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+    if cached:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
+    if reasoning:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
+
+
 # --- the one upstream reader -----------------------------------------------------------------
 
 class UpstreamAnswer:
@@ -4105,6 +4123,7 @@ class UpstreamAnswer:
         self.response, self.stream = response, stream
         self.secrets = secrets
         self.body_limit = body_limit
+        self.protocol = protocol   # openai, anthropic, or responses (the Responses API)
         self.anthropic = protocol == "anthropic"
         self.payload = None        # a JSON answer: the checked completion (or message) ...
         self.raw = b""             # ... and its bytes, relayed as they came
@@ -4124,6 +4143,7 @@ class UpstreamAnswer:
                                       retry_after_seconds(resp.headers.get("Retry-After")),
                                       self.secrets)
             self.payload = self._check_message(payload) if self.anthropic else \
+                self._check_response(payload) if self.protocol == "responses" else \
                 self._check_completion(payload)
             self.usage_final = self.usage is not None  # a whole answer: its report is all
             return self
@@ -4156,6 +4176,43 @@ class UpstreamAnswer:
             self.usage = payload["usage"]
         return payload
 
+    def _check_response(self, payload):
+        """A Responses API answer: a response object, failed ones raised as what they say."""
+        if payload.get("object") != "response" or not isinstance(payload.get("output"), list):
+            raise UpstreamError("malformed", "upstream answer is not a Responses API response",
+                                trace_id=self.response.trace_id)
+        if payload.get("status") == "failed":
+            raise self._failed_response(payload)
+        self.finish_reason = payload.get("status")
+        self.usage = chat_usage(payload.get("usage"))
+        return payload
+
+    def _failed_response(self, response):
+        """The UpstreamError for a Responses ``response.failed`` (its error code's kind)."""
+        error = response.get("error") if isinstance(response.get("error"), dict) else {}
+        kind = {"rate_limit_exceeded": "rate_limit", "context_length_exceeded":
+                "context_length", "insufficient_quota": "key_blocked"}.get(
+                    error.get("code"), "transient")
+        return UpstreamError(kind, "upstream: response failed: %s" % scrub_secrets(
+            str(error.get("message") or error.get("code") or "no reason given")[:300],
+            self.secrets), trace_id=self.response.trace_id)
+
+    def _check_response_event(self, data, event):
+        kind = event.get("type") if type(event) is dict else None
+        if kind is None or kind == "error":
+            self._unreadable(data)
+        if kind.endswith(".delta") and type(event.get("delta")) is str:
+            self.relayed.append(event["delta"])
+        elif kind in ("response.completed", "response.incomplete"):
+            response = event.get("response") if type(event.get("response")) is dict else {}
+            self.finish_reason, self.done = response.get("status") or kind, True
+            if type(response.get("usage")) is dict:
+                self.usage, self.usage_final = chat_usage(response["usage"]), True
+        elif kind == "response.failed":
+            raise self._failed_response(event.get("response") if type(
+                event.get("response")) is dict else {})
+        return event
+
     def _check_message(self, payload):
         if payload.get("type") != "message" or not isinstance(payload.get("content"), list):
             raise UpstreamError("malformed", "upstream answer is not an Anthropic message",
@@ -4172,6 +4229,8 @@ class UpstreamAnswer:
             chunk = None
         if self.anthropic:
             return self._check_event(data, chunk)
+        if self.protocol == "responses":
+            return self._check_response_event(data, chunk)
         choices = chunk.get("choices") if type(chunk) is dict else None
         if type(choices) is not list or "error" in chunk:
             code, message = business_error(chunk)
@@ -4253,7 +4312,7 @@ class UpstreamAnswer:
         """(data, chunk) for one event's data; None for [DONE] and anything after the end."""
         if self.done:
             return None
-        if data == b"[DONE]" and not self.anthropic:
+        if data == b"[DONE]" and self.protocol == "openai":
             self.done = True
             return None
         return data, self._check_chunk(data)
@@ -4268,6 +4327,7 @@ class UpstreamAnswer:
         """
         if self.payload is not None:
             for chunk in message_to_events(self.payload) if self.anthropic else \
+                    [self.payload] if self.protocol == "responses" else \
                     completion_to_chunks(self.payload):
                 yield json_bytes(chunk), chunk
             return
@@ -4288,10 +4348,11 @@ class UpstreamAnswer:
         item = self._item(rest) if rest else None
         if item is not None:
             yield item
-        if not self.done and (self.finish_reason is None or self.anthropic):
+        if not self.done and (self.finish_reason is None or self.protocol != "openai"):
             raise UpstreamError("transient", "upstream stream ended before the answer was "
-                                "complete (%s)" % ("no message_stop" if self.anthropic else
-                                                   "no finish_reason, no [DONE]"),
+                                "complete (%s)" % {"anthropic": "no message_stop", "responses":
+                                                   "no response.completed"}.get(
+                                    self.protocol, "no finish_reason, no [DONE]"),
                                 trace_id=resp.trace_id)
 
     def close(self):
@@ -6252,6 +6313,7 @@ class ChatRequest:
         self.key = None  # the client key (its model globs), set by the handler
         self.lane = REQUEST_LANES.get(request_class, 0)
         self.size = 0                 # the body's size in bytes, when known
+        self.responses = None  # a Responses API body, for upstreams that take it as it is
         self._forms = {api: body}
 
     def check_model(self, model):
@@ -6981,7 +7043,7 @@ class ChatExchange:
                     raise
                 self.service.router.record_success(account, name)
                 self.account, self.model, account = account, name, None
-                self.protocol = self.account.protocol
+                self.protocol = answer.protocol
                 return answer
         finally:
             if account is not None:
@@ -6993,32 +7055,58 @@ class ChatExchange:
         self.attempts += 1
         config, service = self.service.config, self.service
         preset = PROVIDERS.get(account.provider_name)
-        limit = service.output_limit(account, model)
-        base = account.api_base(config)
-        if account.protocol == "anthropic":
-            body = shape_messages_body(self.request.anthropic(), model, limit,
-                                       preset.rejects if preset else ())
-            url, headers = base + "/v1/messages", anthropic_headers(account, preset)
-        else:
-            body = shape_provider_body(self.request.openai(), model, account, self.thinking,
-                                       self.effort, limit)
-            if preset is not None and "reasoning_passback" in preset.quirks:
-                body["messages"] = service.reasoning.restore(body["messages"])
-            session, conversation = service.session_ids(account.id, self.conversation) \
-                if account.signing else ("", "")  # only iFlow's signed requests carry them
-            url = base + "/chat/completions"
-            headers = upstream_headers(account, config, session, conversation,
-                                       clock=service.clock)
+        protocol = "responses" if self._native(account, preset) else account.protocol
+        url, headers, body = self._shape(account, model, preset, protocol)
         response = service.upstream.open("POST", url, headers, json_bytes(body),
                                          watch=self._watch)
+        if protocol == "responses" and response.status in (404, 405):
+            response.close()  # this base URL has no Responses endpoint: chat from now on
+            log.info("account %s has no Responses endpoint (%s); translating to chat",
+                     account.nickname, response.status)
+            service.without_responses.add(account.id)
+            protocol = account.protocol
+            url, headers, body = self._shape(account, model, preset, protocol)
+            response = service.upstream.open("POST", url, headers, json_bytes(body),
+                                             watch=self._watch)
         if response.trace_id:
             log.debug("upstream eagleeye-traceid %s", printable(response.trace_id))
         answer = UpstreamAnswer(response, self.stream, (account.api_key,), config.max_body_bytes,
-                                protocol=account.protocol).open()
+                                protocol=protocol).open()
         if answer.payload is not None and preset is not None and \
-                "reasoning_passback" in preset.quirks and account.protocol == "openai":
+                "reasoning_passback" in preset.quirks and protocol == "openai":
             service.reasoning.remember_completion(answer.payload)
         return answer
+
+    def _native(self, account, preset):
+        """Send a Responses request as it is: the provider serves the Responses API itself
+        (its preset says so) at this account's base URL, as far as we know."""
+        return self.request.responses is not None and account.protocol == "openai" and \
+            preset is not None and "responses_native" in preset.quirks and \
+            not account.signing and account.id not in self.service.without_responses
+
+    def _shape(self, account, model, preset, protocol):
+        """(url, headers, body) of one attempt in ``protocol``."""
+        config, service = self.service.config, self.service
+        limit = service.output_limit(account, model)
+        base = account.api_base(config)
+        if protocol == "responses":
+            body = clamp_output(dict(self.request.responses, model=model), limit,
+                                ("max_output_tokens",))
+            return base + "/responses", upstream_headers(account, config, "", "",
+                                                         clock=service.clock), body
+        if protocol == "anthropic":
+            body = shape_messages_body(self.request.anthropic(), model, limit,
+                                       preset.rejects if preset else ())
+            return base + "/v1/messages", anthropic_headers(account, preset), body
+        body = shape_provider_body(self.request.openai(), model, account, self.thinking,
+                                   self.effort, limit)
+        if preset is not None and "reasoning_passback" in preset.quirks:
+            body["messages"] = service.reasoning.restore(body["messages"])
+        session, conversation = service.session_ids(account.id, self.conversation) \
+            if account.signing else ("", "")  # only iFlow's signed requests carry them
+        return base + "/chat/completions", upstream_headers(account, config, session,
+                                                            conversation,
+                                                            clock=service.clock), body
 
     def _check_size(self, model):
         """Answer "too long" at once, with no upstream call, when the estimate is far over the
@@ -7380,6 +7468,7 @@ class ChatService:
         self._limits = {}           # (account id, model) -> output limit upstream named
         self.reasoning = ReasoningMemory()
         self.responses = ResponseStore(config.responses_store)
+        self.without_responses = set()  # accounts whose Responses endpoint answered 404
         self.calibration = TokenCalibration(self.usage.extra.get("calibration"))
         self._lock = threading.Lock()
         self._open = set()          # exchanges relaying an answer (stopped at shutdown)
@@ -8590,9 +8679,12 @@ class ProxyHandler(ServerConnection):
         given = body.get("input")
         items = history + ([{"type": "message", "role": "user", "content": given}]
                            if isinstance(given, str) else list(given or ()))
+        # as it is for upstreams that serve the Responses API (stateless: the history inline)
+        request.responses = dict({k: v for k, v in body.items() if k != "previous_response_id"},
+                                 input=items, store=False)
         conversation = responses_conversation_key(body, chat_body, self.headers)
         self.relay(chat.exchange(request, conversation, cancelled=self.has_left),
-                   lambda ex: self.write_responses(ex, body, tools, items))
+                   lambda ex: write_responses(self, ex, body, tools, items))
 
     def handle_response_tokens(self):
         """POST /v1/responses/input_tokens: the local estimate of a Responses request."""
@@ -8690,32 +8782,62 @@ class ProxyHandler(ServerConnection):
                 self.end_stream(out)
 
 
-    def write_responses(self, exchange, body, tools, items):
-        """The answer for a Responses client, built from the chat answer (translated first
-        from an Anthropic upstream's), then stored unless the client said ``store: false``."""
-        headers = {"x-iflow-proxy-model": exchange.model}
-        stream = ResponsesStream(body, tools, body["model"])
-        translator = OpenAIChunks(exchange.model) if exchange.protocol == "anthropic" else None
-        if not exchange.stream:
-            payload = exchange.answer.payload if translator is None else \
-                anthropic_message_to_completion(exchange.answer.payload, exchange.model)
-            self.send_json(200, stream.complete(payload), headers)
-        else:
-            self.start_stream(headers)
-            self.write_chunk(stream.start())
-            try:
-                for _data, chunk in exchange.chunks():
-                    for piece in translator.chunks(chunk) if translator else (chunk,):
-                        out = stream.feed(piece)
-                        if out:
-                            self.write_chunk(out)
-                tail = stream.finish()
-            except UpstreamError as e:
-                exchange.fail(e)
-                tail = stream.failed(e)
-            self.end_stream(tail)
-        if body.get("store", True) and stream.response["status"] != "failed":
-            self.server.chat.responses.put(self.client_name(), stream.response, items)
+def write_responses(handler, exchange, body, tools, items):
+    """A Responses client's answer, written by ``handler``: built from the chat answer
+    (translated first from an Anthropic upstream's), then stored unless the client said
+    ``store: false``."""
+    headers = {"x-iflow-proxy-model": exchange.model}
+    if exchange.protocol == "responses":
+        return relay_responses(handler, exchange, body, items, headers)
+    stream = ResponsesStream(body, tools, body["model"])
+    translator = OpenAIChunks(exchange.model) if exchange.protocol == "anthropic" else None
+    if not exchange.stream:
+        payload = exchange.answer.payload if translator is None else \
+            anthropic_message_to_completion(exchange.answer.payload, exchange.model)
+        handler.send_json(200, stream.complete(payload), headers)
+    else:
+        handler.start_stream(headers)
+        handler.write_chunk(stream.start())
+        try:
+            for _data, chunk in exchange.chunks():
+                for piece in translator.chunks(chunk) if translator else (chunk,):
+                    out = stream.feed(piece)
+                    if out:
+                        handler.write_chunk(out)
+            tail = stream.finish()
+        except UpstreamError as e:
+            exchange.fail(e)
+            tail = stream.failed(e)
+        handler.end_stream(tail)
+    if body.get("store", True) and stream.response["status"] != "failed":
+        handler.server.chat.responses.put(handler.client_name(), stream.response, items)
+
+
+def relay_responses(handler, exchange, body, items, headers):
+    """An upstream's own Responses answer, relayed event by event (a failure after the
+    first event closed with response.failed), and stored like a translated one."""
+    final = exchange.answer.payload
+    if not exchange.stream:
+        handler.send_bytes(200, exchange.answer.raw, headers=headers)
+    else:
+        handler.start_stream(headers)
+        sequence = 0
+        try:
+            for data, event in exchange.chunks():
+                sequence = event.get("sequence_number", sequence) if isinstance(
+                    event.get("sequence_number"), int) else sequence
+                if event.get("type") in ("response.completed", "response.incomplete"):
+                    final = event.get("response")
+                handler.write_chunk(sse(data, str(event.get("type"))))
+            tail = b""
+        except UpstreamError as e:
+            exchange.fail(e)
+            closing = ResponsesStream(body, ResponsesTools(()), body["model"])
+            closing.sequence = sequence + 1
+            tail = closing.failed(e)
+        handler.end_stream(tail)
+    if body.get("store", True) and isinstance(final, dict) and final.get("id"):
+        handler.server.chat.responses.put(handler.client_name(), final, items)
 
 
 class Heartbeat:
@@ -9620,10 +9742,9 @@ def start_launcher_proxy(config):
 
 def run_agent(argv, env, server):
     """Run an agent with Ctrl-C its own; returns its exit code; stops ``server`` after."""
-    import subprocess
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return subprocess.call(argv, env=env)
+        return run_program(argv, env)
     except OSError as e:
         raise ProxyError("cannot run %s: %s" % (argv[0], e.strerror or e))
     finally:
@@ -9745,13 +9866,24 @@ def codex_toml(url, model, spec):
 def bundled_codex_catalog(executable, env, timeout=60):
     """The catalog bundled with the installed Codex (`codex debug models --bundled`), or None
     when this Codex can't say."""
-    import subprocess
     try:
-        out = subprocess.run([executable, "debug", "models", "--bundled"], env=env,
-                             stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        out = run_program([executable, "debug", "models", "--bundled"], env, timeout)
         return json.loads(out.stdout.decode("utf-8")) if out.returncode == 0 else None
-    except (OSError, ValueError, subprocess.SubprocessError):
+    except (OSError, ValueError):
         return None
+
+
+def run_program(argv, env, timeout=None):
+    """Run a program: with a ``timeout``, its output captured (a completed process; an
+    overrun is a TimeoutError), else attached to this terminal (its exit code)."""
+    import subprocess
+    if timeout is None:
+        return subprocess.call(argv, env=env)
+    try:
+        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise TimeoutError("%s did not finish in %ss" % (argv[0], timeout)) from e
 
 
 def cmd_codex(args, config):

@@ -2,15 +2,17 @@
 every account, translated to chat completions or Anthropic Messages and back, in OpenAI's event
 grammar, checked event by event; the Codex 0.171.0 recordings replayed."""
 
+import http.client
 import json
 import threading
 
 import pytest
 
 import iflow_proxy as ip
-from test_iflow_proxy import (KEYS, add_key_account, add_provider_account,  # noqa: F401
-                              anthropic_fake, deepseek_fake, fake, fixture, home, make_config,
-                              parse_sse, post_json, request, running, sdk, write_config)
+from test_iflow_proxy import (KEYS, FakeServer, QuietHandler, add_key_account,  # noqa: F401
+                              add_provider_account, anthropic_fake, deepseek_fake, fake,
+                              fixture, home, make_config, parse_sse, post_json, request,
+                              running, sdk, serving, write_config)
 
 CODEX = ["codex-0.171.0/01-first-turn.json", "codex-0.171.0/02-after-function-call-output.json"]
 JSON = {"Content-Type": "application/json"}
@@ -100,6 +102,142 @@ def tool_responder(name, arguments, reasoning=None):
             out["reasoning_chunks"] = [reasoning[:5], reasoning[5:]]
         return out
     return respond
+
+
+# --- a provider that serves the Responses API itself (DeepSeek's is stateless) ------------------
+
+class FakeResponses(FakeServer):
+    """A strict, stateless Responses API (https://api-docs.deepseek.com/guides/responses_api):
+    Bearer key, known models only, no previous_response_id or store; answers a text (or a
+    scripted function call), streamed in OpenAI's event grammar.  ``script``: "429" or
+    "fail" (response.failed after the first event), one per request."""
+
+    def __init__(self, keys=("sk-native-1111", "sk-native-2222"), models=("deepseek-v4-flash",)):
+        super().__init__(("127.0.0.1", 0), FakeResponsesHandler)
+        self.keys, self.models, self.requests, self.script = keys, models, [], []
+        self.call = None  # (name, arguments): answer with a function call instead
+        self.gate = threading.Event()  # a "fail" answer's failure waits for it
+        self.serve_in_thread()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+
+class FakeResponsesHandler(QuietHandler):
+    def reply(self, status, obj, content_type="application/json"):
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv = self.server
+        srv.requests.append((self.path, body))
+        action = srv.script.pop(0) if srv.script else None
+        problem = None if self.headers.get("Authorization") in ["Bearer " + k for k in srv.keys] \
+            else (401, "invalid api key")
+        if problem is None and self.path != "/responses":
+            problem = (404, "no route " + self.path)
+        if problem is None and body.get("model") not in srv.models:
+            problem = (400, "Model Not Exist")
+        if problem is None and (body.get("previous_response_id") or body.get("store")):
+            problem = (400, "store and previous_response_id are not supported")
+        if problem is None and action == "429":
+            problem = (429, "rate limited")
+        if problem:
+            kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+                problem[0], "invalid_request_error")
+            return self.reply(problem[0], {"error": {"message": problem[1], "type": kind}})
+        text = "native: " + json.dumps(body["input"])[-40:]
+        item = {"id": "msg_n1", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        if srv.call:
+            item = {"id": "fc_n1", "type": "function_call", "status": "completed",
+                    "call_id": "call_n1", "name": srv.call[0], "arguments": srv.call[1]}
+        response = {"id": "resp_n1", "object": "response", "created_at": 1, "model":
+                    body["model"], "status": "completed", "output": [item],
+                    "usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 10},
+                              "output_tokens": 4, "output_tokens_details":
+                              {"reasoning_tokens": 0}, "total_tokens": 34}}
+        if not body.get("stream"):
+            return self.reply(200, response)
+        opened = dict(item, status="in_progress", content=[]) if not srv.call else \
+            dict(item, status="in_progress", arguments="")
+        started = dict(response, status="in_progress", output=[], usage=None)
+        events = [{"type": "response.created", "response": started},
+                  {"type": "response.in_progress", "response": started},
+                  {"type": "response.output_item.added", "output_index": 0, "item": opened}]
+        if action == "fail":  # the head, then (once the test has seen it) the failure
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(self.events(events, 0))
+            self.wfile.flush()
+            srv.gate.wait(10)
+            self.wfile.write(self.events([{"type": "response.failed", "response": dict(
+                response, status="failed", error={"code": "server_error",
+                                                  "message": "the model fell over"})}], 3))
+            self.close_connection = True
+            return
+        events += [{"type": "response.output_item.done", "output_index": 0, "item": item},
+                   {"type": "response.completed", "response": response}]
+        self.reply(200, self.events(events, 0), "text/event-stream")
+
+    @staticmethod
+    def events(events, first):
+        return b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(
+            dict(e, sequence_number=n)).encode()) for n, e in enumerate(events, first))
+
+
+@pytest.fixture
+def native():
+    yield from serving(FakeResponses())
+
+
+def test_providers_that_serve_responses_get_them_as_they_are(home, native):
+    """DeepSeek serves the Responses API itself: the request goes there as it came (the model
+    mapped, the chain of stored responses inline, store off), the answer comes back as it
+    was, failover happens before the first event, and a failure after it is closed."""
+    add_provider_account(home, "sk-native-1111", "deepseek", "openai", native.url,
+                         nickname="ds")
+    add_provider_account(home, "sk-native-2222", "deepseek", "openai", native.url,
+                         nickname="ds2")
+    with running(make_config(home, strategy="fill-first")) as server:
+        status, first, _ = post_responses(server, {"model": "deepseek-v4-flash", "input": "hi",
+                                                   "tools": TOOLS})
+        assert status == 200 and first["id"] == "resp_n1", first
+        path, sent = native.requests[-1]
+        assert path == "/responses" and sent["tools"] == TOOLS and sent["store"] is False
+        status, events = 0, []
+        native.script = ["429"]  # the first account is refused: the second one answers
+        status, second, events = post_responses(server, {
+            "model": "deepseek-v4-flash", "input": "again", "stream": True,
+            "previous_response_id": first["id"]})
+        assert status == 200 and second["status"] == "completed", second
+        sent = native.requests[-1][1]
+        assert "previous_response_id" not in sent and [i.get("content") for i in sent["input"]
+                                                       if i.get("type") == "message"][:1] == \
+            ["hi"] and sent["input"][1]["id"] == "msg_n1"  # the chain, inline
+        native.script = ["fail"]
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+        conn.request("POST", "/v1/responses", json.dumps({
+            "model": "deepseek-v4-flash", "input": "x", "stream": True}), JSON)
+        answer = conn.getresponse()
+        head = answer.read1(65536)
+        assert b"response.created" in head  # relayed: the failure now comes after it
+        native.gate.set()
+        events = responses_events(head + answer.read())
+        conn.close()
+        assert [e["type"] for e in events][-1] == "response.failed"
+        assert events[-1]["response"]["error"]["code"] == "server_error"
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        rows = server.chat.usage.day_rows()
+        assert sum(r["input_tokens"] for r in rows) >= 60
 
 
 # --- translation, pure ---------------------------------------------------------------------------
@@ -290,6 +428,9 @@ def test_reasoning_passback_to_a_deepseek_like_upstream(home, fake):
             assert status == 200 and answer["output"][-1]["content"][0]["text"] == "done: a b"
             sent = fake.chat_requests()[-1][2]["messages"]
             assert sent[1]["reasoning_content"] == "List files."
+    # DeepSeek serves the Responses API itself; this base URL had none (404): asked once, then
+    # translated to chat for this account from there on
+    assert [r[0] for r in fake.requests if r[0].endswith("/responses")] == ["/v1/responses"]
 
 
 def test_failover_before_the_first_event_and_failed_after_it(home, fake):
