@@ -260,3 +260,47 @@ def test_claude_code_2_1_332_after_tool_search_through_either_protocol(home, lla
     assert status == 200, data[:500]
     events = [line for line in data.decode().splitlines() if line.startswith("event: ")]
     assert events[0] == "event: message_start" and events[-1] == "event: message_stop", events
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_api_through_either_protocol(home, llama, stream):
+    """The openai SDK's Responses API through the proxy to the real server, both protocols:
+    a whole response (text, usage counted by the server), in the event grammar when streamed."""
+    from test_responses import check_responses_grammar, responses_events
+    from test_iflow_proxy import request
+    openai = sdk("openai")
+    add_llama_accounts(home, llama)
+    with running(make_config(home, max_concurrency=0)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        for account in ("llo", "lla"):
+            args = dict(model="%s/%s" % (account, MODEL_ID), input="Say hello.",
+                        instructions="Answer briefly.", max_output_tokens=MAX_TOKENS)
+            if stream:
+                status, _h, data = request(server, "POST", "/v1/responses", dict(
+                    args, stream=True), {"Content-Type": "application/json"})
+                assert status == 200, data[:300]
+                response = check_responses_grammar(responses_events(data))
+                text = response["output"][-1]["content"][0]["text"]
+                usage = response["usage"]
+            else:
+                response = client.responses.create(**args)
+                text, usage = response.output_text, response.usage.model_dump()
+            assert text.strip() and usage["input_tokens"] > 5 and usage["output_tokens"] > 0
+
+
+def test_real_codex_through_the_codex_command(home, llama, tmp_path):
+    """`python iflow_proxy.py codex exec …` with the real Codex through an OpenAI-protocol
+    account on llama-server: its whole first turn (its instructions, its tools) translated,
+    answered and relayed until it prints the answer and exits 0, knowing the model."""
+    if os.environ.get("IFLOW_TEST_SKIP_SLOW"):
+        pytest.skip("IFLOW_TEST_SKIP_SLOW: the main run of .ci/run has this one")
+    from test_responses import run_codex
+    add_llama_accounts(home, llama)
+    out, events, lines = run_codex(home, {}, tmp_path, "exec", "--skip-git-repo-check",
+                                   "--json", "Say hello.", model="llo/" + MODEL_ID)
+    assert out.returncode == 0, out.stdout + out.stderr + "\n".join(lines)
+    done = [e["item"] for e in events if e["type"] == "item.completed"]
+    assert not [i for i in done if i["type"] == "error"], done
+    assert [i for i in done if i["type"] == "agent_message" and i["text"].strip()], done
+    assert lines and all("status=200" in line and "account=llo" in line for line in lines), \
+        "\n".join(lines)

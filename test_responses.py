@@ -238,6 +238,17 @@ def test_providers_that_serve_responses_get_them_as_they_are(home, native):
         assert [e["sequence_number"] for e in events] == list(range(len(events)))
         rows = server.chat.usage.day_rows()
         assert sum(r["input_tokens"] for r in rows) >= 60
+        openai = sdk("openai")  # the SDK reads the native answer, streamed or not
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        native.call = ("exec_command", '{"cmd": "ls"}')
+        created = client.responses.create(model="deepseek-v4-flash", input="go", tools=TOOLS)
+        assert created.output[0].type == "function_call" and created.output[0].name == \
+            "exec_command"
+        native.call = None
+        with client.responses.stream(model="deepseek-v4-flash", input="hey") as events:
+            for _event in events:
+                pass
+            assert events.get_final_response().output_text.startswith("native: ")
 
 
 # --- translation, pure ---------------------------------------------------------------------------
