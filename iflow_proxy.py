@@ -211,8 +211,11 @@ PROVIDERS = {
         # (budget_tokens is ignored)", "output_config: Only effort is supported"
         ("context_management", "container", "mcp_servers", "service_tier", "output_config:effort",
          "thinking.adaptive", "thinking.display"),
-        # https://api-docs.deepseek.com/guides/responses_api: POST {base}/responses, stateless
-        ("reasoning_passback", "max_tokens_range", "responses_native"),
+        # https://api-docs.deepseek.com/guides/responses_api: POST {base}/responses, stateless;
+        # its Anthropic endpoint runs web_search itself, billed per search since 2026-11-01 (from
+        # third parties' copies of DeepSeek's Search & Fetch guide, e.g.
+        # https://www.skills.sh/jpcaparas/skills/deepseek-search)
+        ("reasoning_passback", "max_tokens_range", "responses_native", "web_search_native"),
         "https://api-docs.deepseek.com/quick_start/pricing"),
     # https://docs.bigmodel.cn (OpenAI: /api/paas/v4, Anthropic: /api/anthropic); GLM-4.6/4.7/5
     # 200K context, 128K output; GLM-4.5-Air 128K/96K; thinking {"type": "enabled"|"disabled"}.
@@ -882,6 +885,28 @@ def _class_models(v):
     return _string_values(v)
 
 
+WEB_SEARCH_KEYS = {"backend": str, "url": str, "api_key": str, "max_results": int,
+                   "timeout": (int, float)}
+WEB_SEARCH_CHOICES = ("auto", "provider", "searxng", "tavily", "brave", "exa", "duckduckgo",
+                      "none")
+
+
+def _web_search(v):
+    bad = next((k for k in v if k not in WEB_SEARCH_KEYS), None)
+    if bad is not None:
+        return "takes the keys %s, got %r" % (", ".join(WEB_SEARCH_KEYS), bad)
+    for key, kind in WEB_SEARCH_KEYS.items():
+        if key in v and (not isinstance(v[key], kind) or isinstance(v[key], bool)):
+            return "%s must be a %s" % (key, "number" if key == "timeout" else kind.__name__)
+    if v.get("backend", "auto") not in WEB_SEARCH_CHOICES:
+        return "backend must be one of %s" % ", ".join(WEB_SEARCH_CHOICES)
+    if "url" in v and not _is_http_url(v["url"]):
+        return "url must be an http:// or https:// URL"
+    if not 1 <= v.get("max_results", 5) <= 20 or not 0 < v.get("timeout", 10) <= 60:
+        return "max_results must be 1 to 20 and timeout more than 0 and at most 60 seconds"
+    return None
+
+
 def _legacy_modes(v):
     bad = next((m for m in (v.values() if isinstance(v, dict) else [v])
                 if m not in LEGACY_MODES), None)
@@ -988,6 +1013,9 @@ SETTINGS = {
                             _not_negative),
     "claude_models": Setting(dict, {}, None, "Claude family (opus/sonnet/haiku) -> iFlow model",
                              _claude_families),
+    "web_search": Setting(dict, {}, None, "the search backend that answers web-search tools: "
+                          "{backend: auto|searxng|tavily|brave|exa|duckduckgo|none, url, "
+                          "api_key, max_results, timeout}", _web_search),
     "class_models": Setting(dict, {}, None, "request class (auxiliary, side_reply, subagent, "
                             "workflow, compaction, main) -> model its requests go to, e.g. "
                             "housekeeping on a small fast model, compaction on a long window",
@@ -4061,18 +4089,21 @@ def message_to_events(message):
         elif kind == "thinking":
             empty = dict(block, thinking="")
             delta = {"type": "thinking_delta", "thinking": block.get("thinking", "")}
-        elif kind == "tool_use":
+        elif kind in ("tool_use", "server_tool_use"):
             empty = dict(block, input={})
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block.get("input"))}
-        else:
+        else:  # (a web_search_tool_result comes whole in its start event)
             empty, delta = block, None
         events.append({"type": "content_block_start", "index": index, "content_block": empty})
         if delta is not None:
             events.append({"type": "content_block_delta", "index": index, "delta": delta})
         events.append({"type": "content_block_stop", "index": index})
+    usage = message.get("usage") or {}
     events.append({"type": "message_delta", "delta": {
         "stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")},
-        "usage": {"output_tokens": (message.get("usage") or {}).get("output_tokens", 0)}})
+        "usage": dict({"output_tokens": usage.get("output_tokens", 0)}, **(
+            {"server_tool_use": usage["server_tool_use"]} if "server_tool_use" in usage
+            else {}))})
     events.append({"type": "message_stop"})
     return events
 
@@ -6910,6 +6941,249 @@ class ResponseStore:
 
 
 # ==================================================================================================
+# Web search: a search backend answers web-search tools for upstreams that have none
+# ==================================================================================================
+
+# Backends: how each is asked and where its key comes from (config web_search.api_key, else the
+# environment variable here).  Facts from each one's documentation:
+#   searxng     https://docs.searxng.org/dev/search_api: GET {url}/search?q=…&format=json;
+#               a format not enabled in settings.yml answers 403
+#   tavily      https://help.tavily.com/articles/4840311948-tavily-search-api: POST
+#               https://api.tavily.com/search with a Bearer key (results' fields title, url,
+#               content, published_date: from a third party's client, not Tavily's page)
+#   brave       https://github.com/brave/brave-search-skills (Brave's own): GET
+#               https://api.search.brave.com/res/v1/web/search?q=…&count=…, header
+#               X-Subscription-Token; web.results[] title, url, description, page_age/age
+#   exa         https://exa.ai/docs/reference/search: POST https://api.exa.ai/search, header
+#               x-api-key, {query, numResults, contents: {text: {maxCharacters}}}
+#   duckduckgo  no documented API: its HTML results page, read only when chosen explicitly
+SearchBackend = collections.namedtuple("SearchBackend", "url key_env needs_key")
+SEARCH_BACKENDS = {
+    "searxng": SearchBackend(None, None, False),
+    "tavily": SearchBackend("https://api.tavily.com/search", "TAVILY_API_KEY", True),
+    "brave": SearchBackend("https://api.search.brave.com/res/v1/web/search", "BRAVE_API_KEY",
+                           True),
+    "exa": SearchBackend("https://api.exa.ai/search", "EXA_API_KEY", True),
+    "duckduckgo": SearchBackend("https://html.duckduckgo.com/html/", None, False),
+}
+SEARCH_AUTO_ORDER = ("searxng", "tavily", "brave", "exa")  # auto: the first one configured
+SearchResult = collections.namedtuple("SearchResult", "title url snippet page_age")
+
+
+class SearchUnavailable(ProxyError):
+    """No backend could answer a search: the client gets the tool's error form, not a 5xx."""
+
+    status, code = 503, "web_search_unavailable"
+
+
+def search_settings(config, env):
+    """(backend name, url, key, max results, timeout) of config ``web_search``, its key from
+    the environment when the config has none; backend None when none is set up."""
+    settings = config.web_search or {}
+    chosen = settings.get("backend") or "auto"
+    url = settings.get("url") or (env.get("SEARXNG_URL") if chosen in ("auto", "searxng")
+                                  else None)
+    candidates = SEARCH_AUTO_ORDER if chosen in ("auto", "provider") else (chosen,)
+    for name in candidates:
+        backend = SEARCH_BACKENDS.get(name)
+        if backend is None:
+            continue
+        key = settings.get("api_key") or (env.get(backend.key_env) if backend.key_env else "")
+        if name == "searxng" and not url or backend.needs_key and not key:
+            continue
+        return (name, url or backend.url, key or "", settings.get("max_results") or 5,
+                settings.get("timeout") or 10)
+    return None, None, "", 0, 0
+
+
+def search_request(name, url, key, query, count):
+    """(method, url, headers, body bytes or None) that asks backend ``name``."""
+    quote = urllib.parse.quote_plus
+    if name == "searxng":
+        return "GET", "%s/search?q=%s&format=json" % (url.rstrip("/"), quote(query)), {}, None
+    if name == "brave":
+        return "GET", "%s?q=%s&count=%d" % (url, quote(query), count), {
+            "X-Subscription-Token": key, "Accept": "application/json"}, None
+    if name == "duckduckgo":
+        return "GET", "%s?q=%s" % (url, quote(query)), {"Accept": "text/html"}, None
+    body = {"query": query, "max_results": count} if name == "tavily" else \
+        {"query": query, "numResults": count, "contents": {"text": {"maxCharacters": 500}}}
+    headers = {"Content-Type": "application/json"}
+    headers.update({"Authorization": "Bearer " + key} if name == "tavily" else
+                   {"x-api-key": key})
+    return "POST", url, headers, json_bytes(body)
+
+
+def search_results(name, status, raw):
+    """The SearchResults in a backend's answer; SearchUnavailable saying why there are none."""
+    if status == 403 and name == "searxng":
+        raise SearchUnavailable("SearXNG refused format=json (403): add json to search.formats "
+                                "in its settings.yml")
+    if status != 200:
+        raise SearchUnavailable("%s answered HTTP %d" % (name, status))
+    if name == "duckduckgo":
+        return duckduckgo_results(raw.decode("utf-8", "replace"))
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        raise SearchUnavailable("%s answered something that is not JSON" % name) from None
+    rows = ((payload.get("web") or {}).get("results") if name == "brave" else
+            payload.get("results")) if isinstance(payload, dict) else None
+    if not isinstance(rows, list):
+        raise SearchUnavailable("%s's answer has no results list" % name)
+    out = []
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("url"), str):
+            continue
+        snippet = row.get("content") or row.get("description") or row.get("text") or ""
+        age = row.get("publishedDate") or row.get("published_date") or row.get("page_age") \
+            or row.get("age") or ""
+        out.append(SearchResult(str(row.get("title") or row["url"]), row["url"],
+                                html_text(str(snippet))[:500], str(age)))
+    return out
+
+
+_DDG_RESULT = re.compile(r'class="result__a"[^>]*href="([^"]+)"[^>]*>(.*?)</a>.*?'
+                         r'class="result__snippet"[^>]*>(.*?)</a>', re.S)
+
+
+def duckduckgo_results(page):
+    """Results read off DuckDuckGo's HTML page (its links go through a redirect: uddg=)."""
+    out = []
+    for href, title, snippet in _DDG_RESULT.findall(page):
+        href = html_text(href)
+        target = urllib.parse.parse_qs(urllib.parse.urlsplit(href).query).get("uddg")
+        url = target[0] if target else href
+        if url.startswith("//"):
+            url = "https:" + url
+        out.append(SearchResult(html_text(title), url, html_text(snippet), ""))
+    return out
+
+
+def html_text(fragment):
+    """Text of an HTML fragment: tags dropped, entities decoded, spaces collapsed."""
+    import html
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())
+
+
+def domain_allowed(url, allowed=(), blocked=()):
+    """Whether ``url``'s host is one of (or under) ``allowed`` and none of ``blocked``."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+
+    def under(domains):
+        return any(host == d or host.endswith("." + d) for d in
+                   (str(d).lower().lstrip(".") for d in domains))
+    return (not allowed or under(allowed)) and not under(blocked)
+
+
+class WebSearch:
+    """Runs searches on the configured backend, bounded in time; every failure a
+    SearchUnavailable whose message never holds the key."""
+
+    def __init__(self, config, env=None):
+        self.config, self.env = config, os.environ if env is None else env
+
+    def settings(self):
+        return search_settings(self.config, self.env)
+
+    def search(self, query, allowed=(), blocked=()):
+        """(backend name, [SearchResult]) for ``query``, filtered by domain."""
+        name, url, key, count, timeout = self.settings()
+        if name is None:
+            raise SearchUnavailable(
+                "web search is not set up in iflow-proxy: set web_search in config.json, e.g. "
+                "{\"web_search\": {\"backend\": \"searxng\", \"url\": \"http://127.0.0.1:8888\"}}"
+                " or a TAVILY_API_KEY / BRAVE_API_KEY / EXA_API_KEY")
+        method, target, headers, body = search_request(name, url, key, query, count)
+        client = UpstreamClient(self.config.replace(
+            connect_timeout=timeout, first_byte_timeout=timeout, idle_timeout=timeout))
+        try:
+            response = client.open(method, target, headers, body)
+            raw = response.read_all(4 << 20)
+        except ProxyError as e:
+            raise SearchUnavailable("%s could not be reached: %s" % (
+                name, scrub_secrets(e.message, [key]))) from None
+        finally:
+            client.close()
+        results = [r for r in search_results(name, response.status, raw)
+                   if domain_allowed(r.url, allowed, blocked)]
+        return name, results[:count]
+
+
+def web_search_only(body):
+    """Whether every tool a Messages request offers is a server web-search tool
+    (``web_search_*``, any date): Claude Code's WebSearch side request is such a request."""
+    tools = body.get("tools") or []
+    return bool(tools) and all(isinstance(t, dict) and str(t.get("type") or "").startswith(
+        "web_search_") for t in tools)
+
+
+_SEARCH_ASK = re.compile(r"^\s*Perform a web search for the query:\s*", re.I)
+
+
+def search_query(body):
+    """What a web-search request asks for: the text of its last user turn (Claude Code's
+    "Perform a web search for the query: …" without the words before the query)."""
+    for message in reversed(body["messages"]):
+        if message.get("role") == "user":
+            text = _text_of(_blocks(message["content"]), "\n").strip()
+            if text:
+                return _SEARCH_ASK.sub("", text).strip()
+    raise BadRequest("a web search needs a user message saying what to search for")
+
+
+def web_search_message(model, query, results=None, error=None, estimate=0):
+    """The Anthropic message a web search tool answers with: the server_tool_use, its
+    web_search_tool_result (or the error form), and a text listing title — url — snippet (the
+    calling model sees only text, titles and URLs)."""
+    tool_id = "srvtoolu_" + random_hex(24)
+    if error is None:
+        found = [{"type": "web_search_result", "url": r.url, "title": r.title,
+                  "page_age": r.page_age or None, "encrypted_content": ""} for r in results]
+        text = "Web search results for %r:\n\n%s" % (query, "\n".join(
+            "- %s — %s%s" % (r.title, r.url, " — " + r.snippet if r.snippet else "")
+            for r in results) or "(no results)")
+    else:
+        found = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+        text = "The web search could not run: %s" % error
+    content = [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
+                "input": {"query": query}},
+               {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": found},
+               {"type": "text", "text": text}]
+    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": estimate, "output_tokens": max(1, len(text) // 4),
+                      "server_tool_use": {"web_search_requests": 0 if error else 1}}}
+
+
+def answer_web_search(handler, body):
+    """Answer a web-search-only Messages request with no model call (see web_search_message),
+    streamed in Anthropic's grammar when asked; counted per backend and client key."""
+    chat, started = handler.server.chat, time.monotonic()
+    query = search_query(body)
+    tool = next(iter(body["tools"]))
+    allowed, blocked = tool.get("allowed_domains") or (), tool.get("blocked_domains") or ()
+    backend, results, error = None, None, None
+    try:
+        if tool.get("max_uses") == 0:
+            raise SearchUnavailable("the tool allows no searches (max_uses 0)")
+        backend, results = chat.web_search.search(query, allowed, blocked)
+    except SearchUnavailable as e:
+        error = e.message
+        log.warning("web search failed: %s", error)
+    message = web_search_message(body["model"], query, results, error,
+                                 count_request_tokens(body, chat.token_estimates))
+    chat.usage.record("web-search", backend or "none", 200 if error is None else 503, None,
+                      (time.monotonic() - started) * 1000, handler.client_name())
+    handler.log_fields["model"] = "web_search (%s)" % (backend or "none")
+    if body.get("stream") is True:
+        handler.start_stream({})
+        handler.end_stream(b"".join(sse(e, e["type"]) for e in message_to_events(message)))
+    else:
+        handler.send_json(200, message)
+
+
+# ==================================================================================================
 # Exchange: one chat exchange end to end (resolve, account, send, classify, fail over, record)
 # ==================================================================================================
 
@@ -7468,6 +7742,7 @@ class ChatService:
         self._limits = {}           # (account id, model) -> output limit upstream named
         self.reasoning = ReasoningMemory()
         self.responses = ResponseStore(config.responses_store)
+        self.web_search = WebSearch(config, env)
         self.without_responses = set()  # accounts whose Responses endpoint answered 404
         self.calibration = TokenCalibration(self.usage.extra.get("calibration"))
         self._lock = threading.Lock()
@@ -7477,6 +7752,18 @@ class ChatService:
 
     def exchange(self, request, conversation, cancelled=None):
         return ChatExchange(self, request, conversation, cancelled)
+
+    def searches_upstream(self, model):
+        """Whether a web-search request for ``model`` goes upstream as it is: no search
+        backend is set up here (web_search backend auto) and an account that serves the model
+        speaks to an Anthropic endpoint that runs the tool itself (preset quirk
+        web_search_native)."""
+        if (self.config.web_search or {}).get("backend", "auto") != "auto" or \
+                self.web_search.settings()[0] is not None:
+            return False
+        return any(a.usable and a.protocol == "anthropic" and serves(a, model) and
+                   "web_search_native" in getattr(PROVIDERS.get(a.provider_name), "quirks", ())
+                   for a in self.router.all_accounts())
 
     def session_ids(self, account_id, conversation):
         """conversation_ids(), remembered for the latest 4,096 conversations (two hashes a
@@ -8643,6 +8930,8 @@ class ProxyHandler(ServerConnection):
         mapped = self.class_model(request_class, map_claude_model(
             request["model"], config.claude_models, chat.claude_defaults()))
         _pinned, model, _fallback, _effort = chat.resolve(mapped)
+        if web_search_only(request) and not chat.searches_upstream(model):
+            return answer_web_search(self, request)  # e.g. Claude Code's WebSearch side request
         thinking, effort = anthropic_thinking(request)
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),

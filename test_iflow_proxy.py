@@ -573,7 +573,7 @@ def test_sections_follow_the_data_path_and_only_look_up():
     sections = file_sections()
     assert [title for title, _ in sections] == [
         "Constants", "Errors", "Config", "Wire", "Storage", "Auth", "Upstream", "Routing",
-        "Translation", "Responses API", "Exchange", "HTTP server", "CLI"]
+        "Translation", "Responses API", "Web search", "Exchange", "HTTP server", "CLI"]
 
     def section_of(lineno):
         return sum(1 for _title, start in sections if start <= lineno) - 1
@@ -1711,7 +1711,8 @@ def check_anthropic_grammar(events):
             delta, block = data["delta"], blocks[open_index]
             kind = {"text_delta": "text", "thinking_delta": "thinking",
                     "input_json_delta": "tool_use"}[delta["type"]]
-            assert block["type"] == kind
+            assert block["type"] == kind or (kind, block["type"]) == ("tool_use",
+                                                                      "server_tool_use")
             if kind == "tool_use":
                 block["_json"] += delta["partial_json"]
             else:
@@ -1722,7 +1723,7 @@ def check_anthropic_grammar(events):
         elif name == "message_delta":
             assert open_index is None
     for block in blocks:
-        if block["type"] == "tool_use":
+        if block["type"] in ("tool_use", "server_tool_use"):
             block["input"] = json.loads(block["_json"])
         del block["_json"]
     return blocks

@@ -1,0 +1,274 @@
+"""Web search through any provider (issue 25): a search backend answers web-search tools with no
+model call; fakes of SearXNG, Tavily, Brave and Exa stand in for the real ones."""
+
+import json
+import threading
+import urllib.parse
+
+import pytest
+
+import iflow_proxy as ip
+from test_iflow_proxy import (KEYS, FakeServer, QuietHandler, add_key_account,  # noqa: F401
+                              check_anthropic_grammar, fake, fixture, home, make_config,
+                              parse_sse, request, running, serving, write_config)
+
+SIDE_REQUEST = "claude-code-2.1.332/03-websearch-side-request.json"
+HEADERS = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+RESULTS = [("iFlow CLI shuts down", "https://news.example.com/iflow-cli-end",
+            "The iFlow CLI service ended on 2026-04-17.", "2026-04-18"),
+           ("iFlow announcement", "https://iflow.example.cn/notice",
+            "Service <b>announcement</b> &amp; FAQ", ""),
+           ("Blocked site", "https://spam.example.org/x", "spam", "")]
+
+
+class FakeSearch(FakeServer):
+    """SearXNG (GET /search?format=json; ``json_off``: 403 as when JSON output is not enabled),
+    Tavily (POST /search, Bearer), Brave (GET /res/v1/web/search, X-Subscription-Token) and Exa
+    (POST /exa, x-api-key), each strict about its key; ``hang`` holds every answer until set."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeSearchHandler)
+        self.requests, self.json_off, self.hang = [], False, None
+        self.serve_in_thread()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+
+class FakeSearchHandler(QuietHandler):
+    def answer(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def handle_search(self, method):
+        srv = self.server
+        parts = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or
+                          b"{}") if method == "POST" else {}
+        srv.requests.append((method, parts.path, query, body, dict(self.headers)))
+        if srv.hang is not None:
+            srv.hang.wait(10)
+        rows = [{"title": t, "url": u, "content": s, "publishedDate": a} for t, u, s, a in
+                RESULTS]
+        if parts.path == "/search" and method == "GET":  # SearXNG
+            if srv.json_off or query.get("format") != "json":
+                return self.answer(403, {"error": "format not enabled"})
+            return self.answer(200, {"query": query["q"], "results": rows})
+        if parts.path == "/search":  # Tavily
+            if self.headers.get("Authorization") != "Bearer tvly-test":
+                return self.answer(401, {"detail": "bad key"})
+            return self.answer(200, {"query": body["query"], "results": rows[:body.get(
+                "max_results", 5)]})
+        if parts.path == "/res/v1/web/search":  # Brave
+            if self.headers.get("X-Subscription-Token") != "brave-test":
+                return self.answer(401, {"error": "bad token"})
+            return self.answer(200, {"web": {"results": [
+                {"title": t, "url": u, "description": s, "page_age": a} for t, u, s, a in
+                RESULTS]}})
+        if parts.path == "/exa":
+            if self.headers.get("x-api-key") != "exa-test":
+                return self.answer(401, {"error": "bad key"})
+            return self.answer(200, {"results": [{"title": t, "url": u, "text": s,
+                                                  "publishedDate": a} for t, u, s, a in RESULTS]})
+        self.answer(404, {"error": "no route"})
+
+    def do_GET(self):
+        self.handle_search("GET")
+
+    def do_POST(self):
+        self.handle_search("POST")
+
+
+@pytest.fixture
+def search():
+    yield from serving(FakeSearch())
+
+
+def side_request(stream=True):
+    recorded = fixture(SIDE_REQUEST)
+    headers = {k: v for k, v in recorded["headers"].items()
+               if k.lower() not in ("host", "content-length", "connection", "accept-encoding")}
+    return dict(recorded["body"], stream=stream), dict(headers, **HEADERS)
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, settings, env", [
+    ("searxng", {"backend": "searxng", "url": "http://s"}, {}),
+    ("searxng", {}, {"SEARXNG_URL": "http://s"}),
+    ("tavily", {}, {"TAVILY_API_KEY": "k"}),
+    ("brave", {"backend": "brave", "api_key": "k"}, {}),
+    ("exa", {}, {"EXA_API_KEY": "k"}),
+    ("duckduckgo", {"backend": "duckduckgo"}, {}),
+    (None, {}, {}),
+    (None, {"backend": "tavily"}, {}),          # chosen, but no key anywhere
+    (None, {"backend": "none"}, {"TAVILY_API_KEY": "k"}),
+])
+def test_which_backend_answers(home, name, settings, env):
+    config = make_config(home, web_search=settings)
+    assert ip.search_settings(config, env)[0] == name
+
+
+def test_each_backend_is_asked_its_own_way_and_read_back():
+    method, url, headers, body = ip.search_request("searxng", "http://s/", "", "a b", 5)
+    assert (method, url, body) == ("GET", "http://s/search?q=a+b&format=json", None)
+    method, url, headers, body = ip.search_request("tavily", "https://t/search", "K", "q", 3)
+    assert headers["Authorization"] == "Bearer K" and json.loads(body) == {"query": "q",
+                                                                           "max_results": 3}
+    method, url, headers, body = ip.search_request("brave", "https://b", "K", "q", 4)
+    assert url == "https://b?q=q&count=4" and headers["X-Subscription-Token"] == "K"
+    _m, _u, headers, body = ip.search_request("exa", "https://e", "K", "q", 2)
+    assert headers["x-api-key"] == "K" and json.loads(body)["numResults"] == 2
+    rows = json.dumps({"results": [{"title": "T", "url": "https://x", "content": "a <b>b</b>",
+                                    "publishedDate": "2026"}, {"title": "no url"}]}).encode()
+    assert ip.search_results("searxng", 200, rows) == [ip.SearchResult("T", "https://x", "a b",
+                                                                       "2026")]
+    with pytest.raises(ip.SearchUnavailable, match="search.formats"):
+        ip.search_results("searxng", 403, b"")
+    with pytest.raises(ip.SearchUnavailable, match="not JSON"):
+        ip.search_results("tavily", 200, b"<html>")
+    page = ('<a rel="nofollow" class="result__a" href="//duckduckgo.com/l/?uddg=https%3A%2F%2F'
+            'a.example%2Fp&amp;rut=1">A &amp; B</a> junk <a class="result__snippet" href="x">'
+            'the <b>snippet</b></a>')
+    assert ip.search_results("duckduckgo", 200, page.encode()) == [
+        ip.SearchResult("A & B", "https://a.example/p", "the snippet", "")]
+    assert ip.domain_allowed("https://docs.python.org/3", ["python.org"])
+    assert not ip.domain_allowed("https://evilpython.org/", ["python.org"])
+    assert not ip.domain_allowed("https://a.spam.org/", blocked=["spam.org"])
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ({"backend": "google"}, "backend must be one of"),
+    ({"bogus": 1}, "takes the keys"),
+    ({"max_results": 50}, "max_results must be 1 to 20"),
+    ({"timeout": 0}, "timeout"),
+    ({"url": "ftp://x"}, "url must be an http"),
+    ({"api_key": 5}, "api_key must be a str"),
+])
+def test_web_search_setting_is_checked(home, bad, fragment):
+    write_config(home, {"web_search": bad})
+    with pytest.raises(ip.ConfigError, match=fragment):
+        ip.load_config(home, {}, {})
+    write_config(home, {"web_search": {"backend": "tavily", "max_results": 3, "timeout": 2.5}})
+    assert ip.load_config(home, {}, {}).web_search["max_results"] == 3
+
+
+# --- over real sockets ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_claude_codes_side_request_is_answered_by_the_backend(home, fake, search, stream):
+    add_key_account(home, KEYS[0])
+    config = make_config(home, fake, web_search={"backend": "searxng", "url": search.url})
+    body, headers = side_request(stream)
+    body["tools"] = [dict(body["tools"][0], blocked_domains=["spam.example.org"])]
+    with running(config) as server:
+        status, _h, data = request(server, "POST", "/v1/messages?beta=true", body, headers)
+        assert status == 200, data[:300]
+        if stream:
+            events = parse_sse(data)
+            blocks = check_anthropic_grammar(events)
+            names = [n for n, _ in events]
+            assert names[-2:] == ["message_delta", "message_stop"]
+            usage = events[-2][1]["usage"]
+        else:
+            message = json.loads(data)
+            blocks, usage = message["content"], message["usage"]
+            assert message["stop_reason"] == "end_turn"
+        rows = server.chat.usage.day_rows()
+    assert [b["type"] for b in blocks] == ["server_tool_use", "web_search_tool_result", "text"]
+    use, found, text = blocks
+    assert use["id"].startswith("srvtoolu_") and use["name"] == "web_search" and \
+        use["input"] == {"query": "when did iflow cli shut down"}
+    assert found["tool_use_id"] == use["id"]
+    assert [r["url"] for r in found["content"]] == [RESULTS[0][1], RESULTS[1][1]]
+    assert all(r["type"] == "web_search_result" and r["encrypted_content"] == ""
+               for r in found["content"])
+    assert "iFlow CLI shuts down — https://news.example.com/iflow-cli-end — The iFlow CLI" in \
+        text["text"] and "announcement & FAQ" in text["text"] and "spam" not in text["text"]
+    assert usage["server_tool_use"] == {"web_search_requests": 1}
+    assert search.requests[0][2] == {"q": "when did iflow cli shut down", "format": "json"}
+    assert not fake.chat_requests()  # no model was asked
+    assert [(r["account"], r["model"], r["requests"]) for r in rows] == [
+        ("web-search", "searxng", 1)]
+
+
+@pytest.mark.parametrize("backend, settings", [
+    ("tavily", {"api_key": "tvly-test", "url": "{url}/search"}),
+    ("brave", {"api_key": "brave-test", "url": "{url}/res/v1/web/search"}),
+    ("exa", {"api_key": "exa-test", "url": "{url}/exa"}),
+])
+def test_keyed_backends(home, search, backend, settings):
+    settings = dict(settings, backend=backend, url=settings["url"].format(url=search.url))
+    body, headers = side_request(False)
+    with running(make_config(home, web_search=settings)) as server:
+        status, _h, data = request(server, "POST", "/v1/messages", body, headers)
+    message = json.loads(data)
+    assert status == 200 and [r["url"] for r in message["content"][1]["content"]] == \
+        [r[1] for r in RESULTS], message
+    assert settings["api_key"] not in json.dumps(message)
+
+
+def test_no_backend_a_refusing_one_and_a_hanging_one_give_the_error_form(home, search):
+    body, headers = side_request(False)
+    cases = [({}, "web search is not set up"),
+             ({"backend": "searxng", "url": search.url}, "add json to search.formats"),
+             ({"backend": "searxng", "url": search.url, "timeout": 0.5}, "could not be reached")]
+    for settings, fragment in cases:
+        search.json_off = "formats" in fragment
+        search.hang = threading.Event() if "reached" in fragment else None
+        with running(make_config(home, web_search=settings)) as server:
+            status, _h, data = request(server, "POST", "/v1/messages", body, headers)
+            still = request(server, "GET", "/healthz")[0]
+        if search.hang is not None:
+            search.hang.set()
+        message = json.loads(data)
+        assert status == 200 and still == 200, message
+        assert message["content"][1]["content"] == {"type": "web_search_tool_result_error",
+                                                    "error_code": "unavailable"}
+        assert fragment in message["content"][2]["text"], message["content"][2]["text"]
+        assert message["usage"]["server_tool_use"] == {"web_search_requests": 0}
+
+
+def web_search_responder(asked):
+    """Main turns of a session: load WebSearch with ToolSearch, call it, then answer with what
+    it returned (the side request never reaches this upstream: the proxy answers it)."""
+    def respond(body):
+        names = [t["function"]["name"] for t in body.get("tools") or []]
+        if "ToolSearch" not in names:
+            return {"content": "Search summary"}
+        asked.append(body)
+        results = [m for m in body["messages"] if m["role"] == "tool"]
+        if not results:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_ts", "type": "function", "function": {
+                    "name": "ToolSearch", "arguments": json.dumps(
+                        {"query": "select:WebSearch", "max_results": 1})}}]}
+        if len(results) == 1:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_ws", "type": "function", "function": {
+                    "name": "WebSearch", "arguments": json.dumps(
+                        {"query": "when did iflow cli shut down"})}}]}
+        return {"content": "From the web: " + results[-1]["content"]}
+    return respond
+
+
+def test_real_claude_code_searches_the_web_through_the_proxy(home, fake, search, tmp_path):
+    from test_claude_code import run_launcher
+    add_key_account(home, KEYS[0])
+    write_config(home, {"web_search": {"backend": "searxng", "url": search.url}})
+    asked = []
+    fake.responder = web_search_responder(asked)
+    out, lines = run_launcher(home, fake, tmp_path, "-p", "When did the iFlow CLI shut down? "
+                              "Search the web.", "--allowedTools", "ToolSearch,WebSearch")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "https://news.example.com/iflow-cli-end" in out.stdout, out.stdout
+    assert "Did 0 searches" not in out.stdout + out.stderr
+    assert search.requests and search.requests[0][2]["q"] == "when did iflow cli shut down"
+    assert any("web_search (searxng)" in line and "class=auxiliary" in line for line in lines), \
+        lines
