@@ -2955,6 +2955,12 @@ class LoginError(ProxyError):
         self.exit_code = exit_code
 
 
+def http_client():
+    """The http.client module (imported here, its one place: most start-ups never need it)."""
+    import http.client
+    return http.client
+
+
 def http_json(method, url, config, headers=None, form=None, body=None, timeout=30, env=None):
     """(HTTP status, parsed JSON or None) of one OAuth/platform call (proxy and CA honoured)."""
     headers = dict(headers or {})
@@ -2967,7 +2973,6 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
         headers["Content-Type"] = "application/json"
     headers.setdefault("Accept", "application/json")
     headers.setdefault("User-Agent", "iflow-proxy/" + __version__)
-    import http.client
     from urllib import error as url_error, request as url_request
     proxy = select_proxy(url, config.proxy, env)
     context = tls_context(config.ca_file)
@@ -2981,7 +2986,7 @@ def http_json(method, url, config, headers=None, form=None, body=None, timeout=3
             status, raw = resp.status, resp.read(SSE_HEAD_LIMIT)
     except url_error.HTTPError as e:
         status, raw = e.code, e.read(SSE_HEAD_LIMIT)
-    except (url_error.URLError, OSError, http.client.HTTPException) as e:
+    except (url_error.URLError, OSError, http_client().HTTPException) as e:
         reason = getattr(e, "reason", None) or e
         raise UpstreamError("unreachable", "cannot reach %s: %s" % (where, reason))
     try:
@@ -4298,7 +4303,8 @@ class UpstreamAnswer:
         """The usage to record: upstream's own report when its last one arrived; else (a
         client that left, a stream cut before its end) what was relayed, counted here: the
         prompt as upstream reported it or as ``prompt_estimate()`` counts it, and the output
-        text seen as ``estimate(text)`` counts it.  So a budget (tokens_per_day) can't be dodged by leaving before the end."""
+        text seen as ``estimate(text)`` counts it.  So a budget (tokens_per_day) can't be
+        dodged by leaving before the end."""
         if self.usage_final:
             return self.usage
         usage = self.usage or {}
@@ -7183,6 +7189,213 @@ def answer_web_search(handler, body):
         handler.send_json(200, message)
 
 
+def search_context(body, query, results, error):
+    """An OpenAI chat body with ``web_search_options`` answered: the search's results (or why
+    there are none) in a system message before the last user turn, the option removed."""
+    if error is None:
+        listing = "\n".join("%d. %s — %s%s" % (n, r.title, r.url, " — " + r.snippet
+                                               if r.snippet else "")
+                            for n, r in enumerate(results, 1)) or "(no results)"
+        text = ("Web search results for %r (cite the pages you use by their URLs):\n\n%s"
+                % (query, listing))
+    else:
+        text = "A web search for %r could not run: %s" % (query, error)
+    messages = list(body["messages"])
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+    messages.insert(last_user, {"role": "system", "content": text})
+    out = {k: v for k, v in body.items() if k != "web_search_options"}
+    out["messages"] = messages
+    return out
+
+
+def url_citations(text, results):
+    """OpenAI ``annotations`` for the results whose URLs the answer ``text`` cites."""
+    out = []
+    for r in results or ():
+        start = text.find(r.url)
+        if start >= 0:
+            out.append({"type": "url_citation", "url_citation": {
+                "start_index": start, "end_index": start + len(r.url), "url": r.url,
+                "title": r.title}})
+    return out
+
+
+def chat_with_search(chat, body, client=""):
+    """(results, body with them as context) for a chat request's ``web_search_options``: the
+    last user turn searched, the search counted like the others."""
+    query = ""
+    for message in reversed(body["messages"]):
+        if message.get("role") == "user":
+            content = message.get("content")
+            query = content if isinstance(content, str) else " ".join(
+                p.get("text") or "" for p in content or () if isinstance(p, dict))
+            break
+    query, results, error, started = query.strip()[:400], None, None, time.monotonic()
+    try:
+        backend, results = chat.web_search.search(query)
+    except SearchUnavailable as e:
+        backend, error = "none", e.message
+    chat.usage.record("web-search", backend, 200 if error is None else 503, None,
+                      (time.monotonic() - started) * 1000, client)
+    return results, search_context(body, query, results, error)
+
+
+# --- fetching a page for a client: public addresses only ------------------------------------------
+
+FETCH_MAX_BYTES = 2 << 20   # a fetched page is cut here
+FETCH_REDIRECTS = 5
+
+
+def public_address(address):
+    """Whether a fetch may connect to ``address``: a global one, not private, shared (CGNAT),
+    loopback, link-local (cloud metadata at 169.254.169.254), multicast, reserved or
+    unspecified; IPv4 inside IPv6 too."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if getattr(ip, "ipv4_mapped", None) is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or
+                                 ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+class FetchRefused(ProxyError):
+    """A page the proxy will not fetch for a client (or could not): the tool's error form."""
+
+    status, code = 400, "url_not_accessible"
+
+
+def fetch_page(url, config, resolve=None, permitted=public_address, timeout=10):
+    """(final url, content type, text) of a web page fetched for a client: http(s) only, every
+    address checked after DNS resolution and connected to as checked (no second lookup), every
+    redirect checked again, FETCH_MAX_BYTES and ``timeout`` at most; HTML reduced to text."""
+    resolve = resolve or socket.getaddrinfo
+    for _hop in range(FETCH_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchRefused("only http and https URLs can be fetched: %r" % url[:200])
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            addresses = [info[4][0] for info in resolve(parts.hostname, port, 0,
+                                                         socket.SOCK_STREAM)]
+        except (OSError, UnicodeError) as e:
+            raise FetchRefused("cannot resolve %s: %s" % (parts.hostname, e)) from None
+        if not addresses or not all(permitted(a) for a in addresses):
+            raise FetchRefused("%s resolves to a private, loopback or link-local address; "
+                               "only public pages are fetched" % parts.hostname)
+        status, location, kind, raw = _fetch_once(parts, addresses[0], port, config, timeout)
+        if 300 <= status < 400 and location:
+            url = urllib.parse.urljoin(url, location)
+            continue
+        if status != 200:
+            raise FetchRefused("%s answered HTTP %d" % (parts.hostname, status))
+        return url, kind, page_text(kind, raw)
+    raise FetchRefused("more than %d redirects" % FETCH_REDIRECTS)
+
+
+def _fetch_once(parts, address, port, config, timeout):
+    """(status, Location, content type, body) of one GET to ``address`` (already checked),
+    naming the host in Host and, for https, in TLS's server name and certificate check."""
+    client = http_client()
+
+    class Pinned(client.HTTPConnection):
+        def connect(self):
+            sock = socket.create_connection((address, port), timeout)
+            if parts.scheme == "https":
+                sock = tls_context(config.ca_file).wrap_socket(
+                    sock, server_hostname=parts.hostname)
+            self.sock = sock
+    connection = Pinned(parts.hostname, port, timeout=timeout)
+    try:
+        connection.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query
+                                                         else ""),
+                           headers={"User-Agent": "iflow-proxy/" + __version__,
+                                    "Accept": "text/html, text/plain, */*"})
+        answer = connection.getresponse()
+        kind = (answer.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        raw = answer.read(FETCH_MAX_BYTES) if answer.status == 200 else b""
+        return answer.status, answer.getheader("Location"), kind, raw
+    except (OSError, client.HTTPException) as e:
+        raise FetchRefused("fetching %s failed: %s" % (parts.hostname, e)) from None
+    finally:
+        connection.close()
+
+
+def page_text(kind, raw):
+    """A fetched body as text: HTML without its scripts, styles and tags; text as it is."""
+    text = raw.decode("utf-8", "replace")
+    if kind in ("text/html", "application/xhtml+xml"):
+        text = re.sub(r"(?is)<(script|style|noscript)\b.*?</\1\s*>", " ", text)
+        title = re.search(r"(?is)<title[^>]*>(.*?)</title>", text)
+        body = html_text(re.sub(r"(?i)<(br|/p|/div|/h[1-6]|/li|/tr)\b[^>]*>", "\n", text))
+        return ("%s\n\n%s" % (html_text(title.group(1)), body)).strip() if title else body
+    if kind.startswith("text/") or kind in ("application/json", "application/xml", ""):
+        return text
+    raise FetchRefused("unsupported content type %s" % kind)
+
+
+def web_fetch_only(body):
+    """Whether every tool a Messages request offers is a server web-fetch tool
+    (``web_fetch_*``)."""
+    tools = body.get("tools") or []
+    return bool(tools) and all(isinstance(t, dict) and str(t.get("type") or "").startswith(
+        "web_fetch_") for t in tools)
+
+
+_URL = re.compile(r"https?://[^\s<>\"')\]]+")
+
+
+def web_fetch_message(model, url, fetched=None, error=None, estimate=0):
+    """The Anthropic message a web fetch tool answers with: server_tool_use, then its
+    web_fetch_tool_result (the page as a text document, or the error form), then the text."""
+    tool_id = "srvtoolu_" + random_hex(24)
+    if error is None:
+        final, kind, text = fetched
+        result = {"type": "web_fetch_result", "url": final, "retrieved_at":
+                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "content": {
+                      "type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                     "data": text}}}
+        summary = text[:4000]
+    else:
+        code = "unsupported_content_type" if "content type" in error else "url_not_accessible"
+        result = {"type": "web_fetch_tool_error", "error_code": code}
+        summary = "The page could not be fetched: %s" % error
+    content = [{"type": "server_tool_use", "id": tool_id, "name": "web_fetch",
+                "input": {"url": url}},
+               {"type": "web_fetch_tool_result", "tool_use_id": tool_id, "content": result},
+               {"type": "text", "text": summary}]
+    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": estimate, "output_tokens": max(1, len(summary) // 4),
+                      "server_tool_use": {"web_fetch_requests": 0 if error else 1}}}
+
+
+def answer_web_fetch(handler, body, resolve=None):
+    """Answer a web-fetch-only Messages request by fetching the URL its last user turn names."""
+    chat, started = handler.server.chat, time.monotonic()
+    found = _URL.search(search_query(body))
+    url = found.group(0) if found else ""
+    fetched, error = None, None
+    try:
+        if not url:
+            raise FetchRefused("the request names no http(s) URL to fetch")
+        fetched = fetch_page(url, handler.server.config, resolve=resolve)
+    except FetchRefused as e:
+        error = e.message
+        log.info("web fetch refused: %s", error)
+    message = web_fetch_message(body["model"], url, fetched, error,
+                                count_request_tokens(body, chat.token_estimates))
+    chat.usage.record("web-fetch", "fetch", 200 if error is None else 400, None,
+                      (time.monotonic() - started) * 1000, handler.client_name())
+    handler.log_fields["model"] = "web_fetch"
+    if body.get("stream") is True:
+        handler.start_stream({})
+        handler.end_stream(b"".join(sse(e, e["type"]) for e in message_to_events(message)))
+    else:
+        handler.send_json(200, message)
+
+
 # ==================================================================================================
 # Exchange: one chat exchange end to end (resolve, account, send, classify, fail over, record)
 # ==================================================================================================
@@ -8896,12 +9109,15 @@ class ProxyHandler(ServerConnection):
         request_class = self.request_class(body["model"])
         self.admit(body["model"])
         body = dict(body, model=self.class_model(request_class, body["model"]))
-        chat = self.server.chat
+        chat, results = self.server.chat, None
+        if isinstance(body.get("web_search_options"), dict):  # search first, answer with it
+            results, body = chat_with_search(chat, body, self.client_name())
         request = ChatRequest("openai", body, request_class=request_class,
                               client=self.client_name())
         request.size, request.key = self.body_size, self.client_key
         self.relay(chat.exchange(request, openai_conversation_key(body, self.headers),
-                                 cancelled=self.has_left), self.write_openai)
+                                 cancelled=self.has_left),
+                   lambda ex: self.write_openai(ex, results))
 
     def request_class(self, model):
         """What the request is (see REQUEST_LANES): as Claude Code says (its gateway hint
@@ -8932,6 +9148,8 @@ class ProxyHandler(ServerConnection):
         _pinned, model, _fallback, _effort = chat.resolve(mapped)
         if web_search_only(request) and not chat.searches_upstream(model):
             return answer_web_search(self, request)  # e.g. Claude Code's WebSearch side request
+        if web_fetch_only(request):
+            return answer_web_fetch(self, request)
         thinking, effort = anthropic_thinking(request)
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),
@@ -9008,19 +9226,24 @@ class ProxyHandler(ServerConnection):
             self.server.watch_client(self, None)
             exchange.close()
 
-    def write_openai(self, exchange):
+    def write_openai(self, exchange, results=None):
         """The answer for an OpenAI client: relayed as it came from an OpenAI upstream (event by
-        event), translated from an Anthropic one."""
+        event), translated from an Anthropic one; with the url_citation annotations of a web
+        search's ``results`` it cites."""
         headers = {}
         if exchange.model != self.server.chat.router.split_pin(exchange.asked)[1]:
             headers["x-iflow-proxy-model"] = exchange.model
         translator = OpenAIChunks(exchange.model) if exchange.protocol == "anthropic" else None
         if not exchange.stream:
-            if translator is None:
+            if translator is None and results is None:
                 self.send_bytes(200, exchange.answer.raw, headers=headers)
-            else:
-                self.send_json(200, anthropic_message_to_completion(exchange.answer.payload,
-                                                                     exchange.model), headers)
+                return
+            completion = exchange.answer.payload if translator is None else \
+                anthropic_message_to_completion(exchange.answer.payload, exchange.model)
+            for choice in completion.get("choices") or () if results is not None else ():
+                message = choice.get("message") or {}
+                message["annotations"] = url_citations(message.get("content") or "", results)
+            self.send_json(200, completion, headers)
             return
         self.start_stream(headers)
         try:
@@ -9028,6 +9251,11 @@ class ProxyHandler(ServerConnection):
                 self.write_chunk(translator.feed(chunk) if translator else
                                  b"data: " + data + b"\n\n")
             tail = b"data: [DONE]\n\n"
+            if results is not None:  # the citations, once the whole text is known
+                tail = sse({"object": "chat.completion.chunk", "model": exchange.model,
+                            "choices": [{"index": 0, "finish_reason": None, "delta": {
+                                "annotations": url_citations("".join(
+                                    exchange.answer.relayed), results)}}]}) + tail
         except UpstreamError as e:
             exchange.fail(e)
             tail = sse(error_body(e, "openai")) + b"data: [DONE]\n\n"
@@ -9936,7 +10164,9 @@ def claude_settings(config, model=None, accounts=()):
             rows.append({"model": claude_model_id(name, spec), "behavesAs": CLAUDE_CODE_BEHAVES_AS,
                          "label": name, "description": "%s via iflow-proxy (%dK window)"
                          % (name, spec.window // 1000)})
-    return {"modelPicker": {"options": rows}}
+    # WebFetch first asks api.anthropic.com whether a domain may be fetched, which fails
+    # behind a gateway; this settings key (read from the 2.1.332 binary) skips that check
+    return {"modelPicker": {"options": rows}, "skipWebFetchPreflight": True}
 
 
 def compact_window(spec):

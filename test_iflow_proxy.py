@@ -512,7 +512,7 @@ STDLIB_FALLBACK = set("""argparse base64 binascii calendar dataclasses email fnm
 hmac http ipaddress json logging os re secrets select signal socket socketserver ssl sys tempfile
 threading time urllib uuid fcntl msvcrt traceback collections itertools functools math random
 shutil subprocess webbrowser platform errno io contextlib queue string struct zlib textwrap
-ctypes
+ctypes html
 """.split())
 
 

@@ -272,3 +272,117 @@ def test_real_claude_code_searches_the_web_through_the_proxy(home, fake, search,
     assert search.requests and search.requests[0][2]["q"] == "when did iflow cli shut down"
     assert any("web_search (searxng)" in line and "class=auxiliary" in line for line in lines), \
         lines
+
+
+# --- fetching pages for a client ------------------------------------------------------------------
+
+class FakePages(FakeServer):
+    """Pages: /page (HTML), /text, /pdf, /hop (a redirect to ``hop_to``)."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakePagesHandler)
+        self.hop_to, self.hosts = None, []
+        self.serve_in_thread()
+
+
+class FakePagesHandler(QuietHandler):
+    def do_GET(self):
+        self.server.hosts.append(self.headers.get("Host"))
+        if self.path == "/hop":
+            self.send_response(302)
+            self.send_header("Location", self.server.hop_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        kind, body = {"/page": ("text/html; charset=utf-8", b"<html><head><title>Notice</title>"
+                                b"<script>var x = 1;</script></head><body><p>iFlow CLI ended"
+                                b" on 2026-04-17.</p></body></html>"),
+                      "/text": ("text/plain", b"plain words"),
+                      "/pdf": ("application/pdf", b"%PDF-1.4")}.get(self.path,
+                                                                   ("text/plain", b""))
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def pages():
+    yield from serving(FakePages())
+
+
+def test_fetch_checks_every_address_and_every_redirect(home, pages):
+    config = make_config(home)
+    port = pages.server_address[1]
+    names = {"page.test": "127.0.0.1", "meta.test": "169.254.169.254", "lan.test": "10.1.2.3",
+             "mapped.test": "::ffff:127.0.0.1"}
+
+    def resolve(host, port_, *_rest):
+        return [(2, 1, 6, "", (names[host], port_))]
+    loopback_only = lambda address: address == "127.0.0.1"  # noqa: E731 - the fake's, here
+    url, kind, text = ip.fetch_page("http://page.test:%d/page" % port, config, resolve,
+                                    loopback_only)
+    assert kind == "text/html" and text.startswith("Notice") and "iFlow CLI ended" in text
+    assert "var x" not in text and pages.hosts[-1] == "page.test:%d" % port  # Host kept
+    for target in ("http://meta.test/latest/meta-data", "http://lan.test/",
+                   "http://mapped.test:%d/page" % port):
+        with pytest.raises(ip.FetchRefused, match="private, loopback or link-local"):
+            ip.fetch_page(target, config, resolve)  # the real policy
+    pages.hop_to = "http://meta.test/latest/meta-data"
+    with pytest.raises(ip.FetchRefused, match="meta.test resolves to a private"):
+        ip.fetch_page("http://page.test:%d/hop" % port, config, resolve, loopback_only)
+    with pytest.raises(ip.FetchRefused, match="unsupported content type"):
+        ip.fetch_page("http://page.test:%d/pdf" % port, config, resolve, loopback_only)
+    with pytest.raises(ip.FetchRefused, match="only http and https"):
+        ip.fetch_page("file:///etc/passwd", config, resolve)
+    assert ip.public_address("93.184.216.34") and not ip.public_address("::1") and \
+        not ip.public_address("fe80::1%eth0") and not ip.public_address("0.0.0.0")
+
+
+def test_web_fetch_tool_refuses_private_pages(home, pages):
+    body = {"model": "claude-haiku-4-5", "max_tokens": 100, "tools": [
+        {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 1}]}
+    with running(make_config(home)) as server:
+        for url in ("http://127.0.0.1:%d/page" % pages.server_address[1],
+                    "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data"):
+            asked = dict(body, messages=[{"role": "user", "content": "Fetch %s please" % url}])
+            status, _h, data = request(server, "POST", "/v1/messages", asked, HEADERS)
+            message = json.loads(data)
+            assert status == 200 and message["content"][0]["input"] == {"url": url}
+            assert message["content"][1]["content"] == {"type": "web_fetch_tool_error",
+                                                        "error_code": "url_not_accessible"}
+        status, _h, data = request(server, "POST", "/v1/messages", dict(
+            body, stream=True, messages=[{"role": "user", "content": "no url here"}]), HEADERS)
+        blocks = check_anthropic_grammar(parse_sse(data))
+        assert blocks[1]["content"]["type"] == "web_fetch_tool_error" and \
+            "names no http" in blocks[2]["text"]
+    assert pages.hosts == []  # nothing was fetched from the private addresses
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_web_search_options_search_first_and_cite(home, fake, search, stream):
+    add_key_account(home, KEYS[0])
+    fake.responder = lambda b: {"content": "It ended, see https://news.example.com/iflow-cli-end"
+                                           " for details."}
+    body = {"model": "glm-4.6", "stream": stream, "web_search_options": {},
+            "messages": [{"role": "user", "content": "When did the iFlow CLI end?"}]}
+    config = make_config(home, fake, web_search={"backend": "searxng", "url": search.url})
+    with running(config) as server:
+        status, _h, data = request(server, "POST", "/v1/chat/completions", body,
+                                   {"Content-Type": "application/json"})
+    assert status == 200, data[:300]
+    sent = fake.chat_requests()[-1][2]
+    assert "web_search_options" not in sent and sent["messages"][-2]["role"] == "system"
+    assert "https://news.example.com/iflow-cli-end" in sent["messages"][-2]["content"]
+    assert search.requests[0][2]["q"] == "When did the iFlow CLI end?"
+    if stream:
+        chunks = [json.loads(p) for p in (e.split("data: ", 1)[1] for e in data.decode().split(
+            "\n\n") if e.startswith("data: ")) if p != "[DONE]"]
+        annotations = [a for c in chunks for ch in c.get("choices") or ()
+                       for a in ch["delta"].get("annotations") or ()]
+    else:
+        annotations = json.loads(data)["choices"][0]["message"]["annotations"]
+    assert annotations == [{"type": "url_citation", "url_citation": {
+        "start_index": 14, "end_index": 14 + len(RESULTS[0][1]), "url": RESULTS[0][1],
+        "title": RESULTS[0][0]}}]
