@@ -6467,17 +6467,21 @@ class ResponsesTools:
     """The client's Responses tools as chat functions, and the way back: a ``custom`` tool
     (freeform input, e.g. Codex's apply_patch) is a function with one string argument,
     ``input``; a ``namespace``'s tools are functions under their own name where no other tool
-    has it, else ``namespace__name``.  Other tool types (web_search, …) have no chat form."""
+    has it, else ``namespace__name``.  A hosted ``web_search`` tool is a function with one
+    argument, ``query``, that the proxy runs itself (``search_name``, when ``search`` says a
+    backend can); other hosted tools have no chat form."""
 
-    def __init__(self, tools):
+    def __init__(self, tools, search=False):
         self.functions, self.custom, self.by_flat, self.dropped = [], set(), {}, []
-        entries = []
+        self.search_name, entries = None, []
         for tool in tools or ():
             if tool.get("type") == "namespace":
                 entries += [(tool["name"], inner, tool.get("description") or "")
                             for inner in tool.get("tools") or ()]
             elif tool.get("type") in ("function", "custom"):
                 entries.append((None, tool, ""))
+            elif search and str(tool.get("type")).startswith("web_search"):
+                self.search_name = "web_search"
             else:
                 self.dropped.append(str(tool.get("type")))
         counts = collections.Counter(t["name"] for _ns, t, _d in entries)
@@ -6491,6 +6495,14 @@ class ResponsesTools:
             if tool.get("type") == "custom":
                 self.custom.add(flat)
             self.functions.append(self._function(flat, tool, about))
+        if self.search_name in self.by_flat:  # a client function of that name comes first
+            self.search_name = "web_search_" + random_hex(6)
+        if self.search_name:
+            self.functions.append({"type": "function", "function": {
+                "name": self.search_name, "description": "Search the web. Returns the titles, "
+                "URLs and snippets of the pages found; cite the URLs you use.", "parameters": {
+                    "type": "object", "properties": {"query": {"type": "string"}},
+                    "required": ["query"]}}})
 
     @staticmethod
     def _function(flat, tool, about):
@@ -6726,8 +6738,9 @@ class ResponsesStream:
     event numbered by ``sequence_number``.  ``complete()`` builds a non-streamed response the
     same way."""
 
-    def __init__(self, body, tools, model, clock=time.time):
-        self.tools = tools
+    def __init__(self, body, tools, model, clock=time.time, searcher=None):
+        self.tools, self.searcher = tools, searcher  # searcher(query) -> (urls, text)
+        self.searched = []    # this round's searches: (chat tool call, result text)
         self.response = {
             "id": "resp_" + random_hex(32), "object": "response", "created_at": int(clock()),
             "status": "in_progress", "model": model, "output": [], "usage": None,
@@ -6838,10 +6851,15 @@ class ResponsesStream:
         state, out = self.calls.get(call.get("index", 0)), b""
         if state is None:
             out = self._close_open()
-            item = self.tools.item(function.get("name") or "", call.get("id") or
-                                   "call_" + random_hex(24), "")
-            item["id"] = ("ctc_" if item["type"] == "custom_tool_call" else "fc_") + \
-                random_hex(32)
+            name, call_id = function.get("name") or "", call.get("id") or "call_" + \
+                random_hex(24)
+            if name and name == self.tools.search_name:
+                item = {"id": "ws_" + random_hex(32), "type": "web_search_call",
+                        "action": {"type": "search", "query": ""}, "call_id": call_id}
+            else:
+                item = self.tools.item(name, call_id, "")
+                item["id"] = ("ctc_" if item["type"] == "custom_tool_call" else "fc_") + \
+                    random_hex(32)
             item["status"] = "in_progress"
             index, added = self._add(item)
             state = self.calls[call.get("index", 0)] = [item, index, []]
@@ -6859,6 +6877,9 @@ class ResponsesStream:
         out = []
         for item, index, pieces in sorted(self.calls.values(), key=lambda s: s[1]):
             arguments, at = "".join(pieces), {"item_id": item["id"], "output_index": index}
+            if item["type"] == "web_search_call":
+                out.append(self._search(item, arguments, at))
+                continue
             if item["type"] == "function_call":
                 item["arguments"] = arguments
                 out.append(self._event("response.function_call_arguments.done",
@@ -6874,6 +6895,34 @@ class ResponsesStream:
                                    item=dict(item)))
         self.calls = {}
         return b"".join(out)
+
+    def _search(self, item, arguments, at):
+        """Run a web_search call the model made, as the hosted tool's events and item."""
+        try:
+            query = json.loads(arguments).get("query") or arguments
+        except (ValueError, AttributeError):
+            query = arguments
+        out = self._event("response.web_search_call.in_progress", **at) + \
+            self._event("response.web_search_call.searching", **at)
+        urls, text = self.searcher(str(query)) if self.searcher else ([], "no search backend")
+        call_id = item.pop("call_id")
+        item.update(status="completed", action={"type": "search", "query": str(query),
+                                                "sources": [{"type": "url", "url": u}
+                                                            for u in urls]})
+        self.searched.append(({"id": call_id, "type": "function", "function": {
+            "name": self.tools.search_name, "arguments": arguments or "{}"}}, text))
+        return out + self._event("response.web_search_call.completed", **at) + \
+            self._event("response.output_item.done", output_index=at["output_index"],
+                        item=dict(item))
+
+    def end_round(self):
+        """Close this upstream answer's items; the searches to answer (chat tool calls and
+        their results) when the model asked only to search, else None.  Events to write."""
+        others = [s for s in self.calls.values() if s[0]["type"] != "web_search_call"]
+        out = self._close_open() + self._close_calls()
+        searched, self.searched = self.searched, []
+        return out, (searched if searched and not others and
+                     self.finish_reason in ("tool_calls", "stop", None) else None)
 
     def finish(self):
         """The closing events: response.completed, or response.incomplete for an answer cut
@@ -7238,6 +7287,28 @@ def chat_with_search(chat, body, client=""):
     chat.usage.record("web-search", backend, 200 if error is None else 503, None,
                       (time.monotonic() - started) * 1000, client)
     return results, search_context(body, query, results, error)
+
+
+SEARCH_ROUNDS = 5  # searches a model may run in one answer before it must answer
+
+
+def model_searcher(chat, client=""):
+    """A search a model asked for (a hosted web_search tool run here): query -> (URLs, the
+    text the model is given), failures as text; counted like every search."""
+    def search(query):
+        started = time.monotonic()
+        try:
+            backend, results = chat.web_search.search(query)
+        except SearchUnavailable as e:
+            chat.usage.record("web-search", "none", 503, None,
+                              (time.monotonic() - started) * 1000, client)
+            return [], "The web search could not run: %s" % e.message
+        chat.usage.record("web-search", backend, 200, None, (time.monotonic() - started) * 1000,
+                          client)
+        return [r.url for r in results], "\n".join(
+            "%d. %s — %s%s" % (n, r.title, r.url, " — " + r.snippet if r.snippet else "")
+            for n, r in enumerate(results, 1)) or "No results."
+    return search
 
 
 # --- fetching a page for a client: public addresses only ------------------------------------------
@@ -9173,8 +9244,9 @@ class ProxyHandler(ServerConnection):
         request_class = self.request_class(body["model"])
         self.admit(body["model"])
         history = chat.responses.history(owner, body.get("previous_response_id"))
-        tools = ResponsesTools(body.get("tools"))
-        if tools.dropped:  # (web search: see the web-search work)
+        tools = ResponsesTools(body.get("tools"),  # a hosted web search runs here, if it can
+                               search=chat.web_search.settings()[0] is not None)
+        if tools.dropped:
             log.info("%s tools with no chat form left out: %s", self.request_id,
                      ", ".join(tools.dropped))
         chat_body = responses_to_chat(body, history, tools)
@@ -9301,33 +9373,72 @@ class ProxyHandler(ServerConnection):
 
 def write_responses(handler, exchange, body, tools, items):
     """A Responses client's answer, written by ``handler``: built from the chat answer
-    (translated first from an Anthropic upstream's), then stored unless the client said
-    ``store: false``."""
+    (translated first from an Anthropic upstream's); a hosted web_search the model calls is run
+    here and the model asked again with the results (up to SEARCH_ROUNDS times); then stored
+    unless the client said ``store: false``."""
     headers = {"x-iflow-proxy-model": exchange.model}
     if exchange.protocol == "responses":
         return relay_responses(handler, exchange, body, items, headers)
-    stream = ResponsesStream(body, tools, body["model"])
+    chat = handler.server.chat
+    stream = ResponsesStream(body, tools, body["model"],
+                             searcher=model_searcher(chat, handler.client_name()))
+    write = (lambda data: data and handler.write_chunk(data)) if exchange.stream else \
+        (lambda _data: None)
+    if exchange.stream:
+        handler.start_stream(headers)
+        write(stream.start())
+    current, rounds = exchange, 0
+    try:
+        while True:
+            for piece in answer_chunks(current):
+                write(stream.feed(piece))
+            out, searched = stream.end_round()
+            write(out)
+            if not searched or rounds >= SEARCH_ROUNDS:
+                break
+            rounds += 1
+            current.close()  # its account slot, before the next round takes one
+            current = search_round(chat, current, searched)
+        tail = stream.finish()
+    except UpstreamError as e:
+        current.fail(e)
+        tail = stream.failed(e)
+    finally:
+        if current is not exchange:
+            current.close()
+    if exchange.stream:
+        handler.end_stream(tail)
+    else:
+        handler.send_json(200, stream.response, headers)
+    if body.get("store", True) and stream.response["status"] != "failed":
+        chat.responses.put(handler.client_name(), stream.response, items)
+
+
+def answer_chunks(exchange):
+    """An exchange's answer as OpenAI chat chunks (dicts), whatever its upstream spoke."""
     translator = OpenAIChunks(exchange.model) if exchange.protocol == "anthropic" else None
     if not exchange.stream:
         payload = exchange.answer.payload if translator is None else \
             anthropic_message_to_completion(exchange.answer.payload, exchange.model)
-        handler.send_json(200, stream.complete(payload), headers)
-    else:
-        handler.start_stream(headers)
-        handler.write_chunk(stream.start())
-        try:
-            for _data, chunk in exchange.chunks():
-                for piece in translator.chunks(chunk) if translator else (chunk,):
-                    out = stream.feed(piece)
-                    if out:
-                        handler.write_chunk(out)
-            tail = stream.finish()
-        except UpstreamError as e:
-            exchange.fail(e)
-            tail = stream.failed(e)
-        handler.end_stream(tail)
-    if body.get("store", True) and stream.response["status"] != "failed":
-        handler.server.chat.responses.put(handler.client_name(), stream.response, items)
+        yield from completion_to_chunks(payload)
+        return
+    for _data, chunk in exchange.chunks():
+        yield from translator.chunks(chunk) if translator else (chunk,)
+
+
+def search_round(chat, previous, searched):
+    """The exchange that continues an answer after the searches it asked for: the same
+    request with the model's search calls and their results added, opened."""
+    request = previous.request
+    body = request.openai()
+    messages = body["messages"] + [{"role": "assistant", "content": None, "tool_calls": [
+        call for call, _text in searched]}] + [
+        {"role": "tool", "tool_call_id": call["id"], "content": text} for call, text in searched]
+    follow = ChatRequest("openai", dict(body, messages=messages), request.thinking,
+                         request.effort, request_class=request.request_class,
+                         client=request.client)
+    follow.key = request.key
+    return chat.exchange(follow, previous.conversation, cancelled=previous.cancelled).open()
 
 
 def relay_responses(handler, exchange, body, items, headers):

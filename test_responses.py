@@ -60,6 +60,7 @@ def check_responses_grammar(events):
         assert final["usage"]["total_tokens"] == final["usage"]["input_tokens"] + \
             final["usage"]["output_tokens"]
     prefixes = {"message": "msg_", "function_call": "fc_", "custom_tool_call": "ctc_",
+                "web_search_call": "ws_",
                 "reasoning": "rs_"}
     assert final["id"].startswith("resp_")
     assert all(i["id"].startswith(prefixes[i["type"]]) for i in final["output"]), final["output"]

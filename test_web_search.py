@@ -386,3 +386,64 @@ def test_openai_web_search_options_search_first_and_cite(home, fake, search, str
     assert annotations == [{"type": "url_citation", "url_citation": {
         "start_index": 14, "end_index": 14 + len(RESULTS[0][1]), "url": RESULTS[0][1],
         "title": RESULTS[0][0]}}]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_codex_web_search_tool_is_run_by_the_proxy(home, fake, search, stream):
+    """Codex offers a hosted web_search tool: the model gets it as a function, its call is run
+    here (a web_search_call item with the query and sources), and the model is asked again
+    with the results, in the same response."""
+    from test_responses import check_responses_grammar, responses_events
+
+    def respond(body):
+        results = [m for m in body["messages"] if m["role"] == "tool"]
+        if not results:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_s1", "type": "function", "function": {
+                    "name": "web_search", "arguments": '{"query": "iflow cli end"}'}}]}
+        return {"content": "Per " + results[-1]["content"].split(" — ")[1]}
+    add_key_account(home, KEYS[0])
+    fake.responder = respond
+    body = dict(fixture("codex-0.171.0/01-first-turn.json")["body"], model="glm-4.6",
+                stream=stream)
+    config = make_config(home, fake, web_search={"backend": "searxng", "url": search.url})
+    with running(config) as server:
+        status, _h, data = request(server, "POST", "/v1/responses", body,
+                                   {"Content-Type": "application/json"})
+        rows = server.chat.usage.day_rows()
+    assert status == 200, data[:300]
+    response = check_responses_grammar(responses_events(data)) if stream else json.loads(data)
+    assert [i["type"] for i in response["output"]] == ["web_search_call", "message"]
+    call = response["output"][0]
+    assert call["status"] == "completed" and call["action"]["query"] == "iflow cli end"
+    assert [s["url"] for s in call["action"]["sources"]] == [r[1] for r in RESULTS]
+    assert response["output"][1]["content"][0]["text"] == "Per " + RESULTS[0][1]
+    first, second = [r[2] for r in fake.chat_requests()]
+    assert "web_search" in [t["function"]["name"] for t in first["tools"]]
+    assert second["messages"][-1]["role"] == "tool" and RESULTS[0][1] in \
+        second["messages"][-1]["content"]
+    assert ("web-search", "searxng", 1) in [(r["account"], r["model"], r["requests"])
+                                            for r in rows]
+
+
+def test_real_codex_searches_the_web_through_the_proxy(home, fake, search, tmp_path):
+    from test_responses import run_codex
+
+    def respond(body):
+        results = [m for m in body["messages"] if m["role"] == "tool"]
+        if not results:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_s1", "type": "function", "function": {
+                    "name": "web_search", "arguments": '{"query": "iflow cli end"}'}}]}
+        return {"content": "Found: " + results[-1]["content"].split(" — ")[1]}
+    add_key_account(home, KEYS[0])
+    write_config(home, {"web_search": {"backend": "searxng", "url": search.url}})
+    fake.responder = respond
+    out, events, lines = run_codex(home, {"IFLOW_API_BASE": fake.url + "/v1"}, tmp_path,
+                                   "exec", "--skip-git-repo-check", "--json",
+                                   "When did the iFlow CLI end? Search the web.")
+    assert out.returncode == 0, out.stdout + out.stderr
+    done = [e["item"] for e in events if e["type"] == "item.completed"]
+    assert any(i["type"] == "web_search" and "iflow cli end" in json.dumps(i) for i in done), done
+    assert any(i["type"] == "agent_message" and RESULTS[0][1] in i["text"] for i in done), done
+    assert search.requests and search.requests[0][2]["q"] == "iflow cli end"
