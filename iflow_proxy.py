@@ -7012,6 +7012,13 @@ class ResponseStore:
 #   exa         https://exa.ai/docs/reference/search: POST https://api.exa.ai/search, header
 #               x-api-key, {query, numResults, contents: {text: {maxCharacters}}}
 #   duckduckgo  no documented API: its HTML results page, read only when chosen explicitly
+# Providers' own search, with an account's key (backend "provider", or "auto" when no other
+# backend is set up; see preset quirk search_api):
+#   deepseek    https://api-docs.deepseek.com/guides/search: POST {base}/v1/tools/search,
+#               Bearer, {query, count} -> results[] title, url, summary
+#   zhipu       https://docs.bigmodel.cn/api-reference/%E5%B7%A5%E5%85%B7-api/%E7%BD%91%E7%BB%9C%E6%90%9C%E7%B4%A2:
+#               POST {base}/web_search, Bearer, {search_query, search_engine: search_std,
+#               count} -> search_result[] title, link, content, publish_date
 SearchBackend = collections.namedtuple("SearchBackend", "url key_env needs_key")
 SEARCH_BACKENDS = {
     "searxng": SearchBackend(None, None, False),
@@ -7031,9 +7038,38 @@ class SearchUnavailable(ProxyError):
     status, code = 503, "web_search_unavailable"
 
 
-def search_settings(config, env):
+PROVIDER_SEARCH = {"deepseek": ("deepseek", "/v1/tools/search"),
+                   "zhipu": ("zhipu", "/web_search"), "zai": ("zhipu", "/web_search")}
+
+
+def provider_search(config, accounts):
+    """(backend, url, key) of the first usable account whose provider has a search API of its
+    own, or None."""
+    for account in accounts:
+        found = PROVIDER_SEARCH.get(account.provider_name)
+        if account.usable and account.api_key and found:
+            base = account.api_base(config)
+            if account.protocol == "anthropic":  # the same host's OpenAI-protocol base
+                base = PROVIDERS[account.provider_name].openai
+            return found[0], base.rstrip("/") + found[1], account.api_key
+    return None
+
+
+def search_settings(config, env, accounts=()):
     """(backend name, url, key, max results, timeout) of config ``web_search``, its key from
-    the environment when the config has none; backend None when none is set up."""
+    the environment when the config has none, a provider's own search for "provider" (and for
+    "auto" when nothing else is set up); backend None when none can answer."""
+    settings = config.web_search or {}
+    chosen = settings.get("backend") or "auto"
+    count, timeout = settings.get("max_results") or 5, settings.get("timeout") or 10
+    if chosen == "provider" or chosen == "auto" and search_configured(config, env) is None:
+        found = provider_search(config, accounts)
+        return (found + (count, timeout)) if found else (None, None, "", 0, 0)
+    return search_configured(config, env) or (None, None, "", 0, 0)
+
+
+def search_configured(config, env):
+    """search_settings' answer from the config and environment alone, or None."""
     settings = config.web_search or {}
     chosen = settings.get("backend") or "auto"
     url = settings.get("url") or (env.get("SEARXNG_URL") if chosen in ("auto", "searxng")
@@ -7048,7 +7084,7 @@ def search_settings(config, env):
             continue
         return (name, url or backend.url, key or "", settings.get("max_results") or 5,
                 settings.get("timeout") or 10)
-    return None, None, "", 0, 0
+    return None
 
 
 def search_request(name, url, key, query, count):
@@ -7061,11 +7097,13 @@ def search_request(name, url, key, query, count):
             "X-Subscription-Token": key, "Accept": "application/json"}, None
     if name == "duckduckgo":
         return "GET", "%s?q=%s" % (url, quote(query)), {"Accept": "text/html"}, None
-    body = {"query": query, "max_results": count} if name == "tavily" else \
-        {"query": query, "numResults": count, "contents": {"text": {"maxCharacters": 500}}}
+    body = {"tavily": {"query": query, "max_results": count},
+            "deepseek": {"query": query, "count": count},
+            "zhipu": {"search_query": query, "search_engine": "search_std", "count": count},
+            }.get(name) or {"query": query, "numResults": count,
+                            "contents": {"text": {"maxCharacters": 500}}}
     headers = {"Content-Type": "application/json"}
-    headers.update({"Authorization": "Bearer " + key} if name == "tavily" else
-                   {"x-api-key": key})
+    headers.update({"x-api-key": key} if name == "exa" else {"Authorization": "Bearer " + key})
     return "POST", url, headers, json_bytes(body)
 
 
@@ -7083,17 +7121,20 @@ def search_results(name, status, raw):
     except ValueError:
         raise SearchUnavailable("%s answered something that is not JSON" % name) from None
     rows = ((payload.get("web") or {}).get("results") if name == "brave" else
+            payload.get("search_result") if name == "zhipu" else
             payload.get("results")) if isinstance(payload, dict) else None
     if not isinstance(rows, list):
         raise SearchUnavailable("%s's answer has no results list" % name)
     out = []
     for row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("url"), str):
+        url = row.get("url") or row.get("link") if isinstance(row, dict) else None
+        if not isinstance(url, str):
             continue
-        snippet = row.get("content") or row.get("description") or row.get("text") or ""
+        snippet = row.get("content") or row.get("description") or row.get("text") or \
+            row.get("summary") or ""
         age = row.get("publishedDate") or row.get("published_date") or row.get("page_age") \
-            or row.get("age") or ""
-        out.append(SearchResult(str(row.get("title") or row["url"]), row["url"],
+            or row.get("age") or row.get("publish_date") or ""
+        out.append(SearchResult(str(row.get("title") or url), url,
                                 html_text(str(snippet))[:500], str(age)))
     return out
 
@@ -7135,11 +7176,16 @@ class WebSearch:
     """Runs searches on the configured backend, bounded in time; every failure a
     SearchUnavailable whose message never holds the key."""
 
-    def __init__(self, config, env=None):
+    def __init__(self, config, env=None, accounts=lambda: ()):
         self.config, self.env = config, os.environ if env is None else env
+        self.accounts = accounts  # () -> the accounts (for a provider's own search)
 
     def settings(self):
-        return search_settings(self.config, self.env)
+        return search_settings(self.config, self.env, self.accounts())
+
+    def configured(self):
+        """Whether a backend of the config or environment (not a provider's) is set up."""
+        return search_configured(self.config, self.env) is not None
 
     def search(self, query, allowed=(), blocked=()):
         """(backend name, [SearchResult]) for ``query``, filtered by domain."""
@@ -8026,7 +8072,7 @@ class ChatService:
         self._limits = {}           # (account id, model) -> output limit upstream named
         self.reasoning = ReasoningMemory()
         self.responses = ResponseStore(config.responses_store)
-        self.web_search = WebSearch(config, env)
+        self.web_search = WebSearch(config, env, lambda: self.router.all_accounts())
         self.without_responses = set()  # accounts whose Responses endpoint answered 404
         self.calibration = TokenCalibration(self.usage.extra.get("calibration"))
         self._lock = threading.Lock()
@@ -8043,7 +8089,7 @@ class ChatService:
         speaks to an Anthropic endpoint that runs the tool itself (preset quirk
         web_search_native)."""
         if (self.config.web_search or {}).get("backend", "auto") != "auto" or \
-                self.web_search.settings()[0] is not None:
+                self.web_search.configured():
             return False
         return any(a.usable and a.protocol == "anthropic" and serves(a, model) and
                    "web_search_native" in getattr(PROVIDERS.get(a.provider_name), "quirks", ())

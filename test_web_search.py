@@ -71,6 +71,15 @@ class FakeSearchHandler(QuietHandler):
             return self.answer(200, {"web": {"results": [
                 {"title": t, "url": u, "description": s, "page_age": a} for t, u, s, a in
                 RESULTS]}})
+        if parts.path in ("/v1/tools/search", "/api/paas/v4/web_search"):  # DeepSeek, Zhipu
+            if self.headers.get("Authorization") != "Bearer sk-provider-1":
+                return self.answer(401, {"error": {"message": "bad key"}})
+            if parts.path == "/v1/tools/search":
+                return self.answer(200, {"results": [{"title": t, "url": u, "summary": s}
+                                                     for t, u, s, _a in RESULTS]})
+            return self.answer(200, {"search_result": [
+                {"title": t, "link": u, "content": s, "publish_date": a} for t, u, s, a in
+                RESULTS]})
         if parts.path == "/exa":
             if self.headers.get("x-api-key") != "exa-test":
                 return self.answer(401, {"error": "bad key"})
@@ -447,3 +456,24 @@ def test_real_codex_searches_the_web_through_the_proxy(home, fake, search, tmp_p
     assert any(i["type"] == "web_search" and "iflow cli end" in json.dumps(i) for i in done), done
     assert any(i["type"] == "agent_message" and RESULTS[0][1] in i["text"] for i in done), done
     assert search.requests and search.requests[0][2]["q"] == "iflow cli end"
+
+
+@pytest.mark.parametrize("provider, base, asked", [
+    ("deepseek", "", {"query": "when did iflow cli shut down", "count": 5}),
+    ("zhipu", "/api/paas/v4", {"search_query": "when did iflow cli shut down",
+                               "search_engine": "search_std", "count": 5}),
+])
+def test_a_providers_own_search_with_the_accounts_key(home, search, provider, base, asked):
+    """backend auto with nothing else set up: the provider's own search API answers, with the
+    key of the account (DeepSeek's /v1/tools/search, Zhipu's /web_search)."""
+    from test_iflow_proxy import add_provider_account
+    add_provider_account(home, "sk-provider-1", provider, "openai", search.url + base)
+    body, headers = side_request(False)
+    with running(make_config(home)) as server:
+        status, _h, data = request(server, "POST", "/v1/messages", body, headers)
+        rows = server.chat.usage.day_rows()
+    message = json.loads(data)
+    assert status == 200 and [r["url"] for r in message["content"][1]["content"]] == \
+        [r[1] for r in RESULTS], message
+    assert search.requests[-1][3] == asked and "sk-provider-1" not in json.dumps(message)
+    assert [r["model"] for r in rows] == [provider]
