@@ -8375,6 +8375,7 @@ class ClientLimits:
     def __init__(self, usage, clock=time.time):
         self.usage, self.clock = usage, clock
         self._recent = {}   # key name -> times of its requests in the last minute
+        self._reserved = {}  # key name -> tokens its requests in flight are expected to use
         self._lock = threading.Lock()
 
     def check_expiry(self, key):
@@ -8383,16 +8384,44 @@ class ClientLimits:
                                                        time.localtime(self.clock())):
             raise Unauthorized("client key %s expired on %s" % (key.name, key.expires))
 
-    def admit(self, key, model):
+    def admit(self, key, model, estimate=lambda: 0):
+        """Let a request of ``key`` in, or raise; returns the tokens reserved for it (release
+        them with settle() once its usage is recorded).  A tokens_per_day budget counts what
+        the key's requests in flight are expected to use (``estimate()``: the prompt), so
+        requests sent at once cannot overshoot it."""
         now = self.clock()
         self.check_expiry(key)  # (its model list is checked against the model sent: see
         # ChatRequest.check_model, at every step of the exchange)
-        if key.tokens_per_day and self.usage.client_tokens(key.name) >= key.tokens_per_day:
-            tomorrow = time.mktime(time.localtime(now)[:3] + (24, 0, 0, 0, 0, -1))
-            raise RateLimited("client key %s used its %d tokens for today" % (
-                key.name, key.tokens_per_day), retry_after=max(1, int(tomorrow - now)))
+        reserved = 0
+        if key.tokens_per_day:
+            reserved = estimate()
+            with self._lock:
+                ahead = self._reserved.get(key.name, 0)
+                spent = self.usage.client_tokens(key.name) + ahead
+                if spent >= key.tokens_per_day or ahead and \
+                        spent + reserved > key.tokens_per_day:
+                    tomorrow = time.mktime(time.localtime(now)[:3] + (24, 0, 0, 0, 0, -1))
+                    raise RateLimited("client key %s used its %d tokens for today%s" % (
+                        key.name, key.tokens_per_day, " (counting its requests in flight)"
+                        if ahead else ""), retry_after=max(1, int(tomorrow - now)))
+                self._reserved[key.name] = ahead + reserved
         if key.rpm:
-            self._count(key, now)
+            try:
+                self._count(key, now)
+            except RateLimited:
+                self.settle(key, reserved)
+                raise
+        return reserved
+
+    def settle(self, key, reserved):
+        """Release what admit() reserved for a finished request (its usage is recorded)."""
+        if reserved:
+            with self._lock:
+                left = self._reserved.get(key.name, 0) - reserved
+                if left > 0:
+                    self._reserved[key.name] = left
+                else:
+                    self._reserved.pop(key.name, None)
 
     def _count(self, key, now):
         with self._lock:
@@ -9037,7 +9066,7 @@ class ProxyHandler(ServerConnection):
         self.server.request_started()
         self.api = "anthropic" if self.headers.get("anthropic-version") else "openai"
         self.exchange = self.client_key = None
-        self.client_left = False
+        self.client_left, self.reserved = False, 0
         try:
             getattr(self, self.check_request())()
         except ProxyError as e:
@@ -9050,6 +9079,8 @@ class ProxyHandler(ServerConnection):
             log.exception("%s internal error", self.request_id)
             self.send_error_json(ProxyError("internal error in iflow-proxy; see its log"))
         finally:
+            if self.reserved:
+                self.server.limits.settle(self.client_key, self.reserved)
             self.end_request()
             self.server.request_finished()
             self.log_access()
@@ -9145,10 +9176,11 @@ class ProxyHandler(ServerConnection):
         self.log_fields["client"] = matched.name
         self.server.limits.check_expiry(matched)  # on every route a key opens, not only chat
 
-    def admit(self, model):
-        """The client key's own limits, once the model is known (see ClientLimits)."""
+    def admit(self, model, estimate=lambda: 0):
+        """The client key's own limits, once the model is known (see ClientLimits); what it
+        reserves is released when the request ends (dispatch)."""
         if self.client_key is not None:
-            self.server.limits.admit(self.client_key, model)
+            self.reserved = self.server.limits.admit(self.client_key, model, estimate)
 
     # --- request bodies ---------------------------------------------------------------------
     def read_json(self):
@@ -9224,7 +9256,8 @@ class ProxyHandler(ServerConnection):
     def handle_chat_completions(self):
         body = validate_chat_request(self.read_json())
         request_class = self.request_class(body["model"])
-        self.admit(body["model"])
+        self.admit(body["model"], lambda: count_openai_tokens(
+            body, self.server.chat.token_estimates))
         body = dict(body, model=self.class_model(request_class, body["model"]))
         chat, results = self.server.chat, None
         if isinstance(body.get("web_search_options"), dict):  # search first, answer with it
@@ -9258,7 +9291,8 @@ class ProxyHandler(ServerConnection):
         config, chat = self.server.config, self.server.chat
         request = resolve_turns(validate_anthropic_request(self.read_json()))
         request_class = self.request_class(request["model"])
-        self.admit(request["model"])
+        self.admit(request["model"], lambda: count_request_tokens(request,
+                                                                   chat.token_estimates))
         self.log_fields["model"] = request["model"]
         mapped = self.class_model(request_class, map_claude_model(
             request["model"], config.claude_models, chat.claude_defaults()))
@@ -9288,7 +9322,7 @@ class ProxyHandler(ServerConnection):
         chat, owner = self.server.chat, self.client_name()
         body = validate_responses_request(self.read_json())
         request_class = self.request_class(body["model"])
-        self.admit(body["model"])
+        self.admit(body["model"], lambda: estimate_tokens(json.dumps(body.get("input"))))
         history = chat.responses.history(owner, body.get("previous_response_id"))
         tools = ResponsesTools(body.get("tools"),  # a hosted web search runs here, if it can
                                search=chat.web_search.settings()[0] is not None)

@@ -592,3 +592,32 @@ def test_a_stream_left_before_its_usage_report_is_still_counted(home, fake):
         fake.gate.set()
         rows = [r for r in server.chat.usage.client_rows() if r["client"] == "bob"]
         assert rows[0]["input_tokens"] > 0 and rows[0]["output_tokens"] >= 50, rows
+
+
+def test_requests_sent_at_once_cannot_overshoot_a_token_budget(home, fake):
+    """Checked before and counted after, 8 requests sent together all got in under a budget
+    that fits two: each one's prompt is now reserved when it is let in (and released once its
+    usage is recorded), so the ones past the budget are refused at once."""
+    add_key_account(home, KEYS[0])
+    keys = (ip.client_key({"name": "bob", "key": "ck-bob-1", "tokens_per_day": 1000}),)
+    body = dict(CHAT, messages=[{"role": "user", "content": "word " * 1500}])  # ~400 tokens
+    fake.hold = threading.Event()
+    auth = {"Authorization": "Bearer ck-bob-1", "Content-Type": "application/json"}
+    with running(make_config(home, fake, client_keys=keys, max_concurrency=0)) as server:
+        results, threads = [], []
+        for _ in range(8):
+            thread = threading.Thread(target=lambda: results.append(
+                request(server, "POST", "/v1/chat/completions", body, auth)[0]), daemon=True)
+            thread.start()
+            threads.append(thread)
+        wait_for(lambda: len(results) + len(fake.chat_requests()) >= 8,
+                 what="every request let in or refused")
+        admitted = len(fake.chat_requests())
+        fake.hold.set()
+        for thread in threads:
+            thread.join(30)
+        assert 1 <= admitted <= 2 and results.count(429) == 8 - admitted, (admitted, results)
+        # each reservation is released once its usage is recorded (the fake reports 16
+        # tokens a request): the budget is free again for a request that fits
+        wait_for(lambda: request(server, "POST", "/v1/chat/completions", body, auth)[0] == 200,
+                 what="reservations released")
