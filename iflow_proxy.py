@@ -9226,7 +9226,13 @@ class ProxyHandler(ServerConnection):
         self.send_json(200, {"status": "ok"})
 
     def handle_status(self):
-        self.send_json(200, self.server.chat.status(self.server.url))
+        """The proxy's state; a client key sees of the per-key figures only its own (the
+        home's owner, with run.json's status token, and the management API see every key's)."""
+        status = self.server.chat.status(self.server.url)
+        if self.client_key is not None:
+            status["clients_today"] = [r for r in status["clients_today"]
+                                       if r["client"] == self.client_key.name]
+        self.send_json(200, status)
 
     def handle_dashboard(self):
         """A static page; its script fetches /status with the key kept in the browser."""

@@ -621,3 +621,19 @@ def test_requests_sent_at_once_cannot_overshoot_a_token_budget(home, fake):
         # tokens a request): the budget is free again for a request that fits
         wait_for(lambda: request(server, "POST", "/v1/chat/completions", body, auth)[0] == 200,
                  what="reservations released")
+
+
+def test_a_client_key_sees_only_its_own_usage_in_status(home, fake):
+    add_key_account(home, KEYS[0])
+    keys = tuple(ip.client_key({"name": n, "key": "ck-%s-123456" % n}) for n in ("alice", "bob"))
+    with running(make_config(home, fake, client_keys=keys)) as server:
+        for name in ("alice", "bob"):
+            auth = {"Authorization": "Bearer ck-%s-123456" % name,
+                    "Content-Type": "application/json"}
+            assert request(server, "POST", "/v1/chat/completions", CHAT, auth)[0] == 200
+        seen = json.loads(request(server, "GET", "/status", None,
+                                  {"Authorization": "Bearer ck-alice-123456"})[2])
+        assert [r["client"] for r in seen["clients_today"]] == ["alice"]
+        owner = json.loads(request(server, "GET", "/status", None, {
+            "Authorization": "Bearer " + server.status_token})[2])
+        assert sorted(r["client"] for r in owner["clients_today"]) == ["alice", "bob"]
