@@ -4883,6 +4883,32 @@ class UsageBook:
         self._clients = table("clients")  # "YYYY-MM-DD" -> {"client name|model": tally}
         self._hours = table("hours")      # "YYYY-MM-DDTHH" -> {"account|model": [n, tokens]}
         self.extra = table("extra")       # other figures saved with these (token calibration)
+        # Client keys' usage since the last save, one line each, so a crash (kill -9) can't
+        # reset a tokens_per_day budget: replayed at start (lines past the saved sequence
+        # number), emptied by each save
+        self.journal_path = os.path.splitext(path)[0] + ".journal"
+        saved = data.get("journal_seq")
+        self._seq = saved if isinstance(saved, int) and not isinstance(saved, bool) else 0
+        self._journal = None
+        self._replay()
+
+    def _replay(self):
+        try:
+            with open(self.journal_path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                seq, day, client, model = entry["n"], entry["d"], entry["c"], entry["m"]
+                usage = {"prompt_tokens": entry["i"], "completion_tokens": entry["o"]}
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by the crash
+            if isinstance(seq, int) and seq > self._seq and isinstance(day, str):
+                self._seq = seq
+                self._count_client(client, model, usage, day)
+                self._dirty = True
 
     def today(self):
         return self._stamps()[0]
@@ -4927,13 +4953,14 @@ class UsageBook:
             tally["latency_ms"] += round(latency_ms, 1)
             if client:
                 self._count_client(client, model, usage)
+                self._note(today, client, model, prompt, completion)
             counts = _row(self._hours, this_hour, row, account, _new_pair)
             counts[0] += 1
             counts[1] += prompt + completion
             self._dirty = True
 
-    def _count_client(self, client, model, usage):
-        clients = self._clients.setdefault(self.today(), {})
+    def _count_client(self, client, model, usage, day=None):
+        clients = self._clients.setdefault(day or self.today(), {})
         key = "%s|%s" % (client, model)
         if key not in clients and len(clients) >= MAX_USAGE_ROWS:
             key = "%s|%s" % (client, OTHER_MODELS)
@@ -5015,6 +5042,26 @@ class UsageBook:
                 "total": {"rows": rows(everything), "sum": fold(everything.values()),
                           "since": min(days) if days else None}}
 
+    def close(self):
+        """Close the journal (after the last save)."""
+        with self._lock:
+            if self._journal is not None:
+                os.close(self._journal)
+                self._journal = None
+
+    def _note(self, day, client, model, prompt, completion):
+        """Append a client's usage to the journal (under the lock); never fails a request."""
+        self._seq += 1
+        line = json.dumps({"n": self._seq, "d": day, "c": client, "m": model, "i": prompt,
+                           "o": completion}, ensure_ascii=False) + "\n"
+        try:
+            if self._journal is None:
+                self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND |
+                                        os.O_CREAT, 0o600)
+            os.write(self._journal, line.encode("utf-8"))
+        except OSError as e:
+            log.warning("cannot write the usage journal %s: %s", self.journal_path, e)
+
     def save(self):
         with self._lock:
             if not self._dirty:
@@ -5026,9 +5073,13 @@ class UsageBook:
             first_hour = time.strftime("%Y-%m-%dT%H", time.localtime(self.clock() - 48 * 3600))
             self._hours = {h: v for h, v in self._hours.items() if h >= first_hour}
             data = {"version": 1, "days": self._days, "clients": self._clients,
-                    "hours": self._hours, "extra": self.extra}
+                    "hours": self._hours, "extra": self.extra, "journal_seq": self._seq}
             self._dirty = False
             atomic_write_json(self.path, data)
+            if self._journal is None and os.path.exists(self.journal_path):
+                self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+            if self._journal is not None:  # all of it is in the file now
+                os.ftruncate(self._journal, 0)
 
 
 # ==================================================================================================
@@ -8244,6 +8295,7 @@ class ChatService:
     def close(self):
         self.upstream.close()
         self.save_state()
+        self.usage.close()
 
     def save_state(self):
         if self.calibration.changed:
@@ -9229,7 +9281,7 @@ class ProxyHandler(ServerConnection):
         """The proxy's state; a client key sees of the per-key figures only its own (the
         home's owner, with run.json's status token, and the management API see every key's)."""
         status = self.server.chat.status(self.server.url)
-        if self.client_key is not None:
+        if self.client_key is not None and "clients_today" in status:
             status["clients_today"] = [r for r in status["clients_today"]
                                        if r["client"] == self.client_key.name]
         self.send_json(200, status)

@@ -637,3 +637,61 @@ def test_a_client_key_sees_only_its_own_usage_in_status(home, fake):
         owner = json.loads(request(server, "GET", "/status", None, {
             "Authorization": "Bearer " + server.status_token})[2])
         assert sorted(r["client"] for r in owner["clients_today"]) == ["alice", "bob"]
+
+
+def test_client_usage_survives_a_crash_between_saves(tmp_path):
+    """usage.json is saved now and then: what a client key used since is in usage.journal,
+    replayed at start (and only once: a save folds it in and empties it)."""
+    path = str(tmp_path / "usage.json")
+    book = ip.UsageBook(path)
+    book.record("acct", "glm-4.6", 200, {"prompt_tokens": 40, "completion_tokens": 2}, 5, "bob")
+    book.save()
+    book.record("acct", "glm-4.6", 200, {"prompt_tokens": 30, "completion_tokens": 1}, 5, "bob")
+    # (no save: the process is killed here)
+    again = ip.UsageBook(path)
+    assert again.client_tokens("bob") == 73
+    again.save()
+    assert open(again.journal_path).read() == ""
+    assert ip.UsageBook(path).client_tokens("bob") == 73  # not counted twice
+    with open(again.journal_path, "a") as f:
+        f.write('{"n": 99, "d": "%s", "c": "bob", "m": "x", "i": 5, "o"' % again.today())
+    assert ip.UsageBook(path).client_tokens("bob") == 73  # a line cut by the kill: skipped
+
+
+def test_kill_9_does_not_reset_a_token_budget(home, fake, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from test_iflow_proxy import HERE, write_config
+    add_key_account(home, KEYS[0])
+    write_config(home, {"client_keys": [{"name": "bob", "key": "ck-bob-123456",
+                                         "tokens_per_day": 32}], "port": 0})
+    env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_API_BASE=fake.url + "/v1")
+    auth = {"Authorization": "Bearer ck-bob-123456", "Content-Type": "application/json"}
+
+    def serve():
+        run = os.path.join(home, "run.json")
+        if os.path.exists(run):
+            os.unlink(run)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "serve"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(run) and json.load(open(run)).get("url"),
+                 what="the proxy up")
+        port = int(json.load(open(run))["url"].rsplit(":", 1)[1])
+        return proc, type("S", (), {"server_address": ("127.0.0.1", port)})()
+
+    proc, server = serve()
+    try:
+        for _ in range(2):  # the fake counts 16 tokens a request: the budget is spent
+            assert request(server, "POST", "/v1/chat/completions", CHAT, auth)[0] == 200
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    proc, server = serve()
+    try:
+        status, _h, data = request(server, "POST", "/v1/chat/completions", CHAT, auth)
+        assert status == 429 and b"used its 32 tokens" in data, data
+    finally:
+        proc.terminate()
+        proc.wait(10)
