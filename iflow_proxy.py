@@ -7288,7 +7288,6 @@ def web_search_message(model, query, results=None, error=None, estimate=0):
     """The Anthropic message a web search tool answers with: the server_tool_use, its
     web_search_tool_result (or the error form), and a text listing title — url — snippet (the
     calling model sees only text, titles and URLs)."""
-    tool_id = "srvtoolu_" + random_hex(24)
     if error is None:
         found = [{"type": "web_search_result", "url": r.url, "title": r.title,
                   "page_age": r.page_age or None, "encrypted_content": ""} for r in results]
@@ -7298,14 +7297,30 @@ def web_search_message(model, query, results=None, error=None, estimate=0):
     else:
         found = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
         text = "The web search could not run: %s" % error
-    content = [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
-                "input": {"query": query}},
-               {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": found},
+    return server_tool_message(model, "web_search", {"query": query}, found, text, estimate,
+                               error is None)
+
+
+def server_tool_message(model, name, tool_input, result, text, estimate, ran):
+    """The Anthropic message of a server tool the proxy ran: its server_tool_use, its
+    ``<name>_tool_result``, a text for the calling model, and the run counted in usage."""
+    tool_id = "srvtoolu_" + random_hex(24)
+    content = [{"type": "server_tool_use", "id": tool_id, "name": name, "input": tool_input},
+               {"type": name + "_tool_result", "tool_use_id": tool_id, "content": result},
                {"type": "text", "text": text}]
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": estimate, "output_tokens": max(1, len(text) // 4),
-                      "server_tool_use": {"web_search_requests": 0 if error else 1}}}
+                      "server_tool_use": {name + "_requests": 1 if ran else 0}}}
+
+
+def write_message(handler, body, message):
+    """A whole Anthropic message, as events when the request asked for a stream."""
+    if body.get("stream") is True:
+        handler.start_stream({})
+        handler.end_stream(b"".join(sse(e, e["type"]) for e in message_to_events(message)))
+    else:
+        handler.send_json(200, message)
 
 
 def answer_web_search(handler, body):
@@ -7328,11 +7343,7 @@ def answer_web_search(handler, body):
     chat.usage.record("web-search", backend or "none", 200 if error is None else 503, None,
                       (time.monotonic() - started) * 1000, handler.client_name())
     handler.log_fields["model"] = "web_search (%s)" % (backend or "none")
-    if body.get("stream") is True:
-        handler.start_stream({})
-        handler.end_stream(b"".join(sse(e, e["type"]) for e in message_to_events(message)))
-    else:
-        handler.send_json(200, message)
+    write_message(handler, body, message)
 
 
 def search_context(body, query, results, error):
@@ -7517,7 +7528,6 @@ _URL = re.compile(r"https?://[^\s<>\"')\]]+")
 def web_fetch_message(model, url, fetched=None, error=None, estimate=0):
     """The Anthropic message a web fetch tool answers with: server_tool_use, then its
     web_fetch_tool_result (the page as a text document, or the error form), then the text."""
-    tool_id = "srvtoolu_" + random_hex(24)
     if error is None:
         final, kind, text = fetched
         result = {"type": "web_fetch_result", "url": final, "retrieved_at":
@@ -7529,14 +7539,8 @@ def web_fetch_message(model, url, fetched=None, error=None, estimate=0):
         code = "unsupported_content_type" if "content type" in error else "url_not_accessible"
         result = {"type": "web_fetch_tool_error", "error_code": code}
         summary = "The page could not be fetched: %s" % error
-    content = [{"type": "server_tool_use", "id": tool_id, "name": "web_fetch",
-                "input": {"url": url}},
-               {"type": "web_fetch_tool_result", "tool_use_id": tool_id, "content": result},
-               {"type": "text", "text": summary}]
-    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": estimate, "output_tokens": max(1, len(summary) // 4),
-                      "server_tool_use": {"web_fetch_requests": 0 if error else 1}}}
+    return server_tool_message(model, "web_fetch", {"url": url}, result, summary, estimate,
+                               error is None)
 
 
 def answer_web_fetch(handler, body, resolve=None):
@@ -7557,11 +7561,7 @@ def answer_web_fetch(handler, body, resolve=None):
     chat.usage.record("web-fetch", "fetch", 200 if error is None else 400, None,
                       (time.monotonic() - started) * 1000, handler.client_name())
     handler.log_fields["model"] = "web_fetch"
-    if body.get("stream") is True:
-        handler.start_stream({})
-        handler.end_stream(b"".join(sse(e, e["type"]) for e in message_to_events(message)))
-    else:
-        handler.send_json(200, message)
+    write_message(handler, body, message)
 
 
 # ==================================================================================================

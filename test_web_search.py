@@ -397,6 +397,19 @@ def test_openai_web_search_options_search_first_and_cite(home, fake, search, str
         "title": RESULTS[0][0]}}]
 
 
+def searching_responder(prefix):
+    """A model that searches for "iflow cli end" first, then answers ``prefix`` and the first
+    result's URL from what the search gave it."""
+    def respond(body):
+        results = [m for m in body["messages"] if m["role"] == "tool"]
+        if not results:
+            return {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_s1", "type": "function", "function": {
+                    "name": "web_search", "arguments": '{"query": "iflow cli end"}'}}]}
+        return {"content": prefix + results[-1]["content"].split(" — ")[1]}
+    return respond
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_codex_web_search_tool_is_run_by_the_proxy(home, fake, search, stream):
     """Codex offers a hosted web_search tool: the model gets it as a function, its call is run
@@ -404,13 +417,7 @@ def test_codex_web_search_tool_is_run_by_the_proxy(home, fake, search, stream):
     with the results, in the same response."""
     from test_responses import check_responses_grammar, responses_events
 
-    def respond(body):
-        results = [m for m in body["messages"] if m["role"] == "tool"]
-        if not results:
-            return {"content": "", "tool_call_chunks": [
-                {"index": 0, "id": "call_s1", "type": "function", "function": {
-                    "name": "web_search", "arguments": '{"query": "iflow cli end"}'}}]}
-        return {"content": "Per " + results[-1]["content"].split(" — ")[1]}
+    respond = searching_responder("Per ")
     add_key_account(home, KEYS[0])
     fake.responder = respond
     body = dict(fixture("codex-0.171.0/01-first-turn.json")["body"], model="glm-4.6",
@@ -438,13 +445,7 @@ def test_codex_web_search_tool_is_run_by_the_proxy(home, fake, search, stream):
 def test_real_codex_searches_the_web_through_the_proxy(home, fake, search, tmp_path):
     from test_responses import run_codex
 
-    def respond(body):
-        results = [m for m in body["messages"] if m["role"] == "tool"]
-        if not results:
-            return {"content": "", "tool_call_chunks": [
-                {"index": 0, "id": "call_s1", "type": "function", "function": {
-                    "name": "web_search", "arguments": '{"query": "iflow cli end"}'}}]}
-        return {"content": "Found: " + results[-1]["content"].split(" — ")[1]}
+    respond = searching_responder("Found: ")
     add_key_account(home, KEYS[0])
     write_config(home, {"web_search": {"backend": "searxng", "url": search.url}})
     fake.responder = respond
