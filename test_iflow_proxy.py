@@ -4054,6 +4054,8 @@ def test_client_leaving_while_upstream_is_silent_frees_the_slot(home, fake):
         wait_for(lambda: server.chat.router.in_flight(account) == 0, timeout=5,
                  what="the slot to be freed")
         fake.hold.set()
+        # the fake (like iFlow) answers 449 while it still counts the abandoned request
+        wait_for(lambda: not any(fake.inflight.values()), what="the fake done with it")
         assert post_json(server, "/v1/chat/completions", CHAT)[0] == 200
 
 
