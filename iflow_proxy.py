@@ -958,6 +958,9 @@ SETTINGS = {
     "responses_store": Setting(int, 1000, None, "Responses API answers kept in memory for "
                                "previous_response_id and GET /v1/responses/{id}; 0 keeps none",
                                _not_negative),
+    "cooldown_wait": Setting(_NUMBER, 5, None, "seconds a request waits for an account's "
+                             "cooldown to end (within queue_timeout) before answering 429",
+                             _not_negative),
     "pool_idle_timeout": Setting(_NUMBER, 4, None, "seconds an idle upstream connection is "
                                  "kept for reuse (below the 5 s after which uvicorn and "
                                  "llama.cpp close theirs)", _positive),
@@ -4601,7 +4604,9 @@ class Router:
         deadline = started + self.config.queue_timeout
         # Worked out before the lock is taken (it only reads): the less time spent holding
         # it, the less often 64 threads queue on it behind one the GIL was taken from.
-        ready = self._ready(model, pinned, exclude)
+        ready = self._ready_or_wait(model, pinned, exclude, cancelled,
+                                    started + min(self.config.cooldown_wait,
+                                                  self.config.queue_timeout))
         if ready is None:
             return None
         with self._lock:
@@ -4641,6 +4646,26 @@ class Router:
                 if ticket is not None:
                     self._queue.remove(ticket)
                     self._cond.notify_all()
+
+    def _ready_or_wait(self, model, pinned, exclude, cancelled, until):
+        """_ready(), waiting (until the monotonic time ``until``) for a short cooldown to
+        end rather than answering 429 at once: an upstream that still counts an abandoned
+        request cools an account for a few seconds (CLIProxyAPI's max-retry-interval)."""
+        while True:
+            try:
+                return self._ready(model, pinned, exclude)
+            except RateLimited:
+                now = self.clock()
+                eligible = [a for a in self.eligible(model, pinned) if a.id not in exclude]
+                soonest = min((self.cooling_until(a, model, now) or now) - now
+                              for a in eligible)
+                left = until - time.monotonic()
+                if soonest <= 0 or soonest > left:
+                    raise
+            with self._lock:
+                self._cond.wait(min(soonest, left, 0.25 if cancelled else soonest))
+            if cancelled is not None and cancelled():
+                raise ClientGone()
 
     def _ready(self, model, pinned, exclude):
         """The eligible accounts not in ``exclude`` and not cooling down for ``model``; None

@@ -1176,11 +1176,30 @@ def test_stream_request_business_error_fails_over_before_first_byte(home, fake):
         status, _, data = request(server, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
         assert status == 200 and sse_payloads(data)[-1] == "[DONE]"
         assert [r[3] for r in fake.chat_requests()] == [KEYS[0], KEYS[1]]
-        # Both accounts busy upstream -> a real 429 with Retry-After, never a 449 passed through.
-        fake.push(KEYS[1], ("business", 449))
+    # Both accounts busy upstream, and waiting for a cooldown off (cooldown_wait 0) -> a real
+    # 429 with Retry-After, never a 449 passed through.
+    fake.push(KEYS[0], ("business", 449))
+    fake.push(KEYS[1], ("business", 449))
+    with running(make_config(home, fake, cooldown_wait=0)) as server:
         status, headers, body = post_json(server, "/v1/chat/completions", CHAT)
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert "glm-4.6" in body["error"]["message"] and "449" not in str(status)
+
+
+def test_a_short_cooldown_is_waited_out_not_a_429(home, fake):
+    """Issue 27 item 10: an upstream still counting an abandoned request answers 449 and the
+    account cools 3 s; the next client used to get 429 at once although queue_timeout is
+    120 s.  A request whose accounts all cool for less than cooldown_wait (5 s) waits for the
+    first to free up, then goes upstream."""
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:
+        fake.push(KEYS[0], ("business", 449))
+        assert post_json(server, "/v1/chat/completions", CHAT)[0] == 429  # the one it hit
+        account = server.chat.router.all_accounts()[0]
+        assert server.chat.router.cooling_until(account, "glm-4.6")
+        status, _h, body = post_json(server, "/v1/chat/completions", CHAT)
+        assert status == 200, body  # waited out the 3 s, then answered
+        assert len(fake.chat_requests()) == 2
 
 
 def test_business_and_http_errors_map_to_statuses(home, fake, clock):
