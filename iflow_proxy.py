@@ -7351,33 +7351,45 @@ def write_message(handler, body, message):
 def answer_web_search(handler, body):
     """Answer a web-search-only Messages request with no model call (see web_search_message),
     streamed in Anthropic's grammar when asked; counted per backend and client key."""
-    chat, started = handler.server.chat, time.monotonic()
-    query = search_query(body)
+    chat, query = handler.server.chat, search_query(body)
     tool = next(iter(body["tools"]))
-    allowed, blocked = tool.get("allowed_domains") or (), tool.get("blocked_domains") or ()
-    backend, results, error = None, None, None
-    try:
-        if tool.get("max_uses") == 0:
-            raise SearchUnavailable("the tool allows no searches (max_uses 0)")
-        backend, results = chat.web_search.search(query, allowed, blocked)
-    except SearchUnavailable as e:
-        error = e.message
+    backend, results, error = counted_search(
+        chat, query, handler.client_name(), tool.get("allowed_domains") or (),
+        tool.get("blocked_domains") or (),
+        "the tool allows no searches (max_uses 0)" if tool.get("max_uses") == 0 else None)
+    if error is not None:
         log.warning("web search failed: %s", error)
     message = web_search_message(body["model"], query, results, error,
                                  count_request_tokens(body, chat.token_estimates))
-    chat.usage.record("web-search", backend or "none", 200 if error is None else 503, None,
-                      (time.monotonic() - started) * 1000, handler.client_name())
-    handler.log_fields["model"] = "web_search (%s)" % (backend or "none")
+    handler.log_fields["model"] = "web_search (%s)" % backend
     write_message(handler, body, message)
+
+
+def counted_search(chat, query, client="", allowed=(), blocked=(), refused=None):
+    """(backend, results, error) of one search (none when ``refused`` says why not), counted
+    in usage per backend ("none" when it failed) and client key."""
+    started, backend, results, error = time.monotonic(), "none", None, refused
+    if refused is None:
+        try:
+            backend, results = chat.web_search.search(query, allowed, blocked)
+        except SearchUnavailable as e:
+            error = e.message
+    chat.usage.record("web-search", backend, 200 if error is None else 503, None,
+                      (time.monotonic() - started) * 1000, client)
+    return backend, results, error
+
+
+def result_lines(results):
+    """Search results as the numbered lines a model reads: title — url — snippet."""
+    return "\n".join("%d. %s — %s%s" % (n, r.title, r.url, " — " + r.snippet if r.snippet
+                                         else "") for n, r in enumerate(results, 1))
 
 
 def search_context(body, query, results, error):
     """An OpenAI chat body with ``web_search_options`` answered: the search's results (or why
     there are none) in a system message before the last user turn, the option removed."""
     if error is None:
-        listing = "\n".join("%d. %s — %s%s" % (n, r.title, r.url, " — " + r.snippet
-                                               if r.snippet else "")
-                            for n, r in enumerate(results, 1)) or "(no results)"
+        listing = result_lines(results) or "(no results)"
         text = ("Web search results for %r (cite the pages you use by their URLs):\n\n%s"
                 % (query, listing))
     else:
@@ -7412,13 +7424,8 @@ def chat_with_search(chat, body, client=""):
             query = content if isinstance(content, str) else " ".join(
                 p.get("text") or "" for p in content or () if isinstance(p, dict))
             break
-    query, results, error, started = query.strip()[:400], None, None, time.monotonic()
-    try:
-        backend, results = chat.web_search.search(query)
-    except SearchUnavailable as e:
-        backend, error = "none", e.message
-    chat.usage.record("web-search", backend, 200 if error is None else 503, None,
-                      (time.monotonic() - started) * 1000, client)
+    query = query.strip()[:400]
+    _backend, results, error = counted_search(chat, query, client)
     return results, search_context(body, query, results, error)
 
 
@@ -7429,18 +7436,10 @@ def model_searcher(chat, client=""):
     """A search a model asked for (a hosted web_search tool run here): query -> (URLs, the
     text the model is given), failures as text; counted like every search."""
     def search(query):
-        started = time.monotonic()
-        try:
-            backend, results = chat.web_search.search(query)
-        except SearchUnavailable as e:
-            chat.usage.record("web-search", "none", 503, None,
-                              (time.monotonic() - started) * 1000, client)
-            return [], "The web search could not run: %s" % e.message
-        chat.usage.record("web-search", backend, 200, None, (time.monotonic() - started) * 1000,
-                          client)
-        return [r.url for r in results], "\n".join(
-            "%d. %s — %s%s" % (n, r.title, r.url, " — " + r.snippet if r.snippet else "")
-            for n, r in enumerate(results, 1)) or "No results."
+        _backend, results, error = counted_search(chat, query, client)
+        if error is not None:
+            return [], "The web search could not run: %s" % error
+        return [r.url for r in results], result_lines(results) or "No results."
     return search
 
 
