@@ -9568,12 +9568,18 @@ def write_responses(handler, exchange, body, tools, items):
     finally:
         if current is not exchange:
             current.close()
+    if stream.response["status"] != "failed":  # stored before the client can ask for it
+        store_response(handler, body, stream.response, items)
     if exchange.stream:
         handler.end_stream(tail)
     else:
         handler.send_json(200, stream.response, headers)
-    if body.get("store", True) and stream.response["status"] != "failed":
-        chat.responses.put(handler.client_name(), stream.response, items)
+
+
+def store_response(handler, body, response, items):
+    """Keep a finished response for previous_response_id and GET, unless store is false."""
+    if body.get("store", True) and isinstance(response, dict) and response.get("id"):
+        handler.server.chat.responses.put(handler.client_name(), response, items)
 
 
 def answer_chunks(exchange):
@@ -9606,28 +9612,26 @@ def search_round(chat, previous, searched):
 def relay_responses(handler, exchange, body, items, headers):
     """An upstream's own Responses answer, relayed event by event (a failure after the
     first event closed with response.failed), and stored like a translated one."""
-    final = exchange.answer.payload
     if not exchange.stream:
+        store_response(handler, body, exchange.answer.payload, items)
         handler.send_bytes(200, exchange.answer.raw, headers=headers)
-    else:
-        handler.start_stream(headers)
-        sequence = 0
-        try:
-            for data, event in exchange.chunks():
-                sequence = event.get("sequence_number", sequence) if isinstance(
-                    event.get("sequence_number"), int) else sequence
-                if event.get("type") in ("response.completed", "response.incomplete"):
-                    final = event.get("response")
-                handler.write_chunk(sse(data, str(event.get("type"))))
-            tail = b""
-        except UpstreamError as e:
-            exchange.fail(e)
-            closing = ResponsesStream(body, ResponsesTools(()), body["model"])
-            closing.sequence = sequence + 1
-            tail = closing.failed(e)
-        handler.end_stream(tail)
-    if body.get("store", True) and isinstance(final, dict) and final.get("id"):
-        handler.server.chat.responses.put(handler.client_name(), final, items)
+        return
+    handler.start_stream(headers)
+    sequence = 0
+    try:
+        for data, event in exchange.chunks():
+            sequence = event.get("sequence_number", sequence) if isinstance(
+                event.get("sequence_number"), int) else sequence
+            if event.get("type") in ("response.completed", "response.incomplete"):
+                store_response(handler, body, event.get("response"), items)
+            handler.write_chunk(sse(data, str(event.get("type"))))
+        tail = b""
+    except UpstreamError as e:
+        exchange.fail(e)
+        closing = ResponsesStream(body, ResponsesTools(()), body["model"])
+        closing.sequence = sequence + 1
+        tail = closing.failed(e)
+    handler.end_stream(tail)
 
 
 class Heartbeat:
