@@ -3748,9 +3748,10 @@ def shape_provider_body(body, model, account, thinking=None, effort=None, limit=
     return clamp_output(out, limit) if limit else out
 
 
-def shape_messages_body(body, model, limit, rejects=()):
+def shape_messages_body(body, model, limit, rejects=(), server_blocks=False):
     """An Anthropic Messages body for an Anthropic-protocol upstream: the model it serves, the
-    output limit it allows, turns that alternate, and without the fields it rejects."""
+    output limit it allows, turns that alternate, and without the fields it rejects (server
+    tools' blocks in the history kept only for an upstream that runs them: ``server_blocks``)."""
     out = {k: v for k, v in body.items() if k not in rejects}
     for rule in rejects:
         field, keep = rule.split(":", 1) if ":" in rule else (rule, None)
@@ -3769,7 +3770,7 @@ def shape_messages_body(body, model, limit, rejects=()):
         else:
             out.pop(field)
     out["model"] = model
-    out["messages"] = alternating_turns(body["messages"])
+    out["messages"] = alternating_turns(body["messages"], server_blocks)
     out = clamp_output(out, limit, ("max_tokens",))
     thinking, most = out.get("thinking"), out.get("max_tokens")
     if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) and \
@@ -3781,7 +3782,7 @@ def shape_messages_body(body, model, limit, rejects=()):
     return out
 
 
-def alternating_turns(messages):
+def alternating_turns(messages, server_blocks=False):
     """Messages whose roles alternate, user first, as compatible upstreams demand.
 
     Claude Code puts ``role: "system"`` messages mid-conversation (since 2.1.154), which only
@@ -3790,13 +3791,17 @@ def alternating_turns(messages):
     own reminders), so no text is lost, the one system prompt stays first and the prompt's
     prefix stays the same from turn to turn (what providers' prefix caches key on).  A system
     turn with no text (only an output_config, say) adds nothing.  Turns of one role next to
-    each other are joined.
+    each other are joined.  A server tool's blocks in an assistant turn (a web search the proxy
+    or an upstream ran) become text saying what was searched and found, unless
+    ``server_blocks``: an upstream that runs the tool itself gets them as they are.
     """
     turns = []
     for message in messages:
         role, content = message["role"], message["content"]
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
             list(content)
+        if role == "assistant" and not server_blocks:
+            blocks = server_blocks_as_text(blocks)
         if role == "system":
             text = "\n\n".join(b["text"] for b in blocks
                                 if b.get("type") == "text" and b.get("text"))
@@ -3810,6 +3815,38 @@ def alternating_turns(messages):
         else:
             turns.append(dict(message, role=role, content=blocks))
     return turns
+
+
+def server_blocks_as_text(blocks):
+    """Assistant blocks with each server tool's call and result (server_tool_use,
+    ``*_tool_result``) as the text a model reads: what it searched or fetched, and what came
+    back (titles and URLs; a fetched page's text, shortened)."""
+    if not any(b.get("type") == "server_tool_use" for b in blocks):
+        return blocks
+    out = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "server_tool_use":
+            text = "[%s %s]" % (block.get("name"), json.dumps(block.get("input"),
+                                                               ensure_ascii=False))
+        elif isinstance(kind, str) and kind.endswith("_tool_result"):
+            text = "[result] " + _server_result_text(block.get("content"))
+        else:
+            out.append(block)
+            continue
+        out.append({"type": "text", "text": text})
+    return out
+
+
+def _server_result_text(content):
+    if isinstance(content, list):  # web search results
+        return "\n".join("%s — %s" % (r.get("title"), r.get("url")) for r in content
+                         if isinstance(r, dict)) or "(no results)"
+    if isinstance(content, dict) and isinstance(content.get("content"), dict):  # a page
+        source = content["content"].get("source") or {}
+        return "%s\n%s" % (content.get("url"), str(source.get("data") or "")[:4000])
+    code = content.get("error_code") if isinstance(content, dict) else None
+    return "(failed: %s)" % (code or "no result")
 
 
 def anthropic_headers(account, preset):
@@ -4114,6 +4151,38 @@ def message_to_events(message):
             else {}))})
     events.append({"type": "message_stop"})
     return events
+
+
+def message_from_events(chunks):
+    """The Anthropic message that stream events (SSE bytes, as written) add up to."""
+    message, blocks, partial = None, {}, {}
+    for frame in b"".join(chunks).split(b"\n\n"):
+        data = next((line[6:] for line in frame.split(b"\n") if line.startswith(b"data: ")),
+                    None)
+        event = json.loads(data) if data else {}
+        kind = event.get("type")
+        if kind == "message_start":
+            message = dict(event["message"], content=[])
+        elif kind == "content_block_start":
+            blocks[event["index"]] = dict(event["content_block"])
+        elif kind == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            if delta.get("type") == "input_json_delta":
+                partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
+            else:
+                field = {"text_delta": "text", "thinking_delta": "thinking",
+                         "signature_delta": "signature"}.get(delta.get("type"))
+                if field:
+                    block[field] = block.get(field, "") + delta[field]
+        elif kind == "content_block_stop" and event["index"] in partial:
+            blocks[event["index"]]["input"] = json.loads(partial.pop(event["index"]) or "{}")
+        elif kind == "message_delta" and message is not None:
+            message.update(event.get("delta") or {})
+            message["usage"] = dict(message.get("usage") or {}, **(event.get("usage") or {}))
+    if message is None:
+        raise UpstreamError("malformed", "the answer had no message_start")
+    message["content"] = [blocks[i] for i in sorted(blocks)]
+    return message
 
 
 def openai_usage(usage):
@@ -5783,6 +5852,16 @@ def anthropic_usage(usage, input_estimate=0):
     return out
 
 
+def added_usage(earlier, usage):
+    """Two OpenAI usage reports (either may be None) as one: the token counts added up."""
+    if not isinstance(earlier, dict) or not isinstance(usage, dict):
+        return usage if isinstance(usage, dict) else earlier
+    out = dict(usage)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        out[key] = (earlier.get(key) or 0) + (usage.get(key) or 0)
+    return out
+
+
 def new_message_id():
     return "msg_" + random_hex(24)
 
@@ -5840,8 +5919,12 @@ class AnthropicStream:
     if it were whole.
     """
 
-    def __init__(self, model, input_estimate=0, stop_sequences=()):
+    def __init__(self, model, input_estimate=0, stop_sequences=(), held=()):
         self.model, self.input_estimate = model, input_estimate
+        self.held_names = frozenset(held)  # tools run here: their calls kept, not sent
+        self.held = []              # this round's held calls: {"id", "name", "args", ...}
+        self.server_uses = {}       # server tool name -> times run (usage.server_tool_use)
+        self._earlier_usage = None  # the usage of the rounds before this one, added up
         self.stop_sequences = tuple(stop_sequences)
         self._holdback = max((len(s) for s in self.stop_sequences), default=1) - 1
         self._pending = ""          # text held back for stop-sequence matching
@@ -5849,7 +5932,7 @@ class AnthropicStream:
         self._block = None          # "text" | "thinking" | "tool" while a block is open
         self._index = -1
         self._tools = {}            # upstream tool index -> {"id", "name", "args", "end"}
-        self._sent_tool = False
+        self.tool_called = False
         self.finish_reason = None
         self.stop_sequence = None
         self.usage = None
@@ -5977,15 +6060,20 @@ class AnthropicStream:
     def _send_tool(self, tool):
         arguments = "".join(tool["args"])
         tool_input(arguments, tool["name"])  # complete but not an object: upstream's fault
-        tool["sent"] = self._sent_tool = True
+        if tool["name"] in self.held_names:
+            tool["sent"] = True
+            self.held.append(tool)
+            return b""
+        tool["sent"] = self.tool_called = True
         out = self._open("tool", {"type": "tool_use", "id": tool["id"], "name": tool["name"],
                                   "input": {}})
         out += self._delta({"type": "input_json_delta", "partial_json": arguments.strip()
                             or "{}"})
         return out + self._close()
 
-    def finish(self):
-        """The closing events: last block stop, message_delta (stop reason, usage), message_stop."""
+    def _close_tools(self):
+        """The last open block closed, and the tool calls whose arguments were never seen to
+        end sent now (left out when upstream cut them off)."""
         out = self._close()
         cut = self.finish_reason == "length"
         for tool in self._tools.values():
@@ -5996,15 +6084,46 @@ class AnthropicStream:
                             printable(tool["name"]))
                 continue
             out += self._send_tool(tool)
+        return out
+
+    def end_round(self):
+        """(events, held calls) at the end of one upstream answer when more may follow (the
+        results of the held calls given to the model): the round's usage is added up and its
+        tool calls forgotten."""
+        out, held = self._close_tools(), self.held
+        self._earlier_usage = added_usage(self._earlier_usage, self.usage)
+        self.held, self._tools, self.usage, self.finish_reason = [], {}, None, None
+        return out, held
+
+    def server_tool(self, name, tool_input, result):
+        """The blocks of a server tool run here: its server_tool_use, then its result whole."""
+        tool_id = "srvtoolu_" + random_hex(24)
+        self.server_uses[name] = self.server_uses.get(name, 0) + 1
+        out = self._open("server", {"type": "server_tool_use", "id": tool_id, "name": name,
+                                    "input": {}})
+        out += self._delta({"type": "input_json_delta",
+                            "partial_json": json.dumps(tool_input, ensure_ascii=False)})
+        out += self._open("server", {"type": name + "_tool_result", "tool_use_id": tool_id,
+                                     "content": result})
+        return out + self._close()
+
+    def finish(self):
+        """The closing events: last block stop, message_delta (stop reason, usage), message_stop."""
+        out = self._close_tools()
+        cut = self.finish_reason == "length"
         if self.stop_sequence is not None:
             reason = "stop_sequence"
         elif cut:
             reason = "max_tokens"
-        elif self._sent_tool:
+        elif self.tool_called:
             reason = "tool_use"
-        else:
-            reason = _STOP_REASONS.get(self.finish_reason, "end_turn")
-        usage = anthropic_usage(self.usage, self.input_estimate)
+        else:  # (a call held here is no tool_use for the client)
+            reason = _STOP_REASONS.get(self.finish_reason, "end_turn").replace(
+                "tool_use", "end_turn")
+        usage = anthropic_usage(added_usage(self._earlier_usage, self.usage),
+                                self.input_estimate)
+        if self.server_uses:
+            usage["server_tool_use"] = {k + "_requests": n for k, n in self.server_uses.items()}
         out += self._event("message_delta", {"delta": {"stop_reason": reason,
                                                        "stop_sequence": self.stop_sequence},
                                              "usage": usage})
@@ -7095,6 +7214,10 @@ class ResponseStore:
 #   zhipu       https://docs.bigmodel.cn/api-reference/%E5%B7%A5%E5%85%B7-api/%E7%BD%91%E7%BB%9C%E6%90%9C%E7%B4%A2:
 #               POST {base}/web_search, Bearer, {search_query, search_engine: search_std,
 #               count} -> search_result[] title, link, content, publish_date
+#   minimax     MiniMax's own Coding Plan MCP server (github.com/MiniMax-AI/MiniMax-Coding-Plan-MCP,
+#               minimax_mcp/server.py; a Coding Plan key only): POST {host}/v1/coding_plan/search,
+#               Bearer, {q} -> organic[] title, link, snippet, date; base_resp.status_code not 0
+#               is an error (status_msg says why)
 SearchBackend = collections.namedtuple("SearchBackend", "url key_env needs_key")
 SEARCH_BACKENDS = {
     "searxng": SearchBackend(None, None, False),
@@ -7114,8 +7237,9 @@ class SearchUnavailable(ProxyError):
     status, code = 503, "web_search_unavailable"
 
 
-PROVIDER_SEARCH = {"deepseek": ("deepseek", "/v1/tools/search"),
-                   "zhipu": ("zhipu", "/web_search"), "zai": ("zhipu", "/web_search")}
+PROVIDER_SEARCH = {"deepseek": ("deepseek", "/v1/tools/search"),  # (after the OpenAI base)
+                   "zhipu": ("zhipu", "/web_search"), "zai": ("zhipu", "/web_search"),
+                   "minimax": ("minimax", "/coding_plan/search")}
 
 
 def provider_search(config, accounts):
@@ -7176,7 +7300,7 @@ def search_request(name, url, key, query, count):
     body = {"tavily": {"query": query, "max_results": count},
             "deepseek": {"query": query, "count": count},
             "zhipu": {"search_query": query, "search_engine": "search_std", "count": count},
-            }.get(name) or {"query": query, "numResults": count,
+            "minimax": {"q": query}}.get(name) or {"query": query, "numResults": count,
                             "contents": {"text": {"maxCharacters": 500}}}
     headers = {"Content-Type": "application/json"}
     headers.update({"x-api-key": key} if name == "exa" else {"Authorization": "Bearer " + key})
@@ -7196,8 +7320,13 @@ def search_results(name, status, raw):
         payload = json.loads(raw)
     except ValueError:
         raise SearchUnavailable("%s answered something that is not JSON" % name) from None
+    refused = payload.get("base_resp") if isinstance(payload, dict) else None
+    if isinstance(refused, dict) and refused.get("status_code") not in (0, None):
+        raise SearchUnavailable("%s refused the search: %s" % (name, printable(str(
+            refused.get("status_msg") or refused.get("status_code")))[:200]))
     rows = ((payload.get("web") or {}).get("results") if name == "brave" else
             payload.get("search_result") if name == "zhipu" else
+            payload.get("organic") if name == "minimax" else
             payload.get("results")) if isinstance(payload, dict) else None
     if not isinstance(rows, list):
         raise SearchUnavailable("%s's answer has no results list" % name)
@@ -7207,9 +7336,9 @@ def search_results(name, status, raw):
         if not isinstance(url, str):
             continue
         snippet = row.get("content") or row.get("description") or row.get("text") or \
-            row.get("summary") or ""
+            row.get("summary") or row.get("snippet") or ""
         age = row.get("publishedDate") or row.get("published_date") or row.get("page_age") \
-            or row.get("age") or row.get("publish_date") or ""
+            or row.get("age") or row.get("publish_date") or row.get("date") or ""
         out.append(SearchResult(str(row.get("title") or url), url,
                                 html_text(str(snippet))[:500], str(age)))
     return out
@@ -7313,6 +7442,14 @@ def web_search_message(model, query, results=None, error=None, estimate=0):
     """The Anthropic message a web search tool answers with: the server_tool_use, its
     web_search_tool_result (or the error form), and a text listing title — url — snippet (the
     calling model sees only text, titles and URLs)."""
+    found, text = search_blocks(query, results, error)
+    return server_tool_message(model, "web_search", {"query": query}, found, text, estimate,
+                               error is None)
+
+
+def search_blocks(query, results, error, code="unavailable"):
+    """(the web_search_tool_result's content, the text for the model) of one search: its
+    results, or the error form with ``code`` and why."""
     if error is None:
         found = [{"type": "web_search_result", "url": r.url, "title": r.title,
                   "page_age": r.page_age or None, "encrypted_content": ""} for r in results]
@@ -7320,10 +7457,9 @@ def web_search_message(model, query, results=None, error=None, estimate=0):
             "- %s — %s%s" % (r.title, r.url, " — " + r.snippet if r.snippet else "")
             for r in results) or "(no results)")
     else:
-        found = {"type": "web_search_tool_result_error", "error_code": "unavailable"}
+        found = {"type": "web_search_tool_result_error", "error_code": code}
         text = "The web search could not run: %s" % error
-    return server_tool_message(model, "web_search", {"query": query}, found, text, estimate,
-                               error is None)
+    return found, text
 
 
 def server_tool_message(model, name, tool_input, result, text, estimate, ran):
@@ -7552,40 +7688,138 @@ _URL = re.compile(r"https?://[^\s<>\"')\]]+")
 def web_fetch_message(model, url, fetched=None, error=None, estimate=0):
     """The Anthropic message a web fetch tool answers with: server_tool_use, then its
     web_fetch_tool_result (the page as a text document, or the error form), then the text."""
-    if error is None:
-        final, kind, text = fetched
-        result = {"type": "web_fetch_result", "url": final, "retrieved_at":
-                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "content": {
-                      "type": "document", "source": {"type": "text", "media_type": "text/plain",
-                                                     "data": text}}}
-        summary = text[:4000]
-    else:
-        code = "unsupported_content_type" if "content type" in error else "url_not_accessible"
-        result = {"type": "web_fetch_tool_error", "error_code": code}
-        summary = "The page could not be fetched: %s" % error
+    result, summary = fetch_blocks(fetched, error)
     return server_tool_message(model, "web_fetch", {"url": url}, result, summary, estimate,
                                error is None)
 
 
+def fetch_blocks(fetched, error, code=None):
+    """(the web_fetch_tool_result's content, the text for the model) of one fetch: the page as
+    a text document, or the error form (``code``, else one that fits ``error``)."""
+    if error is None:
+        final, _kind, text = fetched
+        result = {"type": "web_fetch_result", "url": final, "retrieved_at":
+                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "content": {
+                      "type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                     "data": text}}}
+        return result, text[:4000]
+    code = code or ("unsupported_content_type" if "content type" in error else
+                    "url_not_accessible")
+    return ({"type": "web_fetch_tool_error", "error_code": code},
+            "The page could not be fetched: %s" % error)
+
+
+def counted_fetch(chat, config, url, client="", allowed=(), blocked=(), refused=None,
+                  resolve=None):
+    """(page, error) of one fetch for a client (none when ``refused`` says why not), counted
+    in usage per client key."""
+    started, fetched, error = time.monotonic(), None, refused
+    if error is None and not domain_allowed(url, allowed, blocked):
+        error = "the tool's allowed_domains / blocked_domains rule out %s" % url
+    if error is None:
+        try:
+            if not url:
+                raise FetchRefused("the request names no http(s) URL to fetch")
+            fetched = fetch_page(url, config, resolve=resolve)
+        except FetchRefused as e:
+            error = e.message
+            log.info("web fetch refused: %s", error)
+    chat.usage.record("web-fetch", "fetch", 200 if error is None else 400, None,
+                      (time.monotonic() - started) * 1000, client)
+    return fetched, error
+
+
 def answer_web_fetch(handler, body, resolve=None):
     """Answer a web-fetch-only Messages request by fetching the URL its last user turn names."""
-    chat, started = handler.server.chat, time.monotonic()
+    chat, tool = handler.server.chat, next(iter(body["tools"]))
     found = _URL.search(search_query(body))
     url = found.group(0) if found else ""
-    fetched, error = None, None
-    try:
-        if not url:
-            raise FetchRefused("the request names no http(s) URL to fetch")
-        fetched = fetch_page(url, handler.server.config, resolve=resolve)
-    except FetchRefused as e:
-        error = e.message
-        log.info("web fetch refused: %s", error)
+    fetched, error = counted_fetch(
+        chat, handler.server.config, url, handler.client_name(),
+        tool.get("allowed_domains") or (), tool.get("blocked_domains") or (),
+        "the tool allows no fetches (max_uses 0)" if tool.get("max_uses") == 0 else None,
+        resolve)
     message = web_fetch_message(body["model"], url, fetched, error,
                                 count_request_tokens(body, chat.token_estimates))
-    chat.usage.record("web-fetch", "fetch", 200 if error is None else 400, None,
-                      (time.monotonic() - started) * 1000, handler.client_name())
     handler.log_fields["model"] = "web_fetch"
     write_message(handler, body, message)
+
+
+# --- server tools beside the client's own: offered upstream as functions, run here ---------------
+
+def served_tools(chat, body, model):
+    """(ServerTools, the body with them offered as functions) for a Messages request for
+    ``model`` with server tools that run here, else (None, the body): no such tool, or only a
+    web search and an upstream that serves the model runs it."""
+    if not any(server_tool_kind(t) for t in body.get("tools") or ()):
+        return None, body
+    served = ServerTools(body["tools"], chat.searches_upstream(model))
+    return (served, served.offered(body)) if served.tools else (None, body)
+
+
+SERVER_TOOL_FUNCTIONS = {  # kind -> (description, input schema) of the function offered upstream
+    "web_search": ("Search the web. Returns the title, URL and a snippet of each page found; "
+                   "cite the pages you use by their URLs.",
+                   {"type": "object", "properties": {"query": {
+                       "type": "string", "description": "what to search for"}},
+                    "required": ["query"]}),
+    "web_fetch": ("Fetch a web page by its http(s) URL and return its text.",
+                  {"type": "object", "properties": {"url": {
+                      "type": "string", "description": "the page's URL"}}, "required": ["url"]}),
+}
+
+
+def server_tool_kind(tool):
+    """"web_search" or "web_fetch" for such a server tool (``web_search_*``, any date)."""
+    kind = str(tool.get("type") or "") if isinstance(tool, dict) else ""
+    return next((k for k in SERVER_TOOL_FUNCTIONS if kind.startswith(k + "_")), None)
+
+
+class ServerTools:
+    """The server tools (web search, web fetch) of a Messages request that offers other tools
+    too: each is offered upstream as a function of its name, and each call the model makes is
+    run here (at most the tool's ``max_uses`` times) and counted like the others, so the model
+    goes on with the results (see write_anthropic_served)."""
+
+    def __init__(self, tools, native_search=False):
+        self.tools = {}  # function name -> (kind, the client's tool)
+        for tool in tools or ():
+            kind = server_tool_kind(tool)
+            if kind and not (kind == "web_search" and native_search):
+                self.tools[str(tool.get("name") or kind)] = (kind, tool)
+        self.used = collections.Counter()
+
+    def offered(self, body):
+        """``body`` with each server tool run here offered as a function tool."""
+        tools = []
+        for tool in body["tools"]:
+            name = str(tool.get("name") or server_tool_kind(tool))
+            if server_tool_kind(tool) and name in self.tools:
+                description, schema = SERVER_TOOL_FUNCTIONS[self.tools[name][0]]
+                tool = {"name": name, "description": description, "input_schema": schema}
+            tools.append(tool)
+        return dict(body, tools=tools)
+
+    def run(self, chat, config, name, arguments, client="", resolve=None):
+        """(kind, input, result content, text for the model) of one call the model made."""
+        kind, tool = self.tools[name]
+        args = tool_input(arguments, name) or {}
+        self.used[name] += 1
+        limit = tool.get("max_uses")
+        over = "this answer may use %s at most %d times" % (kind, limit) if isinstance(
+            limit, int) and self.used[name] > limit else None
+        allowed, blocked = tool.get("allowed_domains") or (), tool.get("blocked_domains") or ()
+        if kind == "web_search":
+            query = str(args.get("query") or "")[:400]
+            _backend, results, error = counted_search(chat, query, client, allowed, blocked,
+                                                      over)
+            return (kind, {"query": query}) + search_blocks(
+                query, results, error, "max_uses_exceeded" if over else "unavailable")
+        url = str(args.get("url") or "")
+        fetched, error = counted_fetch(chat, config, url, client, allowed, blocked, over,
+                                       resolve)
+        return (kind, {"url": url}) + fetch_blocks(fetched, error,
+                                                   "max_uses_exceeded" if over else None)
 
 
 # ==================================================================================================
@@ -7775,7 +8009,9 @@ class ChatExchange:
                                                          clock=service.clock), body
         if protocol == "anthropic":
             body = shape_messages_body(self.request.anthropic(), model, limit,
-                                       preset.rejects if preset else ())
+                                       preset.rejects if preset else (),
+                                       "web_search_native" in preset.quirks if preset
+                                       else False)
             return base + "/v1/messages", anthropic_headers(account, preset), body
         body = shape_provider_body(self.request.openai(), model, account, self.thinking,
                                    self.effort, limit)
@@ -9383,6 +9619,7 @@ class ProxyHandler(ServerConnection):
             return answer_web_search(self, request)  # e.g. Claude Code's WebSearch side request
         if web_fetch_only(request):
             return answer_web_fetch(self, request)
+        served, request = served_tools(chat, request, model)  # (beside the client's tools)
         thinking, effort = anthropic_thinking(request)
         chat_request = ChatRequest("anthropic", dict(request, model=mapped), thinking, effort,
                                    count_request_tokens(request, chat.token_estimates),
@@ -9395,7 +9632,8 @@ class ProxyHandler(ServerConnection):
                                  "vision model such as %s" % (model, config.vision_model))
             chat.describe_images(chat_request.openai(), conversation)
         exchange = chat.exchange(chat_request, conversation, cancelled=self.has_left)
-        self.relay(exchange, lambda ex: self.write_anthropic(ex, request))
+        self.relay(exchange, (lambda ex: self.write_anthropic(ex, request)) if served is None
+                   else (lambda ex: write_anthropic_served(self, ex, request, served)))
 
     def handle_responses(self):
         """POST /v1/responses (Codex, the SDKs' responses API): as chat completions through the
@@ -9576,6 +9814,85 @@ def write_responses(handler, exchange, body, tools, items):
         handler.send_json(200, stream.response, headers)
 
 
+def write_anthropic_served(handler, exchange, request, served):
+    """An Anthropic client's answer when server tools of its request run here (``served``, a
+    ServerTools): the model's answer translated as in write_anthropic, but each call of a
+    served tool run here, written as its server_tool_use and result blocks, and the model
+    asked to go on with the results (up to SEARCH_ROUNDS times, and not once it has called a
+    client tool: the client runs that and asks again).  A client that asked for no stream gets
+    the same events as one message."""
+    chat, config = handler.server.chat, handler.server.config
+    stream = AnthropicStream(request["model"], chat.prompt_tokens(exchange.request,
+                                                                 exchange.model),
+                             request.get("stop_sequences") or (), held=served.tools)
+    events, lock = [], threading.Lock()
+
+    def write(data):
+        if data and exchange.stream:
+            with lock:
+                handler.write_chunk(data)
+        elif data:
+            events.append(data)
+    if exchange.stream:
+        handler.start_stream({"x-iflow-proxy-model": exchange.model})
+    write(stream.start())
+    current = exchange
+    with Heartbeat(handler, config.ping_interval, lock) if exchange.stream else \
+            contextlib.nullcontext():
+        try:
+            for rounds in itertools.count(1):
+                said = []
+                for chunk in answer_chunks(current):
+                    said.append(chunk_text(chunk))
+                    write(stream.feed(chunk))
+                    if stream.done:
+                        break
+                out, calls = stream.end_round()
+                write(out)
+                searched = [] if stream.done or rounds > SEARCH_ROUNDS else \
+                    run_served(handler, served, stream, calls, write)
+                if not searched or stream.tool_called:
+                    break
+                current.close()  # its account slot, before the next round takes one
+                current = search_round(chat, current, searched, "".join(said))
+            tail = stream.finish()
+        except UpstreamError as e:
+            current.fail(e)
+            if not exchange.stream:
+                raise
+            tail = AnthropicStream.error(e)
+        finally:
+            if current is not exchange:
+                current.close()
+    if exchange.stream:
+        with lock:
+            handler.end_stream(tail)
+    else:
+        handler.send_json(200, message_from_events(events + [tail]),
+                          {"x-iflow-proxy-model": exchange.model})
+
+
+def chunk_text(chunk):
+    """The answer text in an OpenAI chat chunk."""
+    return "".join(c["delta"]["content"] for c in chunk.get("choices") or ()
+                   if isinstance(c, dict) and isinstance(c.get("delta"), dict)
+                   and isinstance(c["delta"].get("content"), str))
+
+
+def run_served(handler, served, stream, calls, write):
+    """Run the calls the model made of server tools that run here, writing each one's blocks;
+    [(the call as a chat tool call, the text of its result)] to continue the model with."""
+    chat, searched = handler.server.chat, []
+    for call in calls:
+        kind, tool_input, result, text = served.run(
+            chat, handler.server.config, call["name"], "".join(call["args"]),
+            handler.client_name())
+        write(stream.server_tool(kind, tool_input, result))
+        searched.append(({"id": call["id"], "type": "function", "function": {
+            "name": call["name"], "arguments": json.dumps(tool_input)}}, text))
+    return searched
+
+
 def store_response(handler, body, response, items):
     """Keep a finished response for previous_response_id and GET, unless store is false."""
     if body.get("store", True) and isinstance(response, dict) and response.get("id"):
@@ -9594,12 +9911,12 @@ def answer_chunks(exchange):
         yield from translator.chunks(chunk) if translator else (chunk,)
 
 
-def search_round(chat, previous, searched):
-    """The exchange that continues an answer after the searches it asked for: the same
-    request with the model's search calls and their results added, opened."""
+def search_round(chat, previous, searched, said=None):
+    """The exchange that continues an answer after the searches (or fetches) it asked for:
+    the same request with what the model ``said``, its calls and their results added, opened."""
     request = previous.request
     body = request.openai()
-    messages = body["messages"] + [{"role": "assistant", "content": None, "tool_calls": [
+    messages = body["messages"] + [{"role": "assistant", "content": said or None, "tool_calls": [
         call for call, _text in searched]}] + [
         {"role": "tool", "tool_call_id": call["id"], "content": text} for call, text in searched]
     follow = ChatRequest("openai", dict(body, messages=messages), request.thinking,

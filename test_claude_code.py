@@ -102,6 +102,7 @@ def test_recorded_requests_through_an_anthropic_protocol_account(home, anthropic
     recorded = fixture(name)
     add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", anthropic_fake.url)
     anthropic_fake.max_output = 400000
+    anthropic_fake.server_tools = ("web_search_20250305",)  # DeepSeek runs web search itself
     with running(make_config(home)) as server:
         status, data = replay(server, recorded, "deepseek-v4-flash")
     assert status == 200, data[:300]

@@ -4354,6 +4354,7 @@ class FakeAnthropic(FakeServer):
         self.requests, self.script, self.lock = [], [], threading.Lock()
         self.responder = None   # body -> {"text", "thinking", "tool", "stop_reason"}
         self.gate = None        # threading.Event: streams pause after their first text delta
+        self.server_tools = ()  # server tool types it runs (DeepSeek's: web_search_20250305)
         self.serve_in_thread()
 
     @property
@@ -4395,6 +4396,11 @@ class FakeAnthropicHandler(QuietHandler):
             return 400, "invalid_request_error", "thinking: type must be enabled or disabled"
         if set(body.get("output_config") or {}) - {"effort"}:  # DeepSeek: "only effort"
             return 400, "invalid_request_error", "output_config: only effort is supported"
+        for n, tool in enumerate(body.get("tools") or ()):
+            if tool.get("type") not in (None, "custom") + tuple(srv.server_tools) or \
+                    tool.get("type") in (None, "custom") and "input_schema" not in tool:
+                return 400, "invalid_request_error", "tools.%d: unknown tool type %s" % (
+                    n, tool.get("type"))
         messages = body.get("messages") or []
         for m in messages:
             for block in m.get("content") if isinstance(m.get("content"), list) else ():

@@ -71,6 +71,13 @@ class FakeSearchHandler(QuietHandler):
             return self.answer(200, {"web": {"results": [
                 {"title": t, "url": u, "description": s, "page_age": a} for t, u, s, a in
                 RESULTS]}})
+        if parts.path == "/v1/coding_plan/search":  # MiniMax: errors in base_resp, HTTP 200
+            ok = self.headers.get("Authorization") == "Bearer sk-provider-1"
+            return self.answer(200, {"organic": [
+                {"title": t, "link": u, "snippet": s, "date": a} for t, u, s, a in RESULTS]
+                if ok else [], "base_resp": {"status_code": 0 if ok else 1004,
+                                             "status_msg": "success" if ok else
+                                             "login fail: Please carry the API secret key"}})
         if parts.path in ("/v1/tools/search", "/api/paas/v4/web_search"):  # DeepSeek, Zhipu
             if self.headers.get("Authorization") != "Bearer sk-provider-1":
                 return self.answer(401, {"error": {"message": "bad key"}})
@@ -463,11 +470,22 @@ def test_real_codex_searches_the_web_through_the_proxy(home, fake, search, tmp_p
     ("deepseek", "", {"query": "when did iflow cli shut down", "count": 5}),
     ("zhipu", "/api/paas/v4", {"search_query": "when did iflow cli shut down",
                                "search_engine": "search_std", "count": 5}),
+    ("minimax", "/v1", {"q": "when did iflow cli shut down"}),
 ])
 def test_a_providers_own_search_with_the_accounts_key(home, search, provider, base, asked):
     """backend auto with nothing else set up: the provider's own search API answers, with the
-    key of the account (DeepSeek's /v1/tools/search, Zhipu's /web_search)."""
+    key of the account (DeepSeek's /v1/tools/search, Zhipu's /web_search, MiniMax's Coding
+    Plan search)."""
     from test_iflow_proxy import add_provider_account
+    if provider == "minimax":  # a key its search refuses: the reason, in the error form
+        add_provider_account(home, "sk-wrong-1", provider, "openai", search.url + base)
+        body, headers = side_request(False)
+        with running(make_config(home)) as server:
+            status, _h, data = request(server, "POST", "/v1/messages", body, headers)
+        message = json.loads(data)
+        assert status == 200 and message["content"][1]["content"]["error_code"] == \
+            "unavailable" and "login fail" in message["content"][2]["text"], message
+        ip.AccountRegistry(home).remove()  # (every account)
     add_provider_account(home, "sk-provider-1", provider, "openai", search.url + base)
     body, headers = side_request(False)
     with running(make_config(home)) as server:
@@ -477,4 +495,224 @@ def test_a_providers_own_search_with_the_accounts_key(home, search, provider, ba
     assert status == 200 and [r["url"] for r in message["content"][1]["content"]] == \
         [r[1] for r in RESULTS], message
     assert search.requests[-1][3] == asked and "sk-provider-1" not in json.dumps(message)
-    assert [r["model"] for r in rows] == [provider]
+    assert provider in [r["model"] for r in rows]
+
+
+# --- server tools beside the client's own tools ---------------------------------------------------
+
+WEATHER = {"name": "weather", "description": "Weather in a city", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}
+
+
+def main_loop_request(stream, *tools, messages=None):
+    return {"model": "glm-4.6", "max_tokens": 2000, "stream": stream,
+            "tools": [WEATHER] + list(tools), "messages": messages or [
+                {"role": "user", "content": "When did the iFlow CLI end?"}]}
+
+
+def tool_results(body):
+    """The tool results an upstream request carries, whichever protocol it speaks."""
+    if "system" in body or any(isinstance(m.get("content"), list) and any(
+            b.get("type") == "tool_result" for b in m["content"]) for m in body["messages"]):
+        return [b["content"] for m in body["messages"] if isinstance(m.get("content"), list)
+                for b in m["content"] if b.get("type") == "tool_result"]
+    return [m["content"] for m in body["messages"] if m["role"] == "tool"]
+
+
+def server_tool_model(protocol, plan):
+    """A model for either protocol that follows ``plan(results so far)``: a (name, input) call to
+    make, or the text to answer."""
+    def respond(body):
+        step = plan(tool_results(body))
+        if isinstance(step, str):
+            return {"text": step} if protocol == "anthropic" else {"content": step}
+        name, arguments = step
+        if protocol == "anthropic":
+            return {"text": "Let me look.", "tool": {"name": name, "input": arguments}}
+        return {"content": "Let me look.", "tool_call_chunks": [
+            {"index": 0, "id": "call_%d" % len(tool_results(body)), "type": "function",
+             "function": {"name": name, "arguments": json.dumps(arguments)}}]}
+    return respond
+
+
+def served_answer(status, data, stream):
+    assert status == 200, data[:400]
+    if stream:
+        events = parse_sse(data)
+        blocks = check_anthropic_grammar(events)
+        assert [n for n, _ in events][-2:] == ["message_delta", "message_stop"]
+        return blocks, events[-2][1]["delta"]["stop_reason"], events[-2][1]["usage"]
+    message = json.loads(data)
+    return message["content"], message["stop_reason"], message["usage"]
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+def upstream(request, home, fake, anthropic_fake):
+    """An account of either protocol serving glm-4.6 (the Anthropic one a Zhipu endpoint)."""
+    from test_iflow_proxy import add_provider_account
+    if request.param == "openai":
+        add_key_account(home, KEYS[0])
+        return "openai", fake
+    anthropic_fake.models = ("glm-4.6",)
+    add_provider_account(home, "sk-anthropic-1111", "zhipu", "anthropic", anthropic_fake.url)
+    return "anthropic", anthropic_fake
+
+
+@pytest.fixture
+def anthropic_fake():
+    from test_iflow_proxy import FakeAnthropic
+    yield from serving(FakeAnthropic(auth="Bearer"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_web_search_beside_client_tools_is_run_by_the_proxy(home, upstream, search, stream):
+    """A main-loop request offering a client tool and the web_search server tool, to upstreams
+    of both protocols with no search of their own: the search goes up as a function, the
+    model's call of it is run here (server_tool_use + web_search_tool_result in the answer),
+    and the model goes on with the results in the same answer."""
+    protocol, model = upstream
+    model.responder = server_tool_model(protocol, lambda results: (
+        "web_search", {"query": "iflow cli end"}) if not results else
+        "It ended, per " + results[-1].split(" — ")[1])
+    config = make_config(home, upstream[1] if protocol == "openai" else None,
+                         web_search={"backend": "searxng", "url": search.url})
+    with running(config) as server:
+        status, _h, data = request(server, "POST", "/v1/messages",
+                                   main_loop_request(stream, SEARCH_TOOL), HEADERS)
+        rows = server.chat.usage.day_rows()
+    blocks, stop, usage = served_answer(status, data, stream)
+    assert [b["type"] for b in blocks] == ["text", "server_tool_use", "web_search_tool_result",
+                                           "text"], blocks
+    assert blocks[0]["text"] == "Let me look."
+    assert blocks[1]["name"] == "web_search" and blocks[1]["input"] == {
+        "query": "iflow cli end"} and blocks[1]["id"].startswith("srvtoolu_")
+    assert blocks[2]["tool_use_id"] == blocks[1]["id"]
+    assert [r["url"] for r in blocks[2]["content"]] == [r[1] for r in RESULTS]
+    assert blocks[3]["text"] == "It ended, per " + RESULTS[0][1]
+    assert stop == "end_turn" and usage["server_tool_use"] == {"web_search_requests": 1}
+    sent = [r[2] for r in (model.chat_requests() if protocol == "openai" else model.requests)]
+    assert len(sent) == 2 and search.requests[0][2]["q"] == "iflow cli end"
+    offered = [t.get("function", t) for t in sent[0]["tools"]]
+    assert [t["name"] for t in offered] == ["weather", "web_search"]
+    assert offered[1]["input_schema" if protocol == "anthropic" else "parameters"][
+        "required"] == ["query"]
+    assert RESULTS[0][1] in tool_results(sent[1])[-1]
+    assert ("web-search", "searxng", 1) in [(r["account"], r["model"], r["requests"])
+                                            for r in rows]
+
+
+def test_max_uses_rounds_and_a_client_tool_in_the_same_turn(home, upstream, search):
+    """max_uses 1: the second search is the error form (max_uses_exceeded) and the model goes
+    on; a model that never stops searching is cut off after SEARCH_ROUNDS rounds; a turn that
+    also calls a client tool ends there (tool_use) with the search shown, and the client's
+    next request, holding those blocks, reaches a strict upstream as text."""
+    protocol, model = upstream
+    config = make_config(home, upstream[1] if protocol == "openai" else None,
+                         web_search={"backend": "searxng", "url": search.url})
+    sent = (lambda: [r[2] for r in model.chat_requests()]) if protocol == "openai" else \
+        (lambda: [r[2] for r in model.requests])
+    with running(config) as server:
+        model.responder = server_tool_model(protocol, lambda results: (
+            "web_search", {"query": "q%d" % len(results)}) if len(results) < 2 else
+            "done: " + results[-1][:60])
+        status, _h, data = request(server, "POST", "/v1/messages", main_loop_request(
+            False, dict(SEARCH_TOOL, max_uses=1)), HEADERS)
+        blocks, stop, usage = served_answer(status, data, False)
+        errors = [b["content"] for b in blocks if b["type"] == "web_search_tool_result"]
+        assert isinstance(errors[0], list) and errors[1] == {
+            "type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}
+        assert blocks[-1]["text"].startswith("done: The web search could not run") and \
+            stop == "end_turn" and len(search.requests) == 1
+
+        before = len(sent())
+        model.responder = server_tool_model(protocol, lambda results: (
+            "web_search", {"query": "again"}))
+        status, _h, data = request(server, "POST", "/v1/messages", main_loop_request(
+            True, SEARCH_TOOL), HEADERS)
+        blocks, stop, usage = served_answer(status, data, True)
+        assert len(sent()) - before == ip.SEARCH_ROUNDS + 1 and stop == "end_turn"
+        assert usage["server_tool_use"] == {"web_search_requests": ip.SEARCH_ROUNDS}
+
+        if protocol == "openai":  # one turn calling both tools
+            model.responder = lambda body: {"content": "", "tool_call_chunks": [
+                {"index": 0, "id": "call_a", "type": "function", "function": {
+                    "name": "web_search", "arguments": '{"query": "both"}'}},
+                {"index": 1, "id": "call_b", "type": "function", "function": {
+                    "name": "weather", "arguments": '{"city": "Oslo"}'}}]} \
+                if not tool_results(body) else {"content": "rainy, and " + tool_results(
+                    body)[0][:40]}
+        else:
+            model.responder = lambda body: {"tool": {"name": "weather", "input": {
+                "city": "Oslo"}}} if not tool_results(body) else {
+                "text": "rainy, and " + tool_results(body)[0][:40]}
+        before = len(sent())
+        status, _h, data = request(server, "POST", "/v1/messages", main_loop_request(
+            False, SEARCH_TOOL), HEADERS)
+        blocks, stop, usage = served_answer(status, data, False)
+        assert stop == "tool_use" and len(sent()) - before == 1
+        calls = [b for b in blocks if b["type"] == "tool_use"]
+        assert [c["name"] for c in calls] == ["weather"]
+        assert ("server_tool_use" in [b["type"] for b in blocks]) is (protocol == "openai")
+        call = calls[0]
+        history = [{"role": "user", "content": "When did the iFlow CLI end?"},
+                   {"role": "assistant", "content": blocks},
+                   {"role": "user", "content": [{"type": "tool_result",
+                                                 "tool_use_id": call["id"], "content": "rain"}]}]
+        if protocol == "anthropic":  # a history holding search blocks, as any client keeps it
+            history[1]["content"] = [
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                 "input": {"query": "x"}},
+                {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+                    {"type": "web_search_result", "url": RESULTS[0][1], "title": "T",
+                     "encrypted_content": ""}]}] + blocks
+        status, _h, data = request(server, "POST", "/v1/messages", main_loop_request(
+            False, SEARCH_TOOL, messages=history), HEADERS)
+        blocks, stop, _usage = served_answer(status, data, False)
+        assert stop == "end_turn" and blocks[-1]["text"].startswith("rainy"), blocks
+        last = sent()[-1]
+        assert RESULTS[0][1] in json.dumps(last["messages"][1])  # the search, as text
+        assert "server_tool_use" not in json.dumps(last)
+
+
+def test_a_web_fetch_beside_client_tools_refuses_private_pages(home, fake, pages):
+    """A web_fetch server tool beside a client tool: the model's fetch of a loopback page is
+    refused here (the error form) and the model goes on; nothing is fetched."""
+    add_key_account(home, KEYS[0])
+    url = "http://127.0.0.1:%d/page" % pages.server_address[1]
+    fake.responder = server_tool_model("openai", lambda results: (
+        "web_fetch", {"url": url}) if not results else "could not: " + results[-1])
+    with running(make_config(home, fake)) as server:
+        status, _h, data = request(server, "POST", "/v1/messages", main_loop_request(
+            True, {"type": "web_fetch_20250910", "name": "web_fetch"}), HEADERS)
+    blocks, stop, usage = served_answer(status, data, True)
+    assert [b["type"] for b in blocks] == ["text", "server_tool_use", "web_fetch_tool_result",
+                                           "text"]
+    assert blocks[2]["content"] == {"type": "web_fetch_tool_error",
+                                    "error_code": "url_not_accessible"}
+    assert blocks[3]["text"].startswith("could not: The page could not be fetched")
+    assert usage["server_tool_use"] == {"web_fetch_requests": 1} and pages.hosts == []
+
+
+def test_deepseeks_anthropic_endpoint_runs_the_search_itself(home, search):
+    """backend auto, nothing set up here, a DeepSeek Anthropic account: the web_search tool
+    goes upstream as it is (DeepSeek runs it), in the side request and beside other tools."""
+    from test_iflow_proxy import FakeAnthropic, add_provider_account
+    deepseek = FakeAnthropic()
+    deepseek.server_tools = ("web_search_20250305",)
+    try:
+        add_provider_account(home, "sk-anthropic-1111", "deepseek", "anthropic", deepseek.url)
+        with running(make_config(home)) as server:
+            body, headers = side_request(False)
+            status, _h, data = request(server, "POST", "/v1/messages",
+                                       dict(body, model="deepseek-v4-flash"), headers)
+            assert status == 200, data[:300]
+            status, _h, data = request(server, "POST", "/v1/messages", dict(main_loop_request(
+                False, SEARCH_TOOL), model="deepseek-v4-flash"), HEADERS)
+            assert status == 200, data[:300]
+        kinds = [[t.get("type") for t in r[2]["tools"]] for r in deepseek.requests]
+        # (the side request's max_tokens 32000 is refused once: over the fake's 8192)
+        assert kinds == [["web_search_20250305"]] * 2 + [[None, "web_search_20250305"]]
+        assert search.requests == []
+    finally:
+        deepseek.stop()

@@ -3,6 +3,7 @@ close, reset and over-send, clients that stop reading or trickle, and RFC 9112's
 """
 
 import json
+import re
 import select
 import socket
 import threading
@@ -658,28 +659,35 @@ def test_client_usage_survives_a_crash_between_saves(tmp_path):
     assert ip.UsageBook(path).client_tokens("bob") == 73  # a line cut by the kill: skipped
 
 
+def serve_process(home, fake):
+    """(process, server address object) of `iflow_proxy.py serve` on this home, once it is up."""
+    import os
+    import subprocess
+    import sys
+    from test_iflow_proxy import HERE
+    env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_API_BASE=fake.url + "/v1")
+    run = os.path.join(home, "run.json")
+    if os.path.exists(run):
+        os.unlink(run)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "serve"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(run) and json.load(open(run)).get("url"),
+             what="the proxy up")
+    port = int(json.load(open(run))["url"].rsplit(":", 1)[1])
+    return proc, type("S", (), {"server_address": ("127.0.0.1", port)})()
+
+
 def test_kill_9_does_not_reset_a_token_budget(home, fake, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
-    from test_iflow_proxy import HERE, write_config
+    from test_iflow_proxy import write_config
     add_key_account(home, KEYS[0])
     write_config(home, {"client_keys": [{"name": "bob", "key": "ck-bob-123456",
                                          "tokens_per_day": 32}], "port": 0})
-    env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_API_BASE=fake.url + "/v1")
     auth = {"Authorization": "Bearer ck-bob-123456", "Content-Type": "application/json"}
 
     def serve():
-        run = os.path.join(home, "run.json")
-        if os.path.exists(run):
-            os.unlink(run)
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "serve"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: os.path.exists(run) and json.load(open(run)).get("url"),
-                 what="the proxy up")
-        port = int(json.load(open(run))["url"].rsplit(":", 1)[1])
-        return proc, type("S", (), {"server_address": ("127.0.0.1", port)})()
+        return serve_process(home, fake)
 
     proc, server = serve()
     try:
@@ -692,6 +700,105 @@ def test_kill_9_does_not_reset_a_token_budget(home, fake, tmp_path):
     try:
         status, _h, data = request(server, "POST", "/v1/chat/completions", CHAT, auth)
         assert status == 429 and b"used its 32 tokens" in data, data
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_random_kills_during_key_changes_and_streams(home, fake):
+    """kill -9 at random moments while client keys are created and revoked and a client key
+    streams answers (issue 27 items 1, 3, 7, 8): after each kill config.json is whole (0600)
+    and holds every acknowledged creation and no acknowledged revocation, the client key's
+    tokens of every finished answer are still counted, and the next start removes the
+    temporary files the kill left."""
+    import os
+    import random
+    import stat
+    from test_iflow_proxy import manage, write_config
+    rng = random.Random(27)
+    add_key_account(home, KEYS[0])
+    write_config(home, {"management_key": "mk-secret-123", "port": 0, "client_keys": [
+        {"name": "bob", "key": "ck-bob-123456", "tokens_per_day": 10 ** 7}]})
+    bob = {"Authorization": "Bearer ck-bob-123456", "Content-Type": "application/json"}
+    created, revoked, answered = {}, set(), [0]
+    asked_to_revoke = set()  # (a revocation the kill cut off may or may not have been written)
+    registry = ip.AccountRegistry(home)
+    leftover = re.compile(r"\..+\.[0-9a-f]{12}\.tmp\Z")
+
+    def temp_files():
+        return [os.path.join(d, n) for d in (home, registry.auth_dir) for n in os.listdir(d)
+                if leftover.match(n)]
+    for round_ in range(5):
+        proc, server = serve_process(home, fake)
+        assert temp_files() == []  # the last kill's leftovers (aged below) are gone
+        done, stop = [0], threading.Event()
+
+        def create():
+            n = 0
+            while not stop.is_set():
+                n += 1
+                name = "k-%d-%d" % (round_, n)
+                try:
+                    status, _h, body = manage(server, "POST", "client-keys", {"name": name})
+                except OSError:
+                    return
+                if status == 201:
+                    created[name] = body["key"]
+                    done[0] += 1
+
+        def revoke():
+            for name in [n for n in list(created) if n not in revoked]:
+                if stop.is_set():
+                    return
+                asked_to_revoke.add(name)
+                try:
+                    status = manage(server, "DELETE", "client-keys/" + name)[0]
+                except OSError:
+                    return
+                if status == 200:
+                    revoked.add(name)
+                    done[0] += 1
+
+        def stream():
+            while not stop.is_set():
+                try:
+                    status, _h, data = request(server, "POST", "/v1/chat/completions",
+                                               dict(CHAT, stream=True), bob)
+                except OSError:
+                    return
+                if status == 200 and data.rstrip().endswith(b"data: [DONE]"):
+                    answered[0] += 1
+                    done[0] += 1
+        workers = [threading.Thread(target=f) for f in (create, revoke, stream, stream)]
+        for worker in workers:
+            worker.start()
+        target = rng.randint(3, 25)
+        try:
+            wait_for(lambda: done[0] >= target, what="%d acknowledged changes" % target)
+        finally:
+            proc.kill()  # kill -9, in the middle of whatever the workers are doing
+            proc.wait(10)
+            stop.set()
+            for worker in workers:
+                worker.join(30)
+        path = os.path.join(home, "config.json")
+        stored = {k["name"] for k in json.load(open(path))["client_keys"]}
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert set(created) - asked_to_revoke <= stored and not stored & revoked, round_
+        assert ip.UsageBook(os.path.join(home, "usage.json")).client_tokens("bob") >= \
+            16 * answered[0]  # (the fake's answer is 16 tokens)
+        old = time.time() - 3600
+        for path in temp_files():  # as if the kill was long ago: the next start removes it
+            os.utime(path, (old, old))
+    proc, server = serve_process(home, fake)
+    try:
+        assert temp_files() == []
+        for name, key in created.items():
+            auth = {"Authorization": "Bearer " + key}
+            if name in revoked or name not in asked_to_revoke:
+                assert request(server, "GET", "/v1/models", None, auth)[0] == (
+                    401 if name in revoked else 200), name
+        assert revoked and answered[0] >= 5
     finally:
         proc.terminate()
         proc.wait(10)
