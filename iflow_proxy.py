@@ -196,17 +196,20 @@ PROVIDERS = {
             minimax-m2.5                   128000  64000 iflow
             iFlow-ROME-30BA3B              128000   8192 iflow"""),
         (), (), "shared/iflow-protocol.md"),
-    # https://api-docs.deepseek.com/quick_start/pricing: both protocols, 1M context, output up
-    # to 384K; https://api-docs.deepseek.com/guides/anthropic_api: claude-opus* -> v4-pro, other
+    # https://api-docs.deepseek.com/quick_start/pricing (read 2026-12-03): both protocols, 1M
+    # context, output up to 384K; deepseek-flash (DeepSeek-V4.1-Flash-1017, vision) replaced
+    # deepseek-v4-flash, whose name (and -vision-exp's) is still served by it;
+    # https://api-docs.deepseek.com/guides/anthropic_api: claude-opus* -> v4-pro, other
     # claude* -> flash; https://api-docs.deepseek.com/guides/thinking_mode: thinking
     # {"type": "enabled"|"disabled"}, reasoning_content of tool-call turns must be sent back.
     "deepseek": Provider(
         "DeepSeek", "https://api.deepseek.com", "https://api.deepseek.com/anthropic", "x-api-key",
-        False, _claude("opus=deepseek-v4-pro sonnet=deepseek-v4-flash haiku=deepseek-v4-flash"),
+        False, _claude("opus=deepseek-v4-pro sonnet=deepseek-flash haiku=deepseek-flash"),
         _models("""
-            deepseek-v4-flash  1048576 393216 deepseek
-            deepseek-v4-pro    1048576 393216 deepseek
-            deepseek-flash     1048576 393216 deepseek vision"""),
+            deepseek-flash                1048576 393216 deepseek vision
+            deepseek-v4-pro               1048576 393216 deepseek
+            deepseek-v4-flash             1048576 393216 deepseek vision
+            deepseek-v4-flash-vision-exp  1048576 393216 deepseek vision"""),
         # https://api-docs.deepseek.com/guides/anthropic_api: "thinking: Supported
         # (budget_tokens is ignored)", "output_config: Only effort is supported"
         ("context_management", "container", "mcp_servers", "service_tier", "output_config:effort",
@@ -231,20 +234,32 @@ PROVIDERS = {
         _ANTHROPIC_ONLY, (), "https://docs.bigmodel.cn/cn/guide/develop/claude"),
     # https://docs.z.ai/devpack/tool/claude (Anthropic: https://api.z.ai/api/anthropic) and
     # https://docs.z.ai/guides/overview/quick-start (OpenAI: https://api.z.ai/api/paas/v4).
+    # GLM-5.3 (2026-08-19) and GLM-5.3-flash: 1M context, 128K output, thinking always on
+    # ("disabled" is a 400) -- from third parties' copies of Z.ai's pages (e.g.
+    # https://dev.to/owen_fox/glm-53-api-pricing-endpoints-and-reasoningeffort-40oa); Z.ai's
+    # own page was not in the docs we could search.
     "zai": Provider(
         "Z.ai GLM (international)", "https://api.z.ai/api/paas/v4", "https://api.z.ai/api/anthropic",
-        "bearer", False, _claude("opus=glm-5 sonnet=glm-4.7 haiku=glm-4.5-air"),
-        None, _ANTHROPIC_ONLY, (), "https://docs.z.ai/guides/overview/quick-start"),
-    # https://platform.kimi.ai/docs/models: kimi-k2.6 / k2.5 / k2-thinking, 256K context; the
-    # API speaks OpenAI (/v1) and Anthropic (/anthropic); thinking models take tool_choice
-    # auto/none only.
+        "bearer", False, _claude("opus=glm-5.3 sonnet=glm-5.3 haiku=glm-5.3-flash"),
+        _models("""
+            glm-5.3        1048576 131072 -
+            glm-5.3-flash  1048576 131072 -
+            glm-4.6         200000 128000 glm
+            glm-4.7         200000 128000 glm
+            glm-5           200000 128000 glm
+            glm-4.5-air     128000  96000 glm
+            glm-4.6v        128000  32768 glm vision"""),
+        _ANTHROPIC_ONLY, (), "https://docs.z.ai/guides/overview/quick-start"),
+    # https://platform.kimi.ai/docs/models: kimi-k2.6, 256K context; the API speaks OpenAI
+    # (/v1) and Anthropic (/anthropic); thinking models take tool_choice auto/none only.
+    # kimi-k3 (2026-07-16): 1M context, always thinking -- from third parties' copies (e.g.
+    # https://apidog.com/blog/kimi-k3-api/); kimi-k2.5 and kimi-k2-thinking are retired.
     "moonshot": Provider(
         "Moonshot Kimi", "https://api.moonshot.ai/v1", "https://api.moonshot.ai/anthropic",
-        "bearer", False, _claude("opus=kimi-k2.6 sonnet=kimi-k2.6 haiku=kimi-k2.5"),
+        "bearer", False, _claude("opus=kimi-k3 sonnet=kimi-k3 haiku=kimi-k2.6"),
         _models("""
-            kimi-k2.6         262144 262144 kimi vision
-            kimi-k2.5         262144 262144 kimi vision
-            kimi-k2-thinking  262144 262144 kimi"""),
+            kimi-k3           1048576 262144 - vision
+            kimi-k2.6          262144 262144 kimi vision"""),
         _ANTHROPIC_ONLY, ("thinking_tool_choice_auto",), "https://platform.kimi.ai/docs/models"),
     # https://www.alibabacloud.com/help/en/model-studio/claude-code (Anthropic:
     # /apps/anthropic) and .../model-studio/compatibility-of-openai-with-dashscope (OpenAI:
@@ -252,7 +267,8 @@ PROVIDERS = {
     "dashscope": Provider(
         "Alibaba DashScope / Bailian (Qwen)", "https://dashscope.aliyuncs.com/compatible-mode/v1",
         "https://dashscope.aliyuncs.com/apps/anthropic", "bearer", False,
-        _claude("opus=qwen3-max sonnet=qwen3-coder-plus haiku=qwen-flash"), _models("""
+        _claude("opus=qwen3.8-max sonnet=qwen3-coder-plus haiku=qwen-flash"), _models("""
+            qwen3.8-max       1000000 65536 - vision  # thinking only; a third party's copy
             qwen3-coder-plus  1000000 65536 qwen
             qwen3-max          262144 65536 qwen
             qwen3.5-plus      1000000 65536 qwen
@@ -262,10 +278,13 @@ PROVIDERS = {
         _ANTHROPIC_ONLY, (), "https://www.alibabacloud.com/help/en/model-studio/claude-code"),
     # https://platform.minimax.io/docs/api-reference/text-anthropic-api (Anthropic:
     # https://api.minimax.io/anthropic; OpenAI: https://api.minimax.io/v1); 204,800 context.
+    # MiniMax-M3 (2026-06-01): 1M context, 131,072 output, image and video input -- from third
+    # parties' copies (https://novita.ai/models/model-detail/minimax-minimax-m3).
     "minimax": Provider(
         "MiniMax", "https://api.minimax.io/v1", "https://api.minimax.io/anthropic", "bearer", False,
-        _claude("opus=MiniMax-M2.7 sonnet=MiniMax-M2.7 haiku=MiniMax-M2.7-highspeed"),
+        _claude("opus=MiniMax-M3 sonnet=MiniMax-M3 haiku=MiniMax-M2.7-highspeed"),
         _models("""
+            MiniMax-M3             1000000 131072 minimax vision
             MiniMax-M2.7            204800 131072 minimax
             MiniMax-M2.7-highspeed  204800 131072 minimax
             MiniMax-M2.5            204800 131072 minimax"""),
@@ -307,7 +326,70 @@ PROVIDERS = {
             ZhipuAI/GLM-4.6                      200000 128000 glm"""),
         (), (), "https://modelscope.cn/docs/model-service/API-Inference/intro"),
 }
-PROVIDERS["zai"] = PROVIDERS["zai"]._replace(models=PROVIDERS["zhipu"].models)
+
+# --- prices ----------------------------------------------------------------------------------
+# Per million tokens, in the currency the provider's page quotes, from each provider's own
+# pricing page (URL and the day it was read beside each entry; a figure found only in a third
+# party's copy of it is marked so).  Used for cost unless config ``models`` / ``prices`` or an
+# upstream's /models list (OpenRouter's) name another price.
+PRICE_RATES = ("input", "output", "cache_read", "cache_write")
+CURRENCIES = ("USD", "CNY")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # (time.gmtime().tm_wday order)
+
+
+def _price_rows(currency, table, peak=None):
+    """{lower-case model: price} from lines "model input output cache_read [cache_write]";
+    ``peak`` (factor, [(from, to) UTC], weekdays): every rate times factor in those hours."""
+    out = {}
+    for name, *rates in _rows(table):
+        price = dict(zip(PRICE_RATES, (float(r) for r in rates)))
+        if peak:
+            factor, hours, days = peak
+            price["periods"] = [dict({k: round(v * factor, 6) for k, v in price.items()},
+                                     **{"from": start, "to": end, "days": list(days)})
+                                for start, end in hours]
+        out[name.lower()] = dict(price, currency=currency)
+    return out
+
+
+PROVIDER_PRICES = {
+    # https://api-docs.deepseek.com/quick_start/pricing (read 2026-12-03, its 2026-11-15
+    # version): off-peak rates here; peak, Beijing 9:00-12:00 and 14:00-18:00 Monday to Friday
+    # (01:00-04:00 and 06:00-10:00 UTC), doubles them; Chinese public holidays are off-peak all
+    # day (not modelled).  The legacy names are served and billed as deepseek-flash.
+    "deepseek": _price_rows("USD", """
+        deepseek-flash                0.15  0.6   0.003
+        deepseek-v4-flash             0.15  0.6   0.003
+        deepseek-v4-flash-vision-exp  0.15  0.6   0.003
+        deepseek-v4-pro               0.66  1.98  0.022""",
+                            (2, [("01:00", "04:00"), ("06:00", "10:00")], WEEKDAYS[:5])),
+    # Z.ai's pay-per-use table as third parties copied it (read 2026-12-03):
+    # https://dev.to/owen_fox/glm-53-api-pricing-endpoints-and-reasoningeffort-40oa (GLM-5.3,
+    # cache storage free for now), https://github.com/VladoIvankovic/Codeep/releases/tag/v2.25.0
+    # (GLM-5.3-Flash, list price without its launch promotion).
+    "zai": _price_rows("USD", """
+        glm-5.3        1.40  4.40  0.26
+        glm-5.3-flash  0.15  0.50"""),
+    # Moonshot's own page lists K2.6 and K2 only at https://platform.kimi.ai/docs/pricing/chat;
+    # figures from third parties' copies (read 2026-12-03): kimi-k3
+    # https://apidog.com/blog/kimi-k3-api/, kimi-k2.6
+    # https://developers.cloudflare.com/workers-ai/models/kimi-k2.6/.
+    "moonshot": _price_rows("USD", """
+        kimi-k3    3.00  15.00  0.30
+        kimi-k2.6  0.95   4.00  0.16"""),
+    # Third parties' copies of MiniMax's pay-as-you-go page (read 2026-12-03):
+    # https://dev.to/aiwave/minimax-m3-api-complete-integration-guide-1lba (M3, up to 512K of
+    # input; above that twice these, not modelled), https://www.promptfoo.dev/docs/providers/minimax/
+    # (M2.7).
+    "minimax": _price_rows("USD", """
+        MiniMax-M3              0.30  1.20  0.06
+        MiniMax-M2.7            0.30  1.20  0.06
+        MiniMax-M2.7-highspeed  0.60  2.40  0.06"""),
+    # Alibaba Model Studio (international) as a third party copied it (read 2026-12-03):
+    # https://dev.to/hassann/how-to-use-the-qwen-38-api-1cgm (flat over the whole context).
+    "dashscope": _price_rows("USD", """
+        qwen3.8-max  2.00  6.00"""),
+}
 
 # The official CLI ships its model list built in (the iFlow preset's, in its order);
 # /v1/models falls back to it.
@@ -328,16 +410,56 @@ def _model_owners():
 MODEL_OWNERS = _model_owners()  # model name (lower case) -> the presets that list it
 
 
-def model_spec(model, provider=""):
-    """The Model (window, output, thinking, vision) of ``model`` on ``provider`` (else on any
-    preset that lists it, else UNKNOWN_MODEL's conservative limits)."""
+# config ``models`` "thinking": how the model's thinking is switched (see provider_thinking)
+THINKING_SWITCHES = {"type": "deepseek", "enable_thinking": "qwen", "none": None}
+MODEL_FIELDS = ("window", "output", "thinking", "vision")
+
+
+def custom_model(models, model):
+    """The config ``models`` entry for ``model``: its exact name (any case) first, else the
+    first glob (in the config's order) that matches; None."""
+    name = model.lower()
+    for pattern, entry in models.items():
+        if pattern.lower() == name:
+            return entry
+    for pattern, entry in models.items():
+        if fnmatch.fnmatchcase(name, pattern.lower()):
+            return entry
+    return None
+
+
+def table_spec(model, provider="", reported=None):
+    """(Model, where it comes from: "table", "provider list" or "default") of ``model`` on
+    ``provider`` (else on any preset that lists it), else what an upstream's /models reported
+    (``reported``: lower-case name -> Model), else UNKNOWN_MODEL's conservative limits."""
     name = model.lower()
     for owner in (provider,) + MODEL_OWNERS.get(name, ()):
         spec = MODEL_SPECS.get((owner, name))
         if spec is not None:
-            return spec
-    return UNKNOWN_MODEL
+            return spec, "table"
+    found = reported.get(name) if reported else None
+    return (found, "provider list") if found is not None else (UNKNOWN_MODEL, "default")
 
+
+def model_spec(model, provider="", models=None, reported=None):
+    """The Model (window, output, thinking, vision) of ``model`` on ``provider``: see
+    table_spec, with what a config ``models`` entry sets on top."""
+    spec = table_spec(model, provider, reported)[0]
+    entry = custom_model(models, model) if models else None
+    if entry:
+        spec = spec._replace(**{k: THINKING_SWITCHES[entry[k]] if k == "thinking" else entry[k]
+                                for k in MODEL_FIELDS if k in entry})
+    return spec
+
+
+def model_source(model, provider="", models=None, reported=None):
+    """Where model_spec's figures come from: "config", "table", "provider list", "default"."""
+    entry = custom_model(models, model) if models else None
+    if entry and any(k in entry for k in MODEL_FIELDS):
+        return "config"
+    return table_spec(model, provider, reported)[1]
+
+MAX_MODEL_NAME = 256
 NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")  # accounts and client keys
 HEADER_LIMIT = 100          # request headers per request
 SSE_HEAD_LIMIT = 1 << 20    # bytes we read looking for the first SSE event / a JSON error body
@@ -852,12 +974,82 @@ def _string_values(v):
     return None if bad is None else "value for %r must be a string" % bad
 
 
+
+
+def _rate(value):
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and value >= 0
+
+
+def _clock_time(value):
+    return isinstance(value, str) and re.match(r"^([01]\d|2[0-3]):[0-5]\d$", value) is not None
+
+
+def _price_problem(price):
+    """What is wrong with a price: {"input", "output", "cache_read", "cache_write" per million
+    tokens, "currency", "periods": [{"from": "HH:MM", "to": "HH:MM" (UTC), rates…}]}; None."""
+    if not isinstance(price, dict) or not _rate(price.get("input")) or \
+            not _rate(price.get("output")):
+        return "must hold \"input\" and \"output\" prices (per million tokens)"
+    extra = set(price) - set(PRICE_RATES) - {"currency", "periods"}
+    if extra:
+        return "takes %s, currency and periods, not %r" % (", ".join(PRICE_RATES),
+                                                           sorted(extra)[0])
+    if any(k in price and not _rate(price[k]) for k in PRICE_RATES):
+        return "prices must be numbers of 0 or more"
+    if price.get("currency", "USD") not in CURRENCIES:
+        return "currency must be one of %s" % ", ".join(CURRENCIES)
+    for period in price.get("periods", []) if isinstance(price.get("periods", []), list) \
+            else [None]:
+        if not isinstance(period, dict) or not _clock_time(period.get("from")) or \
+                not _clock_time(period.get("to")) or \
+                set(period) - set(PRICE_RATES) - {"from", "to", "days"} or \
+                any(k in period and not _rate(period[k]) for k in PRICE_RATES) or \
+                not isinstance(period.get("days", []), list) or \
+                set(period.get("days", [])) - set(WEEKDAYS):
+            return "periods must be a list of {\"from\": \"HH:MM\", \"to\": \"HH:MM\"} " \
+                "(UTC; \"days\": [\"mon\", …] to limit them) with the prices that differ then"
+    return None
+
+
 def _prices(v):
     for model, price in v.items():
-        if not isinstance(price, dict) or not price or any(
-                k not in ("input", "output") or not isinstance(p, _NUMBER) or
-                isinstance(p, bool) or p < 0 for k, p in price.items()):
-            return "value for %r must be {\"input\": n, \"output\": n} (per million tokens)" % model
+        problem = _price_problem(price)
+        if problem:
+            return "value for %r %s" % (model, problem)
+    return None
+
+
+def _model_entries(v):
+    aliases = set()
+    for name, entry in v.items():
+        if not name.strip() or len(name) > MAX_MODEL_NAME:
+            return "model names must be 1 to %d characters" % MAX_MODEL_NAME
+        if not isinstance(entry, dict):
+            return "value for %r must be an object" % name
+        extra = set(entry) - set(MODEL_FIELDS) - {"prices", "aliases"}
+        problem = "takes %s, prices and aliases, not %r" % (", ".join(MODEL_FIELDS), sorted(
+            extra)[0]) if extra else next((
+                "%s must be a whole number of tokens above 0" % k for k in ("window", "output")
+                if k in entry and (type(entry[k]) is not int or entry[k] <= 0)), None)
+        if not problem and "vision" in entry and not isinstance(entry["vision"], bool):
+            problem = "vision must be true or false"
+        if not problem and entry.get("thinking", "none") not in THINKING_SWITCHES:
+            problem = "thinking must be one of %s" % ", ".join(THINKING_SWITCHES)
+        if not problem and "prices" in entry:
+            problem = _price_problem(entry["prices"])
+            problem = problem and "prices " + problem
+        if not problem and "aliases" in entry:
+            found = entry["aliases"]
+            if not isinstance(found, list) or not all(isinstance(a, str) and a.strip()
+                                                      for a in found):
+                problem = "aliases must be a list of model names"
+            elif any(c in name for c in "*?["):
+                problem = "aliases need an exact model name, not a glob"
+            elif aliases & {a.lower() for a in found}:
+                problem = "alias %r is given twice" % sorted(aliases & {a.lower() for a in found})[0]
+            aliases |= {a.lower() for a in found}
+        if problem:
+            return "value for %r: %s" % (name, problem)
     return None
 
 
@@ -987,7 +1179,10 @@ SETTINGS = {
     "management_allow_remote": Setting(bool, False, None, "accept management calls from other "
                                        "machines (with client keys and TLS in front)", None),
     "prices": Setting(dict, {}, None, "model -> {\"input\": …, \"output\": …} price per million "
-                      "tokens, for the dashboard's cost estimate", _prices),
+                      "tokens, for the dashboard's cost estimate (see models)", _prices),
+    "models": Setting(dict, {}, None, "model name or glob -> {window, output, vision, thinking, "
+                      "prices, aliases}: what the proxy knows of a model, over the built-in "
+                      "table (see Models)", _model_entries),
     "allowed_hosts": Setting(list, [], None, "Host header names accepted besides loopback names, "
                              "IP addresses and the listen address (\"*\" = any)", _string_list),
     "allowed_origins": Setting(list, [], None, "web origins (scheme://host:port) allowed to call "
@@ -3733,16 +3928,18 @@ def clamp_output(body, limit, keys=("max_tokens", "max_completion_tokens", "max_
     return body
 
 
-def shape_provider_body(body, model, account, thinking=None, effort=None, limit=None):
-    """An OpenAI chat body for ``account``: iFlow's shaping when signed, else the provider's
-    thinking switch and quirks, and any output limit clamped to what the model allows."""
+def shape_provider_body(body, model, account, thinking=None, effort=None, limit=None,
+                        models=None):
+    """An OpenAI chat body for ``account``: iFlow's shaping when signed, else the model's
+    thinking switch (its preset's or config ``models``'), the provider's quirks, and any output
+    limit clamped to what the model allows."""
     out = shape_chat_body(body, model, account.signing, thinking, effort)
     preset = PROVIDERS.get(account.provider_name)
-    if not account.signing and preset is not None:
-        style = model_spec(model, account.provider_name).thinking
+    if not account.signing and (preset is not None or models):
+        style = model_spec(model, account.provider_name, models).thinking
         if thinking is not None and style:
             _merge_missing(out, provider_thinking(style, thinking))
-        if thinking and "thinking_tool_choice_auto" in preset.quirks and \
+        if thinking and preset and "thinking_tool_choice_auto" in preset.quirks and \
                 out.get("tool_choice") not in (None, "auto", "none"):
             out["tool_choice"] = "auto"  # thinking models take only auto/none here
     return clamp_output(out, limit) if limit else out
@@ -4195,6 +4392,9 @@ def openai_usage(usage):
     out = {"prompt_tokens": prompt, "completion_tokens": usage.get("output_tokens") or 0}
     if usage.get("cache_read_input_tokens"):
         out["prompt_tokens_details"] = {"cached_tokens": usage["cache_read_input_tokens"]}
+    if usage.get("cache_creation_input_tokens"):  # (OpenRouter's name for them)
+        out.setdefault("prompt_tokens_details", {})["cache_write_tokens"] = \
+            usage["cache_creation_input_tokens"]
     return out
 
 
@@ -4503,6 +4703,9 @@ def resolve_model(model, config):
         if alias.lower() in (model.lower(), base.lower()):
             target_base, target_effort = split_model_suffix(target)
             return target_base, None, target_effort or effort
+    for name, entry in config.models.items():  # (usually none: most configs have no models)
+        if base.lower() in (a.lower() for a in entry.get("aliases", ())):
+            return name, None, effort
     canonical = LEGACY_ALIASES.get(base.lower())
     mode = legacy_mode(config, base) if canonical else "off"
     if mode == "always":
@@ -4528,10 +4731,15 @@ def serves(account, model):
     return not owners or not account.provider_name or account.provider_name in owners
 
 
-def window_of(model):
-    """The largest context window any preset gives ``model``, or None for an unlisted one."""
+def window_of(model, models=None, reported=None):
+    """``model``'s context window: a config ``models`` entry's, else the largest any preset
+    gives it, else what an upstream's /models reported; None when nothing says."""
+    entry = custom_model(models, model) if models else None
+    if entry and "window" in entry:
+        return entry["window"]
     windows = [model_spec(model, owner).window for owner in MODEL_OWNERS.get(model.lower(), ())]
-    return max(windows) if windows else None
+    found = reported.get(model.lower()) if reported and not windows else None
+    return max(windows) if windows else found.window if found else None
 
 
 def claude_families(accounts, configured):
@@ -4925,13 +5133,64 @@ def _new_pair():
     return [0, 0]
 
 
+def cache_tokens(usage):
+    """(cache-read, cache-write) prompt tokens of an OpenAI-style usage: OpenAI's
+    prompt_tokens_details.cached_tokens or DeepSeek's prompt_cache_hit_tokens, and
+    cache_write_tokens (OpenRouter's; Anthropic's cache_creation_input_tokens as openai_usage
+    counts them)."""
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    return (_count(details.get("cached_tokens")) or _count(usage.get("prompt_cache_hit_tokens")),
+            _count(details.get("cache_write_tokens")))
+
+
+def _minute(clock_time):
+    return int(clock_time[:2]) * 60 + int(clock_time[3:])
+
+
+def price_rates(price, when):
+    """``price``'s rates at ``when`` (epoch seconds): a period's (UTC) over the others."""
+    for period in price.get("periods") or ():
+        now = time.gmtime(when)
+        minute, start, end = now.tm_hour * 60 + now.tm_min, _minute(period["from"]), \
+            _minute(period["to"])
+        if period.get("days") and WEEKDAYS[now.tm_wday] not in period["days"]:
+            continue
+        if (start <= minute < end) if start <= end else (minute >= start or minute < end):
+            return dict(price, **{k: period[k] for k in PRICE_RATES if k in period})
+    return price
+
+
+def usage_cost(usage, price, when):
+    """What ``usage`` (OpenAI-style) cost at ``price`` (per million tokens) at ``when``: fresh
+    input, cache reads and cache writes (each at the input price where ``price`` names none),
+    and output."""
+    rates = price_rates(price, when)
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get(
+        "completion_tokens"))
+    read, write = cache_tokens(usage)
+    fresh = max(0, prompt - read - write)
+    return (fresh * rates["input"] + read * rates.get("cache_read", rates["input"]) +
+            write * rates.get("cache_write", rates["input"]) + completion * rates["output"]) / 1e6
+
+
 def _new_tally():
     return {"requests": 0, "failures": {}, "input_tokens": 0, "output_tokens": 0,
-            "reasoning_tokens": 0, "latency_ms": 0.0}
+            "reasoning_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+            "latency_ms": 0.0}
 
 
-def _bucket(label, rows, prices=None):
-    """One bar of a usage chart: totals, per account and per model (and cost per model)."""
+def _add_cost(tally, cost):
+    """Add a (amount, currency, price source) to a tally (the last price's currency and
+    source are the row's: one model's price rarely changes currency)."""
+    if cost is not None:
+        tally["cost"] = round(tally.get("cost", 0.0) + cost[0], 10)
+        tally["currency"], tally["price_source"] = cost[1], cost[2]
+
+
+def _bucket(label, rows):
+    """One bar of a usage chart: totals, per account and per model (and cost per model and
+    currency, for a day)."""
     out = {"label": label, "requests": 0, "tokens": 0, "accounts": {}, "models": {}}
     for key, counts in rows.items():
         account, model = key.split("|", 1)
@@ -4941,11 +5200,9 @@ def _bucket(label, rows, prices=None):
             mine = out[group].setdefault(name, {"requests": 0, "tokens": 0})
             mine["requests"] += counts["requests"]
             mine["tokens"] += counts["tokens"]
-        price = (prices or {}).get(model)
-        if price and "input" in counts:
-            cost = (counts["input"] * price.get("input", 0) +
-                    counts["output"] * price.get("output", 0)) / 1e6
-            out.setdefault("cost", {})[model] = round(out.get("cost", {}).get(model, 0) + cost, 6)
+        if counts.get("cost"):
+            costs = out.setdefault("cost", {}).setdefault(counts["currency"], {})
+            costs[model] = round(costs.get(model, 0) + counts["cost"], 10)
     return out
 
 
@@ -5022,9 +5279,10 @@ class UsageBook:
             self.extra[key] = value
             self._dirty = True
 
-    def record(self, account, model, status, usage, latency_ms, client=""):
+    def record(self, account, model, status, usage, latency_ms, client="", cost=None):
         """One finished attempt: ``status`` 200 counts as a success, anything else a failure;
-        answers are also counted per client key name (never the key) when there is one."""
+        answers are also counted per client key name (never the key) when there is one, with
+        their ``cost`` (amount, currency, price source) when a price is known."""
         usage = usage if isinstance(usage, dict) else {}
         details = usage.get("completion_tokens_details")
         prompt, completion, reasoning = _count(usage.get("prompt_tokens")), \
@@ -5044,9 +5302,14 @@ class UsageBook:
                 tally["output_tokens"] += completion
             if reasoning:
                 tally["reasoning_tokens"] += reasoning
+            read, write = cache_tokens(usage) if prompt else (0, 0)
+            if read or write:
+                tally["cache_read_tokens"] = tally.get("cache_read_tokens", 0) + read
+                tally["cache_write_tokens"] = tally.get("cache_write_tokens", 0) + write
+            _add_cost(tally, cost)
             tally["latency_ms"] += round(latency_ms, 1)
             if client:
-                self._count_client(client, model, usage)
+                _add_cost(self._count_client(client, model, usage), cost)
                 self._note(today, client, model, prompt, completion)
             counts = _row(self._hours, this_hour, row, account, _new_pair)
             counts[0] += 1
@@ -5064,11 +5327,12 @@ class UsageBook:
                              ("output_tokens", usage.get("completion_tokens"))):
             if isinstance(value, int) and not isinstance(value, bool):
                 tally[field] += value
+        return tally
 
-    def series(self, prices=None):
+    def series(self):
         """Requests and tokens per account and per model, for each of the last 24 hours and
-        30 days (oldest first), and the estimated cost per model and day where ``prices``
-        ({model: {"input": …, "output": …}} per million tokens) say."""
+        30 days (oldest first), and the cost per model and day (per currency) where a price
+        was known."""
         now = self.clock()
         hours = [time.strftime("%Y-%m-%dT%H", time.localtime(now - h * 3600))
                  for h in range(23, -1, -1)]
@@ -5078,22 +5342,57 @@ class UsageBook:
         def counts(t):
             tokens_in, tokens_out = t.get("input_tokens", 0), t.get("output_tokens", 0)
             return {"requests": t.get("requests", 0), "tokens": tokens_in + tokens_out,
-                    "input": tokens_in, "output": tokens_out}
+                    "cost": t.get("cost", 0), "currency": t.get("currency", "USD")}
         with self._lock:
             hourly = [(hour, {k: {"requests": c[0], "tokens": c[1]}
                               for k, c in self._hours.get(hour, {}).items()}) for hour in hours]
             daily = [(day, {k: counts(t) for k, t in self._days.get(day, {}).items()})
                      for day in days]
         return {"hours": [_bucket(label, rows) for label, rows in hourly],
-                "days": [_bucket(label, rows, prices) for label, rows in daily]}
+                "days": [_bucket(label, rows) for label, rows in daily]}
 
     def day_rows(self):
-        """[{day, account, model, requests, input_tokens, output_tokens}], oldest day first."""
+        """[{day, account, model, requests, input_tokens, output_tokens, cache_read_tokens,
+        cache_write_tokens, cost, currency, price_source}], oldest day first."""
         with self._lock:
             return [{"day": day, "account": k.split("|", 1)[0], "model": k.split("|", 1)[1],
                      "requests": t.get("requests", 0), "input_tokens": t.get("input_tokens", 0),
-                     "output_tokens": t.get("output_tokens", 0)}
+                     "output_tokens": t.get("output_tokens", 0),
+                     "cache_read_tokens": t.get("cache_read_tokens", 0),
+                     "cache_write_tokens": t.get("cache_write_tokens", 0),
+                     "cost": t.get("cost"), "currency": t.get("currency"),
+                     "price_source": t.get("price_source")}
                     for day, rows in sorted(self._days.items()) for k, t in sorted(rows.items())]
+
+    def costs(self, client=None):
+        """What answers cost today and over the last 30 days, per model, account and client
+        key ({currency: amount} each; only ``client``'s when one is named), and where each
+        model's price came from."""
+        today = self.today()
+        first = time.strftime("%Y-%m-%d", time.localtime(self.clock() - 29 * 86400))
+        out = {span: {"models": {}, "accounts": {}, "clients": {}} for span in ("today", "days")}
+        sources = {}
+
+        def add(group, name, tally, day):
+            for span in ("today", "days") if day == today else ("days",):
+                mine = out[span][group].setdefault(name, {})
+                mine[tally["currency"]] = round(mine.get(tally["currency"], 0) + tally["cost"], 10)
+        with self._lock:
+            for table, groups in ((self._days, ("accounts", "models")),
+                                  (self._clients, ("clients", None))):
+                for day, rows in table.items():
+                    for key, tally in rows.items() if day >= first else ():
+                        if not tally.get("cost"):
+                            continue
+                        who, model = key.split("|", 1)
+                        if groups[1] is None and client is not None and who != client:
+                            continue
+                        add(groups[0], who, tally, day)
+                        if groups[1]:
+                            add(groups[1], model, tally, day)
+                            sources[model] = tally.get("price_source") or ""
+        out["price_sources"] = sources
+        return out
 
     def client_tokens(self, client, day=None):
         """Tokens (in + out) a client key used on ``day`` (today)."""
@@ -5196,7 +5495,6 @@ def map_claude_model(model, claude_models, defaults=DEFAULT_CLAUDE_MODELS):
 
 # --- requests: parsing and validation of both APIs, in one place ----------------------------
 
-MAX_MODEL_NAME = 256
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
@@ -8014,7 +8312,7 @@ class ChatExchange:
                                        else False)
             return base + "/v1/messages", anthropic_headers(account, preset), body
         body = shape_provider_body(self.request.openai(), model, account, self.thinking,
-                                   self.effort, limit)
+                                   self.effort, limit, config.models)
         if preset is not None and "reasoning_passback" in preset.quirks:
             body["messages"] = service.reasoning.restore(body["messages"])
         session, conversation = service.session_ids(account.id, self.conversation) \
@@ -8026,7 +8324,7 @@ class ChatExchange:
     def _check_size(self, model):
         """Answer "too long" at once, with no upstream call, when the estimate is far over the
         model's window (beyond any error of the estimate)."""
-        window = window_of(model)
+        window = self.service.window(model)
         if not window or self.request.size and self.request.size < window:
             return  # fewer bytes than the window has tokens: it can't be far over
         tokens = self.service.prompt_tokens(self.request, model)
@@ -8041,8 +8339,8 @@ class ChatExchange:
         found = too_long_figures(error.message)
         tokens = found[0] if found else self.service.prompt_tokens(self.request, model)
         window = found[1] if found else \
-            model_spec(model, provider).window if provider else window_of(model) or \
-            UNKNOWN_MODEL.window
+            self.service.spec(model, provider).window if provider else \
+            self.service.window(model) or UNKNOWN_MODEL.window
         error.tokens, error.window = max(tokens, window + 1), window  # upstream said: over
         return error
 
@@ -8128,7 +8426,8 @@ class ChatExchange:
             self.service.usage.record(self.account.nickname, self.model,
                                       502 if self.error else 200, usage,
                                       (time.monotonic() - self.started) * 1000,
-                                      self.request.client)
+                                      self.request.client,
+                                      self.service.cost(self.account, self.model, usage))
 
     def _release(self):
         if not self._released:
@@ -8285,78 +8584,158 @@ class ReasoningMemory:
 
 
 class ModelCatalog:
-    """Upstream /models cached per base URL; the built-in list when upstream can't say."""
+    """Every usable account's /models, cached per base URL for models_cache_ttl: the models it
+    serves (its preset's table, or iFlow's built-in list, when upstream can't say), and what
+    the list reports of models no table knows: limits (``reported``) and prices."""
 
     def __init__(self, config, upstream, router, clock=time.monotonic):
         self.config, self.upstream, self.router, self._clock = config, upstream, router, clock
         self._cache = {}
         self._lock = threading.Lock()
+        self.reported = {}         # lower-case model -> Model an upstream's list gave
+        self.reported_prices = {}  # lower-case model -> a price an upstream's list gave
 
     def ids(self):
-        """The models of the usable accounts (default first): a preset's table, or what an iFlow
-        or custom upstream's /models says; the built-in list when there is no account."""
+        """The models of the usable accounts (default first), then the config's own models
+        and aliases; the built-in list when there is no account."""
         accounts = [a for a in sorted(self.router.all_accounts(), key=lambda a: not a.default)
                     if a.usable]
         ids = [] if accounts else list(BUILTIN_MODELS)
         for account in accounts:
-            preset = PROVIDERS.get(account.provider_name)
-            if preset is not None and account.provider_name != "iflow":
-                ids.extend(preset.models or ())
-            elif account.protocol == "openai":
-                ids.extend(self._fetch(account))
+            ids.extend(self.listed(account))
+        models = self.config.models
+        ids.extend(n for n in models if not any(c in n for c in "*?["))
+        ids.extend(a for entry in models.values() for a in entry.get("aliases", ()))
         ids.extend(self.config.model_aliases)
         return list(dict.fromkeys(ids))
 
-    def _fetch(self, account):
+    def listed(self, account):
+        """The models ``account`` serves: what its upstream lists, else its preset's table."""
+        found = self.fetch(account)
+        if found is not None:
+            return found
+        preset = PROVIDERS.get(account.provider_name)
+        return tuple((preset.models if preset else None) or BUILTIN_MODELS)
+
+    def fetch(self, account, fresh=False):
+        """The model ids ``account``'s upstream lists (cached), or None when it can't say."""
         base = account.api_base(self.config)
         now = self._clock()
         with self._lock:
             cached = self._cache.get(base)
-            if cached and cached[0] > now:
+            if cached and cached[0] > now and not fresh:
                 return cached[1]
         ttl = self.config.models_cache_ttl
         try:
-            sid, cid = conversation_ids(account.id, "models")
-            resp = self.upstream.open("GET", base + "/models",
-                                      upstream_headers(account, self.config, sid, cid))
-            payload = classify_answer(resp.status, resp.read_all(SSE_HEAD_LIMIT), resp.trace_id,
-                                      secrets=(account.api_key,))
-            ids = tuple(m["id"] for m in payload.get("data", [])
-                        if isinstance(m, dict) and isinstance(m.get("id"), str)
-                        and 0 < len(m["id"]) <= MAX_MODEL_NAME and m["id"].isprintable())
-            if not ids:
-                raise UpstreamError("malformed", "upstream /models listed no models")
+            entries = self._entries(account, base)
         except UpstreamError as e:
-            log.info("using the built-in model list: upstream /models failed: %s", e.message)
-            ids, ttl = BUILTIN_MODELS, min(ttl, 30)
+            log.info("account %s: upstream /models failed (%s); using the table's list",
+                     account.nickname, e.message)
+            entries, ttl = None, min(ttl, 30)
+        ids = None
+        if entries is not None:
+            ids = tuple(e["id"] for e in entries)
+            with self._lock:
+                for entry in entries:
+                    name = entry["id"].lower()
+                    if (account.provider_name, name) in MODEL_SPECS:
+                        continue
+                    spec, price = listed_model(entry)
+                    if spec is not None:
+                        self.reported[name] = spec
+                    if price is not None:
+                        self.reported_prices[name] = price
+                trim_oldest(self.reported, 5000)
+                trim_oldest(self.reported_prices, 5000)
         with self._lock:
             self._cache[base] = (now + ttl, ids)
         return ids
 
+    def _entries(self, account, base):
+        """The entries (dicts with a usable id) of the account's /models answer."""
+        if account.protocol == "anthropic":
+            url, headers = base + "/v1/models", anthropic_headers(
+                account, PROVIDERS.get(account.provider_name))
+        else:
+            sid, cid = conversation_ids(account.id, "models")
+            url, headers = base + "/models", upstream_headers(account, self.config, sid, cid)
+        resp = self.upstream.open("GET", url, headers)
+        payload = classify_answer(resp.status, resp.read_all(MAX_EVENT_BYTES), resp.trace_id,
+                                  secrets=(account.api_key,))
+        entries = [m for m in payload.get("data", []) if isinstance(m, dict) and
+                   isinstance(m.get("id"), str) and 0 < len(m["id"]) <= MAX_MODEL_NAME and
+                   m["id"].isprintable()] if isinstance(payload.get("data"), list) else []
+        if not entries:
+            raise UpstreamError("malformed", "upstream /models listed no models")
+        return entries
 
-def model_description(model, accounts):
-    """"deepseek-v4-flash — DeepSeek, 1048576-token window" for a model list."""
+
+def _listed_int(*values):
+    return next((v for v in values if type(v) is int and v > 0), None)
+
+
+def listed_model(entry):
+    """(Model or None, price or None) that one /models entry reports.  OpenRouter's
+    (https://openrouter.ai/docs/models): context_length, top_provider.max_completion_tokens,
+    architecture.input_modalities, pricing in USD per token (prompt, completion,
+    input_cache_read, input_cache_write); vLLM's max_model_len; the like-named fields others
+    use.  A Model only when a window is reported."""
+    top = entry.get("top_provider") if isinstance(entry.get("top_provider"), dict) else {}
+    window = _listed_int(entry.get("context_length"), top.get("context_length"),
+                         entry.get("context_window"), entry.get("max_model_len"),
+                         entry.get("max_context_length"), entry.get("max_input_tokens"))
+    output = _listed_int(top.get("max_completion_tokens"), entry.get("max_completion_tokens"),
+                         entry.get("max_output_tokens"), entry.get("max_tokens"))
+    architecture = entry.get("architecture") if isinstance(entry.get("architecture"),
+                                                           dict) else {}
+    modalities = architecture.get("input_modalities") or entry.get("input_modalities") or ()
+    spec = Model(window, min(output or UNKNOWN_MODEL.output, window), None,
+                 "image" in modalities if isinstance(modalities, list) else False) \
+        if window else None
+    pricing = entry.get("pricing") if isinstance(entry.get("pricing"), dict) else {}
+    price = {}
+    for rate, field in (("input", "prompt"), ("output", "completion"),
+                        ("cache_read", "input_cache_read"), ("cache_write", "input_cache_write")):
+        try:
+            value = float(pricing[field]) * 1e6
+        except (KeyError, TypeError, ValueError):
+            continue
+        if value >= 0:
+            price[rate] = round(value, 6)
+    return spec, (dict(price, currency="USD") if "input" in price and "output" in price
+                  else None)
+
+
+def model_description(model, accounts, spec_of=model_spec):
+    """"deepseek-v4-flash — DeepSeek, 1048576-token window" for a model list; ``spec_of(model,
+    provider)`` gives the model's figures."""
     provider = next((a.provider_name for a in accounts if a.usable and serves(a, model)), "")
-    spec = model_spec(model, provider)
+    spec = spec_of(model, provider)
     title = PROVIDERS[provider].title if provider in PROVIDERS else "custom upstream"
     return "%s — %s, %d-token context window" % (model, title, spec.window)
 
 
-def models_response(ids, api, accounts=(), families=None):
-    """The model list in the client's format.  Anthropic's carries a description naming the
-    provider and window, and one entry per Claude family (Claude Code's /model picker offers
-    only names that start with "claude"), each saying which model it maps to."""
+def models_response(ids, api, accounts=(), families=None, spec_of=model_spec):
+    """The model list in the client's format, each with its window.  Anthropic's carries a
+    description naming the provider and window, and one entry per Claude family (Claude
+    Code's /model picker offers only names that start with "claude"), each saying which model
+    it maps to; OpenAI's the window and output limit as OpenRouter's list names them."""
     if api != "anthropic":
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0,
-                                            "owned_by": "iflow-proxy"} for i in ids]}
+        return {"object": "list", "data": [dict({"id": i, "object": "model", "created": 0,
+                                                 "owned_by": "iflow-proxy"}, **_limits(
+                                                     spec_of(i, ""))) for i in ids]}
     data = [{"type": "model", "id": "claude-%s" % family, "display_name": "%s → %s" % (
-        family.title(), model), "description": model_description(model, accounts),
+        family.title(), model), "description": model_description(model, accounts, spec_of),
         "created_at": "1970-01-01T00:00:00Z"} for family, model in (families or {}).items()]
     data += [{"type": "model", "id": i, "display_name": i,
-              "description": model_description(i, accounts),
+              "description": model_description(i, accounts, spec_of),
               "created_at": "1970-01-01T00:00:00Z"} for i in ids]
     return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
+
+
+def _limits(spec):
+    return {"context_length": spec.window, "max_completion_tokens": spec.output}
 
 
 class ChatService:
@@ -8442,10 +8821,45 @@ class ChatService:
             learnt = self._limits.get((account.id, model))
         if learnt:
             return learnt
-        spec = model_spec(model, account.provider_name)
+        spec = self.spec(model, account.provider_name)
         if spec is UNKNOWN_MODEL and account.provider_name == "iflow":
             return output_limit(model)
         return spec.output
+
+    def price(self, provider, model):
+        """(price, where it comes from) of ``model`` served by ``provider``: a config
+        ``models`` entry's, config ``prices``', an upstream list's, the provider table's;
+        (None, "") when none says."""
+        config = self.config
+        entry = custom_model(config.models, model) if config.models else None
+        if entry and "prices" in entry:
+            return entry["prices"], "config"
+        found = config.prices.get(model) if config.prices else None
+        if found:
+            return found, "config"
+        name = model.lower()
+        found = self.catalog.reported_prices.get(name)
+        if found:
+            return found, "provider list"
+        found = PROVIDER_PRICES.get(provider, {}).get(name)
+        return (found, "table") if found else (None, "")
+
+    def cost(self, account, model, usage):
+        """(amount, currency, price source) of an answer's ``usage``, or None (no price)."""
+        if not usage:
+            return None
+        price, source = self.price(account.provider_name, model)
+        if price is None:
+            return None
+        return usage_cost(usage, price, self.clock()), price.get("currency", "USD"), source
+
+    def spec(self, model, provider=""):
+        """model_spec with the config's ``models`` and what upstreams' /models reported."""
+        return model_spec(model, provider, self.config.models, self.catalog.reported)
+
+    def window(self, model):
+        """window_of with the config's ``models`` and what upstreams' /models reported."""
+        return window_of(model, self.config.models, self.catalog.reported)
 
     def learn_output_limit(self, account, model, message):
         """Remember the max_tokens range an upstream error names; True if it named one."""
@@ -8571,8 +8985,9 @@ class ChatService:
         with self._class_lock:
             self.class_counts[request_class] += 1
 
-    def status(self, listen):
-        """Everything /status, the dashboard and `status` show; never a secret."""
+    def status(self, listen, client_key=None):
+        """Everything /status, the dashboard and `status` show; never a secret.  For a
+        ``client_key`` of the per-key figures only its own."""
         usage = self.usage.summary()
         today = today_by_account(usage)
         accounts = [self._account_status(a, today) for a in self.router.all_accounts()]
@@ -8583,9 +8998,11 @@ class ChatService:
                                             self.router.waiting_by_lane().values())),
                 "requests_by_class": dict(self.class_counts),
                 "token_calibration": self.calibration.status(),
-                "series": self.usage.series(self.config.prices),
-                "clients_today": [r for r in self.usage.client_rows()
-                                  if r["day"] == self.usage.today()],
+                "series": self.usage.series(),
+                "costs": self.usage.costs(client_key.name if client_key else None),
+                "clients_today": [r for r in self.usage.client_rows() if r["day"] ==
+                                  self.usage.today() and (client_key is None or
+                                                          r["client"] == client_key.name)],
                 "recent_errors": list(reversed(self.router.recent_errors[-20:]))}
 
     def _account_status(self, a, today):
@@ -8826,7 +9243,8 @@ class ManagementGuard:
 
 # settings the management API may change while the proxy runs
 RUNTIME_SETTINGS = ("claude_models", "class_models", "model_aliases", "model_fallbacks",
-                    "legacy_aliases", "strategy", "queue_timeout", "max_concurrency")
+                    "legacy_aliases", "strategy", "queue_timeout", "max_concurrency", "models",
+                    "prices")
 _ACCOUNT_PATCH = {"nickname": str, "default": bool, "enabled": bool, "max_concurrency": int,
                   "priority": int, "models": list, "excluded_models": list}
 
@@ -9044,11 +9462,12 @@ class ManagementAPI:
             [dict(r, kind="client key") for r in usage.client_rows()]
         if (query.get("format") or [""])[0] == "csv":
             fields = ("day", "kind", "account", "client", "model", "requests", "input_tokens",
-                      "output_tokens")
-            lines = [",".join(fields)] + [",".join(_csv_cell(r.get(f, "")) for f in fields)
-                                          for r in rows]
+                      "output_tokens", "cache_read_tokens", "cache_write_tokens", "cost",
+                      "currency", "price_source")
+            lines = [",".join(fields)] + [",".join(_csv_cell(
+                "" if r.get(f) is None else r[f]) for f in fields) for r in rows]
             return 200, ("text/csv; charset=utf-8", ("\r\n".join(lines) + "\r\n").encode())
-        return 200, {"usage": rows}
+        return 200, {"usage": rows, "costs": usage.costs()}
 
     def changed(self, what):
         log.warning("management: %s (from %s)", what, getattr(self, "who", "?"))
@@ -9540,11 +9959,7 @@ class ProxyHandler(ServerConnection):
     def handle_status(self):
         """The proxy's state; a client key sees of the per-key figures only its own (the
         home's owner, with run.json's status token, and the management API see every key's)."""
-        status = self.server.chat.status(self.server.url)
-        if self.client_key is not None and "clients_today" in status:
-            status["clients_today"] = [r for r in status["clients_today"]
-                                       if r["client"] == self.client_key.name]
-        self.send_json(200, status)
+        self.send_json(200, self.server.chat.status(self.server.url, self.client_key))
 
     def handle_dashboard(self):
         """A static page; its script fetches /status with the key kept in the browser."""
@@ -9557,7 +9972,7 @@ class ProxyHandler(ServerConnection):
         chat = self.server.chat
         families = map_families(self.server.config.claude_models, chat.claude_defaults())
         self.send_json(200, models_response(chat.catalog.ids(), self.api,
-                                            chat.router.all_accounts(), families))
+                                            chat.router.all_accounts(), families, chat.spec))
 
     def handle_count_tokens(self):
         """A local estimate, calibrated by what the model's upstream has counted before."""
@@ -9626,7 +10041,8 @@ class ProxyHandler(ServerConnection):
                                    request_class, self.client_name())
         chat_request.size, chat_request.key = self.body_size, self.client_key
         conversation = anthropic_conversation_key(request, self.headers)
-        if anthropic_has_images(request) and not matches_any(model, config.vision_models):
+        if anthropic_has_images(request) and not (matches_any(model, config.vision_models) or
+                                                  chat.spec(model).vision):
             if not config.describe_images:
                 raise BadRequest("model %s cannot see images and describe_images is off; use a "
                                  "vision model such as %s" % (model, config.vision_model))
@@ -10022,9 +10438,15 @@ form{display:flex;gap:8px;flex-wrap:wrap;margin:4px 0}input,select{flex:1;min-wi
 padding:6px}button{padding:5px 10px;margin:1px;cursor:pointer}
 #login,.manage{display:none}body.managed .manage{display:block}
 body.managed form.manage{display:flex}body.managed th.manage{display:table-cell}.charts{display:grid;grid-template-columns:repeat(auto-fit,
-minmax(300px,1fr));gap:10px}svg{width:100%;height:150px;background:#fafbfc}
-.legend span{display:inline-block;margin-right:10px;font-size:12px}
-.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}
+minmax(300px,1fr));gap:10px}figure{margin:0;min-width:0}figcaption{font-size:13px;
+display:flex;justify-content:space-between;gap:6px;align-items:baseline}
+figcaption b{font-weight:600}svg{display:block;width:100%;height:170px;background:#fafbfc}
+svg text{font-size:11px;fill:#5b6772}svg .bar:focus{outline:none}
+svg .bar:focus rect.hit,svg .bar:hover rect.hit{fill:#1d2329;fill-opacity:.08}
+.tip{font-size:12px;min-height:17px;color:#1d2329}.legend span{display:inline-block;
+margin-right:10px;font-size:12px}.legend i{display:inline-block;width:10px;height:10px;
+margin-right:4px}figure table{font-size:12px;margin-top:4px}figure .wrap{max-height:220px}
+textarea{width:100%;box-sizing:border-box;font:12px/1.4 ui-monospace,monospace}
 code{background:#eef1f4;padding:2px 4px;word-break:break-all}
 </style></head><body>
 <header><h1>iflow-proxy</h1><p id="summary">loading…</p></header>
@@ -10039,21 +10461,20 @@ code{background:#eef1f4;padding:2px 4px;word-break:break-all}
  placeholder="API key"><input id="newnick" placeholder="nickname"><input id="newprovider"
  placeholder="provider (deepseek, zhipu…)"><select id="newprotocol"><option>openai</option>
 <option>anthropic</option></select><button>Add account</button></form></section>
-<section><h2>Usage</h2><div class="charts"><div><div class="muted">Requests, last 24 hours,
- by account</div><svg id="c-hours-req"></svg><div class="legend" id="l-hours-req"></div></div>
-<div><div class="muted">Tokens, last 24 hours, by model</div><svg id="c-hours-tok"></svg>
-<div class="legend" id="l-hours-tok"></div></div><div><div class="muted">Requests, last 30
- days, by account</div><svg id="c-days-req"></svg><div class="legend" id="l-days-req"></div>
-</div><div><div class="muted">Tokens, last 30 days, by model</div><svg id="c-days-tok"></svg>
-<div class="legend" id="l-days-tok"></div></div></div>
+<section><h2>Usage</h2><div class="charts">
+<figure id="c-hours-req" data-title="Requests, last 24 hours, by account"></figure>
+<figure id="c-hours-tok" data-title="Tokens, last 24 hours, by model"></figure>
+<figure id="c-days-req" data-title="Requests, last 30 days, by account"></figure>
+<figure id="c-days-tok" data-title="Tokens, last 30 days, by model"></figure>
+<figure id="c-days-cost" data-title="Cost, last 30 days, by model"></figure></div>
 <div class="wrap"><table id="usage"><thead><tr><th>Account</th>
 <th>Model</th><th>Requests</th><th>Failures</th><th>Input tokens</th><th>Output tokens</th>
 <th>Avg latency</th></tr></thead><tbody></tbody></table></div>
 <div class="wrap"><table id="clients"><thead><tr><th>Client key</th><th>Model</th>
 <th>Requests today</th><th>Input tokens</th><th>Output tokens</th></tr></thead><tbody></tbody>
 </table></div>
-<div class="wrap"><table id="costs"><thead><tr><th>Model</th><th>Estimated cost today</th>
-<th>Last 30 days</th></tr></thead><tbody></tbody></table></div></section>
+<div class="wrap"><table id="costs"><thead><tr><th>Cost of</th><th>Name</th><th>Today</th>
+<th>Last 30 days</th><th>Price from</th></tr></thead><tbody></tbody></table></div></section>
 <section><h2>Management</h2><form id="mgmtform"><input id="mgmtkey" type="password"
  autocomplete="off" placeholder="management key"><button>Use</button></form>
 <p class="muted" id="mgmtnote">Actions appear with the management key (kept in this tab
@@ -10061,6 +10482,10 @@ code{background:#eef1f4;padding:2px 4px;word-break:break-all}
 <div class="manage"><h2>Claude Code models</h2><form id="familyform"><input id="f-opus"
  placeholder="opus"><input id="f-sonnet" placeholder="sonnet"><input id="f-haiku"
  placeholder="haiku"><button>Save mapping</button></form>
+<h2>Models: limits and prices</h2><form id="modelsform" style="display:block"><textarea
+ id="modelsjson" rows="6" spellcheck="false" aria-label="config models as JSON"
+ placeholder='{"my-model": {"window": 131072, "output": 16384, "prices": {"input": 0.3, "output": 1.2}}}'></textarea>
+<button>Save models</button></form>
 <h2>Client keys</h2><div class="wrap"><table id="clientkeys"><thead><tr><th>Name</th>
 <th>Key</th><th>Requests/min</th><th>Tokens/day</th><th>Models</th><th>Expires</th><th></th>
 </tr></thead><tbody></tbody></table></div><form id="newclient"><input id="cname"
@@ -10121,32 +10546,112 @@ function actions(a) { var span = document.createElement("span");
       return confirm("Remove account " + a.nickname + " and its credentials?") ?
         manage("DELETE", "accounts/" + nick) : Promise.reject(); })); }
   return span; }
-function chart(svgId, legendId, buckets, metric, group) {
-  var svg = $(svgId), legend = $(legendId), names = [], max = 1, width = 600, height = 150;
-  buckets.forEach(function (b) { max = Math.max(max, b[metric]);
-    Object.keys(b[group]).forEach(function (n) { if (names.indexOf(n) < 0) names.push(n); }); });
-  svg.setAttribute("viewBox", "0 0 " + width + " " + height);
-  svg.setAttribute("preserveAspectRatio", "none"); svg.textContent = "";
-  var w = width / buckets.length, ns = "http://www.w3.org/2000/svg";
-  buckets.forEach(function (b, i) { var y = height;
-    names.forEach(function (n, j) { var v = (b[group][n] || {})[metric] || 0;
-      if (!v) return; var h = v / max * (height - 10), r = document.createElementNS(ns, "rect");
-      r.setAttribute("x", i * w + 1); r.setAttribute("width", Math.max(1, w - 2));
-      r.setAttribute("y", y - h); r.setAttribute("height", h);
-      r.setAttribute("fill", palette[j % palette.length]);
-      var t = document.createElementNS(ns, "title"); t.textContent = b.label + " " + n + ": " + v;
-      r.appendChild(t); svg.appendChild(r); y -= h; }); });
-  legend.textContent = ""; names.forEach(function (n, j) {
-    var s = document.createElement("span"), i = document.createElement("i");
-    i.style.background = palette[j % palette.length]; s.appendChild(i);
-    s.appendChild(document.createTextNode(n)); legend.appendChild(s); });
-  if (!names.length) legend.textContent = "no requests yet"; }
-function costs(days) { var today = {}, month = {};
-  days.forEach(function (d, i) { Object.keys(d.cost || {}).forEach(function (m) {
-    month[m] = (month[m] || 0) + d.cost[m];
-    if (i === days.length - 1) today[m] = (today[m] || 0) + d.cost[m]; }); });
-  fill("costs", Object.keys(month).map(function (m) { return [m, "$" + (today[m] || 0)
-    .toFixed(4), "$" + month[m].toFixed(4)]; }), "no prices configured (config prices)"); }
+var NS = "http://www.w3.org/2000/svg";
+function svgEl(parent, name, attrs, text) { var e = document.createElementNS(NS, name);
+  Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+  if (text !== undefined) e.textContent = text; parent.appendChild(e); return e; }
+function compact(v) { var a = Math.abs(v);
+  return a >= 1e9 ? +(v / 1e9).toFixed(1) + "G" : a >= 1e6 ? +(v / 1e6).toFixed(1) + "M" :
+    a >= 1e3 ? +(v / 1e3).toFixed(1) + "K" : String(+v.toFixed(2)); }
+function money(currency) { var sign = {USD: "$", CNY: "¥"}[currency] || currency + " ";
+  return function (v) { return sign + (!v ? "0" : v >= 1 ? v.toFixed(2) : v >= 0.01 ? v.toFixed(3) :
+    v.toPrecision(2)); }; }
+function niceTop(max) { if (max <= 0) return 1; var p = Math.pow(10, Math.floor(Math.log10(max)));
+  var top = [1, 2, 5, 10].map(function (m) { return m * p; }).find(function (t) {
+    return t >= max; }); return top; }
+function tickLabel(label, i, n) {  // counted back from now: every 6th hour, every 7th day
+  if (label.length > 10) return (n - 1 - i) % 6 === 0 ? label.slice(11) + ":00" : null;
+  return (n - 1 - i) % 7 === 0 ? label.slice(5) : null; }
+// One stacked-bar chart in a <figure>: its total in the title, a value scale, a time axis,
+// each bar's values on hover and keyboard focus (and read out), and a table view.
+function chart(id, buckets, metric, group, fmt) {
+  var fig = $(id), names = [], max = 0, total = 0;
+  buckets.forEach(function (b) { var v = b[metric] || 0; total += v; max = Math.max(max, v);
+    Object.keys(b[group] || {}).forEach(function (n) { if (names.indexOf(n) < 0) names.push(n);
+    }); });
+  fig.textContent = "";
+  var cap = document.createElement("figcaption"), t = document.createElement("span");
+  t.textContent = fig.getAttribute("data-title") + " — "; var b = document.createElement("b");
+  b.textContent = fmt(total) + " total"; t.appendChild(b); cap.appendChild(t);
+  var toggle = document.createElement("button"); toggle.type = "button";
+  toggle.textContent = "Table"; toggle.setAttribute("aria-expanded", "false"); cap.appendChild(toggle);
+  fig.appendChild(cap);
+  var svg = svgEl(fig, "svg", {role: "group", "aria-label": fig.getAttribute("data-title")});
+  var top = niceTop(max), scale = [0, 0.5, 1].map(function (f) { return fmt(top * f); }),
+    W = Math.max(260, Math.round(svg.getBoundingClientRect().width) || 600), H = 170,
+    L = 10 + 6.5 * Math.max.apply(null, scale.map(function (x) { return x.length; })),
+    R = 8, T = 8, B = 20, pw = W - L - R, ph = H - T - B;
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  [0, 0.5, 1].forEach(function (f, k) { var y = T + ph * (1 - f);
+    svgEl(svg, "line", {x1: L, x2: W - R, y1: y, y2: y, stroke: "#e3e7eb"});
+    svgEl(svg, "text", {x: L - 4, y: y + 4, "text-anchor": "end"}, scale[k]); });
+  var tip = document.createElement("div"); tip.className = "tip"; tip.setAttribute("aria-live",
+    "polite"); tip.textContent = names.length ? "Hover or focus a bar for its values." :
+    "Nothing yet.";
+  var w = pw / buckets.length, rows = [];
+  buckets.forEach(function (bk, i) {
+    var parts = names.filter(function (n) { return ((bk[group] || {})[n] || {})[metric]; })
+      .map(function (n) { return n + " " + fmt(bk[group][n][metric]); });
+    var when = bk.label.length > 10 ? bk.label.slice(0, 10) + " " + bk.label.slice(11) + ":00"
+      : bk.label, text = when + ": " + fmt(bk[metric] || 0) + (parts.length ? " (" +
+      parts.join(", ") + ")" : "");
+    rows.push([when, fmt(bk[metric] || 0)].concat(names.map(function (n) {
+      return fmt(((bk[group] || {})[n] || {})[metric] || 0); })));
+    var g = svgEl(svg, "g", {"class": "bar", tabindex: names.length ? "0" : "-1",
+      "aria-label": text}); svgEl(g, "title", {}, text);
+    svgEl(g, "rect", {"class": "hit", x: L + i * w, y: T, width: w, height: ph,
+      fill: "transparent"});
+    var y = T + ph;
+    names.forEach(function (n, j) { var v = ((bk[group] || {})[n] || {})[metric] || 0;
+      if (!v) return; var h = v / top * ph;
+      svgEl(g, "rect", {x: L + i * w + 1, y: y - h, width: Math.max(1, w - 2), height: h,
+        fill: palette[j % palette.length]}); y -= h; });
+    ["mouseenter", "focus"].forEach(function (ev) { g.addEventListener(ev, function () {
+      tip.textContent = text; }); });
+    var tick = tickLabel(bk.label, i, buckets.length);
+    var last = i === buckets.length - 1;  // (the newest bar's label ends at the edge)
+    if (tick) svgEl(svg, "text", {x: last ? W - R : L + i * w + w / 2, y: H - 5,
+      "text-anchor": last ? "end" : "middle"}, tick); });
+  fig.appendChild(tip);
+  var legend = document.createElement("div"); legend.className = "legend";
+  names.forEach(function (n, j) { var sp = document.createElement("span"),
+    i = document.createElement("i"); i.style.background = palette[j % palette.length];
+    sp.appendChild(i); sp.appendChild(document.createTextNode(n)); legend.appendChild(sp); });
+  fig.appendChild(legend);
+  var wrap = document.createElement("div"); wrap.className = "wrap"; wrap.hidden = true;
+  var table = document.createElement("table"), head = document.createElement("tr");
+  ["Time", "Total"].concat(names).forEach(function (h) { var th = document.createElement("th");
+    th.textContent = h; head.appendChild(th); });
+  var thead = document.createElement("thead"); thead.appendChild(head); table.appendChild(thead);
+  var body = document.createElement("tbody"); rows.forEach(function (r) {
+    var tr = document.createElement("tr"); r.forEach(function (c) { cell(tr, c); });
+    body.appendChild(tr); }); table.appendChild(body); wrap.appendChild(table);
+  fig.appendChild(wrap);
+  toggle.addEventListener("click", function () { wrap.hidden = !wrap.hidden;
+    toggle.setAttribute("aria-expanded", String(!wrap.hidden)); openTables[id] = !wrap.hidden; });
+  if (openTables[id]) { wrap.hidden = false; toggle.setAttribute("aria-expanded", "true"); }
+}
+var openTables = {};
+function costChart(days) {  // the currency with the most cost, per model and day
+  var sums = {}; days.forEach(function (d) { Object.keys(d.cost || {}).forEach(function (c) {
+    Object.keys(d.cost[c]).forEach(function (m) { sums[c] = (sums[c] || 0) + d.cost[c][m]; });
+  }); });
+  var currency = Object.keys(sums).sort(function (a, b) { return sums[b] - sums[a]; })[0] ||
+    "USD";
+  chart("c-days-cost", days.map(function (d) { var models = {}, total = 0;
+    Object.keys((d.cost || {})[currency] || {}).forEach(function (m) {
+      models[m] = {cost: d.cost[currency][m]}; total += d.cost[currency][m]; });
+    return {label: d.label, cost: total, models: models}; }), "cost", "models", money(currency));
+}
+function amounts(byCurrency) { return Object.keys(byCurrency || {}).map(function (c) {
+  return money(c)(byCurrency[c]); }).join(" + ") || "–"; }
+function costs(c) { var rows = [];
+  [["models", "model"], ["accounts", "account"], ["clients", "client key"]].forEach(function (k) {
+    Object.keys(c.days[k[0]]).forEach(function (name) { rows.push([k[1], name,
+      amounts(c.today[k[0]][name]), amounts(c.days[k[0]][name]),
+      k[0] === "models" ? c.price_sources[name] || "–" : ""]); }); });
+  fill("costs", rows, "no priced usage yet: models without a price in the table, config " +
+    "models/prices or the provider's list have no cost"); }
 function render(s) {
   $("login").style.display = "none";
   var t = s.usage.today.sum;
@@ -10165,11 +10670,12 @@ function render(s) {
     Object.keys(r.failures).map(function (k) { return k + "×" + r.failures[k]; }).join(" ") || 0,
     r.input_tokens, r.output_tokens, r.requests ? Math.round(r.latency_ms / r.requests) + " ms"
     : "–"]; }), "no requests today");
-  chart("c-hours-req", "l-hours-req", s.series.hours, "requests", "accounts");
-  chart("c-hours-tok", "l-hours-tok", s.series.hours, "tokens", "models");
-  chart("c-days-req", "l-days-req", s.series.days, "requests", "accounts");
-  chart("c-days-tok", "l-days-tok", s.series.days, "tokens", "models");
-  costs(s.series.days);
+  chart("c-hours-req", s.series.hours, "requests", "accounts", compact);
+  chart("c-hours-tok", s.series.hours, "tokens", "models", compact);
+  chart("c-days-req", s.series.days, "requests", "accounts", compact);
+  chart("c-days-tok", s.series.days, "tokens", "models", compact);
+  costChart(s.series.days);
+  costs(s.costs);
   fill("clients", (s.clients_today || []).map(function (r) { return [r.client, r.model,
     r.requests, r.input_tokens, r.output_tokens]; }), "no client keys used today");
   fill("errors", s.recent_errors.map(function (e) { return [new Date(e.time * 1000)
@@ -10181,7 +10687,9 @@ function loadManagement() {
   if (!mkey) return;
   manage("GET", "settings").then(function (s) { ["opus", "sonnet", "haiku"].forEach(
     function (f) { $("f-" + f).value = (s.claude_models || {})[f] || ""; }); $("mgmtnote")
-    .textContent = "Management key accepted."; });
+    .textContent = "Management key accepted.";
+    if (document.activeElement !== $("modelsjson")) $("modelsjson").value =
+      Object.keys(s.models || {}).length ? JSON.stringify(s.models, null, 1) : ""; });
   manage("GET", "client-keys").then(function (k) { fill("clientkeys", k.client_keys.map(
     function (c) { return [c.name, c.key, c.rpm || "–", c.tokens_per_day || "–",
       (c.models || []).join(", ") || "all", c.expires || "–", button("Revoke", function () {
@@ -10212,6 +10720,11 @@ $("familyform").addEventListener("submit", function (ev) { ev.preventDefault(); 
   ["opus", "sonnet", "haiku"].forEach(function (f) { if ($("f-" + f).value) m[f] =
     $("f-" + f).value; });
   manage("PATCH", "settings", {claude_models: m}).then(load, function () {}); });
+$("modelsform").addEventListener("submit", function (ev) { ev.preventDefault(); var models;
+  try { models = JSON.parse($("modelsjson").value.trim() || "{}"); } catch (e) {
+    alert("Not JSON: " + e.message); return; }
+  manage("PATCH", "settings", {models: models}).then(function () { $("modelsjson").blur();
+    load(); }, function () {}); });
 $("newclient").addEventListener("submit", function (ev) { ev.preventDefault();
   var body = {name: $("cname").value};
   if ($("crpm").value) body.rpm = parseInt($("crpm").value, 10);
@@ -10544,6 +11057,8 @@ def account_rows(config):
 
 
 def cmd_providers(args, config):
+    if args.check:
+        return check_providers(args, config)
     rows = [{"name": name, "title": p.title, "openai": p.openai, "anthropic": p.anthropic,
              "docs": p.doc, "claude": p.claude,
              "models": [{"id": m, "window": spec.window, "output": spec.output}
@@ -10568,37 +11083,106 @@ def _tokens(n):
         if n < 1000000 else "%gM" % round(n / 1000000.0, 2)
 
 
-def model_rows(accounts):
-    """The models the accounts can serve: (model, provider, window, output, account names)."""
-    served = {}
+def model_rows(accounts, config, catalog=None):
+    """The models the accounts serve, then the config's own: {id, provider, window, output,
+    source, accounts}; with a ``catalog`` what each upstream lists (limits it reports
+    included), else the presets' tables."""
+    served, models = {}, config.models
+    reported = catalog.reported if catalog else None
     for a in accounts:
         preset = PROVIDERS.get(a.provider_name)
-        names = list(preset.models or ()) if preset else ["*"]
+        listed = catalog.fetch(a) if catalog else None
+        names = list(listed) if listed is not None else \
+            list(preset.models or ()) if preset else ["*"]
         for name in names:
-            spec = model_spec(name, a.provider_name) if name != "*" else None
-            row = served.setdefault((name, a.provider_name or "custom"), {
+            spec = model_spec(name, a.provider_name, models, reported) if name != "*" else None
+            row = served.setdefault((name.lower(), a.provider_name or "custom"), {
                 "id": name, "provider": a.provider_name or "custom",
                 "window": spec.window if spec else None, "output": spec.output if spec else None,
-                "accounts": []})
+                "source": model_source(name, a.provider_name, models, reported)
+                if spec else "", "accounts": []})
             row["accounts"].append(a.nickname)
+    known = {name for name, _provider in served}
+    for name in models:
+        if not any(c in name for c in "*?[") and name.lower() not in known:
+            spec = model_spec(name, "", models, reported)
+            served[(name.lower(), "")] = {"id": name, "provider": "(config)",
+                                          "window": spec.window, "output": spec.output,
+                                          "source": "config", "accounts": []}
     return list(served.values())
 
 
 def cmd_models(args, config):
-    rows = model_rows([a for a in account_rows(config) if a.usable])
+    upstream = UpstreamClient(config)
+    try:
+        rows = model_rows([a for a in account_rows(config) if a.usable], config,
+                          ModelCatalog(config, upstream, None))
+    finally:
+        upstream.close()
     if args.json:
         return write_json(rows, args.stdout)
     if not rows:
         args.stdout.write("no usable accounts: add one with python iflow_proxy.py login "
                           "--api-key --provider NAME\n")
         return 0
-    table = [("MODEL", "PROVIDER", "WINDOW", "OUTPUT", "ACCOUNTS")]
+    table = [("MODEL", "PROVIDER", "WINDOW", "OUTPUT", "FROM", "ACCOUNTS")]
     for r in rows:
         table.append(("any model (custom upstream)" if r["id"] == "*" else r["id"], r["provider"],
                       _tokens(r["window"]) if r["window"] else "-",
-                      _tokens(r["output"]) if r["output"] else "-", ", ".join(r["accounts"])))
+                      _tokens(r["output"]) if r["output"] else "-", r["source"] or "-",
+                      ", ".join(r["accounts"])))
     _print_table(table, args.stdout)
+    unknown = [r["id"] for r in rows if r["source"] == "default"]
+    if unknown:
+        args.stdout.write(
+            "\n%d model(s) no table or list gives limits for (%s): %s window and %s output "
+            "assumed. Set them in config.json, e.g. \"models\": {\"%s\": {\"window\": 131072, "
+            "\"output\": 16384}}\n" % (len(unknown), ", ".join(unknown[:5]) + (
+                ", …" if len(unknown) > 5 else ""), _tokens(UNKNOWN_MODEL.window),
+                _tokens(UNKNOWN_MODEL.output), unknown[0]))
     return 0
+
+
+def check_providers(args, config):
+    """`providers --check`: each usable preset account's /models against its preset's table;
+    1 when a list differs from the table (models gone, models new) or can't be read."""
+    accounts = [a for a in account_rows(config) if a.usable and a.provider_name in PROVIDERS]
+    if not accounts:
+        raise BadRequest("no usable account of a provider preset to check: add one with "
+                         "python iflow_proxy.py login --api-key --provider NAME")
+    upstream, differ, out = UpstreamClient(config), 0, []
+    catalog = ModelCatalog(config, upstream, None)
+    try:
+        for account in accounts:
+            table = {m.lower(): m for m in PROVIDERS[account.provider_name].models or ()}
+            listed = catalog.fetch(account, fresh=True)
+            head = "%s (account %s)" % (account.provider_name, account.nickname)
+            if listed is None:
+                differ += 1
+                out.append({"provider": account.provider_name, "account": account.nickname,
+                            "error": "its /models could not be read"})
+                args.stdout.write("%s: its /models could not be read (see the log)\n" % head)
+                continue
+            names = {m.lower(): m for m in listed}
+            gone = sorted(table[m] for m in set(table) - set(names))
+            new = sorted(names[m] for m in set(names) - set(table))
+            differ += bool(gone or new)
+            out.append({"provider": account.provider_name, "account": account.nickname,
+                        "gone": gone, "new": new})
+            if args.json:
+                continue
+            if not gone and not new:
+                args.stdout.write("%s: the table and the list agree (%d models)\n"
+                                  % (head, len(names)))
+            for label, found in (("in the table, no longer listed", gone),
+                                 ("listed, not in the table", new)):
+                if found:
+                    args.stdout.write("%s: %s: %s\n" % (head, label, ", ".join(found)))
+    finally:
+        upstream.close()
+    if args.json:
+        write_json(out, args.stdout)
+    return 1 if differ else 0
 
 
 def cmd_accounts(args, config):
@@ -10682,6 +11266,7 @@ def cmd_check(args, config):
 # CLAUDE_CODE_AUTO_COMPACT_WINDOW compacts before the real window fills.
 CLAUDE_CODE_BEHAVES_AS = "claude-sonnet-4-6"
 CLAUDE_CODE_WINDOWS = (200000, 1000000)  # the windows a behavesAs row can give
+CLAUDE_CODE_OUTPUT = 32000  # the output Claude Code asks for unless told less
 
 
 def launcher_models(config, model=None, accounts=()):
@@ -10694,7 +11279,8 @@ def launcher_models(config, model=None, accounts=()):
         bare = name.split("/", 1)[1] if "/" in name and any(
             a.nickname == name.split("/", 1)[0] for a in accounts) else name
         providers = [a.provider_name for a in accounts if a.usable and serves(a, bare)]
-        spec = model_spec(split_model_suffix(bare)[0], providers[0] if providers else "")
+        spec = model_spec(split_model_suffix(bare)[0], providers[0] if providers else "",
+                          config.models)
         out[family] = (name, spec)
     return out
 
@@ -10742,6 +11328,8 @@ def claude_env(base_url, token, config, model=None, accounts=(), rows=False):
             "ANTHROPIC_SMALL_FAST_MODEL": ids["haiku"],
             "CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(spec.window),
             "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(compact_window(spec)),
+            # answers no longer than the model allows (Claude Code asks for 32000 by default)
+            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(min(spec.output, CLAUDE_CODE_OUTPUT)),
             "CLAUDE_CODE_MODEL_CAPABILITIES": claude_capabilities(models),
             "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
             # every request says what it is (x-claude-code-request-class): see REQUEST_LANES
@@ -10915,7 +11503,7 @@ def codex_models(config, model=None, accounts=()):
                 a.nickname for a in accounts} else name)[0]
             owner = next((a.provider_name for a in accounts if a.usable and serves(a, bare)),
                          "")
-            out.append((name, model_spec(bare, owner)))
+            out.append((name, model_spec(bare, owner, config.models)))
     return out
 
 
@@ -11188,7 +11776,9 @@ def build_parser():
                    help="with --provider: the upstream's API (default openai)")
     p.add_argument("--base-url", help="this account's own base URL (overrides the preset's)")
 
-    command(cmd_providers, "list the provider presets, their URLs and models", as_json)
+    command(cmd_providers, "list the provider presets, their URLs and models", as_json,
+            ("--check", "compare each preset account's /models with the table (1: they "
+             "differ)"))
     command(cmd_models, "list the models the configured accounts can serve", as_json)
     command(cmd_accounts, "list accounts", as_json)
     command(cmd_use, "set the default account").add_argument("nickname")

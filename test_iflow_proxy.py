@@ -228,8 +228,9 @@ class FakeIFlowHandler(QuietHandler):
         problem = self.check_headers(key)
         if problem:
             return self.reply(*problem)
-        self.reply(200, {"object": "list", "data": [{"id": m, "object": "model"}
-                                                    for m in self.server.models]})
+        self.reply(200, {"object": "list", "data": [  # (an entry may be a whole dict)
+            m if isinstance(m, dict) else {"id": m, "object": "model"}
+            for m in self.server.models]})
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -320,7 +321,8 @@ class FakeIFlowHandler(QuietHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return None
-        if body.get("model") not in srv.models or body.get("model") in srv.unavailable_models:
+        if body.get("model") not in [m["id"] if isinstance(m, dict) else m for m in srv.models] \
+                or body.get("model") in srv.unavailable_models:
             return self.business(435, "Model not support")
         if body.get("stream") and not srv.json_for_stream:
             return self.stream(body)
@@ -633,13 +635,21 @@ def test_functions_stay_short():
 
 def test_readme_provider_table_matches_the_presets():
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    presets = readme.split("## Providers", 1)[1].split("\n## ", 1)[0]
     for name, preset in ip.PROVIDERS.items():
-        row = next(line for line in readme.splitlines() if line.startswith("| `%s` |" % name))
+        row = next(line for line in presets.splitlines() if line.startswith("| `%s` |" % name))
         for url in (preset.openai, preset.anthropic):
             assert ("`%s`" % url if url else "–") in row, (name, url)
         for model, spec in (preset.models or {}).items():
             assert "`%s` (%s)" % (model, ip._tokens(spec.window)) in row, (name, model)
-    assert "last checked" in readme and "2026-11-23" in readme
+    assert "last checked" in readme and "2026-12-03" in readme
+    prices = readme.split("## Models, limits and prices", 1)[1].split("\n## ", 1)[0]
+    for name, table in ip.PROVIDER_PRICES.items():  # the price table: every model, its rates
+        row = next(line for line in prices.splitlines() if line.startswith("| `%s` |" % name))
+        for model, price in table.items():
+            assert any(m.lower() == model for m in re.findall(r"`([^`]+)`", row)), (name, model)
+            for rate in ("input", "output", "cache_read"):
+                assert rate not in price or "%g" % price[rate] in row, (name, model, rate)
 
 
 def test_import_has_no_side_effects():
@@ -3683,7 +3693,7 @@ class ScriptedChat:
     def resolve(self, requested):
         return (None,) + ip.resolve_model(requested, ip.Config(home="/x"))
 
-    def status(self, listen):
+    def status(self, listen, client_key=None):
         return {"listen": listen}
 
 
@@ -4348,7 +4358,8 @@ class FakeAnthropic(FakeServer):
     scripted 429 (retry-after) / 529 overloaded_error / 401, mid-stream errors and cuts."""
 
     def __init__(self, keys=("sk-anthropic-1111",), auth="x-api-key",
-                 models=("deepseek-v4-flash", "deepseek-v4-pro"), max_output=8192):
+                 models=("deepseek-flash", "deepseek-v4-flash", "deepseek-v4-pro"),
+                 max_output=8192):
         super().__init__(("127.0.0.1", 0), FakeAnthropicHandler)
         self.keys, self.auth, self.models, self.max_output = set(keys), auth, models, max_output
         self.requests, self.script, self.lock = [], [], threading.Lock()
@@ -4547,7 +4558,7 @@ def test_providers_and_models_commands(home, anthropic_fake):
     code, out, _ = run_cli("models", home=home)
     assert code == 0 and re.search(r"deepseek-v4-pro\s+deepseek\s+1M", out)
     rows = json.loads(run_cli("models", "--json", home=home)[1])
-    assert {r["id"] for r in rows} == {"deepseek-v4-flash", "deepseek-v4-pro", "deepseek-flash"}
+    assert {r["id"] for r in rows} == set(ip.PROVIDERS["deepseek"].models)
     for argv, fragment in ((("--provider", "nope"), "the presets are: iflow, deepseek"),
                            (("--provider", "modelscope", "--protocol", "anthropic"),
                             "no anthropic endpoint")):
@@ -4619,16 +4630,18 @@ def test_anthropic_client_passes_through_an_anthropic_upstream(home, anthropic_f
         resp = conn.getresponse()
         received = b""
         while b"text_delta" not in received:  # upstream waits at its gate meanwhile
-            received += resp.read1(65536)
+            piece = resp.read1(65536)
+            assert piece, received  # (the answer ended without any text)
+            received += piece
         anthropic_fake.gate.set()
         received += resp.read()
         conn.close()
         sent = anthropic_fake.requests[-1][2]
-        assert sent["model"] == "deepseek-v4-flash" and "context_management" not in sent
+        assert sent["model"] == "deepseek-flash" and "context_management" not in sent
         assert sent["max_tokens"] == 8192
         events = parse_sse(received)
         assert [b["text"] for b in check_anthropic_grammar(events)] == ["echo: hello there"]
-        assert resp.headers["x-iflow-proxy-model"] == "deepseek-v4-flash"
+        assert resp.headers["x-iflow-proxy-model"] == "deepseek-flash"
         status, _, message = post_json(server, "/v1/messages", dict(request_body, stream=False),
                                        {"anthropic-version": "2023-06-01"})
         assert status == 200 and message["id"] == "msg_fake" and message["usage"][
@@ -4638,7 +4651,7 @@ def test_anthropic_client_passes_through_an_anthropic_upstream(home, anthropic_f
                                      {"anthropic-version": "2023-06-01"})
         assert status == 502 and error["error"]["type"] == "api_error"
         account = server.chat.router.all_accounts()[0]
-        assert server.chat.router.cooling_until(account, "deepseek-v4-flash")
+        assert server.chat.router.cooling_until(account, "deepseek-flash")
 
 
 def test_model_of_another_provider_is_not_sent_and_fails_over_across_protocols(
@@ -4701,7 +4714,7 @@ def test_claude_families_follow_the_only_provider():
     assert ip.claude_families([deepseek, iflow], {})["opus"] == "glm-4.6"
     assert ip.claude_families([deepseek], {"opus": "x"})["opus"] == "x"
     assert ip.map_claude_model("claude-haiku-4-5", {}, ip.claude_families([deepseek], {})) == \
-        "deepseek-v4-flash"
+        "deepseek-flash"
 
 
 def deepseek_fake(fake):
@@ -4913,7 +4926,7 @@ def test_real_claude_code_through_the_claude_command_believes_the_window(home, f
 def test_env_command_sets_the_window_of_the_main_model(home):
     add_provider_account(home, "sk-deepseek-0001", "deepseek", "openai", "http://127.0.0.1:9")
     code, out, _ = run_cli("env", home=home)
-    assert "ANTHROPIC_MODEL='deepseek-v4-flash'" in out
+    assert "ANTHROPIC_MODEL='deepseek-flash'" in out
     assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS='1048576'" in out
     assert "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY='1'" in out
     code, out, _ = run_cli("env", "--model", "kimi-k2", home=home)

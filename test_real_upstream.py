@@ -211,6 +211,28 @@ def test_input_over_the_window_is_context_length_in_each_clients_words(home, lla
             assert server.chat.router.state(account)[0] in ("healthy", "busy")
 
 
+def test_a_models_entry_bounds_the_real_servers_answers(home, llama):
+    """A config ``models`` entry for the served model: its output limit clamps what clients
+    ask (the server's own count of each answer's tokens shows it), through both protocols, and
+    the proxy's model list gives its window."""
+    openai, anthropic = sdk("openai"), sdk("anthropic")
+    add_llama_accounts(home, llama)
+    with open(os.path.join(home, "config.json"), "w") as f:
+        json.dump({"models": {MODEL_ID: {"window": 32768, "output": 3}}}, f)
+    with running(ip.load_config(home, {}, {})) as server:
+        oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        an = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        reply = oa.chat.completions.create(model="llo/" + MODEL_ID, max_tokens=40, messages=[
+            {"role": "user", "content": "Say hello."}])
+        assert reply.choices[0].finish_reason == "length" and \
+            reply.usage.completion_tokens == 3, reply
+        message = an.messages.create(model="lla/" + MODEL_ID, max_tokens=40, messages=[
+            {"role": "user", "content": "Say hello."}])
+        assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3, message
+        listed = {m.id: m for m in oa.models.list().data}
+        assert getattr(listed[MODEL_ID], "context_length", None) == 32768, listed
+
+
 def test_real_claude_code_through_the_claude_command(home, llama, tmp_path):
     """`python iflow_proxy.py claude -p …` with the real Claude Code, through an
     OpenAI-protocol account on llama-server: Claude Code's own requests (its system prompt, its
@@ -222,12 +244,22 @@ def test_real_claude_code_through_the_claude_command(home, llama, tmp_path):
     if claude is None:
         pytest.skip("Claude Code is not installed (.ci/run installs it with npm into .cache)")
     add_llama_accounts(home, llama)
+    # what the server really serves (-c 32768), and answers held short: the config's entry,
+    # which the launcher passes on (window, compaction, output) -- no variable set here
+    with open(os.path.join(home, "config.json"), "w") as f:
+        json.dump({"models": {MODEL_ID: {"window": 32768, "output": 256}}}, f)
     log = tmp_path / "proxy.log"
-    # (the grammar ends every answer within 41 tokens; Claude Code's limit is the backstop)
     env = dict(os.environ, IFLOW_PROXY_HOME=home, IFLOW_PROXY_PORT=str(free_port()),
                IFLOW_PROXY_LOG_FILE=str(log), HOME=str(tmp_path / "h"), DISABLE_TELEMETRY="1",
-               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", CLAUDE_CODE_MAX_OUTPUT_TOKENS="256")
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
     env.pop("CI", None)
+    told = subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "env",
+                           "--model", "llo/" + MODEL_ID], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS='32768'" in told and \
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS='256'" in told, told
+    compact = int(told.split("CLAUDE_CODE_AUTO_COMPACT_WINDOW='")[1].split("'")[0])
+    assert compact < 32768
     work = tmp_path / "project"
     work.mkdir()
     out = subprocess.run([sys.executable, os.path.join(HERE, "iflow_proxy.py"), "claude",

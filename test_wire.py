@@ -587,7 +587,9 @@ def test_a_stream_left_before_its_usage_report_is_still_counted(home, fake):
         sock.settimeout(10)
         seen = b""
         while b"lazy dog" not in seen:
-            seen += sock.recv(65536)
+            piece = sock.recv(65536)
+            assert piece, seen  # (the answer ended without the words)
+            seen += piece
         sock.close()  # every word read, the usage report never
         wait_for(lambda: server.chat.usage.client_tokens("bob") > 0, what="usage recorded")
         fake.gate.set()
