@@ -243,12 +243,7 @@ PROVIDERS = {
         "bearer", False, _claude("opus=glm-5.3 sonnet=glm-5.3 haiku=glm-5.3-flash"),
         _models("""
             glm-5.3        1048576 131072 -
-            glm-5.3-flash  1048576 131072 -
-            glm-4.6         200000 128000 glm
-            glm-4.7         200000 128000 glm
-            glm-5           200000 128000 glm
-            glm-4.5-air     128000  96000 glm
-            glm-4.6v        128000  32768 glm vision"""),
+            glm-5.3-flash  1048576 131072 -"""),  # and zhipu's (below)
         _ANTHROPIC_ONLY, (), "https://docs.z.ai/guides/overview/quick-start"),
     # https://platform.kimi.ai/docs/models: kimi-k2.6, 256K context; the API speaks OpenAI
     # (/v1) and Anthropic (/anthropic); thinking models take tool_choice auto/none only.
@@ -390,6 +385,8 @@ PROVIDER_PRICES = {
     "dashscope": _price_rows("USD", """
         qwen3.8-max  2.00  6.00"""),
 }
+
+PROVIDERS["zai"].models.update(PROVIDERS["zhipu"].models)  # GLM-5.3 first, then the same GLMs
 
 # The official CLI ships its model list built in (the iFlow preset's, in its order);
 # /v1/models falls back to it.

@@ -5478,6 +5478,13 @@ def require_selenium():
         pytest.skip("chromium and chromium-driver are not installed")
 
 
+def enter_management_key(driver, key):
+    """Type ``key`` into the dashboard's management form and send it."""
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.ID, "mgmtkey").send_keys(key)
+    driver.find_element(By.CSS_SELECTOR, "#mgmtform button").click()
+
+
 def selenium_chrome(tmp_path, width, height):
     """A headless Chromium driven by selenium (Debian's chromium-driver)."""
     from selenium import webdriver
@@ -5514,8 +5521,7 @@ def test_dashboard_actions_and_charts_in_chromium(home, fake, tmp_path):
                 driver.get(server.url + "/#key=ck-dash")
                 wait_for(lambda: "work" in driver.find_element(By.ID, "accounts").text,
                          what="accounts rendered")
-                driver.find_element(By.ID, "mgmtkey").send_keys("mk-dash-123")
-                driver.find_element(By.CSS_SELECTOR, "#mgmtform button").click()
+                enter_management_key(driver, "mk-dash-123")
                 wait_for(lambda: driver.find_elements(By.XPATH,
                                                       "//button[text()='Make default']"),
                          what="actions shown")

@@ -272,7 +272,8 @@ def test_dashboard_charts_and_costs_in_chromium(home, fake, tmp_path):
     source; the models editor saves config.json (screenshots at desktop and phone size)."""
     import os
     import shutil
-    from test_iflow_proxy import conversation, require_selenium, selenium_chrome, wait_for
+    from test_iflow_proxy import (conversation, enter_management_key, require_selenium,
+                                  selenium_chrome, wait_for)
     require_selenium()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -321,8 +322,7 @@ def test_dashboard_charts_and_costs_in_chromium(home, fake, tmp_path):
                 costs = driver.find_element(By.ID, "costs").text
                 assert "glm-4.6" in costs and "config" in costs and "¥" in costs
                 assert "alice" in costs and "bob" not in costs  # a client key sees its own
-                driver.find_element(By.ID, "mgmtkey").send_keys("mk-dash-123")
-                driver.find_element(By.CSS_SELECTOR, "#mgmtform button").click()
+                enter_management_key(driver, "mk-dash-123")
                 wait_for(lambda: driver.find_element(By.ID, "modelsjson").is_displayed(),
                          what="the models editor")
                 if width == 1280:

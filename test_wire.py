@@ -460,7 +460,8 @@ def test_concurrent_client_key_changes_lose_nothing_acknowledged(home, fake):
 def test_the_dashboard_stops_asking_with_a_refused_management_key(home, fake, tmp_path):
     """Its 5-second refresh with a mistyped key used to count as guesses until this machine
     was banned; now the page stops after the first 401 and says why."""
-    from test_iflow_proxy import require_selenium, selenium_chrome, write_config
+    from test_iflow_proxy import (enter_management_key, require_selenium, selenium_chrome,
+                                  write_config)
     require_selenium()
     from selenium.webdriver.common.by import By
     add_key_account(home, KEYS[0], nickname="work")
@@ -471,8 +472,7 @@ def test_the_dashboard_stops_asking_with_a_refused_management_key(home, fake, tm
             driver.get(server.url + "/")
             wait_for(lambda: "work" in driver.find_element(By.ID, "accounts").text,
                      what="accounts rendered")
-            driver.find_element(By.ID, "mgmtkey").send_keys("mk-mistyped")
-            driver.find_element(By.CSS_SELECTOR, "#mgmtform button").click()
+            enter_management_key(driver, "mk-mistyped")
             wait_for(lambda: "refused" in driver.find_element(By.ID, "mgmtnote").text,
                      what="the page to say the key was refused")
             guesses = len(server.guard._recent)
