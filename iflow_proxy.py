@@ -310,16 +310,19 @@ PROVIDERS = {
         # https://openrouter.ai/docs/api-reference/responses: POST /api/v1/responses (beta)
         (), ("responses_native",), "https://openrouter.ai/docs/quickstart"),
     # https://modelscope.cn/docs/model-service/API-Inference/intro (OpenAI-compatible:
-    # https://api-inference.modelscope.cn/v1).
+    # https://api-inference.modelscope.cn/v1; Anthropic-compatible since its 2026 version:
+    # base_url https://api-inference.modelscope.cn with the Anthropic SDK, which sends the key
+    # as x-api-key -- read in a copy of that page, its own site not being in our corpus).
     "modelscope": Provider(
-        "ModelScope", "https://api-inference.modelscope.cn/v1", None, "bearer", False,
+        "ModelScope", "https://api-inference.modelscope.cn/v1",
+        "https://api-inference.modelscope.cn", "x-api-key", False,
         _claude("""opus=Qwen/Qwen3-Coder-480B-A35B-Instruct
                    sonnet=Qwen/Qwen3-Coder-480B-A35B-Instruct
                    haiku=Qwen/Qwen3-Coder-30B-A3B-Instruct"""), _models("""
             Qwen/Qwen3-Coder-480B-A35B-Instruct  262144  65536
             Qwen/Qwen3-Coder-30B-A3B-Instruct    262144  65536
             ZhipuAI/GLM-4.6                      200000 128000 glm"""),
-        (), (), "https://modelscope.cn/docs/model-service/API-Inference/intro"),
+        _ANTHROPIC_ONLY, (), "https://modelscope.cn/docs/model-service/API-Inference/intro"),
 }
 
 # --- prices ----------------------------------------------------------------------------------
@@ -5147,8 +5150,9 @@ def _minute(clock_time):
 
 def price_rates(price, when):
     """``price``'s rates at ``when`` (epoch seconds): a period's (UTC) over the others."""
-    for period in price.get("periods") or ():
-        now = time.gmtime(when)
+    periods = price.get("periods")
+    now = time.gmtime(when) if periods else None
+    for period in periods or ():
         minute, start, end = now.tm_hour * 60 + now.tm_min, _minute(period["from"]), \
             _minute(period["to"])
         if period.get("days") and WEEKDAYS[now.tm_wday] not in period["days"]:

@@ -4560,7 +4560,7 @@ def test_providers_and_models_commands(home, anthropic_fake):
     rows = json.loads(run_cli("models", "--json", home=home)[1])
     assert {r["id"] for r in rows} == set(ip.PROVIDERS["deepseek"].models)
     for argv, fragment in ((("--provider", "nope"), "the presets are: iflow, deepseek"),
-                           (("--provider", "modelscope", "--protocol", "anthropic"),
+                           (("--provider", "iflow", "--protocol", "anthropic"),
                             "no anthropic endpoint")):
         code, _, err = run_cli("login", "--api-key", "--no-verify", *argv, home=home,
                                stdin="sk-whatever-key\n")
