@@ -8816,13 +8816,18 @@ class ChatService:
         return dict(known[1])
 
     def output_limit(self, account, model):
-        """The largest output this account's model allows (learnt from upstream, else the
-        provider table, else iFlow's per-family limits)."""
+        """The largest output this account's model allows: learnt from upstream, else the
+        config's ``models``, the provider table or what the account's /models reports (read
+        on the first request for a model none of them knows), else iFlow's per-family
+        limits."""
         with self._lock:
             learnt = self._limits.get((account.id, model))
         if learnt:
             return learnt
         spec = self.spec(model, account.provider_name)
+        if spec is UNKNOWN_MODEL and not account.signing and \
+                self.catalog.fetch(account) is not None:  # (cached) its list may say
+            spec = self.spec(model, account.provider_name)
         if spec is UNKNOWN_MODEL and account.provider_name == "iflow":
             return output_limit(model)
         return spec.output

@@ -183,12 +183,12 @@ def test_discovery_serves_and_shows_what_the_providers_list(home):
         line = next(l for l in out.splitlines() if l.startswith("vendor/fresh-model"))
         assert "524K" in line and "33K" in line and "provider list" in line
         assert "vendor/quiet-model" in out and "1 model(s) no table or list gives limits" in out
-        with running(ip.load_config(home, {}, {})) as server:
-            listed = json.loads(request(server, "GET", "/v1/models")[2])["data"]
-            assert "vendor/fresh-model" in [m["id"] for m in listed]
+        with running(ip.load_config(home, {}, {})) as server:  # (its list read on first use)
             status, _h, _a = post_json(server, "/v1/chat/completions",
                                        dict(CHAT, model="vendor/fresh-model", max_tokens=99999))
             assert status == 200 and upstream.chat_requests()[-1][2]["max_tokens"] == 32768
+            listed = json.loads(request(server, "GET", "/v1/models")[2])["data"]
+            assert "vendor/fresh-model" in [m["id"] for m in listed]
             usage = server.chat.usage.day_rows()
         row = next(r for r in usage if r["model"] == "vendor/fresh-model")
         # the fake answers 11 prompt and 5 completion tokens: $2 and $6 per million
