@@ -6395,9 +6395,11 @@ class AnthropicStream:
         return out, held
 
     def server_tool(self, name, tool_input, result):
-        """The blocks of a server tool run here: its server_tool_use, then its result whole."""
+        """The blocks of a server tool run here: its server_tool_use, then its result whole
+        (counted in usage unless it is the error form: a run that did not happen)."""
         tool_id = "srvtoolu_" + random_hex(24)
-        self.server_uses[name] = self.server_uses.get(name, 0) + 1
+        ran = not (isinstance(result, dict) and str(result.get("type")).endswith("error"))
+        self.server_uses[name] = self.server_uses.get(name, 0) + ran
         out = self._open("server", {"type": "server_tool_use", "id": tool_id, "name": name,
                                     "input": {}})
         out += self._delta({"type": "input_json_delta",
@@ -8088,6 +8090,10 @@ class ServerTools:
                 self.tools[str(tool.get("name") or kind)] = (kind, tool)
         self.used = collections.Counter()
 
+    # server-tool calls one answer may make whatever the tools' max_uses (a model that asks
+    # for a hundred searches at once gets the error form past these)
+    MAX_CALLS = 20
+
     def offered(self, body):
         """``body`` with each server tool run here offered as a function tool."""
         tools = []
@@ -8105,8 +8111,9 @@ class ServerTools:
         args = tool_input(arguments, name) or {}
         self.used[name] += 1
         limit = tool.get("max_uses")
-        over = "this answer may use %s at most %d times" % (kind, limit) if isinstance(
-            limit, int) and self.used[name] > limit else None
+        limit = min(limit, self.MAX_CALLS) if isinstance(limit, int) else self.MAX_CALLS
+        over = "this answer may use %s at most %d times" % (kind, limit) \
+            if self.used[name] > limit or sum(self.used.values()) > self.MAX_CALLS else None
         allowed, blocked = tool.get("allowed_domains") or (), tool.get("blocked_domains") or ()
         if kind == "web_search":
             query = str(args.get("query") or "")[:400]
@@ -8701,7 +8708,7 @@ def listed_model(entry):
             value = float(pricing[field]) * 1e6
         except (KeyError, TypeError, ValueError):
             continue
-        if value >= 0:
+        if 0 <= value <= 1e6:  # (not NaN or infinite: a list is upstream's to get wrong)
             price[rate] = round(value, 6)
     return spec, (dict(price, currency="USD") if "input" in price and "output" in price
                   else None)

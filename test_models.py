@@ -98,6 +98,8 @@ def test_listed_models_report_their_limits_and_prices():
     assert ip.listed_model({"id": "local", "max_model_len": 32768})[0] == \
         ip.Model(32768, 8192, None, False)  # vLLM
     assert ip.listed_model({"id": "plain", "object": "model"}) == (None, None)
+    assert ip.listed_model({"id": "bad", "pricing": {"prompt": "inf", "completion": "nan"}}) \
+        == (None, None)  # a list's nonsense never becomes a price
 
 
 # --- over real sockets ---------------------------------------------------------------------------

@@ -675,6 +675,27 @@ def test_max_uses_rounds_and_a_client_tool_in_the_same_turn(home, upstream, sear
         assert "server_tool_use" not in json.dumps(last)
 
 
+def test_a_model_asking_for_many_searches_at_once_gets_a_bounded_number(home, fake, search):
+    """25 search calls in one turn and no max_uses: ServerTools.MAX_CALLS of them run, the
+    rest get the error form, and the model goes on."""
+    add_key_account(home, KEYS[0])
+    fake.responder = lambda body: {"content": "", "tool_call_chunks": [
+        {"index": n, "id": "call_%d" % n, "type": "function", "function": {
+            "name": "web_search", "arguments": json.dumps({"query": "q%d" % n})}}
+        for n in range(25)]} if not tool_results(body) else {"content": "enough"}
+    config = make_config(home, fake, web_search={"backend": "searxng", "url": search.url})
+    with running(config) as server:
+        status, _h, data = request(server, "POST", "/v1/messages", main_loop_request(
+            False, {"type": "web_search_20250305", "name": "web_search"}), HEADERS)
+    blocks, stop, usage = served_answer(status, data, False)
+    found = [b["content"] for b in blocks if b["type"] == "web_search_tool_result"]
+    assert len(found) == 25 and len(search.requests) == ip.ServerTools.MAX_CALLS
+    assert found[-1] == {"type": "web_search_tool_result_error",
+                         "error_code": "max_uses_exceeded"}
+    assert blocks[-1]["text"] == "enough" and stop == "end_turn"
+    assert usage["server_tool_use"] == {"web_search_requests": ip.ServerTools.MAX_CALLS}
+
+
 def test_a_web_fetch_beside_client_tools_refuses_private_pages(home, fake, pages):
     """A web_fetch server tool beside a client tool: the model's fetch of a loopback page is
     refused here (the error form) and the model goes on; nothing is fetched."""
@@ -691,7 +712,7 @@ def test_a_web_fetch_beside_client_tools_refuses_private_pages(home, fake, pages
     assert blocks[2]["content"] == {"type": "web_fetch_tool_error",
                                     "error_code": "url_not_accessible"}
     assert blocks[3]["text"].startswith("could not: The page could not be fetched")
-    assert usage["server_tool_use"] == {"web_fetch_requests": 1} and pages.hosts == []
+    assert usage["server_tool_use"] == {"web_fetch_requests": 0} and pages.hosts == []  # (refused)
 
 
 def test_deepseeks_anthropic_endpoint_runs_the_search_itself(home, search):
