@@ -737,3 +737,29 @@ def test_deepseeks_anthropic_endpoint_runs_the_search_itself(home, search):
         assert search.requests == []
     finally:
         deepseek.stop()
+
+
+def test_the_anthropic_sdk_reads_a_search_run_beside_its_tools(home, fake, search):
+    """The newest Anthropic SDK, streamed and not, offering a tool of its own and the web
+    search tool: the answer it parses holds the server_tool_use, the results and the text."""
+    from test_iflow_proxy import sdk
+    anthropic = sdk("anthropic")
+    add_key_account(home, KEYS[0])
+    fake.responder = server_tool_model("openai", lambda results: (
+        "web_search", {"query": "iflow cli end"}) if not results else
+        "It ended, per " + results[-1].split(" — ")[1])
+    config = make_config(home, fake, web_search={"backend": "searxng", "url": search.url})
+    with running(config) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        args = dict(model="glm-4.6", max_tokens=500, tools=[WEATHER, SEARCH_TOOL], messages=[
+            {"role": "user", "content": "When did the iFlow CLI end?"}])
+        message = client.messages.create(**args)
+        with client.messages.stream(**args) as stream:
+            streamed = stream.get_final_message()
+    for answer in (message, streamed):
+        kinds = [b.type for b in answer.content]
+        assert kinds == ["text", "server_tool_use", "web_search_tool_result", "text"], kinds
+        assert answer.content[1].input == {"query": "iflow cli end"}
+        assert [r.url for r in answer.content[2].content] == [r[1] for r in RESULTS]
+        assert answer.content[3].text == "It ended, per " + RESULTS[0][1]
+        assert answer.usage.server_tool_use.web_search_requests == 1
