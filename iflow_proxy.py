@@ -8591,13 +8591,16 @@ class ReasoningMemory:
         return out
 
 
+MODELS_LIST_TIMEOUT = 15  # seconds a provider's /models list may take to answer
+
+
 class ModelCatalog:
     """Every usable account's /models, cached per base URL for models_cache_ttl: the models it
     serves (its preset's table, or iFlow's built-in list, when upstream can't say), and what
     the list reports of models no table knows: limits (``reported``) and prices."""
 
-    def __init__(self, config, upstream, router, clock=time.monotonic):
-        self.config, self.upstream, self.router, self._clock = config, upstream, router, clock
+    def __init__(self, config, router, clock=time.monotonic):
+        self.config, self.router, self._clock = config, router, clock
         self._cache = {}
         self._lock = threading.Lock()
         self.reported = {}         # lower-case model -> Model an upstream's list gave
@@ -8639,7 +8642,7 @@ class ModelCatalog:
         except UpstreamError as e:
             log.info("account %s: upstream /models failed (%s); using the table's list",
                      account.nickname, e.message)
-            entries, ttl = None, min(ttl, 30)
+            entries = None  # (and not asked again before the ttl is over)
         ids = None
         if entries is not None:
             ids = tuple(e["id"] for e in entries)
@@ -8667,9 +8670,17 @@ class ModelCatalog:
         else:
             sid, cid = conversation_ids(account.id, "models")
             url, headers = base + "/models", upstream_headers(account, self.config, sid, cid)
-        resp = self.upstream.open("GET", url, headers)
-        payload = classify_answer(resp.status, resp.read_all(MAX_EVENT_BYTES), resp.trace_id,
-                                  secrets=(account.api_key,))
+        # a list may be read in a client's request (see ChatService.output_limit): it gets
+        # MODELS_LIST_TIMEOUT, not the minutes an answer may take
+        bound = min(MODELS_LIST_TIMEOUT, self.config.first_byte_timeout)
+        client = UpstreamClient(self.config.replace(
+            first_byte_timeout=bound, idle_timeout=min(bound, self.config.idle_timeout)))
+        try:
+            resp = client.open("GET", url, headers)
+            payload = classify_answer(resp.status, resp.read_all(MAX_EVENT_BYTES),
+                                      resp.trace_id, secrets=(account.api_key,))
+        finally:
+            client.close()
         entries = [m for m in payload.get("data", []) if isinstance(m, dict) and
                    isinstance(m.get("id"), str) and 0 < len(m["id"]) <= MAX_MODEL_NAME and
                    m["id"].isprintable()] if isinstance(payload.get("data"), list) else []
@@ -8761,7 +8772,7 @@ class ChatService:
         self.usage = UsageBook(os.path.join(config.home, "usage.json"))
         self.refresher = Refresher(self.registry, config, env=env)
         self.registry.listeners.append(self.refresher.wake)
-        self.catalog = ModelCatalog(config, self.upstream, self.router)
+        self.catalog = ModelCatalog(config, self.router)
         self.token_estimates = TokenEstimates()
         self.started_at = time.time()
         self.class_counts = collections.Counter()  # requests by class since start-up
@@ -11126,12 +11137,8 @@ def model_rows(accounts, config, catalog=None):
 
 
 def cmd_models(args, config):
-    upstream = UpstreamClient(config)
-    try:
-        rows = model_rows([a for a in account_rows(config) if a.usable], config,
-                          ModelCatalog(config, upstream, None))
-    finally:
-        upstream.close()
+    rows = model_rows([a for a in account_rows(config) if a.usable], config,
+                      ModelCatalog(config, None))
     if args.json:
         return write_json(rows, args.stdout)
     if not rows:
@@ -11163,36 +11170,30 @@ def check_providers(args, config):
     if not accounts:
         raise BadRequest("no usable account of a provider preset to check: add one with "
                          "python iflow_proxy.py login --api-key --provider NAME")
-    upstream, differ, out = UpstreamClient(config), 0, []
-    catalog = ModelCatalog(config, upstream, None)
-    try:
-        for account in accounts:
-            table = {m.lower(): m for m in PROVIDERS[account.provider_name].models or ()}
-            listed = catalog.fetch(account, fresh=True)
-            head = "%s (account %s)" % (account.provider_name, account.nickname)
-            if listed is None:
-                differ += 1
-                out.append({"provider": account.provider_name, "account": account.nickname,
-                            "error": "its /models could not be read"})
-                args.stdout.write("%s: its /models could not be read (see the log)\n" % head)
-                continue
-            names = {m.lower(): m for m in listed}
-            gone = sorted(table[m] for m in set(table) - set(names))
-            new = sorted(names[m] for m in set(names) - set(table))
-            differ += bool(gone or new)
-            out.append({"provider": account.provider_name, "account": account.nickname,
-                        "gone": gone, "new": new})
-            if args.json:
-                continue
-            if not gone and not new:
+    catalog, out = ModelCatalog(config, None), []
+    for account in accounts:
+        table = {m.lower(): m for m in PROVIDERS[account.provider_name].models or ()}
+        listed = catalog.fetch(account, fresh=True)
+        row = {"provider": account.provider_name, "account": account.nickname}
+        if listed is None:
+            out.append(dict(row, error="its /models could not be read (see the log)"))
+            continue
+        names = {m.lower(): m for m in listed}
+        out.append(dict(row, gone=sorted(table[m] for m in set(table) - set(names)),
+                        new=sorted(names[m] for m in set(names) - set(table)), listed=len(names)))
+    if not args.json:
+        for row in out:
+            head = "%s (account %s)" % (row["provider"], row["account"])
+            if "error" in row:
+                args.stdout.write("%s: %s\n" % (head, row["error"]))
+            elif not row["gone"] and not row["new"]:
                 args.stdout.write("%s: the table and the list agree (%d models)\n"
-                                  % (head, len(names)))
-            for label, found in (("in the table, no longer listed", gone),
-                                 ("listed, not in the table", new)):
-                if found:
-                    args.stdout.write("%s: %s: %s\n" % (head, label, ", ".join(found)))
-    finally:
-        upstream.close()
+                                  % (head, row["listed"]))
+            for label, key in (("in the table, no longer listed", "gone"),
+                               ("listed, not in the table", "new")):
+                if row.get(key):
+                    args.stdout.write("%s: %s: %s\n" % (head, label, ", ".join(row[key])))
+    differ = sum(1 for row in out if "error" in row or row["gone"] or row["new"])
     if args.json:
         write_json(out, args.stdout)
     return 1 if differ else 0

@@ -145,6 +145,7 @@ class FakeIFlow(FakeServer):
         self.models = list(ip.BUILTIN_MODELS)
         self.unavailable_models = set()  # answered with business code 435
         self.models_endpoint = True
+        self.models_hold = None         # threading.Event: GET /v1/models waits on it
         self.lock = threading.Lock()
         self.requests = []              # (path, headers dict, body dict or None, key)
         self.inflight = {}
@@ -223,6 +224,8 @@ class FakeIFlowHandler(QuietHandler):
         key = self.key()
         with self.server.lock:
             self.server.requests.append((self.path, dict(self.headers), None, key))
+        if self.server.models_hold is not None:  # a list that takes its time
+            self.server.models_hold.wait(30)
         if self.path != "/v1/models" or not self.server.models_endpoint:
             return self.reply(404, {"error": {"message": "not found"}})
         problem = self.check_headers(key)

@@ -200,6 +200,29 @@ def test_discovery_serves_and_shows_what_the_providers_list(home):
         upstream.stop()
 
 
+def test_a_list_that_hangs_delays_a_request_only_so_long(home, monkeypatch):
+    """The first request for a model no table knows reads the account's /models: one that
+    does not answer is given up after MODELS_LIST_TIMEOUT (not first_byte_timeout's minutes),
+    the request goes on with the default limits, and the list is not asked again at once."""
+    import threading
+    monkeypatch.setattr(ip, "MODELS_LIST_TIMEOUT", 0.5)
+    upstream = FakeIFlow(signing=False)
+    upstream.models.append("vendor/fresh-model")
+    upstream.models_hold = threading.Event()
+    try:
+        add_provider_account(home, KEYS[0], "", "openai", upstream.url + "/v1")
+        with running(ip.load_config(home, {}, {})) as server:  # (first_byte_timeout: 300 s)
+            for _ in range(2):
+                status, _h, _a = post_json(server, "/v1/chat/completions", dict(
+                    CHAT, model="vendor/fresh-model", max_tokens=99999))
+                assert status == 200
+                assert upstream.chat_requests()[-1][2]["max_tokens"] == ip.UNKNOWN_MODEL.output
+        assert [r[0] for r in upstream.requests].count("/v1/models") == 1
+    finally:
+        upstream.models_hold.set()
+        upstream.stop()
+
+
 def test_providers_check_compares_the_table_with_each_accounts_list(home):
     upstream = FakeIFlow(signing=False)
     upstream.models = list(ip.PROVIDERS["moonshot"].models)
@@ -216,10 +239,13 @@ def test_providers_check_compares_the_table_with_each_accounts_list(home):
         code, out, _err = run_cli("providers", "--check", "--json", home=home)
         assert code == 1 and json.loads(out) == [{"provider": "moonshot", "account": "kimi",
                                                   "gone": ["kimi-k2.6"],
-                                                  "new": ["kimi-k3.1-code", "kimi-k3.1-pro"]}]
+                                                  "new": ["kimi-k3.1-code", "kimi-k3.1-pro"],
+                                                  "listed": 3}]
         upstream.models_endpoint = False
         code, out, _err = run_cli("providers", "--check", home=home)
         assert code == 1 and "could not be read" in out
+        code, out, _err = run_cli("providers", "--check", "--json", home=home)
+        assert code == 1 and "could not be read" in json.loads(out)[0]["error"]  # still JSON
     finally:
         upstream.stop()
     code, out, err = run_cli("providers", "--check", home=home + "/none")
