@@ -446,10 +446,9 @@ def model_spec(model, provider="", models=None, reported=None):
     table_spec, with what a config ``models`` entry sets on top."""
     spec = table_spec(model, provider, reported)[0]
     entry = custom_model(models, model) if models else None
-    if entry:
-        spec = spec._replace(**{k: THINKING_SWITCHES[entry[k]] if k == "thinking" else entry[k]
-                                for k in MODEL_FIELDS if k in entry})
-    return spec
+    changes = {k: THINKING_SWITCHES[entry[k]] if k == "thinking" else entry[k]
+               for k in MODEL_FIELDS if k in entry} if entry else None
+    return spec._replace(**changes) if changes else spec  # (UNKNOWN_MODEL stays itself)
 
 
 def model_source(model, provider="", models=None, reported=None):
@@ -458,6 +457,7 @@ def model_source(model, provider="", models=None, reported=None):
     if entry and any(k in entry for k in MODEL_FIELDS):
         return "config"
     return table_spec(model, provider, reported)[1]
+
 
 MAX_MODEL_NAME = 256
 NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")  # accounts and client keys
@@ -972,8 +972,6 @@ def _string_list(v):
 def _string_values(v):
     bad = next((k for k, item in v.items() if not isinstance(item, str)), None)
     return None if bad is None else "value for %r must be a string" % bad
-
-
 
 
 def _rate(value):
@@ -8048,16 +8046,6 @@ def answer_web_fetch(handler, body, resolve=None):
 
 # --- server tools beside the client's own: offered upstream as functions, run here ---------------
 
-def served_tools(chat, body, model):
-    """(ServerTools, the body with them offered as functions) for a Messages request for
-    ``model`` with server tools that run here, else (None, the body): no such tool, or only a
-    web search and an upstream that serves the model runs it."""
-    if not any(server_tool_kind(t) for t in body.get("tools") or ()):
-        return None, body
-    served = ServerTools(body["tools"], chat.searches_upstream(model))
-    return (served, served.offered(body)) if served.tools else (None, body)
-
-
 SERVER_TOOL_FUNCTIONS = {  # kind -> (description, input schema) of the function offered upstream
     "web_search": ("Search the web. Returns the title, URL and a snippet of each page found; "
                    "cite the pages you use by their URLs.",
@@ -8082,6 +8070,10 @@ class ServerTools:
     run here (at most the tool's ``max_uses`` times) and counted like the others, so the model
     goes on with the results (see write_anthropic_served)."""
 
+    # server-tool calls one answer may make whatever the tools' max_uses (a model that asks
+    # for a hundred searches at once gets the error form past these)
+    MAX_CALLS = 20
+
     def __init__(self, tools, native_search=False):
         self.tools = {}  # function name -> (kind, the client's tool)
         for tool in tools or ():
@@ -8089,10 +8081,6 @@ class ServerTools:
             if kind and not (kind == "web_search" and native_search):
                 self.tools[str(tool.get("name") or kind)] = (kind, tool)
         self.used = collections.Counter()
-
-    # server-tool calls one answer may make whatever the tools' max_uses (a model that asks
-    # for a hundred searches at once gets the error form past these)
-    MAX_CALLS = 20
 
     def offered(self, body):
         """``body`` with each server tool run here offered as a function tool."""
@@ -8126,6 +8114,16 @@ class ServerTools:
                                        resolve)
         return (kind, {"url": url}) + fetch_blocks(fetched, error,
                                                    "max_uses_exceeded" if over else None)
+
+
+def served_tools(chat, body, model):
+    """(ServerTools, the body with them offered as functions) for a Messages request for
+    ``model`` with server tools that run here, else (None, the body): no such tool, or only a
+    web search and an upstream that serves the model runs it."""
+    if not any(server_tool_kind(t) for t in body.get("tools") or ()):
+        return None, body
+    served = ServerTools(body["tools"], chat.searches_upstream(model))
+    return (served, served.offered(body)) if served.tools else (None, body)
 
 
 # ==================================================================================================

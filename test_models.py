@@ -30,6 +30,8 @@ def test_a_models_entry_overrides_and_extends_the_table():
     assert ip.model_source("glm-4.6", "zhipu", {"glm-4.6": {"prices": {
         "input": 1, "output": 2}}}) == "table"  # (a price alone changes no limit)
     assert ip.model_source("other") == "default"
+    assert ip.model_spec("other", "", {"other": {"prices": {"input": 1, "output": 2}}}) is \
+        ip.UNKNOWN_MODEL  # a price alone: still unknown (iFlow's family limits, discovery)
     reported = {"vendor/new": ip.Model(65536, 4096, None, False)}
     assert ip.model_source("vendor/new", "", None, reported) == "provider list"
     assert ip.window_of("gemma-3-270m", LOCAL) == 8192 and ip.window_of("nothing") is None
