@@ -249,12 +249,17 @@ PROVIDERS = {
     # (/v1) and Anthropic (/anthropic); thinking models take tool_choice auto/none only.
     # kimi-k3 (2026-07-16): 1M context, always thinking -- from third parties' copies (e.g.
     # https://apidog.com/blog/kimi-k3-api/); kimi-k2.5 and kimi-k2-thinking are retired.
+    # kimi-k3.1-pro and -highspeed (2026-10-24): 1M context and output, always thinking -- from
+    # third parties' copies of its K3.1 Pro quickstart (https://apidog.com/blog/kimi-k3-1-pro-api/,
+    # https://vercel.com/ai-gateway/models/kimi-k3.1-pro).
     "moonshot": Provider(
         "Moonshot Kimi", "https://api.moonshot.ai/v1", "https://api.moonshot.ai/anthropic",
-        "bearer", False, _claude("opus=kimi-k3 sonnet=kimi-k3 haiku=kimi-k2.6"),
+        "bearer", False, _claude("opus=kimi-k3.1-pro sonnet=kimi-k3 haiku=kimi-k2.6"),
         _models("""
-            kimi-k3           1048576 262144 - vision
-            kimi-k2.6          262144 262144 kimi vision"""),
+            kimi-k3.1-pro            1048576 1048576 - vision
+            kimi-k3.1-pro-highspeed  1048576 1048576 - vision
+            kimi-k3                  1048576  262144 - vision
+            kimi-k2.6                 262144  262144 kimi vision"""),
         _ANTHROPIC_ONLY, ("thinking_tool_choice_auto",), "https://platform.kimi.ai/docs/models"),
     # https://www.alibabacloud.com/help/en/model-studio/claude-code (Anthropic:
     # /apps/anthropic) and .../model-studio/compatibility-of-openai-with-dashscope (OpenAI:
@@ -285,28 +290,46 @@ PROVIDERS = {
             MiniMax-M2.5            204800 131072 minimax"""),
         _ANTHROPIC_ONLY, (), "https://platform.minimax.io/docs/api-reference/text-anthropic-api"),
     # https://docs.siliconflow.cn/cn/userguide/quickstart (OpenAI: https://api.siliconflow.cn/v1,
-    # Anthropic: https://api.siliconflow.cn); names are org/Model.
+    # Anthropic: https://api.siliconflow.cn); names are org/Model; thinking switched by
+    # enable_thinking (its chat-completions API reference).  Windows and output limits from its
+    # model pages (siliconflow.com/models/<slug>) as a third party copied them on 2026-09-29
+    # (https://github.com/juspay/neurolink docs/getting-started/providers/siliconflow.md): its
+    # own pages were not in the docs we could search.
     "siliconflow": Provider(
         "SiliconFlow", "https://api.siliconflow.cn/v1", "https://api.siliconflow.cn", "bearer",
-        False, _claude("""opus=deepseek-ai/DeepSeek-V3.2 sonnet=deepseek-ai/DeepSeek-V3.2
-                          haiku=Qwen/Qwen3-Coder-30B-A3B-Instruct"""), _models("""
-            deepseek-ai/DeepSeek-V3.2          163840  65536 deepseek
-            moonshotai/Kimi-K2-Instruct-0905   262144  32768
-            zai-org/GLM-4.6                    200000 128000 glm
-            Qwen/Qwen3-Coder-30B-A3B-Instruct  262144  65536"""),
+        False, _claude("""opus=deepseek-ai/DeepSeek-V4-Pro sonnet=deepseek-ai/DeepSeek-V4-Flash
+                          haiku=Qwen/Qwen3.6-35B-A3B"""), _models("""
+            deepseek-ai/DeepSeek-V4-Pro    1048576 393216 qwen
+            deepseek-ai/DeepSeek-V4-Flash  1048576 393216 qwen
+            deepseek-ai/DeepSeek-V3.2       163840 163840 qwen
+            zai-org/GLM-5.1                 204800 131072
+            zai-org/GLM-5                   204800 131072
+            moonshotai/Kimi-K2.6            262144 262144 - vision
+            Qwen/Qwen3.6-35B-A3B            262144 262144 qwen vision"""),
         _ANTHROPIC_ONLY, (), "https://docs.siliconflow.cn/cn/userguide/quickstart"),
     # https://openrouter.ai/docs/quickstart (OpenAI: https://openrouter.ai/api/v1) and
-    # https://openrouter.ai/docs/guides/claude-code (Anthropic: https://openrouter.ai/api).
+    # https://openrouter.ai/docs/guides/claude-code (Anthropic: https://openrouter.ai/api);
+    # thinking {"reasoning": {"enabled": bool}}:
+    # https://openrouter.ai/docs/use-cases/reasoning-tokens.  Its model pages (read 2026-12-03):
+    # https://openrouter.ai/anthropic/claude-opus-5.5 (Claude 5.5's limits are Anthropic's own:
+    # https://platform.claude.com/docs/en/models/haiku-5-5/overview and its siblings; the
+    # sonnet and haiku slugs from third parties' copies),
+    # https://openrouter.ai/deepseek/deepseek-v4-flash/api,
+    # https://openrouter.ai/models/z-ai/glm-5.3 (reasoning always on; 131,072 output on
+    # https://openrouter.ai/~z-ai/glm-latest); kimi-k3.1-pro (2026-10-24, always thinking) from
+    # third parties' copies (https://vercel.com/ai-gateway/models/kimi-k3.1-pro).
     "openrouter": Provider(
         "OpenRouter", "https://openrouter.ai/api/v1", "https://openrouter.ai/api", "bearer", False,
-        _claude("""opus=anthropic/claude-opus-4.5 sonnet=anthropic/claude-sonnet-4.5
-                   haiku=anthropic/claude-haiku-4.5"""), _models("""
-            anthropic/claude-opus-4.5    200000  64000 - vision
-            anthropic/claude-sonnet-4.5  200000  64000 - vision
-            anthropic/claude-haiku-4.5   200000  64000 - vision
-            deepseek/deepseek-v4-flash  1048576 393216 deepseek
-            z-ai/glm-4.6                 200000  65536 glm
-            moonshotai/kimi-k2.6         262144 262144 - vision"""),
+        _claude("""opus=anthropic/claude-opus-5.5 sonnet=anthropic/claude-sonnet-5.5
+                   haiku=anthropic/claude-haiku-5.5"""), _models("""
+            anthropic/claude-opus-5.5    1000000 128000 - vision
+            anthropic/claude-sonnet-5.5  1000000 128000 openrouter vision
+            anthropic/claude-haiku-5.5   1000000 128000 openrouter vision
+            anthropic/claude-haiku-4.5    200000  64000 openrouter vision
+            deepseek/deepseek-v4-flash   1048576 393216 openrouter
+            z-ai/glm-5.3                 1048576 131072 -
+            moonshotai/kimi-k3.1-pro     1048576 1048576 - vision
+            moonshotai/kimi-k2.6          262144 262144 openrouter vision"""),
         # https://openrouter.ai/docs/api-reference/responses: POST /api/v1/responses (beta)
         (), ("responses_native",), "https://openrouter.ai/docs/quickstart"),
     # https://modelscope.cn/docs/model-service/API-Inference/intro (OpenAI-compatible:
@@ -372,7 +395,11 @@ PROVIDER_PRICES = {
     # figures from third parties' copies (read 2026-12-03): kimi-k3
     # https://apidog.com/blog/kimi-k3-api/, kimi-k2.6
     # https://developers.cloudflare.com/workers-ai/models/kimi-k2.6/.
+    # kimi-k3.1-pro(-highspeed): https://docs.apiyi.com/api-capabilities/kimi-k3-1/overview.md
+    # (a reseller's copy of Moonshot's list; 5-minute cache writes).
     "moonshot": _price_rows("USD", """
+        kimi-k3.1-pro            2.00  10.00  0.20  2.00
+        kimi-k3.1-pro-highspeed  4.00  20.00  0.20  4.00
         kimi-k3    3.00  15.00  0.30
         kimi-k2.6  0.95   4.00  0.16"""),
     # Third parties' copies of MiniMax's pay-as-you-go page (read 2026-12-03):
@@ -387,6 +414,18 @@ PROVIDER_PRICES = {
     # https://dev.to/hassann/how-to-use-the-qwen-38-api-1cgm (flat over the whole context).
     "dashscope": _price_rows("USD", """
         qwen3.8-max  2.00  6.00"""),
+    # OpenRouter's own model pages (read 2026-12-03; its /models list, read live, names the
+    # price it charges and wins over these): https://openrouter.ai/models/z-ai/glm-5.3,
+    # https://openrouter.ai/deepseek/deepseek-v4-flash/api; Claude at Anthropic's own list prices
+    # (https://platform.claude.com/docs/en/models/sonnet-5-5/overview, 5-minute cache writes;
+    # Haiku 5.5's "from" price, up to 100K tokens of input); kimi-k3.1-pro as Moonshot's above.
+    "openrouter": _price_rows("USD", """
+        anthropic/claude-opus-5.5    4.00  20.00
+        anthropic/claude-sonnet-5.5  2.00  10.00  0.20  2.50
+        anthropic/claude-haiku-5.5   0.10   0.50
+        deepseek/deepseek-v4-flash   0.14   0.28
+        z-ai/glm-5.3                 1.40   4.40  0.26
+        moonshotai/kimi-k3.1-pro     2.00  10.00  0.20  2.00"""),
 }
 
 PROVIDERS["zai"].models.update(PROVIDERS["zhipu"].models)  # GLM-5.3 first, then the same GLMs
@@ -411,7 +450,8 @@ MODEL_OWNERS = _model_owners()  # model name (lower case) -> the presets that li
 
 
 # config ``models`` "thinking": how the model's thinking is switched (see provider_thinking)
-THINKING_SWITCHES = {"type": "deepseek", "enable_thinking": "qwen", "none": None}
+THINKING_SWITCHES = {"type": "deepseek", "enable_thinking": "qwen", "reasoning": "openrouter",
+                     "none": None}
 MODEL_FIELDS = ("window", "output", "thinking", "vision")
 
 
@@ -3915,6 +3955,8 @@ def provider_thinking(style, on):
         return {"thinking": {"type": "enabled" if on else "disabled"}}
     if style == "qwen":
         return {"enable_thinking": on}
+    if style == "openrouter":  # https://openrouter.ai/docs/use-cases/reasoning-tokens
+        return {"reasoning": {"enabled": on}}
     return {}
 
 
@@ -8594,8 +8636,8 @@ MODELS_LIST_TIMEOUT = 15  # seconds a provider's /models list may take to answer
 
 class ModelCatalog:
     """Every usable account's /models, cached per base URL for models_cache_ttl: the models it
-    serves (its preset's table, or iFlow's built-in list, when upstream can't say), and what
-    the list reports of models no table knows: limits (``reported``) and prices."""
+    serves (its preset's table, or iFlow's built-in list, when upstream can't say), the limits
+    it reports of models no table knows (``reported``) and the prices it lists."""
 
     def __init__(self, config, router, clock=time.monotonic):
         self.config, self.router, self._clock = config, router, clock
@@ -8647,10 +8689,9 @@ class ModelCatalog:
             with self._lock:
                 for entry in entries:
                     name = entry["id"].lower()
-                    if (account.provider_name, name) in MODEL_SPECS:
-                        continue
                     spec, price = listed_model(entry)
-                    if spec is not None:
+                    # the table's limits stand, but the price the one who bills lists is newer
+                    if spec is not None and (account.provider_name, name) not in MODEL_SPECS:
                         self.reported[name] = spec
                     if price is not None:
                         self.reported_prices[name] = price

@@ -166,6 +166,39 @@ def test_a_custom_models_thinking_switch_reaches_a_plain_upstream(home):
         upstream.stop()
 
 
+
+def test_openrouter_switches_thinking_its_own_way_and_its_list_price_wins(home):
+    """OpenRouter takes {"reasoning": {"enabled": ...}} (a preset model's switch, and config's
+    "reasoning"); a price its /models list names wins over the table's."""
+    upstream = FakeIFlow(signing=False)
+    upstream.models = ["anthropic/claude-sonnet-5.5", "vendor/mine",
+                       {"id": "z-ai/glm-5.3", "pricing": {"prompt": "0.000003",
+                                                          "completion": "0.000009"}}]
+    try:
+        add_provider_account(home, KEYS[0], "openrouter", "openai", upstream.url + "/v1",
+                             nickname="or")
+        write_config(home, {"models": {"vendor/*": {"thinking": "reasoning"}}})
+        with running(ip.load_config(home, {}, {})) as server:
+            for model, on in (("anthropic/claude-sonnet-5.5", True), ("vendor/mine", False)):
+                thinking = {"type": "enabled", "budget_tokens": 1024} if on else {
+                    "type": "disabled"}
+                status, _h, _a = post_json(server, "/v1/messages", {
+                    "model": model, "max_tokens": 2000, "thinking": thinking,
+                    "messages": [{"role": "user", "content": "hi"}]})
+                sent = upstream.chat_requests()[-1][2]
+                assert status == 200 and sent["reasoning"] == {"enabled": on}, sent
+                assert "thinking" not in sent and "enable_thinking" not in sent
+            assert request(server, "GET", "/v1/models")[0] == 200  # (its list read)
+            assert post_json(server, "/v1/chat/completions",
+                             dict(CHAT, model="z-ai/glm-5.3"))[0] == 200
+            usage = server.chat.usage.day_rows()
+        assert ip.PROVIDER_PRICES["openrouter"]["z-ai/glm-5.3"]["input"] == 1.40  # the table's
+        row = next(r for r in usage if r["model"] == "z-ai/glm-5.3")
+        assert row["price_source"] == "provider list"  # 11 prompt, 5 completion tokens
+        assert row["cost"] == pytest.approx((11 * 3 + 5 * 9) / 1e6)
+    finally:
+        upstream.stop()
+
 OPENROUTER_LIST = [
     {"id": "anthropic/claude-opus-4.5", "context_length": 200000},
     {"id": "vendor/fresh-model", "context_length": 524288, "top_provider": {
@@ -233,16 +266,17 @@ def test_providers_check_compares_the_table_with_each_accounts_list(home):
                              nickname="kimi")
         code, out, _err = run_cli("providers", "--check", home=home)
         assert code == 0 and "the table and the list agree" in out, out
-        upstream.models = ["kimi-k3", "kimi-k3.1-pro", "kimi-k3.1-code"]
+        upstream.models = ["kimi-k3", "kimi-k3.1-pro", "kimi-k3.1-pro-highspeed", "kimi-k3.2-code",
+                           "kimi-k3.2-pro"]
         code, out, _err = run_cli("providers", "--check", home=home)
         assert code == 1, out
         assert "no longer listed: kimi-k2.6" in out and \
-            "not in the table: kimi-k3.1-code, kimi-k3.1-pro" in out
+            "not in the table: kimi-k3.2-code, kimi-k3.2-pro" in out
         code, out, _err = run_cli("providers", "--check", "--json", home=home)
         assert code == 1 and json.loads(out) == [{"provider": "moonshot", "account": "kimi",
                                                   "gone": ["kimi-k2.6"],
-                                                  "new": ["kimi-k3.1-code", "kimi-k3.1-pro"],
-                                                  "listed": 3}]
+                                                  "new": ["kimi-k3.2-code", "kimi-k3.2-pro"],
+                                                  "listed": 5}]
         upstream.models_endpoint = False
         code, out, _err = run_cli("providers", "--check", home=home)
         assert code == 1 and "could not be read" in out
