@@ -643,6 +643,7 @@ def test_readme_provider_table_matches_the_presets():
         row = next(line for line in presets.splitlines() if line.startswith("| `%s` |" % name))
         for url in (preset.openai, preset.anthropic):
             assert ("`%s`" % url if url else "–") in row, (name, url)
+        assert re.search(r"\| 20\d\d-\d\d-\d\d, ", row) and preset.doc in row, name  # checked
         for model, spec in (preset.models or {}).items():
             assert "`%s` (%s)" % (model, ip._tokens(spec.window)) in row, (name, model)
     assert "last checked" in readme and "2026-12-03" in readme
