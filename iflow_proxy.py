@@ -500,6 +500,7 @@ def model_source(model, provider="", models=None, reported=None):
 
 
 MAX_MODEL_NAME = 256
+MAX_TOKENS_SETTING = (1 << 31) - 1  # a window or output limit in config: far above any model's
 NICKNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,49}$")  # accounts and client keys
 HEADER_LIMIT = 100          # request headers per request
 SSE_HEAD_LIMIT = 1 << 20    # bytes we read looking for the first SSE event / a JSON error body
@@ -1015,7 +1016,8 @@ def _string_values(v):
 
 
 def _rate(value):
-    return isinstance(value, _NUMBER) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and value >= 0 and \
+        _finite(value)
 
 
 def _clock_time(value):
@@ -1043,7 +1045,7 @@ def _price_problem(price):
                 set(period) - set(PRICE_RATES) - {"from", "to", "days"} or \
                 any(k in period and not _rate(period[k]) for k in PRICE_RATES) or \
                 not isinstance(period.get("days", []), list) or \
-                set(period.get("days", [])) - set(WEEKDAYS):
+                not all(day in WEEKDAYS for day in period.get("days", [])):
             return "periods must be a list of {\"from\": \"HH:MM\", \"to\": \"HH:MM\"} " \
                 "(UTC; \"days\": [\"mon\", …] to limit them) with the prices that differ then"
     return None
@@ -1057,29 +1059,34 @@ def _prices(v):
     return None
 
 
+def _model_name(name):
+    return isinstance(name, str) and 0 < len(name.strip()) and len(name) <= MAX_MODEL_NAME and \
+        name.isprintable()
+
+
 def _model_entries(v):
     aliases = set()
     for name, entry in v.items():
-        if not name.strip() or len(name) > MAX_MODEL_NAME:
-            return "model names must be 1 to %d characters" % MAX_MODEL_NAME
+        if not _model_name(name):
+            return "model names must be 1 to %d printable characters" % MAX_MODEL_NAME
         if not isinstance(entry, dict):
             return "value for %r must be an object" % name
         extra = set(entry) - set(MODEL_FIELDS) - {"prices", "aliases"}
         problem = "takes %s, prices and aliases, not %r" % (", ".join(MODEL_FIELDS), sorted(
             extra)[0]) if extra else next((
-                "%s must be a whole number of tokens above 0" % k for k in ("window", "output")
-                if k in entry and (type(entry[k]) is not int or entry[k] <= 0)), None)
+                "%s must be a whole number of tokens from 1 to %d" % (k, MAX_TOKENS_SETTING)
+                for k in ("window", "output") if k in entry and (
+                    type(entry[k]) is not int or not 0 < entry[k] <= MAX_TOKENS_SETTING)), None)
         if not problem and "vision" in entry and not isinstance(entry["vision"], bool):
             problem = "vision must be true or false"
-        if not problem and entry.get("thinking", "none") not in THINKING_SWITCHES:
+        if not problem and str(entry.get("thinking", "none")) not in THINKING_SWITCHES:
             problem = "thinking must be one of %s" % ", ".join(THINKING_SWITCHES)
         if not problem and "prices" in entry:
             problem = _price_problem(entry["prices"])
             problem = problem and "prices " + problem
         if not problem and "aliases" in entry:
             found = entry["aliases"]
-            if not isinstance(found, list) or not all(isinstance(a, str) and a.strip()
-                                                      for a in found):
+            if not isinstance(found, list) or not all(_model_name(a) for a in found):
                 problem = "aliases must be a list of model names"
             elif any(c in name for c in "*?["):
                 problem = "aliases need an exact model name, not a glob"
@@ -1296,10 +1303,31 @@ def default_home(env=None):
     return env.get("IFLOW_PROXY_HOME") or os.path.join(os.path.expanduser("~"), ".iflow-proxy")
 
 
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number %s is out of range" % text[:40])
+    return value
+
+
+# JSON as RFC 8259 has it: no NaN or Infinity (Python's json takes them, and they would reach
+# timeouts and prices, or go out again as JSON no browser parses).  Made once: json.loads builds
+# a decoder for every call with options.
+STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _finite(value):
+    return not isinstance(value, float) or value - value == 0  # (inf - inf and NaN are NaN)
+
+
 def _check_type(value, types, where, key):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in
                                             (types if isinstance(types, tuple) else (types,)))
-    if not ok:
+    if not ok or not _finite(value):
         raise ConfigError("%s: key %r must be %s, got %s" % (
             where, key, _TYPE_NAMES.get(types, str(types)), json.dumps(value)[:60]))
 
@@ -1311,10 +1339,13 @@ def _from_env(key, raw, types):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if types in (int, _NUMBER):
         try:
-            return int(raw) if types is int else float(raw)
+            value = int(raw) if types is int else float(raw)
+            if _finite(value):
+                return value
         except ValueError:
-            raise ConfigError("environment variable %s must be %s, got %r"
-                              % (name, _TYPE_NAMES[types], raw))
+            pass
+        raise ConfigError("environment variable %s must be %s, got %r"
+                          % (name, _TYPE_NAMES[types], raw))
     return raw
 
 
@@ -1335,7 +1366,7 @@ def read_config_file(path):
     """The settings in ``config.json`` (empty when absent), validated key by key."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            data = STRICT_JSON.decode(f.read().decode("utf-8"))
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -2694,7 +2725,7 @@ def read_json_file(path, what="file"):
     """The JSON object in ``path``; a clear ConfigError naming the file otherwise."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            data = STRICT_JSON.decode(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -5539,20 +5570,6 @@ def map_claude_model(model, claude_models, defaults=DEFAULT_CLAUDE_MODELS):
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
-def _reject_constant(name):
-    raise ValueError("%s is not valid JSON" % name)
-
-
-def _finite_float(text):
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number %s is out of range" % text[:40])
-    return value
-
-
-# made once (json.loads builds a decoder for every call with options)
-_REQUEST_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-
 
 def parse_json_body(raw):
     """The request's JSON object, or BadRequest saying exactly what is wrong."""
@@ -5563,7 +5580,7 @@ def parse_json_body(raw):
     except UnicodeDecodeError as e:
         raise BadRequest("request body is not valid UTF-8 (byte %d)" % e.start)
     try:
-        body = _REQUEST_JSON.decode(text)
+        body = STRICT_JSON.decode(text)
     except RecursionError:
         raise BadRequest("request JSON is nested too deeply")
     except ValueError as e:

@@ -890,6 +890,9 @@ def test_config_precedence_flags_env_file_defaults(home):
     ({"legacy_aliases": "sometimes"}, "legacy_aliases"),
     ({"porrt": 1}, "unknown key 'porrt'"),
     ({"proxy": "socks5://x:1"}, "http:// proxy URL"),
+    ('{"connect_timeout": Infinity}', "invalid JSON"),  # (Python's json would take them)
+    ('{"connect_timeout": NaN}', "invalid JSON"),
+    ('{"connect_timeout": 1e999}', "invalid JSON"),
 ])
 def test_bad_config_names_file_key_and_expectation(home, content, fragment):
     write_config(home, content)
@@ -5383,7 +5386,10 @@ def test_management_api_routes_and_files(home, fake):
             "fast": "qwen3-coder-plus"}
         assert post_json(server, "/v1/chat/completions", dict(CHAT, model="fast"))[0] == 200
         assert fake.chat_requests()[-1][2]["model"] == "qwen3-coder-plus"
-        for bad in ({"port": 1}, {"strategy": "random"}, {"claude_models": {"tiny": "x"}}):
+        for bad in ({"port": 1}, {"strategy": "random"}, {"claude_models": {"tiny": "x"}},
+                    {"models": {"m": {"thinking": ["type"]}}},  # (unhashable: once a 500)
+                    {"models": {"m": {"prices": {"input": 1, "output": 2, "periods": [
+                        {"from": "01:00", "to": "02:00", "days": [{}]}]}}}}):
             status, _, body = manage(server, "PATCH", "settings", bad)
             assert status == 400, bad
         # client keys: created (shown once), listed masked, limited, revoked
