@@ -946,9 +946,17 @@ def _optional_http_url(v):
 
 
 def _proxy_url(v):
-    if v and v != "direct" and urllib.parse.urlsplit(v).scheme not in ("http", ""):
+    if v and v != "direct" and (_url_scheme(v) not in ("http", "") or
+                                _url_scheme(v) == "http" and not _is_http_url(v)):
         return "must be an http:// proxy URL (or \"direct\"), got %r" % v
     return None
+
+
+def _url_scheme(v):
+    try:
+        return urllib.parse.urlsplit(v).scheme
+    except ValueError:  # e.g. "http://[x" (an unclosed bracket)
+        return None
 
 
 def _listed(v):
@@ -1092,7 +1100,8 @@ def _model_entries(v):
                 problem = "aliases need an exact model name, not a glob"
             elif aliases & {a.lower() for a in found}:
                 problem = "alias %r is given twice" % sorted(aliases & {a.lower() for a in found})[0]
-            aliases |= {a.lower() for a in found}
+            else:
+                aliases |= {a.lower() for a in found}
         if problem:
             return "value for %r: %s" % (name, problem)
     return None
@@ -1358,8 +1367,12 @@ def _validate_value(key, value, where):
 
 
 def _is_http_url(value):
-    parts = urllib.parse.urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # (a port out of range or not a number is a ValueError here, not later)
+    except ValueError:  # and e.g. "http://[::1" (an unclosed bracket)
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def read_config_file(path):
@@ -2912,6 +2925,11 @@ class AccountRegistry:
             for key, types in _ENTRY_SETTINGS.items():
                 if key in entry:
                     _check_type(entry[key], types, where, key)
+            if entry.get("base_url") and not _is_http_url(entry["base_url"]):
+                raise ConfigError("%s: key 'base_url' must be an http:// or https:// URL" % where)
+            for key in ("models", "excluded_models"):
+                if not all(isinstance(m, str) for m in entry.get(key, ())):
+                    raise ConfigError("%s: key %r must be a list of model names" % (where, key))
             for key, choices in (("kind", ACCOUNT_KINDS), ("status", ACCOUNT_STATES),
                                  ("provider", ("",) + tuple(PROVIDERS)), ("protocol", PROTOCOLS)):
                 if entry.get(key, choices[0]) not in choices:  # (the first is the default)
@@ -3437,7 +3455,10 @@ class CallbackListener:
                 pass
 
             def do_GET(self):
-                parts = urllib.parse.urlsplit(self.path)
+                try:
+                    parts = urllib.parse.urlsplit(self.path)
+                except ValueError:  # e.g. "//[x" (an unclosed bracket)
+                    return self._page(400, "Bad request", "That is not a URL this listener reads.")
                 query = dict(urllib.parse.parse_qsl(parts.query))
                 if parts.path != "/oauth2callback":
                     return self._page(404, "Not found", "This is iflow-proxy's login listener.")
@@ -3492,8 +3513,13 @@ def _read_pasted(stdin, state, redirect_uri, display_uri, events):
     if not line:
         events.put(("error", "no code was entered"))
     elif line.startswith(("http://", "https://")):
-        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(line).query))
-        if not hmac.compare_digest(query.get("state", ""), state):
+        try:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(line).query))
+        except ValueError:  # e.g. "http://[x" (an unclosed bracket)
+            query = None
+        if query is None:
+            events.put(("error", "the pasted URL could not be read"))
+        elif not hmac.compare_digest(query.get("state", ""), state):
             events.put(("error", "the pasted URL's state does not match this login attempt"))
         elif query.get("error"):
             events.put(("error", "the login was refused: %s" % query["error"]))
@@ -7711,7 +7737,10 @@ def duckduckgo_results(page):
     out = []
     for href, title, snippet in _DDG_RESULT.findall(page):
         href = html_text(href)
-        target = urllib.parse.parse_qs(urllib.parse.urlsplit(href).query).get("uddg")
+        try:
+            target = urllib.parse.parse_qs(urllib.parse.urlsplit(href).query).get("uddg")
+        except ValueError:  # e.g. "//[x": a page's link we can't read is no result
+            continue
         url = target[0] if target else href
         if url.startswith("//"):
             url = "https:" + url
@@ -7727,7 +7756,10 @@ def html_text(fragment):
 
 def domain_allowed(url, allowed=(), blocked=()):
     """Whether ``url``'s host is one of (or under) ``allowed`` and none of ``blocked``."""
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    try:
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    except ValueError:  # not a URL (fetch_page says so): under no domain
+        host = ""
 
     def under(domains):
         return any(host == d or host.endswith("." + d) for d in
@@ -7969,9 +8001,9 @@ def fetch_page(url, config, resolve=None, permitted=public_address, timeout=10):
     redirect checked again, FETCH_MAX_BYTES and ``timeout`` at most; HTML reduced to text."""
     resolve = resolve or socket.getaddrinfo
     for _hop in range(FETCH_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not _is_http_url(url):  # (and a URL urlsplit can't read, or a port out of range)
             raise FetchRefused("only http and https URLs can be fetched: %r" % url[:200])
+        parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             addresses = [info[4][0] for info in resolve(parts.hostname, port, 0,

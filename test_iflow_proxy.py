@@ -893,6 +893,9 @@ def test_config_precedence_flags_env_file_defaults(home):
     ('{"connect_timeout": Infinity}', "invalid JSON"),  # (Python's json would take them)
     ('{"connect_timeout": NaN}', "invalid JSON"),
     ('{"connect_timeout": 1e999}', "invalid JSON"),
+    ({"proxy": "http://[x"}, "http:// proxy URL"),  # (urlsplit raises on these)
+    ({"web_search": {"url": "http://[x"}}, "url must be"),
+    ({"api_base": "http://host:99999/v1"}, "http:// or https:// URL"),
 ])
 def test_bad_config_names_file_key_and_expectation(home, content, fragment):
     write_config(home, content)
@@ -1042,12 +1045,22 @@ def test_registry_snapshot_rereads_only_after_change(home):
     assert [a.nickname for a in registry.accounts()] == ["api-key"]
 
 
-def test_corrupt_registry_is_a_clear_error(home):
+@pytest.mark.parametrize("entry, fragment", [
+    ({"kind": "weird"}, "kind"),
+    ({"base_url": "http://[::1"}, "base_url"),  # (urlsplit raises on it: once a traceback)
+    ({"base_url": "http://host:99999/v1"}, "base_url"),
+    ({"models": [1, None]}, "models"),
+    ({"excluded_models": [{}]}, "excluded_models"),
+])
+def test_corrupt_registry_is_a_clear_error(home, entry, fragment):
     os.makedirs(home)
     with open(os.path.join(home, "accounts.json"), "w") as f:
-        f.write('{"accounts": [{"id": "x", "nickname": "n", "kind": "weird"}]}')
-    code, out, err = run_cli("accounts", home=home)
-    assert code == 2 and "accounts.json" in err and "kind" in err
+        json.dump({"accounts": [dict({"id": "x", "nickname": "n", "kind": "api-key"}, **entry)]},
+                  f)
+    for command in ("accounts", "models"):
+        code, out, err = run_cli(command, home=home)
+        assert code == 2 and "accounts.json" in err and fragment in err, (command, err)
+        assert "Traceback" not in err and err.count("\n") == 1
 
 
 # ==================================================================================================
@@ -2909,6 +2922,19 @@ def test_headless_paste_callback_url_flow(home, fake, oauth):
     stdin2.lines.put(final.replace("state=", "state=forged") + "\n")
     worker.join(30)
     assert "state" in result[0].value.message
+    out3, stdin3 = io.StringIO(), LineFeeder()  # what urlsplit can't read: said, not a hang
+    worker, result = in_thread(lambda: pytest.raises(ip.LoginError, ip.login_oauth, config, out3,
+                                                     stdin3, browser=False, env={}))
+    local = wait_for(lambda: [u for u in printed_urls(out3) if "localhost" in u and
+                              "code-display" not in u], what="localhost URL")[0]
+    port = urllib.parse.urlsplit(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
+        local).query))["redirect"]).port  # the login listener's
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        raw.sendall(b"GET http://[x/oauth2callback HTTP/1.0\r\n\r\n")
+        assert raw.makefile("rb").readline().split()[1] == b"400"
+    stdin3.lines.put("http://[x/oauth2callback?code=1\n")
+    worker.join(30)
+    assert "could not be read" in result[0].value.message
 
 
 class FakeTime:

@@ -154,6 +154,9 @@ def test_each_backend_is_asked_its_own_way_and_read_back():
             'the <b>snippet</b></a>')
     assert ip.search_results("duckduckgo", 200, page.encode()) == [
         ip.SearchResult("A & B", "https://a.example/p", "the snippet", "")]
+    unreadable = '<a class="result__a" href="//[x">t</a> <a class="result__snippet">s</a>'
+    assert ip.search_results("duckduckgo", 200, (unreadable + page).encode()) == [
+        ip.SearchResult("A & B", "https://a.example/p", "the snippet", "")]  # (skipped)
     assert ip.domain_allowed("https://docs.python.org/3", ["python.org"])
     assert not ip.domain_allowed("https://evilpython.org/", ["python.org"])
     assert not ip.domain_allowed("https://a.spam.org/", blocked=["spam.org"])
@@ -350,8 +353,10 @@ def test_fetch_checks_every_address_and_every_redirect(home, pages):
         ip.fetch_page("http://page.test:%d/hop" % port, config, resolve, loopback_only)
     with pytest.raises(ip.FetchRefused, match="unsupported content type"):
         ip.fetch_page("http://page.test:%d/pdf" % port, config, resolve, loopback_only)
-    with pytest.raises(ip.FetchRefused, match="only http and https"):
-        ip.fetch_page("file:///etc/passwd", config, resolve)
+    for target in ("file:///etc/passwd", "http://[::1/x", "http://page.test:99999/"):
+        with pytest.raises(ip.FetchRefused, match="only http and https"):  # (urlsplit raised)
+            ip.fetch_page(target, config, resolve)
+    assert not ip.domain_allowed("http://[::1/x", ("page.test",))
     assert ip.public_address("93.184.216.34") and not ip.public_address("::1") and \
         not ip.public_address("fe80::1%eth0") and not ip.public_address("0.0.0.0")
 
@@ -361,7 +366,8 @@ def test_web_fetch_tool_refuses_private_pages(home, pages):
         {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 1}]}
     with running(make_config(home)) as server:
         for url in ("http://127.0.0.1:%d/page" % pages.server_address[1],
-                    "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data"):
+                    "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data",
+                    "http://[::1/x", "http://host.test:99999/"):  # (the last two: once a 500)
             asked = dict(body, messages=[{"role": "user", "content": "Fetch %s please" % url}])
             status, _h, data = request(server, "POST", "/v1/messages", asked, HEADERS)
             message = json.loads(data)
