@@ -5760,6 +5760,10 @@ def _block_problem(block):
         return "%s: tool_result 'content' must be a string or a list"
     if kind in ("image", "document") and not isinstance(block.get("source"), dict):
         return "%%s: an %s block needs a 'source' object" % kind
+    if kind == "thinking" and not isinstance(block.get("thinking"), str):
+        return "%s: a thinking block needs a string 'thinking'"
+    if kind == "redacted_thinking" and not isinstance(block.get("data"), str):
+        return "%s: a redacted_thinking block needs a string 'data'"
     return None
 
 
@@ -7038,6 +7042,10 @@ def _check_response_item(item, where):
         _expect_text(item, "call_id", where)
         if not isinstance(item.get("output"), (str, list)):
             raise BadRequest("%s.output must be a string or a list of parts" % where)
+    elif kind == "reasoning":
+        for key in ("summary", "content"):
+            if item.get(key) is not None and not isinstance(item[key], list):
+                raise BadRequest("%s.%s must be a list of parts" % (where, key))
     elif kind is None:
         raise BadRequest("%s needs a 'type' (or a 'role' for a message)" % where)
 

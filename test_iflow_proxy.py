@@ -3203,6 +3203,8 @@ ANTHROPIC_VALID = {"model": "claude-sonnet-4", "max_tokens": 50, "stream": False
                    "tools": [{"name": "f", "description": "d", "input_schema": {}}],
                    "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                                 {"role": "assistant", "content": [
+                                    {"type": "thinking", "thinking": "t", "signature": "s"},
+                                    {"type": "redacted_thinking", "data": "r"},
                                     {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
                                 {"role": "user", "content": [
                                     {"type": "tool_result", "tool_use_id": "t1",
@@ -3231,6 +3233,24 @@ def mutations(rng, valid):
                 node = node[step]
             node[path[-1]] = value
             yield path, body
+
+
+@pytest.mark.parametrize("block, fragment", [
+    ({"type": "thinking", "thinking": 5, "signature": "s"}, "a thinking block needs a string"),
+    ({"type": "thinking", "signature": "s"}, "a thinking block needs a string"),
+    ({"type": "redacted_thinking", "data": ["x"]}, "a redacted_thinking block needs a string"),
+])
+def test_malformed_thinking_blocks_are_a_400_naming_them(home, fake, block, fragment):
+    body = dict(ANTHROPIC_VALID, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]},
+        {"role": "user", "content": "go on"}])
+    with pytest.raises(ip.BadRequest, match=re.escape("messages[1].content[0]: " + fragment)):
+        ip.validate_anthropic_request(body)
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake)) as server:  # (each was a 500: the token count)
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            status, _h, data = post_json(server, path, body)
+            assert status == 400 and fragment in data["error"]["message"], path
 
 
 def test_fuzz_malformed_requests_get_json_4xx(home, fake):

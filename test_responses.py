@@ -341,6 +341,8 @@ def test_items_in_order_reasoning_with_the_next_turn():
     ({"model": "m", "input": "x", "tools": [{"type": "namespace", "name": "n", "tools": 3}]},
      "tools[0].tools"),
     ({"model": "m", "input": "x", "max_output_tokens": 0}, "'max_output_tokens'"),
+    ({"model": "m", "input": [{"type": "reasoning", "summary": 1.5}]}, "input[0].summary"),
+    ({"model": "m", "input": [{"type": "reasoning", "content": True}]}, "input[0].content"),
 ])
 def test_malformed_requests_name_the_field(bad, field):
     with pytest.raises(ip.BadRequest) as e:
