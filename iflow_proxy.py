@@ -5764,6 +5764,8 @@ def _block_problem(block):
         return "%s: a thinking block needs a string 'thinking'"
     if kind == "redacted_thinking" and not isinstance(block.get("data"), str):
         return "%s: a redacted_thinking block needs a string 'data'"
+    if kind == "tool_reference" and not isinstance(block.get("tool_name"), str):
+        return "%s: a tool_reference block needs a string 'tool_name'"
     return None
 
 
@@ -7028,12 +7030,7 @@ def _check_response_item(item, where):
         content = item.get("content")
         if not isinstance(content, (str, list)):
             raise BadRequest("%s.content must be a string or a list of parts" % where)
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise BadRequest("%s.content[%d] must be an object with a string 'type'"
-                                 % (where, j))
-            if part["type"] in ("input_text", "output_text"):
-                _expect_text(part, "text", "%s.content[%d]" % (where, j))
+        _check_response_parts(content, where + ".content")
     elif kind in ("function_call", "custom_tool_call"):
         _expect_text(item, "call_id", where)
         _expect_text(item, "name", where)
@@ -7042,12 +7039,21 @@ def _check_response_item(item, where):
         _expect_text(item, "call_id", where)
         if not isinstance(item.get("output"), (str, list)):
             raise BadRequest("%s.output must be a string or a list of parts" % where)
+        _check_response_parts(item["output"], where + ".output")
     elif kind == "reasoning":
         for key in ("summary", "content"):
             if item.get(key) is not None and not isinstance(item[key], list):
                 raise BadRequest("%s.%s must be a list of parts" % (where, key))
     elif kind is None:
         raise BadRequest("%s needs a 'type' (or a 'role' for a message)" % where)
+
+
+def _check_response_parts(parts, where):
+    for j, part in enumerate(parts if isinstance(parts, list) else ()):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise BadRequest("%s[%d] must be an object with a string 'type'" % (where, j))
+        if part["type"] in ("input_text", "output_text"):
+            _expect_text(part, "text", "%s[%d]" % (where, j))
 
 
 class ResponsesTools:
@@ -7247,9 +7253,10 @@ def _add_user(messages, content):
 def _part_text(content):
     if isinstance(content, str):
         return content
-    return "\n".join(p.get("text") or "" for p in content or ()
+    return "\n".join(p["text"] for p in content or ()
                      if isinstance(p, dict) and p.get("type") in (
-                         "input_text", "output_text", "text", "refusal", "summary_text"))
+                         "input_text", "output_text", "text", "refusal", "summary_text") and
+                     isinstance(p.get("text"), str))
 
 
 def _user_content(content):

@@ -10,14 +10,38 @@ import pytest
 
 import iflow_proxy as ip
 from test_iflow_proxy import (KEYS, add_key_account, add_provider_account,  # noqa: F401
-                              anthropic_fake, fake, fixture, home, make_config, request,
-                              running)
+                              anthropic_fake, fake, fixture, home, make_config, mutations,
+                              request, running)
 
 RECORDED = ["claude-code-2.1.332/01-main-first-turn.json",
             "claude-code-2.1.332/02-main-after-toolsearch-tool-reference.json",
             "claude-code-2.1.332/03-websearch-side-request.json",
             "claude-code-2.1.332/04-main-after-websearch-result.json"]
 SKIPPED_HEADERS = {"host", "content-length", "connection", "accept-encoding"}
+
+
+def test_fuzz_every_field_of_the_recorded_requests(home, fake):
+    """Each field of Claude Code's own requests (tool references, server tools, thinking,
+    cache_control, context_management...) set to a weird value: a 4xx in Anthropic's shape
+    or an answer, from /v1/messages and count_tokens, never a 500 (a tool_reference's
+    tool_name once was)."""
+    import random
+    rng = random.Random(20261203)
+    add_key_account(home, KEYS[0])
+    with running(make_config(home, fake, max_concurrency=0)) as server:
+        for name in RECORDED:
+            recorded = fixture(name)
+            headers = {k: v for k, v in recorded["headers"].items()
+                       if k.lower() not in SKIPPED_HEADERS}
+            cases = list(mutations(rng, recorded["body"]))
+            rng.shuffle(cases)
+            for _path, body in cases[:100]:
+                for path in ("/v1/messages", "/v1/messages/count_tokens"):
+                    status, _h, data = request(server, "POST", path, body, headers)
+                    assert status < 500, (name, _path, data[:300])
+                    if status >= 400:
+                        assert json.loads(data)["type"] == "error", data
+        assert request(server, "GET", "/healthz")[0] == 200
 
 
 def replay(server, recorded, model):

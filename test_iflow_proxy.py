@@ -3239,12 +3239,15 @@ def mutations(rng, valid):
     ({"type": "thinking", "thinking": 5, "signature": "s"}, "a thinking block needs a string"),
     ({"type": "thinking", "signature": "s"}, "a thinking block needs a string"),
     ({"type": "redacted_thinking", "data": ["x"]}, "a redacted_thinking block needs a string"),
+    ({"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "tool_reference", "tool_name": ["x"]}]}, "a tool_reference block needs"),
 ])
-def test_malformed_thinking_blocks_are_a_400_naming_them(home, fake, block, fragment):
+def test_malformed_blocks_are_a_400_naming_them(home, fake, block, fragment):
     body = dict(ANTHROPIC_VALID, messages=[
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]},
         {"role": "user", "content": "go on"}])
-    with pytest.raises(ip.BadRequest, match=re.escape("messages[1].content[0]: " + fragment)):
+    where = re.escape("messages[1].content[0]") + r"(\.content\[0\])?: "  # (or the block's)
+    with pytest.raises(ip.BadRequest, match=where + re.escape(fragment)):
         ip.validate_anthropic_request(body)
     add_key_account(home, KEYS[0])
     with running(make_config(home, fake)) as server:  # (each was a 500: the token count)

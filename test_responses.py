@@ -11,8 +11,8 @@ import pytest
 import iflow_proxy as ip
 from test_iflow_proxy import (KEYS, FakeServer, QuietHandler, add_key_account,  # noqa: F401
                               add_provider_account, anthropic_fake, deepseek_fake, fake,
-                              fixture, home, make_config, parse_sse, post_json, request,
-                              running, sdk, serving, write_config)
+                              fixture, home, make_config, mutations, parse_sse, post_json,
+                              request, running, sdk, serving, write_config)
 
 CODEX = ["codex-0.171.0/01-first-turn.json", "codex-0.171.0/02-after-function-call-output.json"]
 JSON = {"Content-Type": "application/json"}
@@ -351,6 +351,52 @@ def test_malformed_requests_name_the_field(bad, field):
 
 
 # --- over real sockets ---------------------------------------------------------------------------
+
+FULL_REQUEST = {
+    "model": "glm-4.6", "instructions": "be brief", "max_output_tokens": 50, "temperature": 0.5,
+    "reasoning": {"effort": "low", "summary": "auto"}, "store": False, "tool_choice": "auto",
+    "parallel_tool_calls": True, "include": ["reasoning.encrypted_content"],
+    "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+              {"type": "custom", "name": "apply_patch"},
+              {"type": "namespace", "name": "n", "tools": [{"type": "function", "name": "g"}]}],
+    "input": [
+        {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "hi"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}],
+         "encrypted_content": "x"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        {"type": "custom_tool_call", "call_id": "c2", "name": "apply_patch", "input": "x"},
+        {"type": "custom_tool_call_output", "call_id": "c2", "output": [
+            {"type": "input_text", "text": "y"}]}]}
+
+
+def test_fuzz_every_field_of_a_full_request_gets_a_4xx_or_an_answer(home, fake):
+    """Each field (top-level or nested) of a full Responses request, and of Codex's own, set
+    to a weird value: a 4xx in OpenAI's shape or an answer, never a 500 (a reasoning item's
+    summary, a text part of a tool's output once were)."""
+    import random
+    rng = random.Random(20261203)
+    add_key_account(home, KEYS[0])
+    cases = [("/v1/responses", dict(body, stream=stream)) for stream in (False, True)
+             for _path, body in mutations(rng, FULL_REQUEST)]
+    cases += [("/v1/responses/input_tokens", body)
+              for _path, body in mutations(rng, FULL_REQUEST)]
+    rng.shuffle(cases)
+    cases = cases[:300]
+    for name in CODEX:  # and Codex's own requests
+        recorded = list(mutations(rng, fixture(name)["body"]))
+        rng.shuffle(recorded)
+        cases += [("/v1/responses", body) for _path, body in recorded[:100]]
+    with running(make_config(home, fake, max_concurrency=0)) as server:
+        for path, body in cases:
+            status, _h, data = request(server, "POST", path, body, JSON)
+            assert status < 500, (path, body, data[:300])
+            if status >= 400:
+                assert json.loads(data)["error"]["message"], data
+        assert request(server, "GET", "/healthz")[0] == 200
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_sdk_create_and_stream_through_both_protocols(home, fake, anthropic_fake, stream):
