@@ -4512,6 +4512,138 @@ def chat_usage(usage):
 
 # --- the one upstream reader -----------------------------------------------------------------
 
+# What the translations read of an upstream's answer, checked once where it arrives (below):
+# a provider that sends a field of another type gets a clear "malformed" error (502, or the
+# stream's error event), not a crash in a translation.  The answer's own bytes still go as they
+# came to a client of the same protocol; these checks look at the parsed copy only, and tidy
+# two shapes real servers send: usage counts (only whole numbers are kept) and a tool call's
+# arguments given as an object (Ollama's native form), made the JSON text OpenAI specifies.
+
+def clean_usage(usage):
+    """``usage`` with only the counts the translations can add up: whole numbers of 0 or
+    more (and the known objects of them); None for what is not an object."""
+    if type(usage) is not dict:
+        return None
+    out = {}
+    for key, value in usage.items():
+        if key in _USAGE_PARTS:
+            if type(value) is dict:
+                out[key] = clean_usage(value)
+        elif type(value) is int and value >= 0:
+            out[key] = value
+    return out
+
+
+_USAGE_PARTS = ("prompt_tokens_details", "completion_tokens_details", "input_tokens_details",
+                "output_tokens_details", "server_tool_use", "cache_creation")
+
+
+def _not_text(value):
+    return value is not None and type(value) is not str
+
+
+def chat_message_problem(message, delta=False):
+    """What in an OpenAI chat message (a stream's ``delta`` too) a translation can't read,
+    or None.  A tool call's arguments given as an object become their JSON text here."""
+    if type(message) is not dict:
+        return "is not an object"
+    for key in ("content", "reasoning_content", "reasoning", "refusal", "role"):
+        if _not_text(message.get(key)):
+            return ".%s is not a string" % key
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if type(calls) is not list:
+        return ".tool_calls is not a list"
+    for j, call in enumerate(calls):
+        function = call.get("function") if type(call) is dict else None
+        if type(function) is not dict or _not_text(call.get("id")) or \
+                (delta and call.get("index") is not None and type(call["index"]) is not int):
+            return ".tool_calls[%d] is not a tool call" % j
+        if type(function.get("arguments")) is dict:
+            function["arguments"] = json.dumps(function["arguments"], ensure_ascii=False)
+        if _not_text(function.get("name")) or _not_text(function.get("arguments")) or \
+                (not delta and type(function.get("name")) is not str):
+            return ".tool_calls[%d].function has no string name and arguments" % j
+    return None
+
+
+def completion_problem(payload, stream=False):
+    """What in an OpenAI chat completion (or stream chunk) a translation can't read, or
+    None; its usage is cleaned (clean_usage) on the way."""
+    for i, choice in enumerate(payload["choices"]):
+        if type(choice) is not dict:
+            return "choices[%d] is not an object" % i
+        if _not_text(choice.get("finish_reason")):
+            return "choices[%d].finish_reason is not a string" % i
+        key = "delta" if stream else "message"
+        if choice.get(key) is not None:  # (none: nothing said, as translations read it)
+            problem = chat_message_problem(choice.get(key), stream)
+            if problem:
+                return "choices[%d].%s %s" % (i, key, problem)
+    if "usage" in payload:
+        payload["usage"] = clean_usage(payload["usage"])
+    return None
+
+
+_BLOCK_TEXT = {"text": "text", "thinking": "thinking", "redacted_thinking": "data",
+               "text_delta": "text", "thinking_delta": "thinking",
+               "input_json_delta": "partial_json", "signature_delta": "signature"}
+
+
+def anthropic_block_problem(block):
+    """What in an Anthropic content block (or a stream's delta) a translation can't read."""
+    kind = block.get("type") if type(block) is dict else None
+    if type(kind) is not str:
+        return "is not an object with a string type"
+    if kind in _BLOCK_TEXT and type(block.get(_BLOCK_TEXT[kind])) is not str:
+        return "(%s) has no string %s" % (kind, _BLOCK_TEXT[kind])
+    if kind in ("tool_use", "server_tool_use") and (
+            type(block.get("id")) is not str or type(block.get("name")) is not str or
+            type(block.get("input", {})) is not dict):
+        return "(%s) needs a string id and name and an object input" % kind
+    if _not_text(block.get("signature")):
+        return "(%s) has a signature that is not a string" % kind
+    return None
+
+
+def anthropic_message_problem(payload):
+    """What in an Anthropic message a translation can't read, or None (usage cleaned)."""
+    if _not_text(payload.get("id")) or _not_text(payload.get("stop_reason")):
+        return "its id or stop_reason is not a string"
+    for i, block in enumerate(payload["content"]):
+        problem = anthropic_block_problem(block)
+        if problem:
+            return "content[%d] %s" % (i, problem)
+    payload["usage"] = clean_usage(payload.get("usage"))
+    return None
+
+
+def anthropic_event_problem(event):
+    """What in one Anthropic stream event a translation can't read, or None."""
+    kind = event["type"]
+    if kind == "message_start":
+        message = event.get("message")
+        if type(message) is not dict:
+            return "its message is not an object"
+        message["usage"] = clean_usage(message.get("usage"))
+    elif kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+        if type(event.get("index")) is not int:
+            return "its index is not a whole number"
+        if kind != "content_block_stop":
+            key = "content_block" if kind == "content_block_start" else "delta"
+            problem = anthropic_block_problem(event.get(key))
+            if problem:
+                return "%s %s" % (key, problem)
+    elif kind == "message_delta":
+        delta = event.get("delta")
+        if type(delta) is not dict or _not_text(delta.get("stop_reason")):
+            return "its delta is not an object with a string stop_reason"
+        if "usage" in event:
+            event["usage"] = clean_usage(event["usage"])
+    return None
+
+
 class UpstreamAnswer:
     """One upstream chat answer, read and checked for errors in exactly one place.
 
@@ -4571,6 +4703,7 @@ class UpstreamAnswer:
         if not isinstance(choices, list):
             raise UpstreamError("malformed", "upstream answer has no choices",
                                 trace_id=self.response.trace_id)
+        self._shape(completion_problem(payload))
         for choice in choices:
             if isinstance(choice, dict) and choice.get("finish_reason") == "network_error":
                 raise UpstreamError("transient", "upstream answer ended with finish_reason "
@@ -4622,6 +4755,7 @@ class UpstreamAnswer:
         if payload.get("type") != "message" or not isinstance(payload.get("content"), list):
             raise UpstreamError("malformed", "upstream answer is not an Anthropic message",
                                 trace_id=self.response.trace_id)
+        self._shape(anthropic_message_problem(payload))
         self.finish_reason = payload.get("stop_reason")
         self.usage = openai_usage(payload.get("usage"))
         return payload
@@ -4641,7 +4775,11 @@ class UpstreamAnswer:
             code, message = business_error(chunk)
             if type(chunk) is not dict or code is not None or message or "error" in chunk:
                 self._unreadable(data)
-        for choice in choices or ():
+        if type(choices) is not list:  # (a chunk of usage alone may have none)
+            self._shape(choices is not None and "a chunk's choices are not a list")
+            chunk["choices"] = choices = []
+        self._shape(completion_problem(chunk, stream=True))
+        for choice in choices:
             reason = choice.get("finish_reason") if type(choice) is dict else None
             delta = choice.get("delta") if type(choice) is dict else None
             if type(delta) is dict:
@@ -4684,8 +4822,9 @@ class UpstreamAnswer:
 
     def _check_event(self, data, event):
         kind = event.get("type") if type(event) is dict else None
-        if kind is None or kind == "error":
+        if type(kind) is not str or kind == "error":
             self._unreadable(data)
+        self._shape(anthropic_event_problem(event))
         if kind == "content_block_delta":
             delta = event.get("delta")
             if type(delta) is dict:
@@ -4707,6 +4846,11 @@ class UpstreamAnswer:
         return event
 
     _anthropic_usage = None
+
+    def _shape(self, problem):
+        if problem:
+            raise UpstreamError("malformed", "upstream answer can't be read: %s" % problem,
+                                trace_id=self.response.trace_id)
 
     def _unreadable(self, data):
         """Raise for an event that carries an error, or that can't be read at all."""
@@ -9935,6 +10079,8 @@ class ProxyHandler(ServerConnection):
             self.send_error_json(BadRequest("request JSON is nested too deeply"))
         except Exception:  # a bug: answer 500, keep serving
             log.exception("%s internal error", self.request_id)
+            if self.response_status is not None:  # an answer began: end it by closing, as a
+                self.close_connection = True      # cut (not an open stream the client awaits)
             self.send_error_json(ProxyError("internal error in iflow-proxy; see its log"))
         finally:
             if self.reserved:

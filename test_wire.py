@@ -2,6 +2,7 @@
 close, reset and over-send, clients that stop reading or trickle, and RFC 9112's request rules.
 """
 
+import http.client
 import json
 import re
 import select
@@ -12,9 +13,10 @@ import time
 import pytest
 
 import iflow_proxy as ip
-from test_iflow_proxy import (CHAT, KEYS, add_key_account, clock, drive, drive_raw,  # noqa: F401
-                              fake, home, make_config, post_json, req, request, running,
-                              wait_for)
+from test_iflow_proxy import (CHAT, KEYS, WEIRD_VALUES, FakeServer,  # noqa: F401
+                              QuietHandler, add_key_account, add_provider_account, clock, drive,
+                              drive_raw, fake, home, make_config, mutations, post_json, req,
+                              request, running, wait_for)
 
 PAYLOAD = json.dumps(CHAT).encode()
 N = len(PAYLOAD)
@@ -804,3 +806,173 @@ def test_random_kills_during_key_changes_and_streams(home, fake):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- answers no provider should send ------------------------------------------------------------
+
+class ScriptedUpstream(FakeServer):
+    """Answers every POST with its ``answer`` (content type, bytes) as it is."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+        self.answer = ("application/json", b"{}")
+        self.url = "http://127.0.0.1:%d" % self.server_address[1]
+        self.serve_in_thread()
+
+
+class ScriptedHandler(QuietHandler):
+
+    def do_GET(self):
+        self.send_bytes("application/json", b'{"object": "list", "data": [{"id": "m1"}]}')
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_bytes(*self.server.answer)
+
+    def send_bytes(self, content_type, body):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+OPENAI_ANSWER = {
+    "id": "c1", "object": "chat.completion", "created": 1, "model": "m1", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "hi", "reasoning_content": "r", "tool_calls": [{
+                "id": "t1", "type": "function", "function": {"name": "f",
+                                                             "arguments": '{"a": 1}'}}]}}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "prompt_tokens_details": {
+        "cached_tokens": 1}, "completion_tokens_details": {"reasoning_tokens": 1}}}
+ANTHROPIC_ANSWER = {
+    "id": "msg1", "type": "message", "role": "assistant", "model": "m1", "content": [
+        {"type": "thinking", "thinking": "r", "signature": "s"}, {"type": "text", "text": "hi"},
+        {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}],
+    "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 3,
+                                         "cache_read_input_tokens": 1}}
+
+
+def openai_events():
+    def chunk(delta, finish=None, **extra):
+        return dict({"id": "c1", "object": "chat.completion.chunk", "model": "m1", "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish}]}, **extra)
+    return [chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "r"}),
+            chunk({"content": "hi"}), chunk({"tool_calls": [{"index": 0, "id": "t1", "type":
+                                                             "function", "function": {
+                                                                 "name": "f", "arguments": ""}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}),
+            chunk({}, "tool_calls", usage={"prompt_tokens": 5, "completion_tokens": 3})]
+
+
+def anthropic_events():
+    def block(index, start, *deltas):
+        return [{"type": "content_block_start", "index": index, "content_block": start}] + [
+            {"type": "content_block_delta", "index": index, "delta": d} for d in deltas] + [
+            {"type": "content_block_stop", "index": index}]
+    return [{"type": "message_start", "message": {
+        "id": "msg1", "type": "message", "role": "assistant", "model": "m1", "content": [],
+        "usage": {"input_tokens": 5, "output_tokens": 0}}}] + \
+        block(0, {"type": "thinking", "thinking": ""}, {"type": "thinking_delta",
+                                                       "thinking": "r"},
+              {"type": "signature_delta", "signature": "s"}) + \
+        block(1, {"type": "text", "text": ""}, {"type": "text_delta", "text": "hi"}) + \
+        block(2, {"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+              {"type": "input_json_delta", "partial_json": '{"a": 1}'}) + \
+        [{"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+          "usage": {"output_tokens": 3}}, {"type": "message_stop"}]
+
+
+def sse_bytes(events, anthropic):
+    out = b"".join((b"event: %s\n" % e["type"].encode() if anthropic and isinstance(e, dict)
+                    and isinstance(e.get("type"), str) else b"") +
+                   b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    return out + (b"" if anthropic else b"data: [DONE]\n\n")
+
+
+def weird_answers(rng, protocol, stream, count):
+    """``count`` answers of ``protocol``, each with one field (or a whole stream event) set
+    to a weird value."""
+    if not stream:
+        valid = OPENAI_ANSWER if protocol == "openai" else ANTHROPIC_ANSWER
+        cases = [("application/json", json.dumps(body).encode())
+                 for _path, body in mutations(rng, valid)]
+    else:
+        events = openai_events() if protocol == "openai" else anthropic_events()
+        cases = []
+        for i, event in enumerate(events):
+            for _path, weird in list(mutations(rng, event)) + [([], w) for w in WEIRD_VALUES]:
+                cases.append(("text/event-stream", sse_bytes(
+                    events[:i] + [weird] + events[i + 1:], protocol == "anthropic")))
+    rng.shuffle(cases)
+    return cases[:count]
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, protocol, clock,
+                                                                        caplog):
+    """Each field of an upstream's answer (JSON, or one stream event) set to a weird value,
+    read by a client of each API: an answer, or a clear error (a 502, or the stream's error
+    event): never an internal error, and never a stream left open (a crash mid-stream once
+    left the client waiting for ever)."""
+    import random
+    rng = random.Random(20261203)
+    upstream = ScriptedUpstream()
+    clients = [("/v1/chat/completions", {"model": "m1", "messages": [
+                   {"role": "user", "content": "hi"}], "tools": [
+                   {"type": "function", "function": {"name": "f", "parameters": {}}}]}, {}),
+               ("/v1/messages", {"model": "m1", "max_tokens": 50, "messages": [
+                   {"role": "user", "content": "hi"}], "tools": [
+                   {"name": "f", "input_schema": {"type": "object"}}]},
+                {"anthropic-version": "2023-06-01"}),
+               ("/v1/responses", {"model": "m1", "input": "hi", "tools": [
+                   {"type": "function", "name": "f", "parameters": {}}]}, {})]
+    try:
+        key = KEYS[0] if protocol == "openai" else "sk-anthropic-1111"
+        add_provider_account(home, key, "", protocol, upstream.url + (
+            "/v1" if protocol == "openai" else ""))
+        config = ip.load_config(home, {}, {}).replace(port=0, max_concurrency=0)
+        with caplog.at_level("ERROR", logger="iflow_proxy"), \
+                running(config, router_clock=clock) as server:
+            for stream in (False, True):
+                for answer in weird_answers(rng, protocol, stream, 35):
+                    upstream.answer = answer
+                    for path, body, headers in clients:
+                        clock.advance(86400)  # (a malformed answer cools the account)
+                        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                                          timeout=20)
+                        conn.request("POST", path, json.dumps(dict(body, stream=stream)),
+                                     dict(headers, **{"Content-Type": "application/json"}))
+                        reply = conn.getresponse()
+                        data = reply.read()  # (a stream left open would time out here)
+                        conn.close()
+                        assert reply.status in (200, 502), (path, answer, data[:300])
+                        assert b"internal error" not in data, (path, answer, data[:300])
+        assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
+    finally:
+        upstream.stop()
+
+
+def test_usage_is_cleaned_and_object_arguments_become_json_text(home):
+    """Counts the translations can't add up are dropped; a tool call's arguments sent as an
+    object (Ollama's native form) reach an Anthropic client as the tool_use's input."""
+    assert ip.clean_usage({"prompt_tokens": "5", "completion_tokens": 3, "total_tokens": -1,
+                           "prompt_tokens_details": 7, "completion_tokens_details": {
+                               "reasoning_tokens": 2, "x": [1]}}) == {
+        "completion_tokens": 3, "completion_tokens_details": {"reasoning_tokens": 2}}
+    assert ip.clean_usage([1]) is None
+    upstream = ScriptedUpstream()
+    answer = json.loads(json.dumps(OPENAI_ANSWER))
+    answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] = {"a": 1}
+    upstream.answer = ("application/json", json.dumps(answer).encode())
+    try:
+        add_provider_account(home, KEYS[0], "", "openai", upstream.url + "/v1")
+        with running(ip.load_config(home, {}, {}).replace(port=0)) as server:
+            status, _h, message = post_json(server, "/v1/messages", {
+                "model": "m1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"name": "f", "input_schema": {"type": "object"}}]},
+                {"anthropic-version": "2023-06-01"})
+        assert status == 200 and message["content"][-1]["input"] == {"a": 1}, message
+        assert message["usage"]["output_tokens"] == 3
+    finally:
+        upstream.stop()
