@@ -4579,8 +4579,9 @@ def completion_problem(payload, stream=False):
         key = "delta" if stream else "message"
         if choice.get(key) is not None:  # (none: nothing said, as translations read it)
             problem = chat_message_problem(choice.get(key), stream)
-            if problem:
-                return "choices[%d].%s %s" % (i, key, problem)
+            if problem:  # (".tool_calls[0] is ...", or "is not an object")
+                return "choices[%d].%s%s" % (i, key, problem if problem[0] == "." else
+                                             " " + problem)
     if "usage" in payload:
         payload["usage"] = clean_usage(payload["usage"])
     return None
