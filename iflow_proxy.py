@@ -7395,13 +7395,21 @@ def _add_user(messages, content):
         messages.append({"role": "user", "content": content})
 
 
+_PART_TEXT = {"input_text": "text", "output_text": "text", "text": "text",
+              "summary_text": "text", "refusal": "refusal"}  # (a refusal's text is "refusal")
+
+
 def _part_text(content):
     if isinstance(content, str):
         return content
-    return "\n".join(p["text"] for p in content or ()
-                     if isinstance(p, dict) and p.get("type") in (
-                         "input_text", "output_text", "text", "refusal", "summary_text") and
-                     isinstance(p.get("text"), str))
+    texts = []
+    for part in content or ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get(_PART_TEXT[kind]) if isinstance(kind, str) and kind in _PART_TEXT \
+            else None
+        if isinstance(text, str):
+            texts.append(text)
+    return "\n".join(texts)
 
 
 def _user_content(content):

@@ -325,6 +325,10 @@ def test_items_in_order_reasoning_with_the_next_turn():
     assert chat["max_tokens"] == 100 and chat["reasoning_effort"] == "high"
     assert chat["response_format"]["json_schema"]["name"] == "x"
     assert ip.responses_thinking(body) == (True, "high")
+    refused = ip.responses_to_chat({"model": "m", "input": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+            {"type": "output_text", "text": "Well."}, {"type": "refusal", "refusal": "No."}]}]})
+    assert refused["messages"][1]["content"] == "Well.\nNo."  # (a refusal's text was lost)
 
 
 @pytest.mark.parametrize("bad, field", [
