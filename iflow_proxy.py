@@ -946,8 +946,8 @@ def _optional_http_url(v):
 
 
 def _proxy_url(v):
-    if v and v != "direct" and (_url_scheme(v) not in ("http", "") or
-                                _url_scheme(v) == "http" and not _is_http_url(v)):
+    scheme = _url_scheme(v) if v and v != "direct" else ""
+    if scheme not in ("http", "") or scheme == "http" and not _is_http_url(v):
         return "must be an http:// proxy URL (or \"direct\"), got %r" % v
     return None
 
@@ -1087,7 +1087,8 @@ def _model_entries(v):
                     type(entry[k]) is not int or not 0 < entry[k] <= MAX_TOKENS_SETTING)), None)
         if not problem and "vision" in entry and not isinstance(entry["vision"], bool):
             problem = "vision must be true or false"
-        if not problem and str(entry.get("thinking", "none")) not in THINKING_SWITCHES:
+        thinking = entry.get("thinking", "none")
+        if not problem and not (isinstance(thinking, str) and thinking in THINKING_SWITCHES):
             problem = "thinking must be one of %s" % ", ".join(THINKING_SWITCHES)
         if not problem and "prices" in entry:
             problem = _price_problem(entry["prices"])
@@ -4704,12 +4705,12 @@ class UpstreamAnswer:
         if not isinstance(choices, list):
             raise UpstreamError("malformed", "upstream answer has no choices",
                                 trace_id=self.response.trace_id)
-        self._shape(completion_problem(payload))
+        self._shape(completion_problem(payload))  # (each choice is an object from here)
         for choice in choices:
-            if isinstance(choice, dict) and choice.get("finish_reason") == "network_error":
+            if choice.get("finish_reason") == "network_error":
                 raise UpstreamError("transient", "upstream answer ended with finish_reason "
                                     "network_error", trace_id=self.response.trace_id)
-            if isinstance(choice, dict) and choice.get("finish_reason"):
+            if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         if isinstance(payload.get("usage"), dict):
             self.usage = payload["usage"]
@@ -4779,11 +4780,10 @@ class UpstreamAnswer:
         if type(choices) is not list:  # (a chunk of usage alone may have none)
             self._shape(choices is not None and "a chunk's choices are not a list")
             chunk["choices"] = choices = []
-        self._shape(completion_problem(chunk, stream=True))
+        self._shape(completion_problem(chunk, stream=True))  # (objects, or no delta, from here)
         for choice in choices:
-            reason = choice.get("finish_reason") if type(choice) is dict else None
-            delta = choice.get("delta") if type(choice) is dict else None
-            if type(delta) is dict:
+            reason, delta = choice.get("finish_reason"), choice.get("delta")
+            if delta is not None:
                 self._note_output(delta.get("content"), delta.get("reasoning_content"),
                                   delta.get("tool_calls"))
             if reason:
@@ -4825,21 +4825,18 @@ class UpstreamAnswer:
         kind = event.get("type") if type(event) is dict else None
         if type(kind) is not str or kind == "error":
             self._unreadable(data)
-        self._shape(anthropic_event_problem(event))
+        self._shape(anthropic_event_problem(event))  # (deltas are objects from here)
         if kind == "content_block_delta":
-            delta = event.get("delta")
-            if type(delta) is dict:
-                self._note_output(delta.get("text"), delta.get("thinking"),
-                                  delta.get("partial_json"))
+            delta = event["delta"]
+            self._note_output(delta.get("text"), delta.get("thinking"), delta.get("partial_json"))
         elif kind == "message_delta":
-            delta = event.get("delta")
-            if type(delta) is dict and delta.get("stop_reason"):
-                self.finish_reason = delta["stop_reason"]
+            if event["delta"].get("stop_reason"):
+                self.finish_reason = event["delta"]["stop_reason"]
             usage = event.get("usage")
             if type(usage) is dict:
                 self.usage = openai_usage(dict((self._anthropic_usage or {}), **usage))
                 self.usage_final = True
-        elif kind == "message_start" and type(event.get("message")) is dict:
+        elif kind == "message_start":
             self._anthropic_usage = event["message"].get("usage")
             self.usage = openai_usage(self._anthropic_usage)
         elif kind == "message_stop":
@@ -5741,7 +5738,6 @@ def map_claude_model(model, claude_models, defaults=DEFAULT_CLAUDE_MODELS):
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
-
 def parse_json_body(raw):
     """The request's JSON object, or BadRequest saying exactly what is wrong."""
     if not raw.strip():
@@ -5905,13 +5901,13 @@ def _block_problem(block):
         return "%s: tool_result 'content' must be a string or a list"
     if kind in ("image", "document") and not isinstance(block.get("source"), dict):
         return "%%s: an %s block needs a 'source' object" % kind
-    if kind == "thinking" and not isinstance(block.get("thinking"), str):
-        return "%s: a thinking block needs a string 'thinking'"
-    if kind == "redacted_thinking" and not isinstance(block.get("data"), str):
-        return "%s: a redacted_thinking block needs a string 'data'"
-    if kind == "tool_reference" and not isinstance(block.get("tool_name"), str):
-        return "%s: a tool_reference block needs a string 'tool_name'"
+    field = _BLOCK_STRING.get(kind)
+    if field and not isinstance(block.get(field), str):
+        return "%%s: a %s block needs a string '%s'" % (kind, field)
     return None
+
+
+_BLOCK_STRING = {"thinking": "thinking", "redacted_thinking": "data", "tool_reference": "tool_name"}
 
 
 def validate_anthropic_request(body):
