@@ -2393,6 +2393,7 @@ def test_client_that_disconnects_while_queued_leaves_the_queue(home, fake):
         wait_for(lambda: server.chat.router.waiting() == 0, what="the queue to drop the gone client")
         fake.hold.set()
         first[0].join(30)
+        wait_for(lambda: not any(fake.inflight.values()), what="the fake done with it")
         assert post_json(server, "/v1/chat/completions", conversation(3))[0] == 200
     assert [content_of(r) for r in fake.chat_requests()] == ["conversation 1", "conversation 3"]
 
@@ -2413,6 +2414,7 @@ def test_strategies_priority_and_affinity(home, fake):
         assert fake.chat_requests()[-1][3] == KEYS[0]
         fake.hold.set()
         busy[0].join(30), other[0].join(30)
+        wait_for(lambda: not any(fake.inflight.values()), what="the fake done with them")
     fake.requests.clear()
     fake.hold = None
     with running(make_config(home, fake)) as server:   # round-robin with affinity
