@@ -4272,6 +4272,9 @@ def classify_answer(http_status, raw, trace_id="", retry_after=None, secrets=())
         payload = None
     code, message = business_error(payload)
     kind = kind_for(code, message)
+    if kind in ("bad_request", "context_length") and (http_status == 429 or http_status >= 500):
+        kind = None  # the status's "later" beats a body's invalid_request_error or "too many
+        # tokens" (a tokens-per-minute limit, on a 429)
     if kind is None and http_status != 200:
         kind = kind_for(http_status, message) or "transient"
         code = http_status
@@ -4498,7 +4501,8 @@ def openai_usage(usage):
 
 def chat_usage(usage):
     """A Responses API usage counted the chat-completions way."""
-    if not isinstance(usage, dict):
+    usage = clean_usage(usage)
+    if usage is None:
         return None
     out = {"prompt_tokens": usage.get("input_tokens") or 0,
            "completion_tokens": usage.get("output_tokens") or 0}
@@ -4658,11 +4662,12 @@ class UpstreamAnswer:
     """
 
     def __init__(self, response, stream=True, secrets=(), body_limit=None,
-                 event_limit=MAX_EVENT_BYTES, protocol="openai"):
+                 event_limit=MAX_EVENT_BYTES, protocol="openai", check=None):
         self.response, self.stream = response, stream
         self.secrets = secrets
         self.body_limit = body_limit
         self.protocol = protocol   # openai, anthropic, or responses (the Responses API)
+        self.check = check         # a final Responses object's own check (what is wrong, or None)
         self.anthropic = protocol == "anthropic"
         self.payload = None        # a JSON answer: the checked completion (or message) ...
         self.raw = b""             # ... and its bytes, relayed as they came
@@ -4723,29 +4728,34 @@ class UpstreamAnswer:
                                 trace_id=self.response.trace_id)
         if payload.get("status") == "failed":
             raise self._failed_response(payload)
-        self.finish_reason = payload.get("status")
+        self._shape(self.check and self.check(payload))
+        status = payload.get("status")
+        self.finish_reason = status if type(status) is str else None
         self.usage = chat_usage(payload.get("usage"))
         return payload
 
     def _failed_response(self, response):
         """The UpstreamError for a Responses ``response.failed`` (its error code's kind)."""
         error = response.get("error") if isinstance(response.get("error"), dict) else {}
+        code = error.get("code")
         kind = {"rate_limit_exceeded": "rate_limit", "context_length_exceeded":
                 "context_length", "insufficient_quota": "key_blocked"}.get(
-                    error.get("code"), "transient")
+                    code if type(code) is str else "", "transient")
         return UpstreamError(kind, "upstream: response failed: %s" % scrub_secrets(
             str(error.get("message") or error.get("code") or "no reason given")[:300],
             self.secrets), trace_id=self.response.trace_id)
 
     def _check_response_event(self, data, event):
         kind = event.get("type") if type(event) is dict else None
-        if kind is None or kind == "error":
+        if type(kind) is not str or kind == "error":
             self._unreadable(data)
         if kind.endswith(".delta") and type(event.get("delta")) is str:
             self.relayed.append(event["delta"])
         elif kind in ("response.completed", "response.incomplete"):
             response = event.get("response") if type(event.get("response")) is dict else {}
-            self.finish_reason, self.done = response.get("status") or kind, True
+            self._shape(self.check and self.check(response))
+            status = response.get("status")
+            self.finish_reason, self.done = status if type(status) is str else kind, True
             if type(response.get("usage")) is dict:
                 self.usage, self.usage_final = chat_usage(response["usage"]), True
         elif kind == "response.failed":
@@ -7197,6 +7207,21 @@ def _check_response_parts(parts, where):
             _expect_text(part, "text", "%s[%d]" % (where, j))
 
 
+def response_problem(response):
+    """What in a Responses API response object (a native upstream's) can't be stored and
+    continued from, or None: its output items become the next turn's input items."""
+    if type(response.get("id")) is not str:
+        return "its id is not a string"
+    if type(response.get("output")) is not list:
+        return "its output is not a list"
+    for i, item in enumerate(response["output"]):
+        try:
+            _check_response_item(item, "output[%d]" % i)
+        except BadRequest as e:
+            return e.message
+    return None
+
+
 class ResponsesTools:
     """The client's Responses tools as chat functions, and the way back: a ``custom`` tool
     (freeform input, e.g. Codex's apply_patch) is a function with one string argument,
@@ -8543,7 +8568,9 @@ class ChatExchange:
         if response.trace_id:
             log.debug("upstream eagleeye-traceid %s", printable(response.trace_id))
         answer = UpstreamAnswer(response, self.stream, (account.api_key,), config.max_body_bytes,
-                                protocol=protocol).open()
+                                protocol=protocol,
+                                check=response_problem if protocol == "responses" else None
+                                ).open()
         if answer.payload is not None and preset is not None and \
                 "reasoning_passback" in preset.quirks and protocol == "openai":
             service.reasoning.remember_completion(answer.payload)

@@ -746,6 +746,13 @@ def test_thinking_table(model, on, expected):
     (401, {"error": {"message": "bad key"}}, "auth", 503),
     (503, "<html>bad gateway</html>", "transient", 502),
     (400, {"error": {"message": "bad field"}}, "bad_request", 400),
+    (429, {"type": "error", "error": {"type": "invalid_request_error", "message": "slow"}},
+     "rate_limit", 429),
+    (529, {"error": {"type": "invalid_request_error", "message": "busy"}}, "transient", 502),
+    (429, {"error": {"code": 400, "message": "too many tokens per minute"}}, "rate_limit",
+     429),
+    (200, {"error": {"code": 400, "message": "too many tokens in prompt"}}, "context_length",
+     400),
 ])
 def test_classify_answer(status, body, kind, client_status):
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()

@@ -320,6 +320,41 @@ def test_responses_api_through_either_protocol(home, llama, stream):
             assert text.strip() and usage["input_tokens"] > 5 and usage["output_tokens"] > 0
 
 
+def test_a_native_responses_upstream_relayed_and_continued(home, llama):
+    """The real server's own Responses API behind a preset that serves it (OpenRouter's): the
+    request goes there as it is and its answer comes back as it was (llama-server's own fields
+    kept), streamed or not; its output passes the check that lets a later turn continue from
+    it, and that turn (previous_response_id, sent inline) is answered too; usage recorded."""
+    from test_iflow_proxy import request, add_provider_account
+    from test_responses import responses_events
+    add_provider_account(home, API_KEY, "openrouter", "openai", llama + "/v1", nickname="llr")
+    args = {"model": "llr/" + MODEL_ID, "input": "Say hello.", "max_output_tokens": MAX_TOKENS}
+    json_headers = {"Content-Type": "application/json"}
+    with running(make_config(home, max_concurrency=0)) as server:
+        status, _h, data = request(server, "POST", "/v1/responses", args, json_headers)
+        assert status == 200, data[:500]
+        first = json.loads(data)
+        assert "completed_at" in first and first["status"] == "completed"  # llama-server's own
+        assert ip.response_problem(first) is None
+        assert first["output"][-1]["content"][0]["text"]
+        status, _h, data = request(server, "POST", "/v1/responses", dict(
+            args, input="Again.", previous_response_id=first["id"], stream=True), json_headers)
+        assert status == 200, data[:500]
+        events = responses_events(data)
+        assert events[0]["type"] == "response.created" and events[-1]["type"] == \
+            "response.completed", [e["type"] for e in events]
+        final = events[-1]["response"]
+        assert ip.response_problem(final) is None and final["id"] != first["id"]
+        assert "".join(e["delta"] for e in events if e["type"] ==
+                       "response.output_text.delta") == final["output"][-1]["content"][0]["text"]
+        assert final["usage"]["input_tokens"] > first["usage"]["input_tokens"] + 2  # the first
+        # turn (its input and output) came along, inline, before "Again."
+        rows = [r for r in server.chat.usage.day_rows() if r["account"] == "llr"]
+        assert sum(r["requests"] for r in rows) == 2 and \
+            sum(r["output_tokens"] for r in rows) == first["usage"]["output_tokens"] + \
+            final["usage"]["output_tokens"]
+
+
 def test_real_codex_through_the_codex_command(home, llama, tmp_path):
     """`python iflow_proxy.py codex exec …` with the real Codex through an OpenAI-protocol
     account on llama-server: its whole first turn (its instructions, its tools) translated,

@@ -885,6 +885,33 @@ def anthropic_events():
           "usage": {"output_tokens": 3}}, {"type": "message_stop"}]
 
 
+RESPONSES_ANSWER = {
+    "id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "m1",
+    "output": [{"type": "reasoning", "id": "rs_1", "summary": [
+                   {"type": "summary_text", "text": "r"}]},
+               {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "hi", "annotations": []}]},
+               {"type": "function_call", "id": "fc_1", "call_id": "t1", "name": "f",
+                "arguments": '{"a": 1}', "status": "completed"}],
+    "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8,
+              "input_tokens_details": {"cached_tokens": 1},
+              "output_tokens_details": {"reasoning_tokens": 1}}}
+
+
+def responses_events():
+    created = dict(RESPONSES_ANSWER, status="in_progress", output=[], usage=None)
+    item = RESPONSES_ANSWER["output"]
+    return [{"type": "response.created", "sequence_number": 0, "response": created},
+            {"type": "response.output_item.added", "output_index": 1, "item": dict(
+                item[1], content=[], status="in_progress")},
+            {"type": "response.output_text.delta", "output_index": 1, "content_index": 0,
+             "item_id": "msg_1", "delta": "hi"},
+            {"type": "response.output_item.done", "output_index": 1, "item": item[1]},
+            {"type": "response.function_call_arguments.delta", "output_index": 2,
+             "item_id": "fc_1", "delta": '{"a": 1}'},
+            {"type": "response.completed", "response": RESPONSES_ANSWER}]
+
+
 def sse_bytes(events, anthropic):
     out = b"".join((b"event: %s\n" % e["type"].encode() if anthropic and isinstance(e, dict)
                     and isinstance(e.get("type"), str) else b"") +
@@ -896,27 +923,30 @@ def weird_answers(rng, protocol, stream, count):
     """``count`` answers of ``protocol``, each with one field (or a whole stream event) set
     to a weird value."""
     if not stream:
-        valid = OPENAI_ANSWER if protocol == "openai" else ANTHROPIC_ANSWER
+        valid = {"openai": OPENAI_ANSWER, "anthropic": ANTHROPIC_ANSWER,
+                 "responses": RESPONSES_ANSWER}[protocol]
         cases = [("application/json", json.dumps(body).encode())
                  for _path, body in mutations(rng, valid)]
     else:
-        events = openai_events() if protocol == "openai" else anthropic_events()
+        events = {"openai": openai_events, "anthropic": anthropic_events,
+                  "responses": responses_events}[protocol]()
         cases = []
         for i, event in enumerate(events):
             for _path, weird in list(mutations(rng, event)) + [([], w) for w in WEIRD_VALUES]:
                 cases.append(("text/event-stream", sse_bytes(
-                    events[:i] + [weird] + events[i + 1:], protocol == "anthropic")))
+                    events[:i] + [weird] + events[i + 1:], protocol != "openai")))
     rng.shuffle(cases)
     return cases[:count]
 
 
-@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+@pytest.mark.parametrize("protocol", ["openai", "anthropic", "responses"])
 def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, protocol, clock,
                                                                         caplog):
     """Each field of an upstream's answer (JSON, or one stream event) set to a weird value,
     read by a client of each API: an answer, or a clear error (a 502, or the stream's error
     event): never an internal error, and never a stream left open (a crash mid-stream once
-    left the client waiting for ever)."""
+    left the client waiting for ever).  "responses": an OpenRouter account, whose Responses
+    API a Responses client's request goes to as it is."""
     import random
     rng = random.Random(20261203)
     upstream = ScriptedUpstream()
@@ -930,9 +960,13 @@ def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, pr
                ("/v1/responses", {"model": "m1", "input": "hi", "tools": [
                    {"type": "function", "name": "f", "parameters": {}}]}, {})]
     try:
-        key = KEYS[0] if protocol == "openai" else "sk-anthropic-1111"
-        add_provider_account(home, key, "", protocol, upstream.url + (
-            "/v1" if protocol == "openai" else ""))
+        key = KEYS[0] if protocol != "anthropic" else "sk-anthropic-1111"
+        if protocol == "responses":
+            add_provider_account(home, key, "openrouter", "openai", upstream.url + "/v1")
+            clients = clients[2:]
+        else:
+            add_provider_account(home, key, "", protocol, upstream.url + (
+                "/v1" if protocol == "openai" else ""))
         config = ip.load_config(home, {}, {}).replace(port=0, max_concurrency=0)
         with caplog.at_level("ERROR", logger="iflow_proxy"), \
                 running(config, router_clock=clock) as server:
@@ -951,6 +985,38 @@ def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, pr
                         assert reply.status in (200, 502), (path, answer, data[:300])
                         assert b"internal error" not in data, (path, answer, data[:300])
         assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
+    finally:
+        upstream.stop()
+
+
+def test_a_native_response_that_cannot_be_continued_is_a_502_naming_it(home, clock):
+    """A Responses upstream's output items become the next turn's input (previous_response_id):
+    one that can't be read as an input item is a malformed answer, never a stored response
+    that breaks the client's next turn; usage details of the wrong type are dropped."""
+    upstream = ScriptedUpstream()
+    good = json.loads(json.dumps(RESPONSES_ANSWER))
+    good["usage"]["input_tokens_details"] = [1]  # (was an AttributeError: a 500)
+    bad = dict(good, output=[{"content": "no type, no role"}])
+    try:
+        add_provider_account(home, KEYS[0], "openrouter", "openai", upstream.url + "/v1")
+        with running(ip.load_config(home, {}, {}).replace(port=0), router_clock=clock) as server:
+            upstream.answer = ("application/json", json.dumps(bad).encode())
+            status, _h, body = post_json(server, "/v1/responses", {"model": "m1", "input": "hi"})
+            assert status == 502 and "output[0] needs a 'type'" in body["error"]["message"]
+            clock.advance(3600)  # (a malformed answer cools the account)
+            upstream.answer = ("text/event-stream", sse_bytes(
+                responses_events()[:-1] + [{"type": "response.completed", "response": bad}], True))
+            status, _h, data = request(server, "POST", "/v1/responses", {
+                "model": "m1", "input": "hi", "stream": True})
+            assert status in (200, 502) and b"output[0] needs a 'type'" in data  # (the events
+            # may all come in the first read, before any byte went to the client: then a 502)
+            clock.advance(3600)
+            upstream.answer = ("application/json", json.dumps(good).encode())
+            status, _h, body = post_json(server, "/v1/responses", {"model": "m1", "input": "hi"})
+            assert status == 200 and body["id"] == "resp_1"
+            status, _h, _body = post_json(server, "/v1/responses", {
+                "model": "m1", "input": "more", "previous_response_id": "resp_1"})
+            assert status == 200
     finally:
         upstream.stop()
 
