@@ -11234,8 +11234,6 @@ def cmd_login(args, config):
         raise BadRequest("choose one of --api-key, --device, --cookie")
     if args.nickname:
         validate_nickname(args.nickname)
-    if args.callback_port is not None:
-        config = config.replace(callback_port=args.callback_port)
     settings = {}
     if (args.provider or args.protocol) and not args.api_key:
         raise BadRequest("--provider and --protocol go with --api-key")
@@ -12200,7 +12198,7 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, env=None, script=False
     args.script = script
     flags = {key: getattr(args, key, None)
              for key in ("host", "port", "client_keys", "client_keys_file", "log_file",
-                         "log_level")}
+                         "log_level", "callback_port")}
     try:
         config = load_config(args.home, flags, env)
         setup_logging(config, args.verbose, args.quiet, stderr)

@@ -1643,6 +1643,9 @@ def test_cli_usage_errors_are_one_line(home):
     assert code == 2 and "NICKNAME or --all" in err
     code, _, err = run_cli("login", "--api-key", "--cookie", home=home)
     assert code == 2 and "choose one of" in err
+    for port in ("-1", "65536"):  # (an OverflowError from bind(): a traceback)
+        code, _, err = run_cli("login", "--no-browser", "--callback-port", port, home=home)
+        assert code == 2 and err.count("\n") == 1 and "between 0 and 65535" in err, err
 
 
 def test_cli_version_and_serve_subprocess(home, fake):
