@@ -8164,18 +8164,32 @@ FETCH_MAX_BYTES = 2 << 20   # a fetched page is cut here
 FETCH_REDIRECTS = 5
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits, delivered to it: NAT64's
+# (RFC 6052 and RFC 8215).  Mapped (::ffff:a.b.c.d) and 6to4 (2002:AABB:CCDD::) have their own
+# properties; Teredo's 2001::/32 is never global.
+_NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# IETF protocol assignments (RFC 6890), not globally reachable: Python's tables before 3.13
+# call some of them global.
+_IETF_V4 = ipaddress.ip_network("192.0.0.0/24")
+
+
 def public_address(address):
     """Whether a fetch may connect to ``address``: a global one, not private, shared (CGNAT),
-    loopback, link-local (cloud metadata at 169.254.169.254), multicast, reserved or
-    unspecified; IPv4 inside IPv6 too."""
+    loopback, link-local (cloud metadata at 169.254.169.254), multicast, reserved, site-local
+    or unspecified; for IPv6 that carries an IPv4 address (mapped, 6to4, NAT64), that one."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if getattr(ip, "ipv4_mapped", None) is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or
-                                 ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+    if ip.version == 6:
+        if ip.is_site_local:
+            return False
+        ip = ip.ipv4_mapped or ip.sixtofour or next(
+            (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) for net in _NAT64_PREFIXES
+             if ip in net), ip)
+    return ip.is_global and ip not in _IETF_V4 and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or
+        ip.is_reserved or ip.is_unspecified)
 
 
 class FetchRefused(ProxyError):

@@ -359,6 +359,14 @@ def test_fetch_checks_every_address_and_every_redirect(home, pages):
     assert not ip.domain_allowed("http://[::1/x", ("page.test",))
     assert ip.public_address("93.184.216.34") and not ip.public_address("::1") and \
         not ip.public_address("fe80::1%eth0") and not ip.public_address("0.0.0.0")
+    # IPv4 carried in IPv6 is judged as the IPv4 it is delivered to, the same on every Python
+    # (6to4 and site-local passed on 3.8-3.12; NAT64's 64:ff9b::/96 passes on 3.13)
+    for carried in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "64:ff9b:1::7f00:1",
+                    "2002:7f00:1::1", "2002:a9fe:a9fe::", "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                    "fec0::1", "192.0.0.8", "100.64.0.1", "198.18.0.1", "::127.0.0.1"):
+        assert not ip.public_address(carried), carried
+    for public in ("::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111"):
+        assert ip.public_address(public), public
 
 
 def test_web_fetch_tool_refuses_private_pages(home, pages):
