@@ -2936,8 +2936,11 @@ class AccountRegistry:
                 if entry.get(key, choices[0]) not in choices:  # (the first is the default)
                     raise ConfigError("%s: key %r must be one of %s" % (where, key, ", ".join(
                         c for c in choices if c)))
-        data.setdefault("default", "")
-        data.setdefault("revision", 0)
+        if not isinstance(data.setdefault("default", ""), str):
+            raise ConfigError("%s: key 'default' must be a string (a nickname)" % self.path)
+        revision = data.setdefault("revision", 0)
+        if type(revision) is not int or revision < 0:  # (each write adds one to it)
+            raise ConfigError("%s: key 'revision' must be a whole number" % self.path)
         return data
 
     def credential_path(self, entry):
@@ -3021,7 +3024,7 @@ class AccountRegistry:
     # --- writing (always under the lock, re-reading first) ---------------------------------
     def _write(self, data):
         data["version"] = 1
-        data["revision"] = int(data.get("revision") or 0) + 1
+        data["revision"] = data.get("revision", 0) + 1
         atomic_write_json(self.path, data)
         self.invalidate()
 

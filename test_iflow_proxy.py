@@ -1058,14 +1058,19 @@ def test_registry_snapshot_rereads_only_after_change(home):
     ({"base_url": "http://host:99999/v1"}, "base_url"),
     ({"models": [1, None]}, "models"),
     ({"excluded_models": [{}]}, "excluded_models"),
+    ({"top": {"revision": "7"}}, "revision"),  # (a ValueError from use, rename and logout)
+    ({"top": {"revision": [1]}}, "revision"),
+    ({"top": {"default": {"n": 1}}}, "default"),
 ])
 def test_corrupt_registry_is_a_clear_error(home, entry, fragment):
     os.makedirs(home)
+    top, entry = entry.get("top", {}), {k: v for k, v in entry.items() if k != "top"}
     with open(os.path.join(home, "accounts.json"), "w") as f:
-        json.dump({"accounts": [dict({"id": "x", "nickname": "n", "kind": "api-key"}, **entry)]},
-                  f)
-    for command in ("accounts", "models"):
-        code, out, err = run_cli(command, home=home)
+        json.dump(dict({"accounts": [dict({"id": "x", "nickname": "n", "kind": "api-key"},
+                                          **entry)]}, **top), f)
+    for command in ("accounts", "models", "use", "logout"):
+        code, out, err = run_cli(*[command] + (["n", "--yes"] if command == "logout" else
+                                               ["n"] if command == "use" else []), home=home)
         assert code == 2 and "accounts.json" in err and fragment in err, (command, err)
         assert "Traceback" not in err and err.count("\n") == 1
 
