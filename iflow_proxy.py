@@ -4267,10 +4267,11 @@ def classify_answer(http_status, raw, trace_id="", retry_after=None, secrets=())
     Upstream's own words go into the error message scrubbed of ``secrets`` and of anything
     shaped like a key: providers echo the key they were sent.
     """
+    text = True  # (JSON is UTF-8: an answer that is not is unreadable, an error still read)
     try:
         payload = json.loads(raw) if raw.strip() else None
     except UnicodeDecodeError:  # still classify an error whose text is not valid UTF-8
-        payload = _lenient_json(raw)
+        payload, text = _lenient_json(raw), False
     except ValueError:
         payload = None
     code, message = business_error(payload)
@@ -4285,6 +4286,8 @@ def classify_answer(http_status, raw, trace_id="", retry_after=None, secrets=())
         kind = "malformed"
     if kind is None and not isinstance(payload, dict):
         kind, message = "malformed", "not a JSON object: %r" % raw[:120]
+    if kind is None and not text:
+        kind, message = "malformed", "not UTF-8 text: %r" % raw[:120]
     if kind is None:
         return payload
     detail = scrub_secrets(message or (raw[:200].decode("utf-8", "replace") if raw else

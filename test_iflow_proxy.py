@@ -766,6 +766,22 @@ def test_classify_answer(status, body, kind, client_status):
     assert (e.value.kind, e.value.status, e.value.trace_id) == (kind, client_status, "t1")
 
 
+def test_an_answer_that_is_not_utf8_is_malformed_an_error_still_read():
+    """JSON is UTF-8: a 200 whose bytes are not was relayed as it came (a client's JSON parser
+    fails on it); an error's text is still read, bad bytes replaced."""
+    answer = json.dumps({"id": "c1", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi\u00e9"}}]}).encode()
+    with pytest.raises(ip.UpstreamError, match="not UTF-8") as e:
+        ip.UpstreamAnswer(CannedResponse(200, answer.replace(b"hi", b"h\xe9")),
+                          stream=False).open()
+    assert e.value.kind == "malformed"
+    assert ip.UpstreamAnswer(CannedResponse(200, answer), stream=False).open().payload[
+        "choices"][0]["message"]["content"] == "hi\u00e9"
+    with pytest.raises(ip.UpstreamError) as e:
+        ip.classify_answer(429, b'{"error": {"message": "slow \xff down"}}')
+    assert e.value.kind == "rate_limit" and "slow \ufffd down" in e.value.message
+
+
 def test_error_bodies_in_both_formats():
     err = ip.RateLimited("slow down", retry_after=5)
     assert ip.error_body(err) == {"error": {"message": "slow down", "type": "rate_limit_error",

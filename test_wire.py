@@ -989,6 +989,147 @@ def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, pr
         upstream.stop()
 
 
+class RawUpstream:
+    """Answers each POST with the bytes in ``answer`` (status line and all), then closes; a GET
+    gets a model list."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.answer = b""
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(10)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536) or b"\r\n\r\n"
+                head, _, body = data.partition(b"\r\n\r\n")
+                found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                size = int(found.group(1)) if found else 0
+                while len(body) < size:
+                    body += conn.recv(65536) or b"x" * size
+                models = b'{"object": "list", "data": [{"id": "m1"}]}'
+                conn.sendall(self.answer if head.startswith(b"POST") else
+                             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(models), models))
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def stop(self):
+        self.sock.close()
+
+
+def garbled(rng, data):
+    """``data`` with a few byte-level changes: cuts, framing tokens, random bytes, repeats."""
+    tokens = [b"\r\n", b"\n", b"\r", b" ", b":", b"\x00", b"\xff", b"-1", b"99999999999999999999",
+              b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n",
+              b"Content-Encoding: gzip\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"data: ",
+              b"\n\n", b"[DONE]", b"event: error\n", b"{", b"}", b"\"", b"HTTP/1.1 429 Slow\r\n",
+              b"Retry-After: 99999999999\r\n"]
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        choice, at = rng.random(), rng.randrange(len(data) + 1)
+        if choice < 0.25:
+            del data[at:at + rng.randint(1, 30)]
+        elif choice < 0.55:
+            data[at:at] = rng.choice(tokens)
+        elif choice < 0.7 and at < len(data):
+            data[at] = rng.randrange(256)
+        elif choice < 0.85:
+            del data[at:]
+        else:
+            start = rng.randrange(len(data))
+            data[at:at] = data[start:start + rng.randint(1, 60)]
+    return bytes(data)
+
+
+def http_answer(rng, content_type, body):
+    """A 200 answer framed by Content-Length or (at random) chunked in random pieces."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n" % content_type.encode()
+    if rng.random() < 0.5:
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    pieces, at = [], 0
+    while at < len(body):
+        piece = body[at:at + rng.randint(1, 300)]
+        pieces.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+        at += len(piece)
+    return head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(pieces) + b"0\r\n\r\n"
+
+
+ENDS = {"/v1/chat/completions": (b"data: [DONE]", b'"error"'),
+        "/v1/messages": (b"message_stop", b"event: error"),
+        "/v1/responses": (b"response.completed", b"response.failed", b"response.incomplete")}
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic", "responses"])
+def test_answers_garbled_on_the_wire_are_errors_never_crashes_or_cut_answers(home, protocol,
+                                                                             clock, caplog):
+    """Byte-level damage to a valid answer (its status line, headers, framing or body): the
+    client gets a whole answer (JSON that parses as UTF-8; a stream that ends with its end
+    event), or a clear error (a 502, or the stream's error event), and nothing else; a JSON
+    answer whose bytes are not UTF-8 was relayed as it came."""
+    import random
+    rng = random.Random(20261203)
+    upstream = RawUpstream()
+    clients = [("/v1/chat/completions", {"model": "m1", "messages": [
+                   {"role": "user", "content": "hi"}]}, {}),
+               ("/v1/messages", {"model": "m1", "max_tokens": 50, "messages": [
+                   {"role": "user", "content": "hi"}]}, {"anthropic-version": "2023-06-01"}),
+               ("/v1/responses", {"model": "m1", "input": "hi"}, {})]
+    answers = {"openai": (OPENAI_ANSWER, openai_events), "anthropic": (
+        ANTHROPIC_ANSWER, anthropic_events), "responses": (RESPONSES_ANSWER, responses_events)}
+    whole, events = answers[protocol]
+    try:
+        key = KEYS[0] if protocol != "anthropic" else "sk-anthropic-1111"
+        if protocol == "responses":
+            add_provider_account(home, key, "openrouter", "openai", upstream.url + "/v1")
+            clients = clients[2:]
+        else:
+            add_provider_account(home, key, "", protocol, upstream.url + (
+                "/v1" if protocol == "openai" else ""))
+        config = ip.load_config(home, {}, {}).replace(port=0, max_concurrency=0,
+                                                      first_byte_timeout=5, idle_timeout=5)
+        with caplog.at_level("ERROR", logger="iflow_proxy"), \
+                running(config, router_clock=clock) as server:
+            for _ in range(150):
+                stream = rng.random() < 0.5
+                body = sse_bytes(events(), protocol != "openai") if stream else \
+                    json.dumps(whole).encode()
+                upstream.answer = garbled(rng, http_answer(
+                    rng, "text/event-stream" if stream else "application/json", body))
+                path, asked, headers = rng.choice(clients)
+                clock.advance(86400)  # (a malformed answer cools the account)
+                conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                                  timeout=20)
+                conn.request("POST", path, json.dumps(dict(asked, stream=stream)),
+                             dict(headers, **{"Content-Type": "application/json"}))
+                reply = conn.getresponse()
+                data = reply.read()
+                conn.close()
+                case = (path, upstream.answer, data[-300:])
+                assert reply.status in (200, 502) and b"internal error" not in data, case
+                if reply.status == 200 and not stream:
+                    json.loads(data.decode("utf-8"))
+                elif reply.status == 200:
+                    last = data.rstrip().split(b"\n\n")[-1]
+                    assert any(end in last for end in ENDS[path]), case
+        assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
+    finally:
+        upstream.stop()
+
+
 def test_a_native_response_that_cannot_be_continued_is_a_502_naming_it(home, clock):
     """A Responses upstream's output items become the next turn's input (previous_response_id):
     one that can't be read as an input item is a malformed answer, never a stored response
