@@ -349,9 +349,12 @@ def test_a_native_responses_upstream_relayed_and_continued(home, llama):
                        "response.output_text.delta") == final["output"][-1]["content"][0]["text"]
         assert final["usage"]["input_tokens"] > first["usage"]["input_tokens"] + 2  # the first
         # turn (its input and output) came along, inline, before "Again."
-        rows = [r for r in server.chat.usage.day_rows() if r["account"] == "llr"]
-        assert sum(r["requests"] for r in rows) == 2 and \
-            sum(r["output_tokens"] for r in rows) == first["usage"]["output_tokens"] + \
+
+        def rows():
+            return [r for r in server.chat.usage.day_rows() if r["account"] == "llr"]
+        # (a stream is recorded as its exchange closes, just after the client has its end)
+        wait_for(lambda: sum(r["requests"] for r in rows()) == 2, what="both recorded")
+        assert sum(r["output_tokens"] for r in rows()) == first["usage"]["output_tokens"] + \
             final["usage"]["output_tokens"]
 
 
