@@ -8514,7 +8514,7 @@ class ChatExchange:
                                                                     else []))
                 self.service.opened(self)
                 if self.answer.payload is not None:  # read whole: settled before it is written
-                    self._settle()
+                    self.settle()
                 return self
             except UpstreamError as e:
                 if self.cancelled is not None and self.cancelled():
@@ -8717,11 +8717,12 @@ class ChatExchange:
         self._closed = True
         if self.answer is not None:
             self.answer.close()
-        self._settle()
+        self.settle()
 
-    def _settle(self):
+    def settle(self):
         """Free the account and record the outcome, once: as soon as a JSON answer was read
-        whole (so a client's next request already sees this one counted), else at close()."""
+        whole, or before a stream's end is written (so a client's next request already sees
+        this one counted), else at close()."""
         if self.account is not None and not self._settled:
             self._settled = True
             self.service.closed(self)
@@ -10141,6 +10142,11 @@ class ProxyHandler(ServerConnection):
             self.server.request_finished()
             self.log_access()
 
+    def end_stream(self, last=b""):
+        if self.exchange is not None:  # recorded before the client has the end (see settle)
+            self.exchange.settle()
+        super().end_stream(last)
+
     def send_error(self, status, message, code="bad_http_request"):
         """A request the wire refused: answered, and in the access log too."""
         super().send_error(status, message, code)
@@ -10373,7 +10379,7 @@ class ProxyHandler(ServerConnection):
                                  "vision model such as %s" % (model, config.vision_model))
             chat.describe_images(chat_request.openai(), conversation)
         exchange = chat.exchange(chat_request, conversation, cancelled=self.has_left)
-        self.relay(exchange, (lambda ex: self.write_anthropic(ex, request)) if served is None
+        self.relay(exchange, (lambda ex: write_anthropic(self, ex, request)) if served is None
                    else (lambda ex: write_anthropic_served(self, ex, request, served)))
 
     def handle_responses(self):
@@ -10474,42 +10480,6 @@ class ProxyHandler(ServerConnection):
             tail = sse(error_body(e, "openai")) + b"data: [DONE]\n\n"
         self.end_stream(tail)
 
-    def write_anthropic(self, exchange, request):
-        """The answer for an Anthropic client: relayed event by event from an Anthropic upstream,
-        translated from an OpenAI one (pinging in silences either way)."""
-        headers = {"x-iflow-proxy-model": exchange.model}
-        stops = request.get("stop_sequences") or ()
-        relayed = exchange.protocol == "anthropic"  # else translated, with a token estimate
-        estimate = None if relayed else \
-            self.server.chat.prompt_tokens(exchange.request, exchange.model)
-        if not exchange.stream:
-            if relayed:
-                self.send_bytes(200, exchange.answer.raw, headers=headers)
-            else:
-                self.send_json(200, openai_to_anthropic(exchange.answer.payload, request["model"],
-                                                        stops, estimate), headers)
-            return
-        translator = None if relayed else AnthropicStream(request["model"], estimate, stops)
-        lock = threading.Lock()
-        self.start_stream(headers)
-        with Heartbeat(self, self.server.config.ping_interval, lock):
-            if translator is not None:
-                with lock:
-                    self.write_chunk(translator.start())
-            try:
-                for data, event in exchange.chunks():
-                    out = translator.feed(event) if translator else \
-                        sse(data, str(event.get("type")))
-                    with lock:
-                        self.write_chunk(out)
-                    if translator is not None and translator.done:  # a stop sequence matched
-                        break
-                out = translator.finish() if translator else b""
-            except UpstreamError as e:
-                exchange.fail(e)
-                out = AnthropicStream.error(e)
-            with lock:
-                self.end_stream(out)
 
 
 def write_responses(handler, exchange, body, tools, items):
@@ -10553,6 +10523,45 @@ def write_responses(handler, exchange, body, tools, items):
         handler.end_stream(tail)
     else:
         handler.send_json(200, stream.response, headers)
+
+
+def write_anthropic(handler, exchange, request):
+    """The answer for an Anthropic client: relayed event by event from an Anthropic upstream,
+    translated from an OpenAI one (pinging in silences either way)."""
+    headers = {"x-iflow-proxy-model": exchange.model}
+    stops = request.get("stop_sequences") or ()
+    relayed = exchange.protocol == "anthropic"  # else translated, with a token estimate
+    estimate = None if relayed else \
+        handler.server.chat.prompt_tokens(exchange.request, exchange.model)
+    if not exchange.stream:
+        if relayed:
+            handler.send_bytes(200, exchange.answer.raw, headers=headers)
+        else:
+            handler.send_json(200, openai_to_anthropic(exchange.answer.payload,
+                                                       request["model"], stops, estimate),
+                              headers)
+        return
+    translator = None if relayed else AnthropicStream(request["model"], estimate, stops)
+    lock = threading.Lock()
+    handler.start_stream(headers)
+    with Heartbeat(handler, handler.server.config.ping_interval, lock):
+        if translator is not None:
+            with lock:
+                handler.write_chunk(translator.start())
+        try:
+            for data, event in exchange.chunks():
+                out = translator.feed(event) if translator else \
+                    sse(data, str(event.get("type")))
+                with lock:
+                    handler.write_chunk(out)
+                if translator is not None and translator.done:  # a stop sequence matched
+                    break
+            out = translator.finish() if translator else b""
+        except UpstreamError as e:
+            exchange.fail(e)
+            out = AnthropicStream.error(e)
+        with lock:
+            handler.end_stream(out)
 
 
 def write_anthropic_served(handler, exchange, request, served):

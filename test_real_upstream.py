@@ -222,12 +222,14 @@ def test_a_models_entry_bounds_the_real_servers_answers(home, llama):
     with running(ip.load_config(home, {}, {})) as server:
         oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         an = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        # (greedy: a sampled answer may end, with its full stop, within 3 tokens; the newest
+        # anthropic SDK has no temperature argument: it goes in the body)
         reply = oa.chat.completions.create(model="llo/" + MODEL_ID, max_tokens=40, messages=[
-            {"role": "user", "content": "Say hello."}])
+            {"role": "user", "content": "Say hello."}], temperature=0)
         assert reply.choices[0].finish_reason == "length" and \
             reply.usage.completion_tokens == 3, reply
         message = an.messages.create(model="lla/" + MODEL_ID, max_tokens=40, messages=[
-            {"role": "user", "content": "Say hello."}])
+            {"role": "user", "content": "Say hello."}], extra_body={"temperature": 0})
         assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3, message
         listed = {m.id: m for m in oa.models.list().data}
         assert getattr(listed[MODEL_ID], "context_length", None) == 32768, listed

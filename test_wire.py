@@ -601,6 +601,27 @@ def test_a_stream_left_before_its_usage_report_is_still_counted(home, fake):
         assert rows[0]["input_tokens"] > 0 and rows[0]["output_tokens"] >= 50, rows
 
 
+def test_a_stream_is_recorded_before_its_client_has_the_end(home, fake):
+    """A stream's usage and its account slot were settled only after its last bytes were
+    written: a client (or a dashboard) looking at once missed the request it had just read
+    whole.  Each of the three APIs, 15 times: counted and free the moment the client has it."""
+    add_key_account(home, KEYS[0])
+    asks = [("/v1/chat/completions", dict(CHAT, stream=True), b"data: [DONE]"),
+            ("/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 50, "stream": True,
+                              "messages": [{"role": "user", "content": "hi"}]}, b"message_stop"),
+            ("/v1/responses", {"model": "glm-4.6", "input": "hi", "stream": True},
+             b"response.completed")]
+    with running(make_config(home, fake, max_concurrency=0)) as server:
+        account = server.chat.router.all_accounts()[0]
+        for i in range(45):
+            path, body, end = asks[i % 3]
+            status, _h, data = request(server, "POST", path, body, {
+                "Content-Type": "application/json", "anthropic-version": "2023-06-01"})
+            assert status == 200 and end in data.rstrip().split(b"\n\n")[-1], data[-200:]
+            assert sum(r["requests"] for r in server.chat.usage.day_rows()) == i + 1, path
+            assert server.chat.router.in_flight(account) == 0
+
+
 def test_requests_sent_at_once_cannot_overshoot_a_token_budget(home, fake):
     """Checked before and counted after, 8 requests sent together all got in under a budget
     that fits two: each one's prompt is now reserved when it is let in (and released once its
