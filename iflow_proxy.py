@@ -7903,7 +7903,8 @@ def search_results(name, status, raw):
     if isinstance(refused, dict) and refused.get("status_code") not in (0, None):
         raise SearchUnavailable("%s refused the search: %s" % (name, printable(str(
             refused.get("status_msg") or refused.get("status_code")))[:200]))
-    rows = ((payload.get("web") or {}).get("results") if name == "brave" else
+    web = payload.get("web") if isinstance(payload, dict) else None
+    rows = ((web if isinstance(web, dict) else {}).get("results") if name == "brave" else
             payload.get("search_result") if name == "zhipu" else
             payload.get("organic") if name == "minimax" else
             payload.get("results")) if isinstance(payload, dict) else None
@@ -7912,7 +7913,7 @@ def search_results(name, status, raw):
     out = []
     for row in rows:
         url = row.get("url") or row.get("link") if isinstance(row, dict) else None
-        if not isinstance(url, str):
+        if not isinstance(url, str) or not _is_http_url(url):  # (a result is a web page)
             continue
         snippet = row.get("content") or row.get("description") or row.get("text") or \
             row.get("summary") or row.get("snippet") or ""
@@ -7939,7 +7940,8 @@ def duckduckgo_results(page):
         url = target[0] if target else href
         if url.startswith("//"):
             url = "https:" + url
-        out.append(SearchResult(html_text(title), url, html_text(snippet), ""))
+        if _is_http_url(url):  # (an ad's or a script's link is no result)
+            out.append(SearchResult(html_text(title), url, html_text(snippet), ""))
     return out
 
 

@@ -142,19 +142,24 @@ def test_each_backend_is_asked_its_own_way_and_read_back():
     _m, _u, headers, body = ip.search_request("exa", "https://e", "K", "q", 2)
     assert headers["x-api-key"] == "K" and json.loads(body)["numResults"] == 2
     rows = json.dumps({"results": [{"title": "T", "url": "https://x", "content": "a <b>b</b>",
-                                    "publishedDate": "2026"}, {"title": "no url"}]}).encode()
+                                    "publishedDate": "2026"}, {"title": "no url"},
+                                   {"title": "not a page", "url": "javascript:alert(1)"}]}).encode()
     assert ip.search_results("searxng", 200, rows) == [ip.SearchResult("T", "https://x", "a b",
                                                                        "2026")]
     with pytest.raises(ip.SearchUnavailable, match="search.formats"):
         ip.search_results("searxng", 403, b"")
     with pytest.raises(ip.SearchUnavailable, match="not JSON"):
         ip.search_results("tavily", 200, b"<html>")
+    for web in (1.5, [{"results": []}], "x"):  # (an AttributeError: the search a 500)
+        with pytest.raises(ip.SearchUnavailable, match="no results list"):
+            ip.search_results("brave", 200, json.dumps({"web": web}).encode())
     page = ('<a rel="nofollow" class="result__a" href="//duckduckgo.com/l/?uddg=https%3A%2F%2F'
             'a.example%2Fp&amp;rut=1">A &amp; B</a> junk <a class="result__snippet" href="x">'
             'the <b>snippet</b></a>')
     assert ip.search_results("duckduckgo", 200, page.encode()) == [
         ip.SearchResult("A & B", "https://a.example/p", "the snippet", "")]
-    unreadable = '<a class="result__a" href="//[x">t</a> <a class="result__snippet">s</a>'
+    unreadable = '<a class="result__a" href="//[x">t</a> <a class="result__snippet">s</a>' \
+        '<a class="result__a" href="javascript:x()">t</a> <a class="result__snippet">s</a>'
     assert ip.search_results("duckduckgo", 200, (unreadable + page).encode()) == [
         ip.SearchResult("A & B", "https://a.example/p", "the snippet", "")]  # (skipped)
     assert ip.domain_allowed("https://docs.python.org/3", ["python.org"])
