@@ -960,6 +960,41 @@ def weird_answers(rng, protocol, stream, count):
     return cases[:count]
 
 
+CLIENT_ASKS = [("/v1/chat/completions", {"model": "m1", "messages": [
+                    {"role": "user", "content": "hi"}], "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {}}}]}, {}),
+               ("/v1/messages", {"model": "m1", "max_tokens": 50, "messages": [
+                   {"role": "user", "content": "hi"}], "tools": [
+                   {"name": "f", "input_schema": {"type": "object"}}]},
+                {"anthropic-version": "2023-06-01"}),
+               ("/v1/responses", {"model": "m1", "input": "hi", "tools": [
+                   {"type": "function", "name": "f", "parameters": {}}]}, {})]
+
+
+def add_scripted_account(home, protocol, url):
+    """An account of ``protocol`` on the scripted upstream at ``url`` ("responses": one of
+    OpenRouter's, whose Responses API a Responses client's request goes to as it is); the
+    client requests (path, body, headers) that reach it."""
+    key = KEYS[0] if protocol != "anthropic" else "sk-anthropic-1111"
+    if protocol == "responses":
+        add_provider_account(home, key, "openrouter", "openai", url + "/v1")
+        return CLIENT_ASKS[2:]
+    add_provider_account(home, key, "", protocol, url + ("/v1" if protocol == "openai" else ""))
+    return CLIENT_ASKS
+
+
+def ask(server, path, body, headers):
+    """(status, body bytes) of one POST, read to its end (a stream left open times out)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=20)
+    try:
+        conn.request("POST", path, json.dumps(body), dict(headers, **{
+            "Content-Type": "application/json"}))
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("protocol", ["openai", "anthropic", "responses"])
 def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, protocol, clock,
                                                                         caplog):
@@ -971,23 +1006,8 @@ def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, pr
     import random
     rng = random.Random(20261203)
     upstream = ScriptedUpstream()
-    clients = [("/v1/chat/completions", {"model": "m1", "messages": [
-                   {"role": "user", "content": "hi"}], "tools": [
-                   {"type": "function", "function": {"name": "f", "parameters": {}}}]}, {}),
-               ("/v1/messages", {"model": "m1", "max_tokens": 50, "messages": [
-                   {"role": "user", "content": "hi"}], "tools": [
-                   {"name": "f", "input_schema": {"type": "object"}}]},
-                {"anthropic-version": "2023-06-01"}),
-               ("/v1/responses", {"model": "m1", "input": "hi", "tools": [
-                   {"type": "function", "name": "f", "parameters": {}}]}, {})]
     try:
-        key = KEYS[0] if protocol != "anthropic" else "sk-anthropic-1111"
-        if protocol == "responses":
-            add_provider_account(home, key, "openrouter", "openai", upstream.url + "/v1")
-            clients = clients[2:]
-        else:
-            add_provider_account(home, key, "", protocol, upstream.url + (
-                "/v1" if protocol == "openai" else ""))
+        clients = add_scripted_account(home, protocol, upstream.url)
         config = ip.load_config(home, {}, {}).replace(port=0, max_concurrency=0)
         with caplog.at_level("ERROR", logger="iflow_proxy"), \
                 running(config, router_clock=clock) as server:
@@ -996,14 +1016,8 @@ def test_answers_of_every_wrong_shape_are_errors_never_crashes_or_hangs(home, pr
                     upstream.answer = answer
                     for path, body, headers in clients:
                         clock.advance(86400)  # (a malformed answer cools the account)
-                        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
-                                                          timeout=20)
-                        conn.request("POST", path, json.dumps(dict(body, stream=stream)),
-                                     dict(headers, **{"Content-Type": "application/json"}))
-                        reply = conn.getresponse()
-                        data = reply.read()  # (a stream left open would time out here)
-                        conn.close()
-                        assert reply.status in (200, 502), (path, answer, data[:300])
+                        status, data = ask(server, path, dict(body, stream=stream), headers)
+                        assert status in (200, 502), (path, answer, data[:300])
                         assert b"internal error" not in data, (path, answer, data[:300])
         assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
     finally:
@@ -1099,27 +1113,16 @@ def test_answers_garbled_on_the_wire_are_errors_never_crashes_or_cut_answers(hom
                                                                              clock, caplog):
     """Byte-level damage to a valid answer (its status line, headers, framing or body): the
     client gets a whole answer (JSON that parses as UTF-8; a stream that ends with its end
-    event), or a clear error (a 502, or the stream's error event), and nothing else; a JSON
-    answer whose bytes are not UTF-8 was relayed as it came."""
+    event), or a clear error (a 502, or the stream's error event), and nothing else (a JSON
+    answer whose bytes were not UTF-8 was once relayed as it came)."""
     import random
     rng = random.Random(20261203)
     upstream = RawUpstream()
-    clients = [("/v1/chat/completions", {"model": "m1", "messages": [
-                   {"role": "user", "content": "hi"}]}, {}),
-               ("/v1/messages", {"model": "m1", "max_tokens": 50, "messages": [
-                   {"role": "user", "content": "hi"}]}, {"anthropic-version": "2023-06-01"}),
-               ("/v1/responses", {"model": "m1", "input": "hi"}, {})]
     answers = {"openai": (OPENAI_ANSWER, openai_events), "anthropic": (
         ANTHROPIC_ANSWER, anthropic_events), "responses": (RESPONSES_ANSWER, responses_events)}
     whole, events = answers[protocol]
     try:
-        key = KEYS[0] if protocol != "anthropic" else "sk-anthropic-1111"
-        if protocol == "responses":
-            add_provider_account(home, key, "openrouter", "openai", upstream.url + "/v1")
-            clients = clients[2:]
-        else:
-            add_provider_account(home, key, "", protocol, upstream.url + (
-                "/v1" if protocol == "openai" else ""))
+        clients = add_scripted_account(home, protocol, upstream.url)
         config = ip.load_config(home, {}, {}).replace(port=0, max_concurrency=0,
                                                       first_byte_timeout=5, idle_timeout=5)
         with caplog.at_level("ERROR", logger="iflow_proxy"), \
@@ -1132,18 +1135,12 @@ def test_answers_garbled_on_the_wire_are_errors_never_crashes_or_cut_answers(hom
                     rng, "text/event-stream" if stream else "application/json", body))
                 path, asked, headers = rng.choice(clients)
                 clock.advance(86400)  # (a malformed answer cools the account)
-                conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
-                                                  timeout=20)
-                conn.request("POST", path, json.dumps(dict(asked, stream=stream)),
-                             dict(headers, **{"Content-Type": "application/json"}))
-                reply = conn.getresponse()
-                data = reply.read()
-                conn.close()
+                status, data = ask(server, path, dict(asked, stream=stream), headers)
                 case = (path, upstream.answer, data[-300:])
-                assert reply.status in (200, 502) and b"internal error" not in data, case
-                if reply.status == 200 and not stream:
+                assert status in (200, 502) and b"internal error" not in data, case
+                if status == 200 and not stream:
                     json.loads(data.decode("utf-8"))
-                elif reply.status == 200:
+                elif status == 200:
                     last = data.rstrip().split(b"\n\n")[-1]
                     assert any(end in last for end in ENDS[path]), case
         assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
