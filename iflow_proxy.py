@@ -4673,7 +4673,7 @@ class UpstreamAnswer:
         self.secrets = secrets
         self.body_limit = body_limit
         self.protocol = protocol   # openai, anthropic, or responses (the Responses API)
-        self.check = check         # a final Responses object's own check (what is wrong, or None)
+        self.check = check         # Responses: what is wrong in a final response object, or None
         self.anthropic = protocol == "anthropic"
         self.payload = None        # a JSON answer: the checked completion (or message) ...
         self.raw = b""             # ... and its bytes, relayed as they came
@@ -8590,9 +8590,7 @@ class ChatExchange:
         if response.trace_id:
             log.debug("upstream eagleeye-traceid %s", printable(response.trace_id))
         answer = UpstreamAnswer(response, self.stream, (account.api_key,), config.max_body_bytes,
-                                protocol=protocol,
-                                check=response_problem if protocol == "responses" else None
-                                ).open()
+                                protocol=protocol, check=response_problem).open()
         if answer.payload is not None and preset is not None and \
                 "reasoning_passback" in preset.quirks and protocol == "openai":
             service.reasoning.remember_completion(answer.payload)
@@ -10481,7 +10479,6 @@ class ProxyHandler(ServerConnection):
             exchange.fail(e)
             tail = sse(error_body(e, "openai")) + b"data: [DONE]\n\n"
         self.end_stream(tail)
-
 
 
 def write_responses(handler, exchange, body, tools, items):

@@ -354,7 +354,7 @@ def test_a_native_responses_upstream_relayed_and_continued(home, llama):
 
         def rows():
             return [r for r in server.chat.usage.day_rows() if r["account"] == "llr"]
-        # (a stream is recorded as its exchange closes, just after the client has its end)
+        # (a stream is recorded before its end is written; polled, as usage is read elsewhere)
         wait_for(lambda: sum(r["requests"] for r in rows()) == 2, what="both recorded")
         assert sum(r["output_tokens"] for r in rows()) == first["usage"]["output_tokens"] + \
             final["usage"]["output_tokens"]
